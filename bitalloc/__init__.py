@@ -1,0 +1,25 @@
+"""bitalloc: mixed-precision bit-allocation search."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("bitalloc")
+except PackageNotFoundError:
+    __version__ = "0.0.0+unknown"
+
+from .formats import Format
+from .model import QuantizableLayer, from_module, list_layers, load_model
+from .types import BitConfig, Measurement, Problem, SensitivityTable
+
+__all__ = [
+    "BitConfig",
+    "Format",
+    "Measurement",
+    "Problem",
+    "QuantizableLayer",
+    "SensitivityTable",
+    "__version__",
+    "from_module",
+    "list_layers",
+    "load_model",
+]

@@ -1,0 +1,128 @@
+"""The `bitalloc` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BitallocError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Mixed-precision bit-allocation search.")
+out_console = Console()
+
+
+@app.command()
+def run(
+    job: Path = typer.Argument(..., help="job spec (YAML), e.g. jobs/examples/smollm2.yaml"),
+    set_: List[str] = typer.Option([], "--set", help="override a spec key: --set data.evaluation=2"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output dir (default: the spec's `output`)"),
+):
+    """Run a search job: sensitivity, the whole proxy front, measured points and uniform baselines."""
+    from bitalloc.dashboards.table import front_table
+    from bitalloc.jobs.runner import run_job
+    from bitalloc.jobs.spec import load_spec
+
+    spec = load_spec(job, set_)
+    target = out or spec.output_dir()
+    front = run_job(spec, target)
+    out_console.print(front_table(front))
+    mem = front["memory"]
+    out_console.print(
+        f"quantized-weight cache {mem['quant_cache_bytes'] / 2**20:.0f} MiB, FP reference "
+        f"{mem['reference_bytes'] / 2**20:.0f} MiB; results in {target}/ (front.json, configs/)"
+    )
+
+
+@app.command()
+def layers(
+    model: str = typer.Argument(..., help="smollm2-135m, a Hugging Face id, a model directory or a .gguf file"),
+    bits: List[int] = typer.Option([2, 3, 4, 5, 6, 8], "--bits"),
+    group_size: int = typer.Option(64, "--group-size"),
+    symmetric: bool = typer.Option(False, "--symmetric/--asymmetric"),
+    scale_dtype: str = typer.Option("float16", "--scale-dtype"),
+):
+    """List the quantizable layers with their shapes and bytes at each format."""
+    from .formats import Format, weight_bytes
+    from .model import list_layers, load_model
+
+    formats = []
+    for b in bits:
+        try:
+            formats.append(Format(b, group_size, symmetric, scale_dtype))
+        except BitallocError as exc:
+            raise BitallocError(exc.field.replace("format.", "--").replace("_", "-"), exc.message) from None
+    loaded = load_model(model)
+    found = list_layers(loaded)
+    table = Table(title=f"{model}: {len(found)} quantizable layers")
+    for col in ["layer", "out x in", "dtype", "tied to"] + [f.name for f in formats]:
+        table.add_column(col, justify="left" if col in ("layer", "tied to") else "right")
+    for layer in found:
+        table.add_row(
+            layer.name, f"{layer.out_features} x {layer.in_features}", layer.dtype, layer.tied_to or "",
+            *[f"{weight_bytes(layer.out_features, layer.in_features, f):,}" for f in formats],
+        )
+    out_console.print(table)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a job's output dir (holding front.json)"),
+    avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="fit within this many average bits"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="fit within this size, e.g. 60MiB"),
+    output: Path = typer.Option(..., "-o", "--output", help="file to write (.json or .yaml)"),
+):
+    """Write the measured config with the lowest KL that fits the budget."""
+    from . import configio
+    from .units import parse_bytes
+
+    if (avg_bits is None) == (budget is None):
+        raise BitallocError("--avg-bits/--budget", "give exactly one of them")
+    if output.suffix not in (".json", ".yaml", ".yml"):
+        raise BitallocError("--output", f"{output.name!r} must end in .json, .yaml or .yml")
+    front = configio.read(run_dir / "front.json", configio.FRONT_SCHEMA)
+    model = front["model"]
+    if budget is not None:
+        limit, field = parse_bytes(budget, "--budget"), "--budget"
+    else:
+        limit, field = model["other_bytes"] + int(avg_bits * model["quantized_params"] / 8), "--avg-bits"
+    candidates = front["points"] + front["uniform"]
+    fitting = [c for c in candidates if c["bytes"] <= limit]
+    if not fitting:
+        smallest = min(candidates, key=lambda c: c["bytes"])
+        raise BitallocError(
+            field, f"no measured config fits; the smallest is {smallest['bytes']} bytes "
+                   f"({smallest['mib']:.2f} MiB, {smallest['avg_bits']:.3f} avg bits)",
+        )
+    best = min(fitting, key=lambda c: (c["kl"], c["bytes"]))
+    doc = configio.read(run_dir / best["config"], configio.CONFIG_SCHEMA)
+    configio.write(doc, output)
+    out_console.print(
+        f"wrote {output}: {best['avg_bits']:.3f} avg bits, {best['mib']:.2f} MiB, KL {best['kl']:.4f}, PPL {best['ppl']:.2f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        app(args=argv, standalone_mode=False)
+    except BitallocError as exc:
+        print(f"error: {exc.field}: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("interrupted: no results were written", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

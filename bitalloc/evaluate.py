@@ -1,0 +1,121 @@
+"""Measure a config: KL(FP || quantized) per token and perplexity on held-out tokens.
+
+The FP reference (log-probabilities over the vocabulary) is computed once. Each config is applied
+by pointing every layer's weight at a tensor from the `QuantCache`, so switching configs never
+re-quantizes; the original weights are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from bitalloc.kernels import fake_quantize
+
+from .formats import Format
+from .model import LoadedModel, QuantizableLayer
+from .types import Measurement
+
+
+class QuantCache:
+    """(layer, format) -> dequantized weight in the layer's own dtype and storage layout.
+
+    Holds exactly the formats it is given for the layers it is given; `nbytes` says what that costs.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        layers: list[QuantizableLayer],
+        formats: Iterable[Format],
+        progress: Callable[[int], None] | None = None,
+    ):
+        self.model = model
+        self.layers = {layer.name: layer for layer in layers}
+        self.formats = tuple(formats)
+        self._store: dict[tuple[str, Format], torch.Tensor] = {}
+        for layer in layers:
+            w = model.weight(layer)
+            for fmt in self.formats:
+                q = fake_quantize(w, fmt)
+                self._store[(layer.name, fmt)] = q.t().contiguous() if layer.transposed else q
+            if progress:
+                progress(1)
+
+    def get(self, layer: str, fmt: Format) -> torch.Tensor:
+        return self._store[(layer, fmt)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._store.values())
+
+
+class OnTheFly:
+    """The cache's interface without a cache: quantizes on every request (the benchmark's baseline)."""
+
+    def __init__(self, model: LoadedModel, layers: list[QuantizableLayer]):
+        self.model = model
+        self.layers = {layer.name: layer for layer in layers}
+
+    def get(self, layer: str, fmt: Format) -> torch.Tensor:
+        spec = self.layers[layer]
+        q = fake_quantize(self.model.weight(spec), fmt)
+        return q.t().contiguous() if spec.transposed else q
+
+
+def _logits(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+class Evaluator:
+    """Held-out KL and perplexity of configs against the FP model, with weights from a cache.
+
+    Memory: the reference keeps tokens x vocab float32 log-probabilities (4 x 512 x 49152 = 403 MB
+    on the default model); a config's forward pass holds one batch of logits at a time.
+    """
+
+    def __init__(self, model: LoadedModel, weights: QuantCache | OnTheFly, tokens: torch.Tensor, batch_size: int = 2):
+        self.model = model
+        self.weights = weights
+        self.batches = list(tokens.split(batch_size))
+        self.reference = [self._logprobs(batch) for batch in self.batches]
+        self.fp = self._measure(self.reference)
+
+    @torch.no_grad()
+    def _logprobs(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(_logits(self.model.module(batch)).float(), -1)
+
+    @property
+    def reference_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.reference)
+
+    @contextmanager
+    def applied(self, assignment: Mapping[str, Format]):
+        """Point each assigned layer's weight at its cached quantized tensor; restore on exit."""
+        saved = {}
+        try:
+            for name, fmt in assignment.items():
+                param = self.model.layer_module(name).weight
+                saved[name] = param.data
+                param.data = self.weights.get(name, fmt)
+            yield
+        finally:
+            for name, data in saved.items():
+                self.model.layer_module(name).weight.data = data
+
+    def _measure(self, logprobs: Iterable[torch.Tensor]) -> Measurement:
+        kl_sum, nll_sum, n_kl, n_nll = 0.0, 0.0, 0, 0
+        for batch, lp, lq in zip(self.batches, self.reference, logprobs):
+            kl_sum += float((lp.exp() * (lp - lq)).sum())
+            n_kl += batch.numel()
+            target = batch[:, 1:]
+            nll_sum += float(-lq[:, :-1].gather(-1, target.unsqueeze(-1)).sum())
+            n_nll += target.numel()
+        return Measurement(kl=max(kl_sum / n_kl, 0.0), ppl=math.exp(nll_sum / n_nll), tokens=n_kl)
+
+    def evaluate(self, assignment: Mapping[str, Format]) -> Measurement:
+        with self.applied(assignment):
+            return self._measure(self._logprobs(batch) for batch in self.batches)

@@ -1,0 +1,112 @@
+"""The typed objects handed from stage to stage:
+model -> SensitivityTable -> Problem -> solver -> BitConfig -> Measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import BitallocError
+from .formats import Format
+
+
+@dataclass
+class SensitivityTable:
+    """layer x format -> predicted increase of the job's loss, with where the numbers came from."""
+
+    layers: tuple[str, ...]
+    formats: tuple[Format, ...]
+    values: np.ndarray
+    estimator: str
+    params: dict = field(default_factory=dict)
+    data_hash: str | None = None
+    wall_time_s: float = 0.0
+    uncertainty: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.values = np.asarray(self.values, dtype=np.float64)
+        if self.values.shape != (len(self.layers), len(self.formats)):
+            raise ValueError(f"table shape {self.values.shape} != ({len(self.layers)}, {len(self.formats)})")
+        bad = ~np.isfinite(self.values)
+        if bad.any():
+            i, j = map(int, np.argwhere(bad)[0])
+            raise BitallocError(
+                f"sensitivity.{self.estimator}",
+                f"non-finite value {self.values[i, j]} for layer {self.layers[i]!r} at {self.formats[j].name}",
+            )
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A multiple-choice knapsack: pick one allowed format per layer, minimise the summed error, within max_bytes.
+
+    `fixed_bytes` is everything the solver does not choose (other parameters, buffers, layers left out),
+    so totals are whole-model bytes.
+    """
+
+    layers: tuple[str, ...]
+    formats: tuple[Format, ...]
+    numel: np.ndarray
+    cost: np.ndarray
+    error: np.ndarray
+    allowed: np.ndarray
+    fixed_bytes: int
+    max_bytes: int | None = None
+
+    def total_bytes(self, choice: np.ndarray) -> int:
+        return int(self.fixed_bytes + self.cost[np.arange(len(self.layers)), choice].sum())
+
+    def avg_bits(self, choice: np.ndarray) -> float:
+        return self.avg_bits_of_bytes(self.total_bytes(choice))
+
+    def avg_bits_of_bytes(self, total_bytes: int) -> float:
+        return 8.0 * (total_bytes - self.fixed_bytes) / float(self.numel.sum())
+
+    def bytes_at_avg_bits(self, avg_bits: float) -> int:
+        return self.fixed_bytes + int(avg_bits * float(self.numel.sum()) / 8.0)
+
+    def cheapest(self) -> int:
+        return int(self.fixed_bytes + np.where(self.allowed, self.cost, np.iinfo(np.int64).max).min(1).sum())
+
+    def dearest(self) -> int:
+        return int(self.fixed_bytes + np.where(self.allowed, self.cost, 0).max(1).sum())
+
+    def config(self, choice) -> "BitConfig":
+        choice = np.asarray(choice, dtype=np.int64)
+        if not self.allowed[np.arange(len(self.layers)), choice].all():
+            raise ValueError("choice uses a format that is not allowed for its layer")
+        return BitConfig(
+            layers=self.layers,
+            formats=tuple(self.formats[i] for i in choice),
+            bytes=self.total_bytes(choice),
+            avg_bits=self.avg_bits(choice),
+            predicted=float(self.error[np.arange(len(self.layers)), choice].sum()),
+        )
+
+
+@dataclass(frozen=True)
+class BitConfig:
+    """One format per layer and what it costs: whole-model bytes and average bits over the chosen layers, scales included."""
+
+    layers: tuple[str, ...]
+    formats: tuple[Format, ...]
+    bytes: int
+    avg_bits: float
+    predicted: float
+
+    def assignment(self) -> dict[str, Format]:
+        return dict(zip(self.layers, self.formats))
+
+    def key(self) -> tuple:
+        return tuple(f.name for f in self.formats)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Quality of one config on held-out tokens, against the unquantized model."""
+
+    kl: float
+    ppl: float
+    tokens: int

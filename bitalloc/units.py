@@ -1,0 +1,30 @@
+"""Byte sizes as users write them (`80MiB`, `1.2GB`, `123456B`) and as we print them."""
+
+import re
+
+from .errors import BitallocError
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]+)\s*$")
+
+
+def parse_bytes(text: str, field: str) -> int:
+    """`80MiB` -> 83886080. A unit is required so that sizes are never mistaken for bit widths."""
+    match = _SIZE.match(text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise BitallocError(
+            field, f"{text!r} is not a size; write a number with a unit (B, KB, MB, GB, KiB, MiB, GiB), e.g. 80MiB"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def mib(n_bytes: int) -> float:
+    return n_bytes / 2**20

@@ -1,0 +1,221 @@
+"""Run a job locally: model -> sensitivity table -> problem -> solver front -> measured points -> files.
+
+Results are written to a staging folder beside the output dir and moved into place only when the
+whole job has succeeded, so an interrupted or failed job never leaves files that look like results.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from bitalloc import __version__
+from bitalloc import configio
+from bitalloc.data import make_token_sets, text_files, tokenize_files
+from bitalloc.errors import BitallocError
+from bitalloc.evaluate import Evaluator, QuantCache
+from bitalloc.formats import Format, weight_bytes
+from bitalloc.model import LoadedModel, QuantizableLayer, list_layers, load_model, other_bytes, select_layers
+from bitalloc.search import best_within, get_solver, spread
+from bitalloc.search.base import check_budget
+from bitalloc.sensitivity import EstimatorContext, get_estimator
+from bitalloc.types import BitConfig, Measurement, Problem, SensitivityTable
+from bitalloc.units import mib, parse_bytes
+
+from .spec import JobSpec
+
+
+class Stages:
+    """Rich progress on stderr for every long stage, and the wall time of each."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console,
+        )
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, total: int | None = None):
+        task = self.progress.add_task(name, total=total)
+        start = time.perf_counter()
+        yield lambda n=1: self.progress.advance(task, n)
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        self.progress.update(task, completed=total if total is not None else 1, total=total or 1)
+
+
+def build_problem(model: LoadedModel, layers: list[QuantizableLayer], formats: tuple[Format, ...],
+                  table: SensitivityTable | None = None) -> Problem:
+    """The byte-exact cost model of the chosen layers (and the table's errors, when given)."""
+    cost = np.array([[weight_bytes(l.out_features, l.in_features, f) for f in formats] for l in layers], dtype=np.int64)
+    error = table.values if table is not None else np.zeros(cost.shape)
+    return Problem(
+        layers=tuple(l.name for l in layers),
+        formats=formats,
+        numel=np.array([l.numel for l in layers], dtype=np.int64),
+        cost=cost,
+        error=error,
+        allowed=np.ones(cost.shape, dtype=bool),
+        fixed_bytes=other_bytes(model, layers),
+    )
+
+
+def resolve_budgets(problem: Problem, budgets: list) -> list[tuple[str, int]]:
+    """Each budget as (label, whole-model bytes); a number is average bits, a string with a unit is bytes."""
+    out = []
+    for i, b in enumerate(budgets):
+        field = f"search.budgets[{i}]"
+        if isinstance(b, str) and not b.strip().replace(".", "", 1).isdigit():
+            label, n_bytes = b, parse_bytes(b, field)
+        else:
+            label, n_bytes = f"{float(b):g} bits", problem.bytes_at_avg_bits(float(b))
+        check_budget(problem, n_bytes, field)
+        out.append((label, n_bytes))
+    return out
+
+
+@dataclass
+class _Point:
+    label: str
+    config: BitConfig
+    measurement: Measurement | None = None
+
+
+def _row(point: _Point, config_path: str) -> dict:
+    c, m = point.config, point.measurement
+    return {
+        "label": point.label,
+        "avg_bits": round(c.avg_bits, 6),
+        "bytes": c.bytes,
+        "mib": round(mib(c.bytes), 6),
+        "predicted": c.predicted,
+        "kl": m.kl,
+        "ppl": m.ppl,
+        "config": config_path,
+    }
+
+
+def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = None) -> dict:
+    """Run the whole job and return the front document (also written to OUT/front.json)."""
+    console = console or Console(stderr=True)
+    out = Path(out) if out is not None else spec.output_dir()
+    _check_output(out)
+    torch.manual_seed(spec.seed)
+    formats = spec.formats.expand()
+    estimator = get_estimator(spec.sensitivity.estimator, **spec.sensitivity.params)
+    solver = get_solver(spec.search.solver, **spec.search.params)
+    stages = Stages(console)
+    with stages.progress:
+        with stages.stage("load model"):
+            model = load_model(spec.model.source)
+            layers = select_layers(list_layers(model), spec.model.include, spec.model.exclude, spec.model.quantize_tied)
+            base_problem = build_problem(model, layers, formats)
+            budgets = resolve_budgets(base_problem, spec.search.budgets)
+            model_hash = model.content_hash()
+        files = text_files(spec.data.source)
+        with stages.stage("tokenize text", len(files)):
+            tokens = tokenize_files(files, model.tokenizer)
+            data = make_token_sets(tokens, spec.data.seq_len, spec.data.calibration, spec.data.evaluation, spec.seed)
+        with stages.stage(f"quantize {len(layers)} layers x {len(formats)} formats", len(layers)) as advance:
+            cache = QuantCache(model, layers, formats, progress=advance)
+        with stages.stage(f"sensitivity ({estimator.name})", len(layers)) as advance:
+            table = estimator.estimate(
+                EstimatorContext(model, layers, formats, cache, data.calibration, data.data_hash, spec.seed, advance)
+            )
+        with stages.stage(f"solve front ({solver.name})"):
+            problem = build_problem(model, layers, formats, table)
+            front = solver.front(problem)
+        points: dict[tuple, _Point] = {}
+        for label, n_bytes in budgets:
+            points.setdefault(best_within(front, n_bytes).key(), _Point(f"mixed @ {label}", best_within(front, n_bytes)))
+        for k, config in enumerate(spread(front, spec.search.points)):
+            points.setdefault(config.key(), _Point(f"mixed #{k + 1}", config))
+        uniform = [_Point(f.name, problem.config(np.full(len(layers), j))) for j, f in enumerate(formats)]
+        with stages.stage("FP reference"):
+            evaluator = Evaluator(model, cache, data.evaluation, spec.data.batch_size)
+        todo = list(points.values()) + uniform
+        with stages.stage("measure configs", len(todo)) as advance:
+            for point in todo:
+                point.measurement = evaluator.evaluate(point.config.assignment())
+                advance()
+
+    fp_bytes = problem.fixed_bytes + sum(
+        l.numel * model.layer_module(l.name).weight.element_size() for l in layers
+    )
+    doc_meta = dict(model_source=spec.model.source, model_hash=model_hash, spec_hash=spec.spec_hash())
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        rows, uniform_rows = [], []
+        for i, point in enumerate(sorted(points.values(), key=lambda p: p.config.bytes)):
+            rel = f"configs/mixed-{i + 1:02d}-{point.config.avg_bits:.3f}b.json"
+            configio.write(configio.config_document(point.config, measurement=point.measurement, **doc_meta), staging / rel)
+            rows.append(_row(point, rel))
+        for point in uniform:
+            rel = f"configs/uniform-{point.label}.json"
+            configio.write(configio.config_document(point.config, measurement=point.measurement, **doc_meta), staging / rel)
+            row = _row(point, rel)
+            row["format"] = row.pop("label")
+            uniform_rows.append(row)
+        document = {
+            "schema": configio.FRONT_SCHEMA,
+            "bitalloc_version": __version__,
+            "job": {"name": spec.name, "seed": spec.seed, "spec_hash": spec.spec_hash()},
+            "model": {
+                "source": spec.model.source,
+                "content_hash": model_hash,
+                "quantized_layers": len(layers),
+                "quantized_params": int(problem.numel.sum()),
+                "other_bytes": problem.fixed_bytes,
+            },
+            "data": {"hash": data.data_hash, "calibration_tokens": data.calibration.numel(),
+                     "evaluation_tokens": data.evaluation.numel()},
+            "sensitivity": {"estimator": table.estimator, "params": table.params, "wall_time_s": table.wall_time_s},
+            "solver": {"name": solver.name, "slack_bytes": getattr(solver, "slack_bytes", 0), "front_size": len(front)},
+            "reference": {"bytes": fp_bytes, "mib": round(mib(fp_bytes), 6), "ppl": evaluator.fp.ppl,
+                          "tokens": evaluator.fp.tokens},
+            "points": rows,
+            "uniform": uniform_rows,
+            "proxy_front": {"bytes": [c.bytes for c in front], "predicted": [c.predicted for c in front]},
+            "memory": {"quant_cache_bytes": cache.nbytes, "reference_bytes": evaluator.reference_nbytes},
+            "timings_s": stages.timings,
+        }
+        configio.write(
+            {"schema": "bitalloc.sensitivity/1", "estimator": table.estimator, "params": table.params,
+             "data_hash": table.data_hash, "formats": [f.name for f in formats],
+             "layers": {name: list(row) for name, row in zip(table.layers, table.values.tolist())}},
+            staging / "sensitivity.json",
+        )
+        (staging / "spec.yaml").write_text(configio.dumps(spec.model_dump(mode="json"), ".yaml"))
+        configio.write(document, staging / "front.json")
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return document
+
+
+def _check_output(out: Path) -> None:
+    """Refuse, before any work, an output dir that holds something other than an earlier run's results."""
+    if out.exists() and (not out.is_dir() or (not (out / "front.json").is_file() and any(out.iterdir()))):
+        raise BitallocError("--out", f"{str(out)!r} exists and holds something other than bitalloc results")
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished results into place, replacing an earlier run's."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(out)

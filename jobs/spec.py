@@ -1,0 +1,201 @@
+"""Job specs: YAML validated by pydantic; every mistake becomes one `BitallocError` naming its field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bitalloc.errors import BitallocError
+from bitalloc.formats import KEEP_BITS, QUANT_BITS, SCALE_DTYPES, Format
+from bitalloc.model import DEFAULT_MODEL
+from bitalloc.units import parse_bytes
+
+_NUMBER = re.compile(r"^\s*[0-9]+(\.[0-9]*)?\s*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    source: str = DEFAULT_MODEL
+    include: list[str] = []
+    exclude: list[str] = []
+    quantize_tied: bool = False
+
+
+class FormatsSpec(_Strict):
+    """The candidate formats: every combination of the listed bits, group sizes and symmetries."""
+
+    bits: list[int] = [2, 3, 4, 5, 6, 8]
+    group_size: Union[int, list[int]] = 64
+    symmetric: Union[bool, list[bool]] = False
+    scale_dtype: str = "float16"
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        allowed = QUANT_BITS + (KEEP_BITS,)
+        for b in v:
+            if b not in allowed:
+                raise ValueError(f"{b} is not allowed; allowed: {', '.join(map(str, allowed))}")
+        if not v:
+            raise ValueError("at least one bit width is needed")
+        return sorted(set(v))
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v):
+        for g in v if isinstance(v, list) else [v]:
+            if g < 1:
+                raise ValueError(f"{g} is not allowed; use a positive integer, e.g. 32, 64, 128")
+        return v
+
+    @field_validator("scale_dtype")
+    @classmethod
+    def _scale(cls, v: str) -> str:
+        if v not in SCALE_DTYPES:
+            raise ValueError(f"{v!r} is not allowed; allowed: {', '.join(SCALE_DTYPES)}")
+        return v
+
+    def expand(self) -> tuple[Format, ...]:
+        groups = self.group_size if isinstance(self.group_size, list) else [self.group_size]
+        syms = self.symmetric if isinstance(self.symmetric, list) else [self.symmetric]
+        out = []
+        for b in self.bits:
+            if b == KEEP_BITS:
+                out.append(Format(b, scale_dtype=self.scale_dtype if self.scale_dtype != "float32" else "float16"))
+                continue
+            out.extend(Format(b, g, s, self.scale_dtype) for g in groups for s in syms)
+        return tuple(dict.fromkeys(out))
+
+
+class DataSpec(_Strict):
+    source: Union[str, list[str]] = "shakespeare"
+    seq_len: int = Field(512, ge=2)
+    calibration: int = Field(8, ge=0)
+    evaluation: int = Field(4, ge=1)
+    batch_size: int = Field(2, ge=1)
+
+
+class SensitivitySpec(_Strict):
+    estimator: str = "weight_mse"
+    params: dict[str, Any] = {}
+
+
+class SearchSpec(_Strict):
+    solver: str = "dp"
+    params: dict[str, Any] = {}
+    budgets: list[Union[float, str]] = []
+    points: int = Field(6, ge=0, description="front points measured, spread evenly in bytes")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list) -> list:
+        for i, b in enumerate(v):
+            if isinstance(b, str) and not _NUMBER.match(b):
+                try:
+                    parse_bytes(b, f"search.budgets[{i}]")
+                except BitallocError as exc:
+                    raise ValueError(exc.message) from None
+            elif not 0 < float(b) <= KEEP_BITS:
+                raise ValueError(f"{b} average bits is outside (0, 16]; write bytes with a unit, e.g. 80MiB")
+        return v
+
+
+class JobSpec(_Strict):
+    name: str = "job"
+    seed: int = 0
+    model: ModelSpec = ModelSpec()
+    formats: FormatsSpec = FormatsSpec()
+    data: DataSpec = DataSpec()
+    sensitivity: SensitivitySpec = SensitivitySpec()
+    search: SearchSpec = SearchSpec()
+    output: str = "runs/{name}"
+
+    def output_dir(self) -> Path:
+        return Path(self.output.format(name=self.name))
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical spec, output dir excluded: two runs with equal hashes asked the same question."""
+        body = json.dumps(self.model_dump(mode="json", exclude={"output"}), sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = JobSpec
+    for part in loc[:-1]:
+        ann = model.model_fields.get(part) if isinstance(part, str) else None
+        if ann is None or not (isinstance(ann.annotation, type) and issubclass(ann.annotation, BaseModel)):
+            return []
+        model = ann.annotation
+    return list(model.model_fields)
+
+
+def _one_line(exc: ValidationError) -> BitallocError:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "float", "int"))))
+    field = _loc(loc) or "job"
+    if err["type"] == "extra_forbidden":
+        return BitallocError(field, f"unknown key; allowed here: {', '.join(_fields_at(loc))}")
+    msg = err["msg"].removeprefix("Value error, ")
+    return BitallocError(field, f"{msg} (got {err.get('input')!r})" if err["type"] != "value_error" else msg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`--set a.b=value`: value parsed as YAML, so numbers, lists and booleans work as in the file."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise BitallocError("--set", f"{item!r} is not KEY=VALUE, e.g. --set data.evaluation=2")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise BitallocError(f"--set {key}", f"{part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def parse_spec(data: Any, overrides: list[str] | None = None) -> JobSpec:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BitallocError("job", "the job file must be a YAML mapping of sections (model, formats, data, ...)")
+    data = apply_overrides(data, overrides or [])
+    try:
+        spec = JobSpec.model_validate(data)
+        spec.formats.expand()
+    except ValidationError as exc:
+        raise _one_line(exc) from None
+    except BitallocError as exc:
+        raise BitallocError(exc.field.replace("format", "formats", 1), exc.message) from None
+    return spec
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise BitallocError("JOB", f"{str(path)!r} is not a file; give a job YAML such as jobs/examples/smollm2.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise BitallocError("JOB", f"malformed YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    return parse_spec(data, overrides)

@@ -1,0 +1,108 @@
+"""Round-to-nearest grouped quantization of a [out, in] weight, vectorised in torch.
+
+Groups run along the input dimension. When `group_size` does not divide `in`, each row ends
+with one shorter group (in % group_size values) that has its own scale and zero point; nothing
+is padded, so the tail's range is its own.
+
+Asymmetric: scale = (max - min) / (2^b - 1), zero point = min, both rounded to `scale_dtype`
+before the codes are taken (what is stored is what is used); w ≈ q * scale + zero, q in [0, 2^b).
+Symmetric: scale = max|w| / (2^(b-1) - 1); w ≈ q * scale, q in [-2^(b-1), 2^(b-1)).
+A constant group gets scale 1, so it dequantizes exactly to its value (asymmetric) or to 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bitalloc.formats import Format
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes [out, in], scales and zero points [out, n_groups] (zeros None if symmetric)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    fmt: Format
+
+
+def _split(w: torch.Tensor, group_size: int) -> list[torch.Tensor]:
+    """Views of w as [out, n, group] blocks: the full groups, then the shorter tail if any."""
+    out, cols = w.shape
+    full = cols // group_size
+    parts = []
+    if full:
+        parts.append(w[:, : full * group_size].reshape(out, full, group_size))
+    if cols % group_size:
+        parts.append(w[:, full * group_size :].reshape(out, 1, cols % group_size))
+    return parts
+
+
+def _quantize_block(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    sdt = _DTYPES[fmt.scale_dtype]
+    if fmt.symmetric:
+        qmax = 2 ** (fmt.bits - 1) - 1
+        scale = (x.abs().amax(-1, keepdim=True) / qmax).to(sdt).float()
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = torch.clamp(torch.round(x / scale), -qmax - 1, qmax)
+        return codes, scale, None
+    levels = 2**fmt.bits - 1
+    lo = x.amin(-1, keepdim=True)
+    hi = x.amax(-1, keepdim=True)
+    scale = ((hi - lo) / levels).to(sdt).float()
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = lo.to(sdt).float()
+    codes = torch.clamp(torch.round((x - zero) / scale), 0, levels)
+    return codes, scale, zero
+
+
+def quantize(weight: torch.Tensor, fmt: Format) -> QuantizedWeight:
+    """Quantize a [out, in] weight; computed in float32 whatever the weight's dtype."""
+    if not fmt.quantized:
+        raise ValueError("16-bit formats are not quantized; use fake_quantize")
+    w = weight.detach().float()
+    codes, scales, zeros = [], [], []
+    for block in _split(w, fmt.group_size):
+        c, s, z = _quantize_block(block, fmt)
+        codes.append(c.reshape(w.shape[0], -1))
+        scales.append(s.squeeze(-1))
+        if z is not None:
+            zeros.append(z.squeeze(-1))
+    code_dtype = torch.int8 if fmt.bits <= 8 else torch.int16
+    return QuantizedWeight(
+        codes=torch.cat(codes, 1).to(code_dtype),
+        scales=torch.cat(scales, 1).to(_DTYPES[fmt.scale_dtype]),
+        zeros=torch.cat(zeros, 1).to(_DTYPES[fmt.scale_dtype]) if zeros else None,
+        fmt=fmt,
+    )
+
+
+def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out, cols = q.codes.shape
+    g = q.fmt.group_size
+    full = cols // g
+    scale = q.scales.float()
+    zero = q.zeros.float() if q.zeros is not None else None
+    per_col_scale = torch.cat([scale[:, :full].repeat_interleave(g, 1), scale[:, full:].expand(out, cols - full * g)], 1)
+    w = q.codes.float() * per_col_scale
+    if zero is not None:
+        w = w + torch.cat([zero[:, :full].repeat_interleave(g, 1), zero[:, full:].expand(out, cols - full * g)], 1)
+    return w.to(dtype)
+
+
+def fake_quantize(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Quantize then dequantize, returned in the weight's dtype; the fast path used by the evaluator."""
+    if not fmt.quantized:
+        return weight.detach().to(_DTYPES[fmt.scale_dtype]).to(weight.dtype)
+    w = weight.detach().float()
+    blocks = []
+    for block in _split(w, fmt.group_size):
+        c, s, z = _quantize_block(block, fmt)
+        deq = c * s if z is None else c * s + z
+        blocks.append(deq.reshape(w.shape[0], -1))
+    return torch.cat(blocks, 1).to(weight.dtype)

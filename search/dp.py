@@ -1,0 +1,86 @@
+"""Exact dynamic programming over the byte budget (multiple-choice knapsack).
+
+Each layer's cost is taken as its extra bytes above its cheapest allowed option, measured in units
+of u = gcd of all those extras, so the DP is exact on byte costs while the number of states
+(total extra / u + 1) stays within `max_states`. When it does not, u is enlarged and extras are
+rounded up to it: every answer still fits its budget, and its predicted error is no worse than the
+exact optimum at (budget − slack_bytes), slack_bytes = layers·(u − 1). `self.slack_bytes` reports
+which case the last run was in (0 = exact).
+
+One pass gives the least error for every budget at once, so the whole front costs one solve.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+
+import numpy as np
+
+from bitalloc.types import BitConfig, Problem
+
+from .base import check_budget, register
+from .pareto import nondominated
+
+
+@register("dp")
+class DynamicProgramming:
+    def __init__(self, max_states: int = 1_000_000, max_table_bytes: int = 512 * 2**20):
+        self.max_states = max_states
+        self.max_table_bytes = max_table_bytes
+        self.slack_bytes = 0
+
+    def _tables(self, problem: Problem):
+        n_layers = len(problem.layers)
+        big = np.iinfo(np.int64).max
+        base = np.where(problem.allowed, problem.cost, big).min(1)
+        extra = np.where(problem.allowed, problem.cost - base[:, None], 0)
+        positive = [int(x) for x in np.unique(extra) if x > 0]
+        unit = reduce(math.gcd, positive, 0) or 1
+        limit = max(2, min(self.max_states, self.max_table_bytes // max(n_layers, 1)))
+        span = int(extra.max(1).sum())
+        if span // unit + 1 > limit:
+            unit = math.ceil(span / (limit - 1))
+        units = -(-extra // unit)
+        self.slack_bytes = 0 if np.all(units * unit == extra) else n_layers * (unit - 1)
+        states = int(units.max(1).sum()) + 1
+
+        best = np.full(states, np.inf)
+        best[0] = 0.0
+        choice = np.zeros((n_layers, states), dtype=np.int8)
+        for i in range(n_layers):
+            new = np.full(states, np.inf)
+            arg = choice[i]
+            for j in np.flatnonzero(problem.allowed[i]):
+                e = int(units[i, j])
+                cand = best[: states - e] + problem.error[i, j]
+                better = cand < new[e:]
+                new[e:][better] = cand[better]
+                arg[e:][better] = j
+            best = new
+        return int(base.sum()), unit, units, best, choice
+
+    @staticmethod
+    def _backtrack(units: np.ndarray, choice: np.ndarray, states: np.ndarray) -> np.ndarray:
+        """Per-layer format indices for each end state (vectorised over states)."""
+        s = states.copy()
+        picks = np.zeros((choice.shape[0], len(s)), dtype=np.int64)
+        for i in range(choice.shape[0] - 1, -1, -1):
+            picks[i] = choice[i, s]
+            s -= units[i, picks[i]]
+        return picks.T
+
+    def solve(self, problem: Problem) -> BitConfig:
+        assert problem.max_bytes is not None, "solve() needs problem.max_bytes"
+        check_budget(problem, problem.max_bytes)
+        base, unit, units, best, choice = self._tables(problem)
+        cap = min((problem.max_bytes - problem.fixed_bytes - base) // unit, len(best) - 1)
+        end = int(np.argmin(best[: cap + 1]))
+        return problem.config(self._backtrack(units, choice, np.array([end]))[0])
+
+    def front(self, problem: Problem) -> list[BitConfig]:
+        base, unit, units, best, choice = self._tables(problem)
+        previous = np.r_[np.inf, np.minimum.accumulate(best)[:-1]]
+        improves = np.flatnonzero(best < previous)
+        picks = self._backtrack(units, choice, improves)
+        return nondominated([problem.config(p) for p in picks])
