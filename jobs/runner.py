@@ -43,6 +43,17 @@ class Stages:
         )
         self.timings: dict[str, float] = {}
 
+    def __enter__(self) -> "Stages":
+        self.progress.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        quiet = self.progress.console.quiet
+        if exc_type is not None:
+            self.progress.console.quiet = True
+        self.progress.stop()
+        self.progress.console.quiet = quiet
+
     @contextmanager
     def stage(self, name: str, total: int | None = None):
         task = self.progress.add_task(name, total=total)
@@ -112,8 +123,7 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
     formats = spec.formats.expand()
     estimator = get_estimator(spec.sensitivity.estimator, **spec.sensitivity.params)
     solver = get_solver(spec.search.solver, **spec.search.params)
-    stages = Stages(console)
-    with stages.progress:
+    with Stages(console) as stages:
         with stages.stage("load model"):
             model = load_model(spec.model.source)
             layers = select_layers(list_layers(model), spec.model.include, spec.model.exclude, spec.model.quantize_tied)

@@ -6,10 +6,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bitalloc.errors import BitallocError
 from bitalloc.formats import KEEP_BITS, QUANT_BITS, SCALE_DTYPES, Format
@@ -89,24 +89,26 @@ class SensitivitySpec(_Strict):
     params: dict[str, Any] = {}
 
 
+def _check_budget(b: Union[float, str]) -> Union[float, str]:
+    """A number (or numeric string) is average bits in (0, 16]; any other string must be a size with a unit."""
+    if isinstance(b, str) and not _NUMBER.match(b):
+        try:
+            parse_bytes(b, "budget")
+        except BitallocError as exc:
+            raise ValueError(exc.message) from None
+    elif not 0 < float(b) <= KEEP_BITS:
+        raise ValueError(f"{b} average bits is outside (0, 16]; write bytes with a unit, e.g. 80MiB")
+    return b
+
+
+Budget = Annotated[Union[float, str], AfterValidator(_check_budget)]
+
+
 class SearchSpec(_Strict):
     solver: str = "dp"
     params: dict[str, Any] = {}
-    budgets: list[Union[float, str]] = []
+    budgets: list[Budget] = []
     points: int = Field(6, ge=0, description="front points measured, spread evenly in bytes")
-
-    @field_validator("budgets")
-    @classmethod
-    def _budgets(cls, v: list) -> list:
-        for i, b in enumerate(v):
-            if isinstance(b, str) and not _NUMBER.match(b):
-                try:
-                    parse_bytes(b, f"search.budgets[{i}]")
-                except BitallocError as exc:
-                    raise ValueError(exc.message) from None
-            elif not 0 < float(b) <= KEEP_BITS:
-                raise ValueError(f"{b} average bits is outside (0, 16]; write bytes with a unit, e.g. 80MiB")
-        return v
 
 
 class JobSpec(_Strict):

@@ -23,7 +23,7 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 @dataclass
 class QuantizedWeight:
-    """Integer codes [out, in], scales and zero points [out, n_groups] (zeros None if symmetric)."""
+    """Integer codes [out, in] (uint8 asymmetric, int8 symmetric), scales and zero points [out, n_groups] (zeros None if symmetric)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -73,7 +73,7 @@ def quantize(weight: torch.Tensor, fmt: Format) -> QuantizedWeight:
         scales.append(s.squeeze(-1))
         if z is not None:
             zeros.append(z.squeeze(-1))
-    code_dtype = torch.int8 if fmt.bits <= 8 else torch.int16
+    code_dtype = torch.int8 if fmt.symmetric else torch.uint8
     return QuantizedWeight(
         codes=torch.cat(codes, 1).to(code_dtype),
         scales=torch.cat(scales, 1).to(_DTYPES[fmt.scale_dtype]),

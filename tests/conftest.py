@@ -1,0 +1,87 @@
+"""Tiny random-init transformers models built in code, saved as local model directories, plus a text corpus."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+WORDS = (
+    "to be or not to be that is the question whether tis nobler in the mind to suffer the slings and arrows "
+    "of outrageous fortune or to take arms against a sea of troubles and by opposing end them"
+).split()
+
+
+def _corpus(n_words: int, seed: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(WORDS), (n_words,), generator=g)
+    return " ".join(WORDS[i] for i in idx.tolist())
+
+
+def _tokenizer(text: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("texts")
+    for i in range(3):
+        (d / f"part{i}.txt").write_text(_corpus(3000, i))
+    return d
+
+
+def _save(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, text_dir) -> Path:
+    """Llama-style: 2 blocks, hidden 48 (group 32 leaves a 16-wide tail), tied lm_head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = _tokenizer((text_dir / "part0.txt").read_text())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    return _save(LlamaForCausalLM(cfg), tok, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, text_dir) -> Path:
+    """GPT-2-style: Conv1D layers stored [in, out], lm_head tied to wte."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    tok = _tokenizer((text_dir / "part0.txt").read_text())
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128)
+    return _save(GPT2LMHeadModel(cfg), tok, tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+def tiny_job(model_dir: Path, text_dir: Path, out: Path, **overrides) -> dict:
+    """A job spec dict that runs in seconds on a tiny model."""
+    spec = {
+        "name": "tiny",
+        "seed": 0,
+        "model": {"source": str(model_dir)},
+        "formats": {"bits": [2, 3, 4, 8], "group_size": 32},
+        "data": {"source": [str(text_dir / "*.txt")], "seq_len": 32, "calibration": 2, "evaluation": 4,
+                 "batch_size": 2},
+        "search": {"budgets": [4.0, 5.0], "points": 3},
+        "output": str(out),
+    }
+    for key, value in overrides.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec

@@ -1,0 +1,32 @@
+"""One end-to-end run of the shipped example job on the real SmolLM2-135M, with little data."""
+
+import json
+from pathlib import Path
+
+from bitalloc.cli import main
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "smollm2.yaml"
+
+
+def test_default_job_on_the_real_model(tmp_path, capsys):
+    out = tmp_path / "smollm2"
+    main([
+        "run", str(EXAMPLE), "--out", str(out),
+        "--set", "data.seq_len=128", "--set", "data.calibration=1", "--set", "data.evaluation=2",
+        "--set", "formats.bits=[3,4,8]", "--set", "search.budgets=[3.5,4.5]", "--set", "search.points=1",
+    ])
+    front = json.loads((out / "front.json").read_text())
+    assert front["model"]["quantized_layers"] == 210  # 211 Linear layers less the lm_head tied to the embeddings
+    per_block = 2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536  # q, o; k, v; gate, up, down
+    assert front["model"]["quantized_params"] == 30 * per_block
+    # everything else stays float32: the 49152 x 576 embeddings (shared with lm_head, counted once) and 61 norms
+    assert front["model"]["other_bytes"] == 4 * (49152 * 576 + 61 * 576) + 2 * 4 * 32
+    uniform = {u["format"]: u for u in front["uniform"]}
+    assert uniform["w3g64a"]["avg_bits"] == 3.5 and uniform["w4g64a"]["avg_bits"] == 4.5
+    assert uniform["w3g64a"]["kl"] > uniform["w4g64a"]["kl"] > uniform["w8g64a"]["kl"]
+    mixed = {p["label"]: p for p in front["points"]}
+    assert mixed["mixed @ 3.5 bits"]["bytes"] <= uniform["w3g64a"]["bytes"]
+    assert mixed["mixed @ 4.5 bits"]["bytes"] <= uniform["w4g64a"]["bytes"]
+    assert 20 < front["reference"]["ppl"] < 200
+    table = capsys.readouterr().out
+    assert "Pareto front" in table and "uniform w3g64a" in table and "mixed @ 3.5 bits" in table

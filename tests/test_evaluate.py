@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from bitalloc.evaluate import Evaluator, OnTheFly, QuantCache
+from bitalloc.formats import Format
+from bitalloc.model import list_layers, load_model, select_layers
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_gpt2"])
+def setup(request):
+    model = load_model(str(request.getfixturevalue(request.param)))
+    layers = select_layers(list_layers(model))
+    formats = (Format(2, 32), Format(4, 32), Format(8, 32), Format(16))
+    tokens = torch.randint(0, 90, (4, 32), generator=torch.Generator().manual_seed(0))
+    cache = QuantCache(model, layers, formats)
+    return model, layers, formats, cache, Evaluator(model, cache, tokens, batch_size=3)
+
+
+def _uniform(layers, fmt):
+    return {l.name: fmt for l in layers}
+
+
+def test_kl_orders_with_bits_and_sixteen_bit_is_near_zero(setup):
+    _, layers, formats, _, ev = setup
+    kls = [ev.evaluate(_uniform(layers, f)).kl for f in formats]
+    assert kls[3] < 1e-5
+    assert kls[0] > kls[1] > kls[2] > kls[3]
+    assert ev.fp.kl == 0 and ev.fp.tokens == 128
+
+
+def test_weights_are_restored_and_cache_equals_on_the_fly(setup):
+    model, layers, formats, cache, ev = setup
+    before = {n: p.clone() for n, p in model.module.named_parameters()}
+    m1 = ev.evaluate(_uniform(layers, formats[0]))
+    for n, p in model.module.named_parameters():
+        assert torch.equal(p, before[n]), n
+    fly = Evaluator(model, OnTheFly(model, layers), torch.cat(ev.batches), batch_size=3)
+    assert fly.evaluate(_uniform(layers, formats[0])) == m1
+
+
+def test_cache_size_is_what_it_holds(setup):
+    _, layers, formats, cache, _ = setup
+    assert cache.nbytes == sum(l.numel for l in layers) * 4 * len(formats)
