@@ -41,3 +41,16 @@ def test_weights_are_restored_and_cache_equals_on_the_fly(setup):
 def test_cache_size_is_what_it_holds(setup):
     _, layers, formats, cache, _ = setup
     assert cache.nbytes == sum(l.numel for l in layers) * 4 * len(formats)
+
+
+def test_plain_torch_module():
+    from bitalloc.model import from_module
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(50, 40), torch.nn.Linear(40, 64), torch.nn.GELU(), torch.nn.Linear(64, 50))
+    model = from_module(net)
+    layers = select_layers(list_layers(model))
+    assert [l.name for l in layers] == ["1", "3"]
+    formats = (Format(2, 16), Format(8, 16))
+    ev = Evaluator(model, QuantCache(model, layers, formats), torch.randint(0, 50, (2, 10)), batch_size=2)
+    assert ev.evaluate(_uniform(layers, formats[0])).kl > ev.evaluate(_uniform(layers, formats[1])).kl > 0

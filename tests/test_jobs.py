@@ -150,3 +150,18 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bitalloc.cli", "run", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: formats.bits: 9 is not allowed; allowed: 2, 3, 4, 5, 6, 8, 16"]
+
+
+def test_layers_command_lists_shapes_and_bytes(tiny_gpt2, capsys):
+    main(["layers", str(tiny_gpt2), "--bits", "4", "--bits", "16", "--group-size", "32"])
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn.c_attn" in out and "96 x 32" in out
+    # 96 x 32 at 4 bits g32 asymmetric fp16: 96*32/2 code bytes + 96 groups * 4 bytes; fp16: 96*32*2
+    assert f"{96 * 16 + 96 * 4:,}" in out and f"{96 * 32 * 2:,}" in out
+    assert "transformer.wte" in out  # lm_head is shown tied to the embeddings
+
+
+def test_layers_command_refuses_bad_bits(tiny_gpt2, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["layers", str(tiny_gpt2), "--bits", "9"])
+    assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: --bits: 9 is not allowed")
