@@ -16,7 +16,11 @@ from .errors import BitallocError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Mixed-precision bit-allocation search.")
-out_console = Console()
+
+
+def _out() -> Console:
+    """stdout; wide when piped or captured, so layer names and table rows are never wrapped."""
+    return Console() if sys.stdout.isatty() else Console(width=240)
 
 
 @app.command()
@@ -33,9 +37,9 @@ def run(
     spec = load_spec(job, set_)
     target = out or spec.output_dir()
     front = run_job(spec, target)
-    out_console.print(front_table(front))
+    _out().print(front_table(front))
     mem = front["memory"]
-    out_console.print(
+    _out().print(
         f"quantized-weight cache {mem['quant_cache_bytes'] / 2**20:.0f} MiB, FP reference "
         f"{mem['reference_bytes'] / 2**20:.0f} MiB; results in {target}/ (front.json, configs/)"
     )
@@ -69,7 +73,7 @@ def layers(
             layer.name, f"{layer.out_features} x {layer.in_features}", layer.dtype, layer.tied_to or "",
             *[f"{weight_bytes(layer.out_features, layer.in_features, f):,}" for f in formats],
         )
-    out_console.print(table)
+    _out().print(table)
 
 
 @app.command()
@@ -104,7 +108,7 @@ def export(
     best = min(fitting, key=lambda c: (c["kl"], c["bytes"]))
     doc = configio.read(run_dir / best["config"], configio.CONFIG_SCHEMA)
     configio.write(doc, output)
-    out_console.print(
+    _out().print(
         f"wrote {output}: {best['avg_bits']:.3f} avg bits, {best['mib']:.2f} MiB, KL {best['kl']:.4f}, PPL {best['ppl']:.2f}"
     )
 
