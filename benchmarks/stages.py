@@ -54,7 +54,7 @@ def main() -> None:
     data = make_token_sets(tokens, args.seq_len, 4, args.evaluation, seed=0)
     cache = timed("quantize cache (210 layers x 6 formats)", lambda: QuantCache(model, layers, formats),
                   lambda c: f"{c.nbytes / 2**20:.0f} MiB held")
-    table = timed("estimator weight_mse", lambda: get_estimator("weight_mse").estimate(
+    table = timed("estimator sqnr (data-free)", lambda: get_estimator("sqnr").estimate(
         EstimatorContext(model, layers, formats, cache, data.calibration, data.data_hash, 0)))
     problem = build_problem(model, layers, formats, table)
     solver = get_solver("dp")

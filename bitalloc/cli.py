@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import click
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -43,6 +44,96 @@ def run(
         f"quantized-weight cache {mem['quant_cache_bytes'] / 2**20:.0f} MiB, FP reference "
         f"{mem['reference_bytes'] / 2**20:.0f} MiB; results in {target}/ (front.json, configs/)"
     )
+
+
+@app.command()
+def sensitivity(
+    target: str = typer.Argument(..., help="MODEL or a job YAML: compute (or reuse) tables; `score`: score estimators"),
+    job: Optional[Path] = typer.Argument(None, help="with `score`: the job YAML"),
+    estimator: List[str] = typer.Option([], "--estimator", "-e", help="NAME or NAME:key=value,... (repeatable)"),
+    set_: List[str] = typer.Option([], "--set", help="override a spec key: --set data.calibration=2"),
+    configs: int = typer.Option(30, "--configs", help="with score: random configs to measure"),
+    min_bits: float = typer.Option(2.5, "--min-bits"),
+    max_bits: float = typer.Option(6.0, "--max-bits"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the result as JSON"),
+):
+    """Sensitivity tables (cached by model, data and parameters), or `score JOB.yaml` to rank estimators."""
+
+    from bitalloc.jobs.spec import load_spec, parse_spec
+    from bitalloc.sensitivity import ESTIMATORS
+
+    if target == "score":
+        if job is None:
+            raise BitallocError("JOB", "`bitalloc sensitivity score` needs a job YAML, e.g. jobs/examples/smollm2.yaml")
+        if not 0 < min_bits < max_bits:
+            raise BitallocError("--min-bits/--max-bits", f"need 0 < min < max, got {min_bits} and {max_bits}")
+        if configs < 3:
+            raise BitallocError("--configs", f"{configs} is too few to rank anything; use 3 or more")
+        _score(load_spec(job, set_), estimator or _default_score_estimators(ESTIMATORS), configs, min_bits, max_bits, out)
+        return
+    if job is not None:
+        raise BitallocError("JOB", f"a second argument is only taken by `score`, got {str(job)!r}")
+    spec = (load_spec(target, set_) if target.endswith((".yaml", ".yml"))
+            else parse_spec({"model": {"source": target}}, set_))
+    _tables(spec, estimator or [spec.sensitivity.estimator], out)
+
+
+def _default_score_estimators(registry) -> list[str]:
+    return sorted(registry) + ["sqnr:activations=true", "fisher:side=output"]
+
+
+def _tables(spec, estimators: list[str], out: Optional[Path]) -> None:
+    from rich.console import Console as RichConsole
+
+    from bitalloc.jobs.runner import Stages, Workspace
+    from bitalloc.jobs.scoring import parse_estimator
+    from bitalloc.sensitivity import get_estimator
+    from bitalloc.sensitivity import cache as table_cache
+
+    if out is not None and len(estimators) != 1:
+        raise BitallocError("--out", "writes one table; name exactly one --estimator")
+    instances = [get_estimator(name, **params) for name, params in map(parse_estimator, estimators)]
+    with Stages(RichConsole(stderr=True)) as stages:
+        ws = Workspace.open(spec, stages)
+        results = [ws.sensitivity(est, stages) for est in instances]
+    mid = len(ws.formats) // 2
+    for table, path, hit in results:
+        summary = Table(title=f"{table.estimator} {table.params if table.params else ''}: most sensitive layers "
+                              f"at {ws.formats[mid].name} ({'cache hit' if hit else f'{table.wall_time_s:.1f} s'})")
+        summary.add_column("layer")
+        for fmt in ws.formats:
+            summary.add_column(fmt.name, justify="right")
+        for i in np.argsort(-table.values[:, mid])[:10]:
+            summary.add_row(table.layers[i], *[f"{v:.3g}" for v in table.values[i]])
+        _out().print(summary)
+        _out().print(f"table: {path}")
+        if out is not None:
+            from . import configio
+
+            configio.write(table_cache.table_document(table), out)
+
+
+def _score(spec, estimators: list[str], n: int, lo: float, hi: float, out: Optional[Path]) -> None:
+
+    from rich.console import Console as RichConsole
+
+    from bitalloc.jobs.scoring import score_estimators
+
+    rows, detail = score_estimators(spec, estimators, n, lo, hi, RichConsole(stderr=True))
+    table = Table(title=f"estimators on {spec.model.source}: {n} random configs, {lo}-{hi} avg bits, held-out KL")
+    for col in ("estimator", "Spearman ρ", "R²", "R² (scaled)", "seconds", "peak RSS GiB", "cached"):
+        table.add_column(col, justify="left" if col == "estimator" else "right")
+    for r in sorted(rows, key=lambda r: -r.spearman):
+        peak = f"{r.peak_rss_bytes / 2**30:.2f}" if r.peak_rss_bytes else "-"
+        table.add_row(r.estimator, f"{r.spearman:.3f}", f"{r.r2:.3f}", f"{r.r2_scaled:.3f}", f"{r.wall_time_s:.1f}",
+                      peak, "yes" if r.cache_hit else "")
+    _out().print(table)
+    if out is not None:
+        from dataclasses import asdict
+
+        from . import configio
+
+        configio.write({"schema": "bitalloc.score/1", "rows": [asdict(r) for r in rows], **detail}, out)
 
 
 @app.command()

@@ -93,14 +93,14 @@ class Evaluator:
         return sum(t.numel() * t.element_size() for t in self.reference)
 
     @contextmanager
-    def applied(self, assignment: Mapping[str, Format]):
-        """Point each assigned layer's weight at its cached quantized tensor; restore on exit."""
+    def applied(self, tensors: Mapping[str, torch.Tensor]):
+        """Point each named layer's weight at the given tensor (its storage layout); restore on exit."""
         saved = {}
         try:
-            for name, fmt in assignment.items():
+            for name, tensor in tensors.items():
                 param = self.model.layer_module(name).weight
                 saved[name] = param.data
-                param.data = self.weights.get(name, fmt)
+                param.data = tensor
             yield
         finally:
             for name, data in saved.items():
@@ -117,5 +117,10 @@ class Evaluator:
         return Measurement(kl=max(kl_sum / n_kl, 0.0), ppl=math.exp(nll_sum / n_nll), tokens=n_kl)
 
     def evaluate(self, assignment: Mapping[str, Format]) -> Measurement:
-        with self.applied(assignment):
+        """Measure a config: each layer at its format, weights from the cache."""
+        return self.evaluate_tensors({name: self.weights.get(name, fmt) for name, fmt in assignment.items()})
+
+    def evaluate_tensors(self, tensors: Mapping[str, torch.Tensor]) -> Measurement:
+        """Measure the model with some layers' weights replaced (e.g. by noisy ones)."""
+        with self.applied(tensors):
             return self._measure(self._logprobs(batch) for batch in self.batches)

@@ -24,11 +24,14 @@ class SensitivityTable:
     data_hash: str | None = None
     wall_time_s: float = 0.0
     uncertainty: np.ndarray | None = None
+    peak_rss_bytes: int | None = None
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float64)
         if self.values.shape != (len(self.layers), len(self.formats)):
             raise ValueError(f"table shape {self.values.shape} != ({len(self.layers)}, {len(self.formats)})")
+        if self.uncertainty is not None:
+            self.uncertainty = np.asarray(self.uncertainty, dtype=np.float64)
         bad = ~np.isfinite(self.values)
         if bad.any():
             i, j = map(int, np.argwhere(bad)[0])

@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from bitalloc import __version__
 from bitalloc import configio
-from bitalloc.data import make_token_sets, text_files, tokenize_files
+from bitalloc.data import TokenSets, make_token_sets, text_files, tokenize_files
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import Evaluator, QuantCache
 from bitalloc.formats import Format, weight_bytes
@@ -27,6 +28,8 @@ from bitalloc.model import LoadedModel, QuantizableLayer, list_layers, load_mode
 from bitalloc.search import best_within, get_solver, spread
 from bitalloc.search.base import check_budget
 from bitalloc.sensitivity import EstimatorContext, get_estimator
+from bitalloc.sensitivity import cache as table_cache
+from bitalloc.sensitivity.base import Estimator, run_estimator
 from bitalloc.types import BitConfig, Measurement, Problem, SensitivityTable
 from bitalloc.units import mib, parse_bytes
 
@@ -114,21 +117,27 @@ def _row(point: _Point, config_path: str) -> dict:
     }
 
 
-def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = None) -> dict:
-    """Run the whole job and return the front document (also written to OUT/front.json)."""
-    console = console or Console(stderr=True)
-    out = Path(out) if out is not None else spec.output_dir()
-    _check_output(out)
-    torch.manual_seed(spec.seed)
-    formats = spec.formats.expand()
-    estimator = get_estimator(spec.sensitivity.estimator, **spec.sensitivity.params)
-    solver = get_solver(spec.search.solver, **spec.search.params)
-    with Stages(console) as stages:
+@dataclass
+class Workspace:
+    """What every command that works on a job's model needs, built once: model, layers, data, quantized weights."""
+
+    spec: JobSpec
+    model: LoadedModel
+    layers: list[QuantizableLayer]
+    formats: tuple[Format, ...]
+    model_hash: str
+    data: TokenSets
+    cache: QuantCache
+
+    @classmethod
+    def open(cls, spec: JobSpec, stages: Stages, check: Callable[[Problem], None] = lambda p: None) -> "Workspace":
+        """Load, select layers, run `check` on the cost model (budgets fail fast), tokenize, quantize."""
+        torch.manual_seed(spec.seed)
+        formats = spec.formats.expand()
         with stages.stage("load model"):
             model = load_model(spec.model.source)
             layers = select_layers(list_layers(model), spec.model.include, spec.model.exclude, spec.model.quantize_tied)
-            base_problem = build_problem(model, layers, formats)
-            budgets = resolve_budgets(base_problem, spec.search.budgets)
+            check(build_problem(model, layers, formats))
             model_hash = model.content_hash()
         files = text_files(spec.data.source)
         with stages.stage("tokenize text", len(files)):
@@ -136,10 +145,38 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
             data = make_token_sets(tokens, spec.data.seq_len, spec.data.calibration, spec.data.evaluation, spec.seed)
         with stages.stage(f"quantize {len(layers)} layers x {len(formats)} formats", len(layers)) as advance:
             cache = QuantCache(model, layers, formats, progress=advance)
-        with stages.stage(f"sensitivity ({estimator.name})", len(layers)) as advance:
-            table = estimator.estimate(
-                EstimatorContext(model, layers, formats, cache, data.calibration, data.data_hash, spec.seed, advance)
-            )
+        return cls(spec, model, layers, formats, model_hash, data, cache)
+
+    def sensitivity(self, estimator: Estimator, stages: Stages) -> tuple[SensitivityTable, Path, bool]:
+        """The estimator's table from the file cache, or computed and stored; returns (table, path, cache hit)."""
+        key = table_cache.table_key(estimator, self.model_hash, self.formats, self.layers, self.data.data_hash,
+                                    self.spec.seed)
+        path = table_cache.path_for(key, estimator.name)
+        cached = table_cache.load(path)
+        if cached is not None:
+            stages.progress.console.print(f"sensitivity ({estimator.name}): cache hit, {path}")
+            return cached, path, True
+        ctx = EstimatorContext(self.model, self.layers, self.formats, self.cache, self.data.calibration,
+                               self.data.data_hash, self.spec.seed)
+        with stages.stage(f"sensitivity ({estimator.name})", estimator.steps(ctx)) as advance:
+            ctx.progress = advance
+            table = run_estimator(estimator, ctx)
+        table_cache.save(table, path)
+        return table, path, False
+
+
+def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = None) -> dict:
+    """Run the whole job and return the front document (also written to OUT/front.json)."""
+    console = console or Console(stderr=True)
+    out = Path(out) if out is not None else spec.output_dir()
+    _check_output(out)
+    estimator = get_estimator(spec.sensitivity.estimator, **spec.sensitivity.params)
+    solver = get_solver(spec.search.solver, **spec.search.params)
+    budgets: list[tuple[str, int]] = []
+    with Stages(console) as stages:
+        ws = Workspace.open(spec, stages, check=lambda p: budgets.extend(resolve_budgets(p, spec.search.budgets)))
+        model, layers, formats, data, cache, model_hash = ws.model, ws.layers, ws.formats, ws.data, ws.cache, ws.model_hash
+        table, table_path, _ = ws.sensitivity(estimator, stages)
         with stages.stage(f"solve front ({solver.name})"):
             problem = build_problem(model, layers, formats, table)
             front = solver.front(problem)
@@ -188,7 +225,8 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
             },
             "data": {"hash": data.data_hash, "calibration_tokens": data.calibration.numel(),
                      "evaluation_tokens": data.evaluation.numel()},
-            "sensitivity": {"estimator": table.estimator, "params": table.params, "wall_time_s": table.wall_time_s},
+            "sensitivity": {"estimator": table.estimator, "params": table.params, "wall_time_s": table.wall_time_s,
+                            "peak_rss_bytes": table.peak_rss_bytes, "cache_file": str(table_path)},
             "solver": {"name": solver.name, "slack_bytes": getattr(solver, "slack_bytes", 0), "front_size": len(front)},
             "reference": {"bytes": fp_bytes, "mib": round(mib(fp_bytes), 6), "ppl": evaluator.fp.ppl,
                           "tokens": evaluator.fp.tokens},
@@ -198,12 +236,7 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
             "memory": {"quant_cache_bytes": cache.nbytes, "reference_bytes": evaluator.reference_nbytes},
             "timings_s": stages.timings,
         }
-        configio.write(
-            {"schema": "bitalloc.sensitivity/1", "estimator": table.estimator, "params": table.params,
-             "data_hash": table.data_hash, "formats": [f.name for f in formats],
-             "layers": {name: list(row) for name, row in zip(table.layers, table.values.tolist())}},
-            staging / "sensitivity.json",
-        )
+        configio.write(table_cache.table_document(table), staging / "sensitivity.json")
         (staging / "spec.yaml").write_text(configio.dumps(spec.model_dump(mode="json"), ".yaml"))
         configio.write(document, staging / "front.json")
         _publish(staging, out)

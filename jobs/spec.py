@@ -85,7 +85,7 @@ class DataSpec(_Strict):
 
 
 class SensitivitySpec(_Strict):
-    estimator: str = "weight_mse"
+    estimator: str = "sqnr"
     params: dict[str, Any] = {}
 
 

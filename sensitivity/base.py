@@ -1,9 +1,14 @@
-"""The estimator interface and its registry: estimators are chosen by name in the job spec."""
+"""The estimator interface and its registry: estimators are chosen by name in the job spec.
+
+Every estimator fills a table of layer x format -> predicted increase of the job's loss, the
+per-token KL(FP || quantized) (or, for data-free estimators, a unitless proxy of it).
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, ClassVar, Protocol
 
 import torch
 
@@ -11,6 +16,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.evaluate import QuantCache
 from bitalloc.formats import Format
 from bitalloc.model import LoadedModel, QuantizableLayer
+from bitalloc.profiling import PeakRSS
 from bitalloc.types import SensitivityTable
 
 
@@ -27,14 +33,63 @@ class EstimatorContext:
     seed: int
     progress: Callable[[int], None] | None = None
 
+    def advance(self, n: int = 1) -> None:
+        if self.progress:
+            self.progress(n)
+
+    def calibration_tokens(self, max_tokens: int, needed_by: str) -> torch.Tensor:
+        """Whole calibration sequences up to max_tokens (one sequence cut to max_tokens if longer)."""
+        if self.calibration.numel() == 0:
+            raise BitallocError("data.calibration", f"{needed_by!r} needs calibration sequences; set it to 1 or more")
+        seq_len = self.calibration.shape[1]
+        if seq_len >= max_tokens:
+            return self.calibration[:1, :max_tokens]
+        return self.calibration[: max(1, max_tokens // seq_len)]
+
+    def delta(self, layer: QuantizableLayer, fmt: Format) -> torch.Tensor:
+        """Q_f(W) − W in the layer's storage layout."""
+        w = self.model.layer_module(layer.name).weight
+        return self.weights.get(layer.name, fmt).float() - w.detach().float()
+
+    def table(self, estimator: "Estimator", values, uncertainty=None, **params) -> SensitivityTable:
+        return SensitivityTable(
+            layers=tuple(layer.name for layer in self.layers),
+            formats=self.formats,
+            values=values,
+            estimator=estimator.name,
+            params={**estimator.params(), **params},
+            data_hash=self.data_hash if estimator.uses_data else None,
+            uncertainty=uncertainty,
+        )
+
 
 class Estimator(Protocol):
-    name: str
+    name: ClassVar[str]
+    uses_data: bool
+    random: bool
+
+    def params(self) -> dict: ...
+
+    def steps(self, ctx: EstimatorContext) -> int: ...
 
     def estimate(self, ctx: EstimatorContext) -> SensitivityTable: ...
 
 
-ESTIMATORS: dict[str, Callable[..., Estimator]] = {}
+class EstimatorBase:
+    """Parameters are the constructor's arguments, kept as public attributes (they key the table cache)."""
+
+    uses_data = True
+    random = False
+
+    def params(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def steps(self, ctx: EstimatorContext) -> int:
+        """Progress units the estimate reports through ctx.advance()."""
+        return len(ctx.layers)
+
+
+ESTIMATORS: dict[str, type] = {}
 
 
 def register(name: str):
@@ -53,3 +108,13 @@ def get_estimator(name: str, **params) -> Estimator:
         return ESTIMATORS[name](**params)
     except TypeError as exc:
         raise BitallocError("sensitivity.params", f"{name}: {exc}") from None
+
+
+def run_estimator(estimator: Estimator, ctx: EstimatorContext) -> SensitivityTable:
+    """Run an estimator, recording its wall time and peak resident memory in the table."""
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        table = estimator.estimate(ctx)
+        table.wall_time_s = time.perf_counter() - start
+    table.peak_rss_bytes = peak.bytes
+    return table

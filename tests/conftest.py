@@ -10,6 +10,12 @@ import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _table_cache(tmp_path_factory):
+    """Sensitivity tables go to a fresh cache per test session, never the user's."""
+    os.environ["BITALLOC_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
 WORDS = (
     "to be or not to be that is the question whether tis nobler in the mind to suffer the slings and arrows "
     "of outrageous fortune or to take arms against a sea of troubles and by opposing end them"

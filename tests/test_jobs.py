@@ -81,7 +81,7 @@ BAD = [
     ({"search": {"budgets": ["1GiB"]}}, "search.budgets[0]: "),
     ({"search": {"budgets": ["80 apples"]}}, "search.budgets[0]: '80 apples' is not a size"),
     ({"model": {"exclude": ["nope"]}}, "model.exclude[0]: 'nope' matches no quantizable layer"),
-    ({"sensitivity": {"estimator": "oracle"}}, "sensitivity.estimator: 'oracle' is not an estimator; allowed: weight_mse"),
+    ({"sensitivity": {"estimator": "oracle"}}, "sensitivity.estimator: 'oracle' is not an estimator; allowed: fisher, hawq, linearity, measured, sqnr"),
     ({"search": {"solver": "magic"}}, "search.solver: 'magic' is not a solver; allowed: dp"),
     ({"data": {"seq_len": 1}}, "data.seq_len: "),
     ({"colour": "red"}, "colour: unknown key; allowed here: name, seed"),
@@ -165,3 +165,44 @@ def test_layers_command_refuses_bad_bits(tiny_gpt2, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["layers", str(tiny_gpt2), "--bits", "9"])
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: --bits: 9 is not allowed")
+
+
+def test_sensitivity_tables_are_cached_and_identical(tiny_llama, text_dir, tmp_path, capsys):
+    job = _write(tmp_path, tiny_job(tiny_llama, text_dir, tmp_path / "o"))
+    main(["sensitivity", job, "-e", "fisher:side=output", "--out", str(tmp_path / "t1.json")])
+    first = capsys.readouterr()
+    main(["sensitivity", job, "-e", "fisher:side=output", "--out", str(tmp_path / "t2.json")])
+    second = capsys.readouterr()
+    assert "cache hit" not in first.err + first.out and "cache hit" in second.err + second.out
+    assert (tmp_path / "t1.json").read_text() == (tmp_path / "t2.json").read_text()
+    table = json.loads((tmp_path / "t1.json").read_text())
+    assert table["estimator"] == "fisher" and table["params"]["side"] == "output"
+    assert len(table["values"]) == 14 and table["data_hash"].startswith("sha256:")
+
+
+def test_sensitivity_score_ranks_estimators(tiny_llama, text_dir, tmp_path, capsys):
+    job = _write(tmp_path, tiny_job(tiny_llama, text_dir, tmp_path / "o"))
+    main(["sensitivity", "score", job, "-e", "sqnr", "-e", "measured", "--configs", "12", "--min-bits", "3.3",
+          "--max-bits", "8", "--out", str(tmp_path / "score.json")])
+    doc = json.loads((tmp_path / "score.json").read_text())
+    rows = {r["estimator"]: r for r in doc["rows"]}
+    assert set(rows) == {"sqnr", "measured"} and len(doc["configs"]) == 12
+    bits = [c["avg_bits"] for c in doc["configs"]]
+    assert min(bits) < 5 < max(bits)
+    assert rows["measured"]["spearman"] > 0.5
+    assert "Spearman" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["sensitivity", "score"], "error: JOB: "),
+    (["sensitivity", "MODEL", "-e", "oracle"], "error: sensitivity.estimator: 'oracle' is not an estimator"),
+    (["sensitivity", "score", "JOB", "--configs", "1"], "error: --configs: "),
+    (["sensitivity", "score", "JOB", "-e", "fisher:side"], "error: --estimator: "),
+    (["sensitivity", "score", "JOB", "-e", "fisher:side=middle"], "error: sensitivity.params.side: 'middle' is not allowed"),
+])
+def test_sensitivity_refusals(args, expected, tiny_llama, text_dir, tmp_path, capsys):
+    job = _write(tmp_path, tiny_job(tiny_llama, text_dir, tmp_path / "o"))
+    args = [job if a == "JOB" else str(tiny_llama) if a == "MODEL" else a for a in args]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and capsys.readouterr().err.startswith(expected)

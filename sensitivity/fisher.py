@@ -1,0 +1,99 @@
+"""Fisher: the diagonal curvature of the loss from first-order gradients, no second derivatives.
+
+Weight side (default): F = Σₛ gₛ² / N, gₛ the gradient of sequence s's summed next-token loss and
+N the number of predicted tokens (token gradients are roughly independent, so E[gₛ²] ≈ Tₛ·per-token
+Fisher); entry = ½ · Σ F ⊙ (Q_f(W) − W)².
+
+Output side (`side: output`, as NVIDIA ModelOpt's auto_quantize scores): at each layer output y,
+entry = ½ · Σₜ (∂L/∂yₜ)² ⊙ (Q_f(W)·xₜ − W·xₜ)² / N, with the gradient and the inputs of the same
+calibration tokens, accumulated per sequence so no activations are stored for the whole set.
+
+`labels: data` uses the text's next tokens (empirical Fisher); `labels: model` samples them from the
+model's own prediction (the true Fisher, which is the Hessian of KL(FP ‖ Q) at the FP weights).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bitalloc.errors import BitallocError
+
+from .base import EstimatorBase, EstimatorContext, register
+from .gradients import differentiable, lm_loss
+
+
+@register("fisher")
+class Fisher(EstimatorBase):
+    def __init__(self, side: str = "weight", labels: str = "data", max_tokens: int = 2048):
+        if side not in ("weight", "output"):
+            raise BitallocError("sensitivity.params.side", f"{side!r} is not allowed; allowed: weight, output")
+        if labels not in ("data", "model"):
+            raise BitallocError("sensitivity.params.labels", f"{labels!r} is not allowed; allowed: data, model")
+        self.side = side
+        self.labels = labels
+        self.max_tokens = max_tokens
+
+    @property
+    def random(self) -> bool:
+        return self.labels == "model"
+
+    def steps(self, ctx: EstimatorContext) -> int:
+        return len(ctx.calibration_tokens(self.max_tokens, self.name))
+
+    def estimate(self, ctx: EstimatorContext):
+        tokens = ctx.calibration_tokens(self.max_tokens, self.name)
+        gen = torch.Generator().manual_seed(ctx.seed)
+        deltas = {l.name: [ctx.delta(l, f) for f in ctx.formats] for l in ctx.layers}
+        if self.side == "weight":
+            values, count = self._weight_side(ctx, tokens, gen, deltas)
+        else:
+            values, count = self._output_side(ctx, tokens, gen, deltas)
+        return ctx.table(self, 0.5 * values / count, tokens=count)
+
+    def _weight_side(self, ctx, tokens, gen, deltas):
+        count = 0
+        with differentiable(ctx.model, ctx.layers, self.name) as params:
+            fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+            for seq in tokens.split(1):
+                loss, n = lm_loss(ctx.model, seq, self.labels, gen, self.name)
+                for acc, g in zip(fisher, torch.autograd.grad(loss, params)):
+                    acc += g.float().pow(2)
+                count += n
+                ctx.advance()
+        values = np.array([[float((f * d.pow(2)).sum()) for d in deltas[l.name]] for l, f in zip(ctx.layers, fisher)])
+        return values, count
+
+    def _output_side(self, ctx, tokens, gen, deltas):
+        values = np.zeros((len(ctx.layers), len(ctx.formats)))
+        inputs: dict[str, torch.Tensor] = {}
+
+        def forward_hook(i, layer):
+            def fn(_module, args, output):
+                inputs[layer.name] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+
+                def backward(grad):
+                    g2 = grad.detach().reshape(-1, grad.shape[-1]).float().pow(2)
+                    x = inputs.pop(layer.name)
+                    for j, d in enumerate(deltas[layer.name]):
+                        err = x @ (d if layer.transposed else d.t())
+                        values[i, j] += float((g2 * err.pow(2)).sum())
+
+                output.register_hook(backward)
+
+            return fn
+
+        count = 0
+        with differentiable(ctx.model, ctx.layers, self.name):
+            handles = [ctx.model.layer_module(l.name).register_forward_hook(forward_hook(i, l))
+                       for i, l in enumerate(ctx.layers)]
+            try:
+                for seq in tokens.split(1):
+                    loss, n = lm_loss(ctx.model, seq, self.labels, gen, self.name)
+                    loss.backward()
+                    count += n
+                    ctx.advance()
+            finally:
+                for h in handles:
+                    h.remove()
+        return values, count
