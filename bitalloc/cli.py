@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -205,7 +204,6 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         app(args=argv, standalone_mode=False)
     except BitallocError as exc:

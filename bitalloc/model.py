@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,22 @@ def _resolve(source: str) -> tuple[str, dict]:
     return source, {}
 
 
+@contextmanager
+def _quiet_gguf_loader():
+    """transformers' GGUF loader draws a tqdm bar that its progress-bar switch does not reach; hide it for the load."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_model(source: str, *, attn_implementation: str | None = None) -> LoadedModel:
     """Load a causal language model for evaluation (float weights, eval mode, no gradients)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,10 +120,11 @@ def load_model(source: str, *, attn_implementation: str | None = None) -> Loaded
         kwargs["attn_implementation"] = attn_implementation
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "local_files_only")}
     try:
-        module = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "local_files_only")}
-        tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
+        with _quiet_gguf_loader():
+            module = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
     except (OSError, ValueError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BitallocError(

@@ -43,10 +43,13 @@ class SensitivityTable:
 
 @dataclass(frozen=True)
 class Problem:
-    """A multiple-choice knapsack: pick one allowed format per layer, minimise the summed error, within max_bytes.
+    """A multiple-choice knapsack: pick one allowed format per layer, minimise the summed error.
 
-    `fixed_bytes` is everything the solver does not choose (other parameters, buffers, layers left out),
-    so totals are whole-model bytes.
+    Constraints: `max_bytes` (whole model), and optionally `max_bops` (bit operations per token)
+    and `max_latency` (seconds, from a measured per-layer table). `allowed` carries pinned layers
+    and min/max bits; `groups` lists layers that must share one format (q/k/v, gate/up, so that
+    fused kernels stay possible). `fixed_bytes` is everything the solver does not choose (other
+    parameters, buffers, layers left out), so totals are whole-model bytes.
     """
 
     layers: tuple[str, ...]
@@ -57,6 +60,36 @@ class Problem:
     allowed: np.ndarray
     fixed_bytes: int
     max_bytes: int | None = None
+    groups: tuple[tuple[int, ...], ...] = ()
+    bops: np.ndarray | None = None
+    max_bops: int | None = None
+    latency: np.ndarray | None = None
+    max_latency: float | None = None
+
+    def __post_init__(self) -> None:
+        items = self.items()
+        empty = np.flatnonzero(~items.allowed.any(1))
+        if len(empty):
+            names = [self.layers[i] for i in items.members[empty[0]]]
+            raise BitallocError("search.pin", f"no format is allowed for {', '.join(names)} (pins, min/max bits and ties conflict)")
+
+    def items(self) -> "Items":
+        """The units a solver chooses for: each tied group as one item (summed costs, shared allowed set), each other layer alone."""
+        grouped = {i for g in self.groups for i in g}
+        members = [tuple(g) for g in self.groups] + [(i,) for i in range(len(self.layers)) if i not in grouped]
+
+        def merge(table, reduce=np.sum):
+            return None if table is None else np.stack([reduce(table[list(m)], axis=0) for m in members])
+
+        return Items(
+            members=members,
+            cost=merge(self.cost),
+            error=merge(self.error),
+            allowed=merge(self.allowed, np.all),
+            bops=merge(self.bops),
+            latency=merge(self.latency),
+            n_layers=len(self.layers),
+        )
 
     def total_bytes(self, choice: np.ndarray) -> int:
         return int(self.fixed_bytes + self.cost[np.arange(len(self.layers)), choice].sum())
@@ -71,10 +104,23 @@ class Problem:
         return self.fixed_bytes + int(avg_bits * float(self.numel.sum()) / 8.0)
 
     def cheapest(self) -> int:
-        return int(self.fixed_bytes + np.where(self.allowed, self.cost, np.iinfo(np.int64).max).min(1).sum())
+        items = self.items()
+        return int(self.fixed_bytes + np.where(items.allowed, items.cost, np.iinfo(np.int64).max).min(1).sum())
 
     def dearest(self) -> int:
-        return int(self.fixed_bytes + np.where(self.allowed, self.cost, 0).max(1).sum())
+        items = self.items()
+        return int(self.fixed_bytes + np.where(items.allowed, items.cost, 0).max(1).sum())
+
+    def feasible(self, choice: np.ndarray) -> bool:
+        """Allowed formats, shared formats in every group, and every constraint met."""
+        rows = np.arange(len(self.layers))
+        if not self.allowed[rows, choice].all() or any(len(set(choice[list(g)])) > 1 for g in self.groups):
+            return False
+        if self.max_bytes is not None and self.total_bytes(choice) > self.max_bytes:
+            return False
+        if self.max_bops is not None and self.bops[rows, choice].sum() > self.max_bops:
+            return False
+        return self.max_latency is None or self.latency[rows, choice].sum() <= self.max_latency
 
     def config(self, choice) -> "BitConfig":
         choice = np.asarray(choice, dtype=np.int64)
@@ -87,6 +133,29 @@ class Problem:
             avg_bits=self.avg_bits(choice),
             predicted=float(self.error[np.arange(len(self.layers)), choice].sum()),
         )
+
+
+@dataclass(frozen=True)
+class Items:
+    """A problem seen by its solver units: `members[k]` are the layer indices item k sets at once."""
+
+    members: list[tuple[int, ...]]
+    cost: np.ndarray
+    error: np.ndarray
+    allowed: np.ndarray
+    bops: np.ndarray | None
+    latency: np.ndarray | None
+    n_layers: int
+
+    def expand(self, item_choice) -> np.ndarray:
+        """Per-layer format indices from per-item ones."""
+        choice = np.zeros(self.n_layers, dtype=np.int64)
+        for members, f in zip(self.members, item_choice):
+            choice[list(members)] = f
+        return choice
+
+    def contract(self, choice) -> np.ndarray:
+        return np.array([choice[m[0]] for m in self.members], dtype=np.int64)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ whole job has succeeded, so an interrupted or failed job never leaves files that
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.evaluate import Evaluator, QuantCache
 from bitalloc.formats import Format, weight_bytes
 from bitalloc.model import LoadedModel, QuantizableLayer, list_layers, load_model, other_bytes, select_layers
-from bitalloc.search import best_within, get_solver, spread
+from bitalloc.search import constraints, get_solver, spread
 from bitalloc.search.base import check_budget
 from bitalloc.sensitivity import EstimatorContext, get_estimator
 from bitalloc.sensitivity import cache as table_cache
@@ -33,7 +34,7 @@ from bitalloc.sensitivity.base import Estimator, run_estimator
 from bitalloc.types import BitConfig, Measurement, Problem, SensitivityTable
 from bitalloc.units import mib, parse_bytes
 
-from .spec import JobSpec
+from .spec import JobSpec, SearchSpec
 
 
 class Stages:
@@ -67,18 +68,24 @@ class Stages:
 
 
 def build_problem(model: LoadedModel, layers: list[QuantizableLayer], formats: tuple[Format, ...],
-                  table: SensitivityTable | None = None) -> Problem:
-    """The byte-exact cost model of the chosen layers (and the table's errors, when given)."""
+                  table: SensitivityTable | None = None, search: SearchSpec | None = None) -> Problem:
+    """The byte-exact cost model of the chosen layers, the table's errors when given, and the
+    search section's pins, ties, min/max bits and BOPs / latency limits."""
+    search = search or SearchSpec()
     cost = np.array([[weight_bytes(l.out_features, l.in_features, f) for f in formats] for l in layers], dtype=np.int64)
-    error = table.values if table is not None else np.zeros(cost.shape)
     return Problem(
         layers=tuple(l.name for l in layers),
         formats=formats,
         numel=np.array([l.numel for l in layers], dtype=np.int64),
         cost=cost,
-        error=error,
-        allowed=np.ones(cost.shape, dtype=bool),
+        error=table.values if table is not None else np.zeros(cost.shape),
+        allowed=constraints.allowed_mask(layers, formats, search.pin, search.min_bits, search.max_bits),
         fixed_bytes=other_bytes(model, layers),
+        groups=constraints.tie_groups(layers, search.tie),
+        bops=constraints.bops_table(layers, formats) if search.max_bops else None,
+        max_bops=int(search.max_bops) if search.max_bops else None,
+        latency=constraints.latency_table(search.latency_table, layers, formats) if search.latency_table else None,
+        max_latency=search.max_latency,
     )
 
 
@@ -137,7 +144,7 @@ class Workspace:
         with stages.stage("load model"):
             model = load_model(spec.model.source)
             layers = select_layers(list_layers(model), spec.model.include, spec.model.exclude, spec.model.quantize_tied)
-            check(build_problem(model, layers, formats))
+            check(build_problem(model, layers, formats, search=spec.search))
             model_hash = model.content_hash()
         files = text_files(spec.data.source)
         with stages.stage("tokenize text", len(files)):
@@ -178,14 +185,16 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
         model, layers, formats, data, cache, model_hash = ws.model, ws.layers, ws.formats, ws.data, ws.cache, ws.model_hash
         table, table_path, _ = ws.sensitivity(estimator, stages)
         with stages.stage(f"solve front ({solver.name})"):
-            problem = build_problem(model, layers, formats, table)
+            problem = build_problem(model, layers, formats, table, spec.search)
             front = solver.front(problem)
         points: dict[tuple, _Point] = {}
         for label, n_bytes in budgets:
-            points.setdefault(best_within(front, n_bytes).key(), _Point(f"mixed @ {label}", best_within(front, n_bytes)))
+            config = solver.solve(dataclasses.replace(problem, max_bytes=n_bytes))
+            points.setdefault(config.key(), _Point(f"mixed @ {label}", config))
         for k, config in enumerate(spread(front, spec.search.points)):
             points.setdefault(config.key(), _Point(f"mixed #{k + 1}", config))
-        uniform = [_Point(f.name, problem.config(np.full(len(layers), j))) for j, f in enumerate(formats)]
+        unconstrained = dataclasses.replace(problem, allowed=np.ones_like(problem.allowed), groups=())
+        uniform = [_Point(f.name, unconstrained.config(np.full(len(layers), j))) for j, f in enumerate(formats)]
         with stages.stage("FP reference"):
             evaluator = Evaluator(model, cache, data.evaluation, spec.data.batch_size)
         todo = list(points.values()) + uniform

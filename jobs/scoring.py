@@ -95,7 +95,7 @@ def score_estimators(spec: JobSpec, estimators: list[str], n_configs: int, lo_bi
     instances = [(text, get_estimator(name, **params)) for text, name, params in parsed]
     with Stages(console) as stages:
         ws = Workspace.open(spec, stages)
-        base = build_problem(ws.model, ws.layers, ws.formats)
+        base = build_problem(ws.model, ws.layers, ws.formats, search=spec.search)
         choices = random_choices(base, n_configs, lo_bits, hi_bits, spec.seed)
         with stages.stage("FP reference"):
             evaluator = Evaluator(ws.model, ws.cache, ws.data.evaluation, spec.data.batch_size)
@@ -107,7 +107,7 @@ def score_estimators(spec: JobSpec, estimators: list[str], n_configs: int, lo_bi
         rows = []
         for text, est in instances:
             table, _, hit = ws.sensitivity(est, stages)
-            problem = build_problem(ws.model, ws.layers, ws.formats, table)
+            problem = build_problem(ws.model, ws.layers, ws.formats, table, spec.search)
             pred = [problem.config(c).predicted for c in choices]
             fit, fit_scaled = r2(pred, measured)
             rows.append(ScoreRow(text, spearman(pred, measured), fit, fit_scaled, table.wall_time_s,

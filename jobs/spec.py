@@ -6,10 +6,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bitalloc.errors import BitallocError
 from bitalloc.formats import KEEP_BITS, QUANT_BITS, SCALE_DTYPES, Format
@@ -109,6 +109,20 @@ class SearchSpec(_Strict):
     params: dict[str, Any] = {}
     budgets: list[Budget] = []
     points: int = Field(6, ge=0, description="front points measured, spread evenly in bytes")
+    pin: dict[str, Union[int, str, list[Union[int, str]]]] = {}
+    tie: list[str] = []
+    min_bits: Optional[int] = None
+    max_bits: Optional[int] = None
+    max_bops: Optional[float] = Field(None, gt=0)
+    max_latency: Optional[float] = Field(None, gt=0)
+    latency_table: Optional[str] = None
+    evaluations: int = Field(0, ge=0, description="measured candidate evaluations the search may spend")
+
+    @model_validator(mode="after")
+    def _latency(self):
+        if self.max_latency is not None and self.latency_table is None:
+            raise ValueError("max_latency needs latency_table (a file written by `bitalloc latency`)")
+        return self
 
 
 class JobSpec(_Strict):

@@ -1,6 +1,6 @@
 """Solvers: each takes a `Problem` and returns `BitConfig`s (one budget, or the whole proxy front)."""
 
-from . import dp  # noqa: F401  (registers its solver)
+from . import dp, ilp  # noqa: F401  (each registers its solver)
 from .base import SOLVERS, get_solver
 from .pareto import best_within, nondominated, spread
 

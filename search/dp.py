@@ -8,6 +8,8 @@ exact optimum at (budget − slack_bytes), slack_bytes = layers·(u − 1). `sel
 which case the last run was in (0 = exact).
 
 One pass gives the least error for every budget at once, so the whole front costs one solve.
+Tied groups are solved as one item each (summed costs and errors, the formats all members allow).
+Only the byte budget is a DP dimension: BOPs or latency limits need the `ilp` solver.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from functools import reduce
 
 import numpy as np
 
+from bitalloc.errors import BitallocError
 from bitalloc.types import BitConfig, Problem
 
 from .base import check_budget, register
@@ -31,10 +34,13 @@ class DynamicProgramming:
         self.slack_bytes = 0
 
     def _tables(self, problem: Problem):
-        n_layers = len(problem.layers)
+        if problem.max_bops is not None or problem.max_latency is not None:
+            raise BitallocError("search.solver", "'dp' solves the byte budget only; max_bops and max_latency need 'ilp'")
+        items = problem.items()
+        n_layers = len(items.members)
         big = np.iinfo(np.int64).max
-        base = np.where(problem.allowed, problem.cost, big).min(1)
-        extra = np.where(problem.allowed, problem.cost - base[:, None], 0)
+        base = np.where(items.allowed, items.cost, big).min(1)
+        extra = np.where(items.allowed, items.cost - base[:, None], 0)
         positive = [int(x) for x in np.unique(extra) if x > 0]
         unit = reduce(math.gcd, positive, 0) or 1
         limit = max(2, min(self.max_states, self.max_table_bytes // max(n_layers, 1)))
@@ -51,14 +57,14 @@ class DynamicProgramming:
         for i in range(n_layers):
             new = np.full(states, np.inf)
             arg = choice[i]
-            for j in np.flatnonzero(problem.allowed[i]):
+            for j in np.flatnonzero(items.allowed[i]):
                 e = int(units[i, j])
-                cand = best[: states - e] + problem.error[i, j]
+                cand = best[: states - e] + items.error[i, j]
                 better = cand < new[e:]
                 new[e:][better] = cand[better]
                 arg[e:][better] = j
             best = new
-        return int(base.sum()), unit, units, best, choice
+        return items, int(base.sum()), unit, units, best, choice
 
     @staticmethod
     def _backtrack(units: np.ndarray, choice: np.ndarray, states: np.ndarray) -> np.ndarray:
@@ -73,14 +79,14 @@ class DynamicProgramming:
     def solve(self, problem: Problem) -> BitConfig:
         assert problem.max_bytes is not None, "solve() needs problem.max_bytes"
         check_budget(problem, problem.max_bytes)
-        base, unit, units, best, choice = self._tables(problem)
+        items, base, unit, units, best, choice = self._tables(problem)
         cap = min((problem.max_bytes - problem.fixed_bytes - base) // unit, len(best) - 1)
         end = int(np.argmin(best[: cap + 1]))
-        return problem.config(self._backtrack(units, choice, np.array([end]))[0])
+        return problem.config(items.expand(self._backtrack(units, choice, np.array([end]))[0]))
 
     def front(self, problem: Problem) -> list[BitConfig]:
-        base, unit, units, best, choice = self._tables(problem)
+        items, base, unit, units, best, choice = self._tables(problem)
         previous = np.r_[np.inf, np.minimum.accumulate(best)[:-1]]
         improves = np.flatnonzero(best < previous)
         picks = self._backtrack(units, choice, improves)
-        return nondominated([problem.config(p) for p in picks])
+        return nondominated([problem.config(items.expand(p)) for p in picks])

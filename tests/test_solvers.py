@@ -36,13 +36,103 @@ def problems(draw):
 
 
 def brute_force(problem: Problem, max_bytes: int) -> float:
-    options = [np.flatnonzero(row) for row in problem.allowed]
+    """The least error over every feasible config (pins, ties and every constraint honoured)."""
+    bounded = dataclasses.replace(problem, max_bytes=max_bytes)
     best = np.inf
-    for choice in itertools.product(*options):
+    for choice in itertools.product(*[np.flatnonzero(row) for row in problem.allowed]):
         choice = np.array(choice)
-        if problem.total_bytes(choice) <= max_bytes:
+        if bounded.feasible(choice):
             best = min(best, float(problem.error[np.arange(len(choice)), choice].sum()))
     return best
+
+
+@st.composite
+def constrained(draw, second: bool):
+    """Problems with tied groups, pinned layers and, if `second`, a BOPs limit."""
+    base = draw(problems())
+    n = len(base.layers)
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    order = rng.permutation(n)
+    groups, i = [], 0
+    while i < n - 1 and draw(st.booleans()):
+        size = int(rng.integers(2, 4))
+        groups.append(tuple(sorted(int(x) for x in order[i:i + size])))
+        i += size
+    groups = [g for g in groups if len(g) > 1]
+    allowed = base.allowed.copy()
+    for g in groups:
+        shared = np.logical_and.reduce(allowed[list(g)])
+        if not shared.any():
+            allowed[list(g)] = True
+    bops = rng.integers(1, 50, base.cost.shape) if second else None
+    max_bops = int(bops.min(1).sum() + rng.random() * (bops.max(1).sum() - bops.min(1).sum())) if second else None
+    return dataclasses.replace(base, allowed=allowed, groups=tuple(groups), bops=bops, max_bops=max_bops)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problem=constrained(second=True), frac=st.floats(0, 1))
+def test_ilp_equals_brute_force_with_ties_pins_and_a_second_constraint(problem, frac):
+    budget = int(problem.cheapest() + frac * (problem.dearest() - problem.cheapest()))
+    expected = brute_force(problem, budget)
+    solver = get_solver("ilp")
+    if np.isinf(expected):
+        with pytest.raises(BitallocError):
+            solver.solve(dataclasses.replace(problem, max_bytes=budget))
+        return
+    config = solver.solve(dataclasses.replace(problem, max_bytes=budget))
+    choice = np.array([problem.formats.index(f) for f in config.formats])
+    assert dataclasses.replace(problem, max_bytes=budget).feasible(choice)
+    assert config.predicted == pytest.approx(expected, abs=solver.objective_bound + 1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problem=constrained(second=False), frac=st.floats(0, 1))
+def test_dp_equals_brute_force_with_ties_and_pins(problem, frac):
+    budget = int(problem.cheapest() + frac * (problem.dearest() - problem.cheapest()))
+    config = get_solver("dp").solve(dataclasses.replace(problem, max_bytes=budget))
+    choice = np.array([problem.formats.index(f) for f in config.formats])
+    assert dataclasses.replace(problem, max_bytes=budget).feasible(choice)
+    assert config.predicted == pytest.approx(brute_force(problem, budget), abs=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(problem=constrained(second=False))
+def test_ilp_sweep_front_is_non_dominated_and_monotone(problem):
+    front = get_solver("ilp", budgets=16).front(problem)
+    sizes = [c.bytes for c in front]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    assert all(a.predicted > b.predicted for a, b in zip(front, front[1:]))
+    for c in front:
+        assert c.predicted == pytest.approx(brute_force(problem, c.bytes), abs=1e-6)
+
+
+def test_infeasible_ilp_names_the_binding_constraint():
+    problem = Problem(("a", "b"), FORMATS[:2], np.array([8, 8]), np.array([[10, 20], [10, 20]]),
+                      np.array([[1.0, 0.5], [1.0, 0.5]]), np.ones((2, 2), bool), fixed_bytes=0,
+                      bops=np.array([[1, 5], [1, 5]]), max_bops=1)
+    with pytest.raises(BitallocError) as exc:
+        get_solver("ilp").solve(dataclasses.replace(problem, max_bytes=30))
+    assert exc.value.field == "search.max_bops" and "feasible range 2..10" in exc.value.message
+    ok = dataclasses.replace(problem, max_bops=6)
+    with pytest.raises(BitallocError) as exc:
+        get_solver("ilp").solve(dataclasses.replace(ok, max_bytes=15))
+    assert exc.value.field == "search.budgets" and "feasible range 20..40 bytes" in exc.value.message
+
+
+def test_dp_refuses_constraints_it_cannot_hold():
+    problem = Problem(("a",), FORMATS[:2], np.array([8]), np.array([[10, 20]]), np.array([[1.0, 0.5]]),
+                      np.ones((1, 2), bool), 0, bops=np.array([[1, 2]]), max_bops=1)
+    with pytest.raises(BitallocError) as exc:
+        get_solver("dp").front(problem)
+    assert "ilp" in exc.value.message
+
+
+def test_conflicting_pins_and_ties_are_refused():
+    allowed = np.array([[True, False], [False, True]])
+    with pytest.raises(BitallocError) as exc:
+        Problem(("a", "b"), FORMATS[:2], np.array([8, 8]), np.ones((2, 2), np.int64), np.ones((2, 2)), allowed, 0,
+                groups=((0, 1),))
+    assert exc.value.field == "search.pin" and "a, b" in exc.value.message
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,0 +1,108 @@
+"""Job-spec constraints turned into a Problem's parts: pinned layers and min/max bits as the allowed
+mask, tied layers as groups, and the per-option usage tables for BOPs and latency limits."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from bitalloc.errors import BitallocError
+from bitalloc.formats import Format
+from bitalloc.model import QuantizableLayer
+
+PinValue = Union[int, str, list]
+ACTIVATION_BITS = 16
+
+
+def _formats_for(value, formats: tuple[Format, ...], field: str) -> set[int]:
+    """A pin's value: a bit width (every job format with it), a format name such as w4g64a, or a list of them."""
+    values = value if isinstance(value, list) else [value]
+    picked: set[int] = set()
+    for v in values:
+        match = {j for j, f in enumerate(formats) if (f.bits == v if isinstance(v, int) else f.name == v)}
+        if not match:
+            names = ", ".join(f.name for f in formats)
+            raise BitallocError(field, f"{v!r} is none of the job's formats; allowed: a bit width or one of {names}")
+        picked |= match
+    return picked
+
+
+def allowed_mask(layers: list[QuantizableLayer], formats: tuple[Format, ...], pins: dict[str, PinValue],
+                 min_bits: int | None, max_bits: int | None) -> np.ndarray:
+    allowed = np.ones((len(layers), len(formats)), dtype=bool)
+    bits = np.array([f.bits for f in formats])
+    if min_bits is not None:
+        allowed &= bits >= min_bits
+    if max_bits is not None:
+        allowed &= bits <= max_bits
+    if not allowed.any():
+        raise BitallocError("search.min_bits", f"no job format lies within min_bits {min_bits} .. max_bits {max_bits}")
+    for pattern, value in pins.items():
+        field = f"search.pin[{pattern!r}]"
+        rx = _compile(pattern, field)
+        rows = [i for i, layer in enumerate(layers) if rx.search(layer.name)]
+        if not rows:
+            raise BitallocError(field, "matches no quantizable layer; see `bitalloc layers MODEL`")
+        keep = np.zeros(len(formats), dtype=bool)
+        keep[list(_formats_for(value, formats, field))] = True
+        allowed[rows] &= keep
+    return allowed
+
+
+def tie_groups(layers: list[QuantizableLayer], patterns: list[str]) -> tuple[tuple[int, ...], ...]:
+    """Layers that match a pattern are tied to the others matching it under the same parent module,
+    e.g. `self_attn\\.[qkv]_proj` ties q, k and v within each attention block."""
+    groups: list[tuple[int, ...]] = []
+    taken: set[int] = set()
+    for k, pattern in enumerate(patterns):
+        field = f"search.tie[{k}]"
+        rx = _compile(pattern, field)
+        by_parent: dict[str, list[int]] = {}
+        for i, layer in enumerate(layers):
+            if rx.search(layer.name):
+                by_parent.setdefault(layer.name.rsplit(".", 1)[0], []).append(i)
+        if not by_parent:
+            raise BitallocError(field, f"{pattern!r} matches no quantizable layer")
+        for members in by_parent.values():
+            if taken & set(members):
+                raise BitallocError(field, f"{pattern!r} ties a layer that an earlier tie already holds")
+            taken |= set(members)
+            if len(members) > 1:
+                groups.append(tuple(members))
+    return tuple(groups)
+
+
+def bops_table(layers: list[QuantizableLayer], formats: tuple[Format, ...]) -> np.ndarray:
+    """Bit operations per token: multiply-accumulates × weight bits × activation bits (16)."""
+    numel = np.array([layer.numel for layer in layers], dtype=np.int64)
+    return numel[:, None] * np.array([f.bits for f in formats], dtype=np.int64)[None, :] * ACTIVATION_BITS
+
+
+def latency_table(path: str, layers: list[QuantizableLayer], formats: tuple[Format, ...]) -> np.ndarray:
+    """Seconds per (layer, format) from a measured table file (`bitalloc.latency/1`: entries of
+    {out, in, format, seconds})."""
+    field = "search.latency_table"
+    try:
+        doc = json.loads(Path(path).read_text())
+        entries = {(e["out"], e["in"], e["format"]): float(e["seconds"]) for e in doc["entries"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BitallocError(field, f"{path!r} is not a readable bitalloc.latency/1 table") from None
+    table = np.zeros((len(layers), len(formats)))
+    for i, layer in enumerate(layers):
+        for j, fmt in enumerate(formats):
+            key = (layer.out_features, layer.in_features, fmt.name)
+            if key not in entries:
+                raise BitallocError(field, f"{path!r} has no entry for {layer.out_features}x{layer.in_features} at {fmt.name}")
+            table[i, j] = entries[key]
+    return table
+
+
+def _compile(pattern: str, field: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise BitallocError(field, f"{pattern!r} is not a valid regular expression ({exc})") from None
