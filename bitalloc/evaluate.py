@@ -124,3 +124,24 @@ class Evaluator:
         """Measure the model with some layers' weights replaced (e.g. by noisy ones)."""
         with self.applied(tensors):
             return self._measure(self._logprobs(batch) for batch in self.batches)
+
+
+class CandidateEvaluator:
+    """KL of candidate configs on calibration tokens at two fidelities, for solvers that measure:
+    "screen" uses the first `screen_tokens` tokens, "full" all of them. A plain function of
+    (configs, fidelity), so it can be mapped over workers; `counts` says how many it ran."""
+
+    def __init__(self, model: LoadedModel, weights: QuantCache, calibration: torch.Tensor, screen_tokens: int,
+                 batch_size: int = 2):
+        self.model, self.weights, self.batch_size = model, weights, batch_size
+        seq_len = calibration.shape[1]
+        screen = calibration[:1, :screen_tokens] if seq_len >= screen_tokens else calibration[: max(1, screen_tokens // seq_len)]
+        self.tokens = {"screen": screen, "full": calibration}
+        self.evaluators: dict[str, Evaluator] = {}
+        self.counts = {"screen": 0, "full": 0}
+
+    def __call__(self, configs, fidelity: str) -> list[float]:
+        if fidelity not in self.evaluators:
+            self.evaluators[fidelity] = Evaluator(self.model, self.weights, self.tokens[fidelity], self.batch_size)
+        self.counts[fidelity] += len(configs)
+        return [self.evaluators[fidelity].evaluate(c.assignment()).kl for c in configs]

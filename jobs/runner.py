@@ -23,10 +23,10 @@ from bitalloc import __version__
 from bitalloc import configio
 from bitalloc.data import TokenSets, make_token_sets, text_files, tokenize_files
 from bitalloc.errors import BitallocError
-from bitalloc.evaluate import Evaluator, QuantCache
+from bitalloc.evaluate import CandidateEvaluator, Evaluator, QuantCache
 from bitalloc.formats import Format, weight_bytes
 from bitalloc.model import LoadedModel, QuantizableLayer, list_layers, load_model, other_bytes, select_layers
-from bitalloc.search import constraints, get_solver, spread
+from bitalloc.search import SearchContext, best_within, constraints, get_solver, spread
 from bitalloc.search.base import check_budget
 from bitalloc.sensitivity import EstimatorContext, get_estimator
 from bitalloc.sensitivity import cache as table_cache
@@ -184,12 +184,22 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
         ws = Workspace.open(spec, stages, check=lambda p: budgets.extend(resolve_budgets(p, spec.search.budgets)))
         model, layers, formats, data, cache, model_hash = ws.model, ws.layers, ws.formats, ws.data, ws.cache, ws.model_hash
         table, table_path, _ = ws.sensitivity(estimator, stages)
+        problem = build_problem(model, layers, formats, table, spec.search)
+        candidates = None
+        if spec.search.evaluations:
+            if data.calibration.numel() == 0:
+                raise BitallocError("search.evaluations", "measuring candidates needs data.calibration of 1 or more")
+            candidates = CandidateEvaluator(model, cache, data.calibration, spec.search.screen_tokens,
+                                            spec.data.batch_size)
+        ctx = SearchContext(evaluate=candidates, budget=spec.search.evaluations,
+                            anchors=tuple(b for _, b in budgets), seed=spec.seed)
         with stages.stage(f"solve front ({solver.name})"):
-            problem = build_problem(model, layers, formats, table, spec.search)
-            front = solver.front(problem)
+            front = solver.front(problem, ctx)
         points: dict[tuple, _Point] = {}
         for label, n_bytes in budgets:
-            config = solver.solve(dataclasses.replace(problem, max_bytes=n_bytes))
+            config = best_within(front, n_bytes)
+            if config is None:
+                raise BitallocError("search.budgets", f"the {solver.name} front has no config within {label}")
             points.setdefault(config.key(), _Point(f"mixed @ {label}", config))
         for k, config in enumerate(spread(front, spec.search.points)):
             points.setdefault(config.key(), _Point(f"mixed #{k + 1}", config))
@@ -236,7 +246,8 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
                      "evaluation_tokens": data.evaluation.numel()},
             "sensitivity": {"estimator": table.estimator, "params": table.params, "wall_time_s": table.wall_time_s,
                             "peak_rss_bytes": table.peak_rss_bytes, "cache_file": str(table_path)},
-            "solver": {"name": solver.name, "slack_bytes": getattr(solver, "slack_bytes", 0), "front_size": len(front)},
+            "solver": {"name": solver.name, "slack_bytes": getattr(solver, "slack_bytes", 0), "front_size": len(front),
+                       "candidate_evaluations": candidates.counts if candidates else {"screen": 0, "full": 0}},
             "reference": {"bytes": fp_bytes, "mib": round(mib(fp_bytes), 6), "ppl": evaluator.fp.ppl,
                           "tokens": evaluator.fp.tokens},
             "points": rows,

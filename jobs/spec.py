@@ -116,7 +116,8 @@ class SearchSpec(_Strict):
     max_bops: Optional[float] = Field(None, gt=0)
     max_latency: Optional[float] = Field(None, gt=0)
     latency_table: Optional[str] = None
-    evaluations: int = Field(0, ge=0, description="measured candidate evaluations the search may spend")
+    evaluations: int = Field(0, ge=0, description="screening evaluations a measuring solver may spend")
+    screen_tokens: int = Field(512, ge=2, description="calibration tokens per screening evaluation")
 
     @model_validator(mode="after")
     def _latency(self):

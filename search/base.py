@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from bitalloc.errors import BitallocError
 from bitalloc.types import BitConfig, Problem
+
+Evaluate = Callable[[list[BitConfig], str], list[float]]
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What a solver may use beyond the Problem.
+
+    `evaluate(configs, fidelity)` measures KL on calibration tokens ("screen": a few tokens, "full":
+    all of them); it is None when the job allows no evaluations. `budget` is how many screening
+    evaluations a measuring solver may spend. `anchors` are the byte budgets the job asks for: every
+    solver's front includes its best config at each of them.
+    """
+
+    evaluate: Evaluate | None = None
+    budget: int = 0
+    anchors: tuple[int, ...] = ()
+    seed: int = 0
 
 
 class Solver(Protocol):
@@ -14,8 +33,8 @@ class Solver(Protocol):
     def solve(self, problem: Problem) -> BitConfig:
         """The least predicted error within problem.max_bytes."""
 
-    def front(self, problem: Problem) -> list[BitConfig]:
-        """Every non-dominated (bytes, predicted) config from the cheapest to the dearest."""
+    def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
+        """Non-dominated configs from the cheapest to the dearest, including ctx.anchors."""
 
 
 SOLVERS: dict[str, Callable[..., Solver]] = {}
@@ -47,3 +66,8 @@ def check_budget(problem: Problem, max_bytes: int, field: str = "search.budgets"
             f"{max_bytes} bytes ({problem.avg_bits_of_bytes(max_bytes):.3f} avg bits) is outside the feasible range "
             f"{lo}..{hi} bytes ({problem.avg_bits_of_bytes(lo):.3f}..{problem.avg_bits_of_bytes(hi):.3f} avg bits)",
         )
+
+
+def exact_solver_for(problem: Problem) -> Solver:
+    """The DP when bytes are the only limit (exact at every budget in one pass), else the ILP."""
+    return get_solver("dp" if problem.max_bops is None and problem.max_latency is None else "ilp")

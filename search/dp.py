@@ -22,7 +22,7 @@ import numpy as np
 from bitalloc.errors import BitallocError
 from bitalloc.types import BitConfig, Problem
 
-from .base import check_budget, register
+from .base import SearchContext, check_budget, register
 from .pareto import nondominated
 
 
@@ -84,7 +84,8 @@ class DynamicProgramming:
         end = int(np.argmin(best[: cap + 1]))
         return problem.config(items.expand(self._backtrack(units, choice, np.array([end]))[0]))
 
-    def front(self, problem: Problem) -> list[BitConfig]:
+    def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
+        """Exact at every budget, the anchors included."""
         items, base, unit, units, best, choice = self._tables(problem)
         previous = np.r_[np.inf, np.minimum.accumulate(best)[:-1]]
         improves = np.flatnonzero(best < previous)

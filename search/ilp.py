@@ -15,6 +15,7 @@ others, and the least value it could take.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,7 +24,7 @@ from ortools.sat.python import cp_model
 from bitalloc.errors import BitallocError
 from bitalloc.types import BitConfig, Items, Problem
 
-from .base import register
+from .base import SearchContext, register
 from .pareto import nondominated
 
 _FIELDS = {"bytes": "search.budgets", "bops": "search.max_bops", "latency": "search.max_latency"}
@@ -124,14 +125,13 @@ class ILP:
             return f"{limit / 1e9:.6g} s is below the least reachable; feasible range {least / 1e9:.6g}..{most / 1e9:.6g} s"
         return f"{limit} is below the least reachable under the other constraints; feasible range {least}..{most}"
 
-    def front(self, problem: Problem) -> list[BitConfig]:
-        """Optimal configs at `budgets` byte budgets evenly spaced from the cheapest to the dearest, each
-        solve warm-started from the previous answer; non-dominated ones kept."""
-        import dataclasses
-
+    def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
+        """Optimal configs at `budgets` byte budgets evenly spaced from the cheapest to the dearest and at
+        the anchors, each solve warm-started from the previous answer; non-dominated ones kept."""
         lo, hi = problem.cheapest(), problem.dearest()
+        anchors = list(ctx.anchors) if ctx else []
         configs, hint = [], None
-        for budget in np.unique(np.linspace(lo, hi, self.budgets).astype(np.int64)):
+        for budget in np.unique(np.r_[np.linspace(lo, hi, self.budgets).astype(np.int64), anchors]):
             try:
                 hint = self.solve(dataclasses.replace(problem, max_bytes=int(budget)), hint)
             except BitallocError:

@@ -82,7 +82,7 @@ BAD = [
     ({"search": {"budgets": ["80 apples"]}}, "search.budgets[0]: '80 apples' is not a size"),
     ({"model": {"exclude": ["nope"]}}, "model.exclude[0]: 'nope' matches no quantizable layer"),
     ({"sensitivity": {"estimator": "oracle"}}, "sensitivity.estimator: 'oracle' is not an estimator; allowed: fisher, hawq, linearity, measured, sqnr"),
-    ({"search": {"solver": "magic"}}, "search.solver: 'magic' is not a solver; allowed: dp"),
+    ({"search": {"solver": "magic"}}, "search.solver: 'magic' is not a solver; allowed: auto, dp, evolutionary, ilp, optuna"),
     ({"data": {"seq_len": 1}}, "data.seq_len: "),
     ({"colour": "red"}, "colour: unknown key; allowed here: name, seed"),
     ({"data": {"sorce": "x"}}, "data.sorce: unknown key; allowed here: source, seq_len"),

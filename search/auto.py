@@ -1,0 +1,23 @@
+"""`auto`: the exact proxy front (dp, or ilp when BOPs/latency limits are set); when the job allows
+evaluations, the evolutionary search refines it on measured quality."""
+
+from __future__ import annotations
+
+from bitalloc.types import BitConfig, Problem
+
+from .base import SearchContext, exact_solver_for, register
+from .evolutionary import Evolutionary
+
+
+@register("auto")
+class Auto:
+    def __init__(self, **evolutionary):
+        self.refiner = Evolutionary(**evolutionary)
+
+    def solve(self, problem: Problem) -> BitConfig:
+        return exact_solver_for(problem).solve(problem)
+
+    def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
+        if ctx is not None and ctx.evaluate is not None and ctx.budget > 0:
+            return self.refiner.front(problem, ctx)
+        return exact_solver_for(problem).front(problem, ctx)

@@ -1,0 +1,176 @@
+"""Evolutionary multi-objective search (pymoo NSGA-II) on measured quality.
+
+Objectives: whole-model bytes and measured KL(FP ‖ Q) on calibration tokens — never the held-out
+tokens the front is reported on. Genes: one level per item (tied groups move together), a level
+being the rank of an allowed format by cost, so every gene value is allowed.
+
+- Initial population: the exact solver's proxy configs at the job's budgets (anchors) and spread
+  over the byte range, topped up with budget-preserving mutants of them.
+- Variation: uniform crossover, then a mutation that keeps bytes exact by switching levels between
+  items of equal size (one up, one down, min(randint(1,3), randint(1,3)) switches, as EvoPress), or
+  with probability `p_shift` moves one item one level to explore along the bytes axis.
+- Fidelity is staged: every candidate is screened on a few calibration tokens; the final population's
+  non-dominated configs (and the anchors) are measured on all calibration tokens, and the front is
+  taken on those full-fidelity values. `full_evaluations` counts them.
+- Every evaluation is cached by (config, fidelity); the evaluation itself is the context's plain
+  function of (configs, fidelity), so it can fan out over workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from pymoo.algorithms.moo.nsga2 import NSGA2
+from pymoo.core.mutation import Mutation
+from pymoo.core.problem import Problem as PymooProblem
+from pymoo.core.sampling import Sampling
+from pymoo.operators.crossover.ux import UniformCrossover
+from pymoo.optimize import minimize
+
+from bitalloc.errors import BitallocError
+from bitalloc.types import BitConfig, Problem
+
+from .base import SearchContext, exact_solver_for, register
+from .pareto import nondominated, spread
+
+
+class _Genome:
+    """Level vectors <-> configs for one problem."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self.items = problem.items()
+        self.levels = [np.flatnonzero(row)[np.argsort(self.items.cost[i, np.flatnonzero(row)], kind="stable")]
+                       for i, row in enumerate(self.items.allowed)]
+        self.top = np.array([len(lv) - 1 for lv in self.levels])
+        _, self.size_class = np.unique(self.items.cost, axis=0, return_inverse=True)
+
+    def config(self, genes: np.ndarray) -> BitConfig:
+        return self.problem.config(self.items.expand([lv[g] for lv, g in zip(self.levels, genes)]))
+
+    def genes(self, config: BitConfig) -> np.ndarray:
+        choice = self.items.contract([self.problem.formats.index(f) for f in config.formats])
+        return np.array([int(np.flatnonzero(lv == f)[0]) for lv, f in zip(self.levels, choice)])
+
+    def mutate(self, genes: np.ndarray, rng: np.random.Generator, p_shift: float) -> np.ndarray:
+        x = genes.copy()
+        if rng.random() < p_shift:
+            i = rng.integers(len(x))
+            x[i] = np.clip(x[i] + rng.choice([-1, 1]), 0, self.top[i])
+            return x
+        for _ in range(min(rng.integers(1, 4), rng.integers(1, 4))):
+            up = np.flatnonzero(x < self.top)
+            if not len(up):
+                break
+            i = rng.choice(up)
+            down = np.flatnonzero((self.size_class == self.size_class[i]) & (x > 0) & (np.arange(len(x)) != i))
+            if not len(down):
+                continue
+            j = rng.choice(down)
+            x[i] += 1
+            x[j] -= 1
+        return x
+
+
+@register("evolutionary")
+class Evolutionary:
+    measures = True
+
+    def __init__(self, population: int = 16, offspring: int = 8, validate: int = 16, p_shift: float = 0.3,
+                 focus: list[float] | None = None):
+        self.population = population
+        self.offspring = offspring
+        self.validate = validate
+        self.p_shift = p_shift
+        self.focus = focus
+        self.full_evaluations = 0
+        self.screen_evaluations = 0
+
+    def solve(self, problem: Problem, ctx: SearchContext | None = None) -> BitConfig:
+        fitting = [c for c in self.front(problem, ctx) if c.bytes <= problem.max_bytes]
+        if not fitting:
+            raise BitallocError("search.budgets", f"no measured config fits {problem.max_bytes} bytes")
+        return fitting[-1]
+
+    def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
+        if ctx is None or ctx.evaluate is None or ctx.budget < self.population:
+            raise BitallocError("search.evaluations", f"'evolutionary' measures candidates; set it to at least the "
+                                                      f"population ({self.population})")
+        genome = _Genome(problem)
+        exact = exact_solver_for(problem)
+        lo, hi = problem.cheapest(), problem.dearest() if problem.max_bytes is None else problem.max_bytes
+        if self.focus:
+            lo, hi = max(lo, problem.bytes_at_avg_bits(self.focus[0])), min(hi, problem.bytes_at_avg_bits(self.focus[1]))
+        anchors = [exact.solve(dataclasses.replace(problem, max_bytes=b)) for b in ctx.anchors if lo <= b <= hi]
+        proxy = [c for c in exact.front(problem) if lo <= c.bytes <= hi]
+        seeds = list({c.key(): c for c in anchors + spread(proxy, self.population - len(anchors))}.values())
+        cache: dict[tuple, float] = {}
+
+        def measure(configs: list[BitConfig], fidelity: str) -> list[float]:
+            todo = [c for c in {c.key(): c for c in configs}.values() if (c.key(), fidelity) not in cache]
+            for c, kl in zip(todo, ctx.evaluate(todo, fidelity) if todo else []):
+                cache[(c.key(), fidelity)] = kl
+            if fidelity == "full":
+                self.full_evaluations += len(todo)
+            else:
+                self.screen_evaluations += len(todo)
+            return [cache[(c.key(), fidelity)] for c in configs]
+
+        search = _Search(genome, measure, lo, hi)
+        algorithm = NSGA2(
+            pop_size=self.population,
+            n_offsprings=self.offspring,
+            sampling=_Seeded(genome, [genome.genes(c) for c in seeds], self.p_shift),
+            crossover=UniformCrossover(),
+            mutation=_KeepBytes(genome, self.p_shift),
+            eliminate_duplicates=True,
+        )
+        generations = 1 + (ctx.budget - self.population) // self.offspring
+        result = minimize(search, algorithm, ("n_gen", generations), seed=ctx.seed, verbose=False)
+        finals = [genome.config(x) for x in np.atleast_2d(result.pop.get("X")).astype(int)]
+        finals = [c for c in finals if (c.key(), "screen") in cache]
+        screened = nondominated(finals, loss=lambda c: cache[(c.key(), "screen")])
+        candidates = list({c.key(): c for c in anchors + spread(screened, self.validate)}.values())
+        full = dict(zip([c.key() for c in candidates], measure(candidates, "full")))
+        return nondominated(candidates, loss=lambda c: full[c.key()])
+
+
+class _Search(PymooProblem):
+    def __init__(self, genome: _Genome, measure, lo: int, hi: int):
+        super().__init__(n_var=len(genome.levels), n_obj=2, n_ieq_constr=2, xl=0, xu=genome.top, vtype=int)
+        self.genome, self.measure, self.lo, self.hi = genome, measure, lo, hi
+
+    def _evaluate(self, X, out, *args, **kwargs):
+        configs = [self.genome.config(x) for x in np.atleast_2d(X).astype(int)]
+        feasible = [c for c in configs if self._fits(c)]
+        kl = dict(zip([c.key() for c in feasible], self.measure(feasible, "screen")))
+        sizes = np.array([c.bytes for c in configs], dtype=float)
+        out["F"] = np.column_stack([sizes, [kl.get(c.key(), np.inf) for c in configs]])
+        out["G"] = np.column_stack([sizes - self.hi, self.lo - sizes])
+
+    def _fits(self, c: BitConfig) -> bool:
+        p = self.genome.problem
+        choice = np.array([p.formats.index(f) for f in c.formats])
+        return self.lo <= c.bytes <= self.hi and dataclasses.replace(p, max_bytes=None).feasible(choice)
+
+
+class _Seeded(Sampling):
+    def __init__(self, genome: _Genome, seeds: list[np.ndarray], p_shift: float):
+        super().__init__()
+        self.genome, self.seeds, self.p_shift = genome, seeds, p_shift
+
+    def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
+        rows = [s for s in self.seeds[:n_samples]]
+        while len(rows) < n_samples:
+            rows.append(self.genome.mutate(self.seeds[len(rows) % len(self.seeds)], random_state, 0.0))
+        return np.array(rows)
+
+
+class _KeepBytes(Mutation):
+    def __init__(self, genome: _Genome, p_shift: float):
+        super().__init__(prob=1.0)
+        self.genome, self.p_shift = genome, p_shift
+
+    def _do(self, problem, X, *args, random_state=None, **kwargs):
+        return np.array([self.genome.mutate(x.astype(int), random_state, self.p_shift) for x in X])

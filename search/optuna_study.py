@@ -1,0 +1,96 @@
+"""A multi-objective Optuna study over per-item format levels: objectives bytes and screened KL.
+
+The study lives in RDB storage (a sqlite file by default) under a name derived from the problem,
+so a stopped search started again with the same problem continues from its last finished trial;
+`budget` counts the study's trials in total, not per run. The sampler is NSGA-II, seeded by the
+job's seed, and the first trials are the exact solver's configs at the anchors and spread over the
+front. Finally the study's Pareto set (and the anchors) are measured at full fidelity, as in the
+evolutionary search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from bitalloc.errors import BitallocError
+from bitalloc.types import BitConfig, Problem
+
+from .base import SearchContext, exact_solver_for, register
+from .evolutionary import _Genome
+from .pareto import nondominated, spread
+
+
+def problem_key(problem: Problem) -> str:
+    h = hashlib.sha256()
+    for part in (problem.layers, [f.name for f in problem.formats], problem.groups):
+        h.update(repr(part).encode())
+    for array in (problem.cost, problem.error, problem.allowed):
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()[:16]
+
+
+@register("optuna")
+class OptunaStudy:
+    measures = True
+
+    def __init__(self, storage: str = "sqlite:///bitalloc-optuna.db", study_name: str | None = None,
+                 seeds: int = 8, validate: int = 16):
+        self.storage = storage
+        self.study_name = study_name
+        self.seeds = seeds
+        self.validate = validate
+        self.full_evaluations = 0
+
+    def solve(self, problem: Problem, ctx: SearchContext | None = None) -> BitConfig:
+        fitting = [c for c in self.front(problem, ctx) if c.bytes <= problem.max_bytes]
+        if not fitting:
+            raise BitallocError("search.budgets", f"no measured config fits {problem.max_bytes} bytes")
+        return fitting[-1]
+
+    def study(self, problem: Problem, seed: int):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return optuna.create_study(
+            directions=["minimize", "minimize"],
+            storage=self.storage,
+            study_name=self.study_name or f"bitalloc-{problem_key(problem)}",
+            load_if_exists=True,
+            sampler=optuna.samplers.NSGAIISampler(seed=seed),
+        )
+
+    def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
+        import dataclasses
+
+        import optuna
+
+        if ctx is None or ctx.evaluate is None or ctx.budget < 1:
+            raise BitallocError("search.evaluations", "'optuna' measures candidates; set it to 1 or more")
+        genome = _Genome(problem)
+        exact = exact_solver_for(problem)
+        limit = problem.dearest() if problem.max_bytes is None else problem.max_bytes
+        anchors = [exact.solve(dataclasses.replace(problem, max_bytes=b)) for b in ctx.anchors if b <= limit]
+        study = self.study(problem, ctx.seed)
+        if not study.trials:
+            proxy = [c for c in exact.front(problem) if c.bytes <= limit]
+            for config in list({c.key(): c for c in anchors + spread(proxy, self.seeds)}.values()):
+                study.enqueue_trial({f"l{i}": int(g) for i, g in enumerate(genome.genes(config))})
+        def objective(trial):
+            genes = np.array([trial.suggest_int(f"l{i}", 0, int(top)) for i, top in enumerate(genome.top)])
+            config = genome.config(genes)
+            choice = np.array([problem.formats.index(f) for f in config.formats])
+            if not problem.feasible(choice):
+                raise optuna.TrialPruned()
+            return config.bytes, ctx.evaluate([config], "screen")[0]
+
+        done = sum(t.state.is_finished() for t in study.trials)
+        if ctx.budget > done:
+            study.optimize(objective, n_trials=ctx.budget - done)
+        best = [genome.config(np.array([t.params[f"l{i}"] for i in range(len(genome.top))])) for t in study.best_trials]
+        pareto = sorted({c.key(): c for c in best}.values(), key=lambda c: c.bytes)
+        candidates = list({c.key(): c for c in anchors + spread(pareto, self.validate)}.values())
+        full = dict(zip([c.key() for c in candidates], ctx.evaluate(candidates, "full")))
+        self.full_evaluations = len(candidates)
+        return nondominated(candidates, loss=lambda c: full[c.key()])
