@@ -32,12 +32,15 @@ class QuantCache:
         layers: list[QuantizableLayer],
         formats: Iterable[Format],
         progress: Callable[[int], None] | None = None,
+        store: dict[tuple[str, Format], torch.Tensor] | None = None,
     ):
+        """Quantize every (layer, format), or adopt `store` when given (a worker receiving the driver's cache)."""
         self.model = model
         self.layers = {layer.name: layer for layer in layers}
         self.formats = tuple(formats)
-        self._store: dict[tuple[str, Format], torch.Tensor] = {}
-        for layer in layers:
+        self._by_name = {f.name: f for f in self.formats}
+        self._store: dict[tuple[str, Format], torch.Tensor] = store if store is not None else {}
+        for layer in layers if store is None else []:
             w = model.weight(layer)
             for fmt in self.formats:
                 q = fake_quantize(w, fmt)
@@ -47,6 +50,10 @@ class QuantCache:
 
     def get(self, layer: str, fmt: Format) -> torch.Tensor:
         return self._store[(layer, fmt)]
+
+    def get_named(self, layer: str, format_name: str) -> torch.Tensor:
+        """The same, by format name (as tasks carry it)."""
+        return self._store[(layer, self._by_name[format_name])]
 
     @property
     def nbytes(self) -> int:
@@ -125,23 +132,3 @@ class Evaluator:
         with self.applied(tensors):
             return self._measure(self._logprobs(batch) for batch in self.batches)
 
-
-class CandidateEvaluator:
-    """KL of candidate configs on calibration tokens at two fidelities, for solvers that measure:
-    "screen" uses the first `screen_tokens` tokens, "full" all of them. A plain function of
-    (configs, fidelity), so it can be mapped over workers; `counts` says how many it ran."""
-
-    def __init__(self, model: LoadedModel, weights: QuantCache, calibration: torch.Tensor, screen_tokens: int,
-                 batch_size: int = 2):
-        self.model, self.weights, self.batch_size = model, weights, batch_size
-        seq_len = calibration.shape[1]
-        screen = calibration[:1, :screen_tokens] if seq_len >= screen_tokens else calibration[: max(1, screen_tokens // seq_len)]
-        self.tokens = {"screen": screen, "full": calibration}
-        self.evaluators: dict[str, Evaluator] = {}
-        self.counts = {"screen": 0, "full": 0}
-
-    def __call__(self, configs, fidelity: str) -> list[float]:
-        if fidelity not in self.evaluators:
-            self.evaluators[fidelity] = Evaluator(self.model, self.weights, self.tokens[fidelity], self.batch_size)
-        self.counts[fidelity] += len(configs)
-        return [self.evaluators[fidelity].evaluate(c.assignment()).kl for c in configs]

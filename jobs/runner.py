@@ -23,7 +23,8 @@ from bitalloc import __version__
 from bitalloc import configio
 from bitalloc.data import TokenSets, make_token_sets, text_files, tokenize_files
 from bitalloc.errors import BitallocError
-from bitalloc.evaluate import CandidateEvaluator, Evaluator, QuantCache
+from bitalloc.evaluate import QuantCache
+from bitalloc.tasks import Backend, CandidateEvaluator, EvalTask, LocalRunner
 from bitalloc.formats import Format, weight_bytes
 from bitalloc.model import LoadedModel, QuantizableLayer, list_layers, load_model, other_bytes, select_layers
 from bitalloc.search import SearchContext, best_within, constraints, get_solver, spread
@@ -154,7 +155,12 @@ class Workspace:
             cache = QuantCache(model, layers, formats, progress=advance)
         return cls(spec, model, layers, formats, model_hash, data, cache)
 
-    def sensitivity(self, estimator: Estimator, stages: Stages) -> tuple[SensitivityTable, Path, bool]:
+    def local_runner(self) -> LocalRunner:
+        return LocalRunner(self.model, self.cache, {"calibration": self.data.calibration,
+                                                    "evaluation": self.data.evaluation}, self.spec.data.batch_size)
+
+    def sensitivity(self, estimator: Estimator, stages: Stages, backend: Backend | None = None
+                    ) -> tuple[SensitivityTable, Path, bool]:
         """The estimator's table from the file cache, or computed and stored; returns (table, path, cache hit)."""
         key = table_cache.table_key(estimator, self.model_hash, self.formats, self.layers, self.data.data_hash,
                                     self.spec.seed)
@@ -164,7 +170,7 @@ class Workspace:
             stages.progress.console.print(f"sensitivity ({estimator.name}): cache hit, {path}")
             return cached, path, True
         ctx = EstimatorContext(self.model, self.layers, self.formats, self.cache, self.data.calibration,
-                               self.data.data_hash, self.spec.seed)
+                               self.data.data_hash, self.spec.seed, backend or self.local_runner())
         with stages.stage(f"sensitivity ({estimator.name})", estimator.steps(ctx)) as advance:
             ctx.progress = advance
             table = run_estimator(estimator, ctx)
@@ -183,14 +189,14 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
     with Stages(console) as stages:
         ws = Workspace.open(spec, stages, check=lambda p: budgets.extend(resolve_budgets(p, spec.search.budgets)))
         model, layers, formats, data, cache, model_hash = ws.model, ws.layers, ws.formats, ws.data, ws.cache, ws.model_hash
-        table, table_path, _ = ws.sensitivity(estimator, stages)
+        backend = ws.local_runner()
+        table, table_path, _ = ws.sensitivity(estimator, stages, backend)
         problem = build_problem(model, layers, formats, table, spec.search)
         candidates = None
         if spec.search.evaluations:
             if data.calibration.numel() == 0:
                 raise BitallocError("search.evaluations", "measuring candidates needs data.calibration of 1 or more")
-            candidates = CandidateEvaluator(model, cache, data.calibration, spec.search.screen_tokens,
-                                            spec.data.batch_size)
+            candidates = CandidateEvaluator(backend, spec.search.screen_tokens)
         ctx = SearchContext(evaluate=candidates, budget=spec.search.evaluations,
                             anchors=tuple(b for _, b in budgets), seed=spec.seed)
         with stages.stage(f"solve front ({solver.name})"):
@@ -205,13 +211,13 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
             points.setdefault(config.key(), _Point(f"mixed #{k + 1}", config))
         unconstrained = dataclasses.replace(problem, allowed=np.ones_like(problem.allowed), groups=())
         uniform = [_Point(f.name, unconstrained.config(np.full(len(layers), j))) for j, f in enumerate(formats)]
-        with stages.stage("FP reference"):
-            evaluator = Evaluator(model, cache, data.evaluation, spec.data.batch_size)
         todo = list(points.values()) + uniform
-        with stages.stage("measure configs", len(todo)) as advance:
-            for point in todo:
-                point.measurement = evaluator.evaluate(point.config.assignment())
-                advance()
+        with stages.stage("measure configs", len(todo) + 1) as advance:
+            reference = backend.map([EvalTask("evaluation")])[0]
+            advance()
+            results = backend.map([EvalTask.config(p.config.assignment(), "evaluation") for p in todo], advance)
+            for point, measurement in zip(todo, results):
+                point.measurement = measurement
 
     fp_bytes = problem.fixed_bytes + sum(
         l.numel * model.layer_module(l.name).weight.element_size() for l in layers
@@ -248,12 +254,12 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
                             "peak_rss_bytes": table.peak_rss_bytes, "cache_file": str(table_path)},
             "solver": {"name": solver.name, "slack_bytes": getattr(solver, "slack_bytes", 0), "front_size": len(front),
                        "candidate_evaluations": candidates.counts if candidates else {"screen": 0, "full": 0}},
-            "reference": {"bytes": fp_bytes, "mib": round(mib(fp_bytes), 6), "ppl": evaluator.fp.ppl,
-                          "tokens": evaluator.fp.tokens},
+            "reference": {"bytes": fp_bytes, "mib": round(mib(fp_bytes), 6), "ppl": reference.ppl,
+                          "tokens": reference.tokens},
             "points": rows,
             "uniform": uniform_rows,
             "proxy_front": {"bytes": [c.bytes for c in front], "predicted": [c.predicted for c in front]},
-            "memory": {"quant_cache_bytes": cache.nbytes, "reference_bytes": evaluator.reference_nbytes},
+            "memory": {"quant_cache_bytes": cache.nbytes, "reference_bytes": _reference_bytes(data.evaluation, model)},
             "timings_s": stages.timings,
         }
         configio.write(table_cache.table_document(table), staging / "sensitivity.json")
@@ -263,6 +269,12 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return document
+
+
+def _reference_bytes(tokens: torch.Tensor, model: LoadedModel) -> int:
+    """What an evaluator's FP reference holds: float32 log-probabilities over the vocabulary per token."""
+    vocab = model.module.get_output_embeddings().out_features if hasattr(model.module, "get_output_embeddings") else 0
+    return tokens.numel() * vocab * 4
 
 
 def _check_output(out: Path) -> None:

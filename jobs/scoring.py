@@ -12,7 +12,7 @@ import yaml
 from rich.console import Console
 
 from bitalloc.errors import BitallocError
-from bitalloc.evaluate import Evaluator
+from bitalloc.tasks import EvalTask
 from bitalloc.sensitivity import get_estimator
 from bitalloc.types import Problem
 
@@ -97,16 +97,13 @@ def score_estimators(spec: JobSpec, estimators: list[str], n_configs: int, lo_bi
         ws = Workspace.open(spec, stages)
         base = build_problem(ws.model, ws.layers, ws.formats, search=spec.search)
         choices = random_choices(base, n_configs, lo_bits, hi_bits, spec.seed)
-        with stages.stage("FP reference"):
-            evaluator = Evaluator(ws.model, ws.cache, ws.data.evaluation, spec.data.batch_size)
-        measured = []
+        backend = ws.local_runner()
         with stages.stage(f"measure {n_configs} random configs", n_configs) as advance:
-            for choice in choices:
-                measured.append(evaluator.evaluate(base.config(choice).assignment()).kl)
-                advance()
+            tasks = [EvalTask.config(base.config(c).assignment(), "evaluation") for c in choices]
+            measured = [m.kl for m in backend.map(tasks, advance)]
         rows = []
         for text, est in instances:
-            table, _, hit = ws.sensitivity(est, stages)
+            table, _, hit = ws.sensitivity(est, stages, backend)
             problem = build_problem(ws.model, ws.layers, ws.formats, table, spec.search)
             pred = [problem.config(c).predicted for c in choices]
             fit, fit_scaled = r2(pred, measured)

@@ -17,6 +17,7 @@ from bitalloc.evaluate import QuantCache
 from bitalloc.formats import Format
 from bitalloc.model import LoadedModel, QuantizableLayer
 from bitalloc.profiling import PeakRSS
+from bitalloc.tasks import Backend, LocalRunner, token_subset
 from bitalloc.types import SensitivityTable
 
 
@@ -31,7 +32,12 @@ class EstimatorContext:
     calibration: torch.Tensor
     data_hash: str
     seed: int
+    backend: Backend | None = None
     progress: Callable[[int], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = LocalRunner(self.model, self.weights, {"calibration": self.calibration})
 
     def advance(self, n: int = 1) -> None:
         if self.progress:
@@ -41,10 +47,7 @@ class EstimatorContext:
         """Whole calibration sequences up to max_tokens (one sequence cut to max_tokens if longer)."""
         if self.calibration.numel() == 0:
             raise BitallocError("data.calibration", f"{needed_by!r} needs calibration sequences; set it to 1 or more")
-        seq_len = self.calibration.shape[1]
-        if seq_len >= max_tokens:
-            return self.calibration[:1, :max_tokens]
-        return self.calibration[: max(1, max_tokens // seq_len)]
+        return token_subset(self.calibration, max_tokens)
 
     def delta(self, layer: QuantizableLayer, fmt: Format) -> torch.Tensor:
         """Q_f(W) − W in the layer's storage layout."""

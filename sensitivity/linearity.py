@@ -19,9 +19,7 @@ on the order of measurement.
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-from bitalloc.evaluate import Evaluator
+from bitalloc.tasks import EvalTask
 
 from .base import EstimatorBase, EstimatorContext, register
 
@@ -40,13 +38,12 @@ def fit_through_origin(t: np.ndarray, y: np.ndarray) -> tuple[float, float, floa
 class Linearity(EstimatorBase):
     random = True
 
-    def __init__(self, levels: int = 2, max_tokens: int = 256, batch_size: int = 2):
+    def __init__(self, levels: int = 2, max_tokens: int = 256):
         self.levels = levels
         self.max_tokens = max_tokens
-        self.batch_size = batch_size
 
     def steps(self, ctx: EstimatorContext) -> int:
-        return len(ctx.layers)
+        return len(ctx.layers) * len(self.level_indices(np.zeros(len(ctx.formats))))
 
     def level_indices(self, rel_mse: np.ndarray) -> list[int]:
         """Formats whose relative MSE sets the noise levels: evenly spaced, the coarsest skipped."""
@@ -56,24 +53,25 @@ class Linearity(EstimatorBase):
         return [int(usable[i]) for i in dict.fromkeys(picks)]
 
     def estimate(self, ctx: EstimatorContext):
-        evaluator = Evaluator(ctx.model, ctx.weights, ctx.calibration_tokens(self.max_tokens, self.name), self.batch_size)
+        ctx.calibration_tokens(self.max_tokens, self.name)
+        tokens = f"calibration:{self.max_tokens}"
+        rel, levels, tasks = [], [], []
+        for i, layer in enumerate(ctx.layers):
+            norm2 = float(ctx.model.layer_module(layer.name).weight.detach().float().pow(2).sum())
+            rel.append(np.array([float(ctx.delta(layer, f).pow(2).sum()) / norm2 for f in ctx.formats]))
+            levels.append(rel[-1][self.level_indices(rel[-1])])
+            for k, t in enumerate(levels[-1]):
+                seed = int(np.random.SeedSequence([ctx.seed, i, k]).generate_state(1)[0])
+                tasks.append(EvalTask(tokens, noise=(layer.name, float(t), seed)))
+        done = iter(ctx.backend.map(tasks, ctx.progress))
         values = np.zeros((len(ctx.layers), len(ctx.formats)))
         uncertainty = np.zeros_like(values)
         alphas, r2s = [], []
-        for i, layer in enumerate(ctx.layers):
-            w = ctx.model.layer_module(layer.name).weight.detach()
-            norm2 = float(w.float().pow(2).sum())
-            rel = np.array([float(ctx.delta(layer, f).pow(2).sum()) / norm2 for f in ctx.formats])
-            levels = rel[self.level_indices(rel)]
-            deltas = []
-            for k, t in enumerate(levels):
-                gen = torch.Generator().manual_seed(int(np.random.SeedSequence([ctx.seed, i, k]).generate_state(1)[0]))
-                noise = torch.randn(w.shape, generator=gen) * (norm2 ** 0.5) * float(np.sqrt(t / w.numel()))
-                deltas.append(evaluator.evaluate_tensors({layer.name: (w.float() + noise).to(w.dtype)}).kl)
-            alpha, stderr, r2 = fit_through_origin(levels, deltas)
-            values[i] = alpha * rel
-            uncertainty[i] = stderr * rel
+        for i in range(len(ctx.layers)):
+            deltas = [next(done).kl for _ in levels[i]]
+            alpha, stderr, r2 = fit_through_origin(levels[i], deltas)
+            values[i] = alpha * rel[i]
+            uncertainty[i] = stderr * rel[i]
             alphas.append(alpha)
             r2s.append(r2)
-            ctx.advance()
         return ctx.table(self, values, uncertainty, alpha=alphas, fit_r2=r2s)

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from bitalloc.cli import main
-from bitalloc.evaluate import CandidateEvaluator, QuantCache
+from bitalloc.evaluate import QuantCache
+from bitalloc.tasks import CandidateEvaluator, LocalRunner
 from bitalloc.formats import Format
 from bitalloc.jobs.runner import build_problem
 from bitalloc.model import list_layers, load_model, select_layers
@@ -28,7 +29,7 @@ def setup(tiny_llama):
     calib = torch.randint(0, 90, (2, 32), generator=torch.Generator().manual_seed(0))
     table = get_estimator("sqnr").estimate(EstimatorContext(model, layers, FORMATS, cache, calib, "h", 0))
     problem = build_problem(model, layers, FORMATS, table)
-    return problem, CandidateEvaluator(model, cache, calib, screen_tokens=16)
+    return problem, CandidateEvaluator(LocalRunner(model, cache, {"calibration": calib}), screen_tokens=16)
 
 
 def test_evolutionary_never_exceeds_its_budget_and_measures_little(setup):
