@@ -25,18 +25,31 @@ def _out() -> Console:
 
 @app.command()
 def run(
-    job: Path = typer.Argument(..., help="job spec (YAML), e.g. jobs/examples/smollm2.yaml"),
+    job: Optional[Path] = typer.Argument(None, help="job spec (YAML), e.g. jobs/examples/smollm2.yaml"),
     set_: List[str] = typer.Option([], "--set", help="override a spec key: --set data.evaluation=2"),
     out: Optional[Path] = typer.Option(None, "--out", help="output dir (default: the spec's `output`)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the interrupted job that writes to DIR"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to evaluate on (default: RAY_ADDRESS, "
+                                                                  "else an embedded local Ray)"),
+    workers: Optional[str] = typer.Option(None, "--workers", help="evaluation workers: 0 (this process), N or auto"),
 ):
     """Run a search job: sensitivity, the whole proxy front, measured points and uniform baselines."""
     from bitalloc.dashboards.table import front_table
-    from bitalloc.jobs.runner import run_job
+    from bitalloc.jobs.runner import resume_spec, run_job
     from bitalloc.jobs.spec import load_spec
 
-    spec = load_spec(job, set_)
-    target = out or spec.output_dir()
-    front = run_job(spec, target)
+    overrides = list(set_) + ([f"run.address={address}"] if address else []) + ([f"run.workers={workers}"] if workers else [])
+    if resume is not None:
+        if job is not None:
+            raise BitallocError("--resume", "takes the job's output dir alone; its spec is read from there")
+        spec = resume_spec(resume)
+        target = resume
+    elif job is None:
+        raise BitallocError("JOB", "give a job YAML (e.g. jobs/examples/smollm2.yaml) or --resume DIR")
+    else:
+        spec = load_spec(job, overrides)
+        target = out or spec.output_dir()
+    front = run_job(spec, target, resume=resume is not None)
     _out().print(front_table(front))
     mem = front["memory"]
     _out().print(
@@ -213,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         raise SystemExit(exc.exit_code) from None
     except (KeyboardInterrupt, click.exceptions.Abort):
-        print("interrupted: no results were written", file=sys.stderr)
+        print("interrupted: no results were written; `bitalloc run --resume OUT` continues from the checkpoint",
+              file=sys.stderr)
         raise SystemExit(130) from None
 
 

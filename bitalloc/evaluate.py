@@ -56,6 +56,10 @@ class QuantCache:
         return self._store[(layer, self._by_name[format_name])]
 
     @property
+    def store(self) -> dict[tuple[str, Format], torch.Tensor]:
+        return self._store
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._store.values())
 

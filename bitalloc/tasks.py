@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Protocol
 
 import numpy as np
@@ -54,9 +55,14 @@ def noisy_weight(weight: torch.Tensor, rel_mse: float, seed: int) -> torch.Tenso
     return (w + torch.randn(w.shape, generator=gen) * scale).to(weight.dtype)
 
 
+OnResult = Callable[[int, Measurement], None]
+
+
 class Backend(Protocol):
-    def map(self, tasks: list[EvalTask], progress: Callable[[int], None] | None = None) -> list[Measurement]:
-        """Results in the order of `tasks`, whatever order they finish in."""
+    def map(self, tasks: list[EvalTask], progress: Callable[[int], None] | None = None,
+            on_result: OnResult | None = None) -> list[Measurement]:
+        """Results in the order of `tasks`, whatever order they finish in; `on_result(index, result)`
+        is called as each arrives."""
 
 
 class LocalRunner:
@@ -85,13 +91,54 @@ class LocalRunner:
             return evaluator.evaluate_tensors({layer: noisy_weight(self.model.layer_module(layer).weight, rel_mse, seed)})
         return evaluator.evaluate_tensors({name: self.weights.get_named(name, fmt) for name, fmt in task.assignment})
 
-    def map(self, tasks: Iterable[EvalTask], progress: Callable[[int], None] | None = None) -> list[Measurement]:
+    def map(self, tasks: Iterable[EvalTask], progress: Callable[[int], None] | None = None,
+            on_result: OnResult | None = None) -> list[Measurement]:
         out = []
-        for task in tasks:
+        for index, task in enumerate(tasks):
             out.append(self.run(task))
+            if on_result:
+                on_result(index, out[-1])
             if progress:
                 progress(1)
         return out
+
+
+class Checkpointed:
+    """Saves each result as it arrives (one JSON line per task) and reuses saved ones, so a job whose
+    driver died re-runs only what had not finished. `computed` and `reused` count both kinds."""
+
+    def __init__(self, backend: Backend, path: Path):
+        self.backend = backend
+        self.path = path
+        self.known: dict[str, Measurement] = {}
+        self.computed = 0
+        self.reused = 0
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    self.known[row["key"]] = Measurement(row["kl"], row["ppl"], row["tokens"])
+                except (ValueError, KeyError):
+                    continue
+
+    def map(self, tasks: list[EvalTask], progress: Callable[[int], None] | None = None,
+            on_result: OnResult | None = None) -> list[Measurement]:
+        keys = [t.key() for t in tasks]
+        todo = [i for i, k in enumerate(keys) if k not in self.known]
+        self.reused += len(tasks) - len(todo)
+        if progress and len(tasks) > len(todo):
+            progress(len(tasks) - len(todo))
+        with open(self.path, "a") as fh:
+            def save(j: int, m: Measurement) -> None:
+                self.known[keys[todo[j]]] = m
+                fh.write(json.dumps({"key": keys[todo[j]], "kl": m.kl, "ppl": m.ppl, "tokens": m.tokens}) + "\n")
+                fh.flush()
+                if on_result:
+                    on_result(todo[j], m)
+
+            self.backend.map([tasks[i] for i in todo], progress, save)
+        self.computed += len(todo)
+        return [self.known[k] for k in keys]
 
 
 class CandidateEvaluator:

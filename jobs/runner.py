@@ -7,6 +7,7 @@ whole job has succeeded, so an interrupted or failed job never leaves files that
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from bitalloc import configio
 from bitalloc.data import TokenSets, make_token_sets, text_files, tokenize_files
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import QuantCache
-from bitalloc.tasks import Backend, CandidateEvaluator, EvalTask, LocalRunner
+from bitalloc.tasks import Backend, CandidateEvaluator, Checkpointed, EvalTask, LocalRunner
 from bitalloc.formats import Format, weight_bytes
 from bitalloc.model import LoadedModel, QuantizableLayer, list_layers, load_model, other_bytes, select_layers
 from bitalloc.search import SearchContext, best_within, constraints, get_solver, spread
@@ -178,8 +179,47 @@ class Workspace:
         return table, path, False
 
 
-def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = None) -> dict:
-    """Run the whole job and return the front document (also written to OUT/front.json)."""
+def staging_dir(out: Path) -> Path:
+    """Where a job keeps its spec and checkpoint while it runs; it becomes OUT when the job succeeds."""
+    return out.parent / f".{out.name}.partial"
+
+
+def resume_spec(out: Path) -> JobSpec:
+    """The spec of the interrupted job whose output dir is OUT."""
+    saved = staging_dir(out) / "spec.yaml"
+    if not saved.is_file():
+        raise BitallocError("--resume", f"no interrupted job writes to {str(out)!r} (no {saved})")
+    from .spec import load_spec
+
+    return load_spec(saved)
+
+
+@contextmanager
+def open_backend(ws: Workspace, console: Console):
+    """The job's evaluation backend: in this process (run.workers 0), or Ray workers."""
+    run = ws.spec.run
+    if run.workers == 0 and not run.address:
+        yield ws.local_runner(), "this process"
+        return
+    from .cluster import ray_session
+    from .workers import RayRunner
+
+    workers = run.workers if run.workers != "auto" else max(1, (os.cpu_count() or 1) // run.threads_per_worker)
+    with ray_session(run.address, workers * run.threads_per_worker) as where:
+        runner = RayRunner(ws.model.module, ws.layers, ws.formats, ws.cache.store,
+                           {"calibration": ws.data.calibration, "evaluation": ws.data.evaluation},
+                           ws.spec.data.batch_size, workers, run.threads_per_worker, run.gpus_per_worker)
+        try:
+            yield runner, f"{workers} Ray workers on {where}"
+        finally:
+            runner.close()
+
+
+def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = None, resume: bool = False) -> dict:
+    """Run the whole job and return the front document (also written to OUT/front.json).
+
+    Measurements are checkpointed in OUT's staging dir as they arrive; with `resume`, a job whose
+    driver died continues from there and re-runs only what had not finished."""
     console = console or Console(stderr=True)
     out = Path(out) if out is not None else spec.output_dir()
     _check_output(out)
@@ -188,93 +228,119 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
     budgets: list[tuple[str, int]] = []
     with Stages(console) as stages:
         ws = Workspace.open(spec, stages, check=lambda p: budgets.extend(resolve_budgets(p, spec.search.budgets)))
-        model, layers, formats, data, cache, model_hash = ws.model, ws.layers, ws.formats, ws.data, ws.cache, ws.model_hash
-        backend = ws.local_runner()
-        table, table_path, _ = ws.sensitivity(estimator, stages, backend)
-        problem = build_problem(model, layers, formats, table, spec.search)
-        candidates = None
-        if spec.search.evaluations:
-            if data.calibration.numel() == 0:
-                raise BitallocError("search.evaluations", "measuring candidates needs data.calibration of 1 or more")
-            candidates = CandidateEvaluator(backend, spec.search.screen_tokens)
-        ctx = SearchContext(evaluate=candidates, budget=spec.search.evaluations,
-                            anchors=tuple(b for _, b in budgets), seed=spec.seed)
-        with stages.stage(f"solve front ({solver.name})"):
-            front = solver.front(problem, ctx)
-        points: dict[tuple, _Point] = {}
-        for label, n_bytes in budgets:
-            config = best_within(front, n_bytes)
-            if config is None:
-                raise BitallocError("search.budgets", f"the {solver.name} front has no config within {label}")
-            points.setdefault(config.key(), _Point(f"mixed @ {label}", config))
-        for k, config in enumerate(spread(front, spec.search.points)):
-            points.setdefault(config.key(), _Point(f"mixed #{k + 1}", config))
-        unconstrained = dataclasses.replace(problem, allowed=np.ones_like(problem.allowed), groups=())
-        uniform = [_Point(f.name, unconstrained.config(np.full(len(layers), j))) for j, f in enumerate(formats)]
-        todo = list(points.values()) + uniform
-        with stages.stage("measure configs", len(todo) + 1) as advance:
-            reference = backend.map([EvalTask("evaluation")])[0]
-            advance()
-            results = backend.map([EvalTask.config(p.config.assignment(), "evaluation") for p in todo], advance)
-            for point, measurement in zip(todo, results):
-                point.measurement = measurement
-
-    fp_bytes = problem.fixed_bytes + sum(
-        l.numel * model.layer_module(l.name).weight.element_size() for l in layers
-    )
-    doc_meta = dict(model_source=spec.model.source, model_hash=model_hash, spec_hash=spec.spec_hash())
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        rows, uniform_rows = [], []
-        for i, point in enumerate(sorted(points.values(), key=lambda p: p.config.bytes)):
-            rel = f"configs/mixed-{i + 1:02d}-{point.config.avg_bits:.3f}b.json"
-            configio.write(configio.config_document(point.config, measurement=point.measurement, **doc_meta), staging / rel)
-            rows.append(_row(point, rel))
-        for point in uniform:
-            rel = f"configs/uniform-{point.label}.json"
-            configio.write(configio.config_document(point.config, measurement=point.measurement, **doc_meta), staging / rel)
-            row = _row(point, rel)
-            row["format"] = row.pop("label")
-            uniform_rows.append(row)
-        document = {
-            "schema": configio.FRONT_SCHEMA,
-            "bitalloc_version": __version__,
-            "job": {"name": spec.name, "seed": spec.seed, "spec_hash": spec.spec_hash()},
-            "model": {
-                "source": spec.model.source,
-                "content_hash": model_hash,
-                "quantized_layers": len(layers),
-                "quantized_params": int(problem.numel.sum()),
-                "other_bytes": problem.fixed_bytes,
-            },
-            "data": {"hash": data.data_hash, "calibration_tokens": data.calibration.numel(),
-                     "evaluation_tokens": data.evaluation.numel()},
-            "sensitivity": {"estimator": table.estimator, "params": table.params, "wall_time_s": table.wall_time_s,
-                            "peak_rss_bytes": table.peak_rss_bytes, "cache_file": str(table_path)},
-            "solver": {"name": solver.name, "slack_bytes": getattr(solver, "slack_bytes", 0), "front_size": len(front),
-                       "candidate_evaluations": candidates.counts if candidates else {"screen": 0, "full": 0}},
-            "reference": {"bytes": fp_bytes, "mib": round(mib(fp_bytes), 6), "ppl": reference.ppl,
-                          "tokens": reference.tokens},
-            "points": rows,
-            "uniform": uniform_rows,
-            "proxy_front": {"bytes": [c.bytes for c in front], "predicted": [c.predicted for c in front]},
-            "memory": {"quant_cache_bytes": cache.nbytes, "reference_bytes": _reference_bytes(data.evaluation, model)},
-            "timings_s": stages.timings,
-        }
-        configio.write(table_cache.table_document(table), staging / "sensitivity.json")
+        staging = staging_dir(out)
+        if not resume:
+            shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True, exist_ok=True)
         (staging / "spec.yaml").write_text(configio.dumps(spec.model_dump(mode="json"), ".yaml"))
-        configio.write(document, staging / "front.json")
-        _publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with open_backend(ws, console) as (runner, where):
+            console.print(f"evaluations run in {where}")
+            backend = Checkpointed(runner, staging / "checkpoint.jsonl")
+            document = _search_and_measure(ws, estimator, solver, budgets, backend, stages, staging)
+    document["timings_s"] = stages.timings
+    document["evaluations"] = {"computed": backend.computed, "from_checkpoint": backend.reused, "where": where}
+    (staging / "checkpoint.jsonl").unlink()
+    configio.write(document, staging / "front.json")
+    _publish(staging, out)
     return document
+
+
+def _search_and_measure(ws: Workspace, estimator: Estimator, solver, budgets: list[tuple[str, int]],
+                        backend: Backend, stages: Stages, staging: Path) -> dict:
+    """Sensitivity, the front, the measured points; writes configs and the table into the staging dir."""
+    spec, model, layers, formats, data = ws.spec, ws.model, ws.layers, ws.formats, ws.data
+    table, table_path, _ = ws.sensitivity(estimator, stages, backend)
+    problem = build_problem(model, layers, formats, table, spec.search)
+    candidates = None
+    if spec.search.evaluations:
+        if data.calibration.numel() == 0:
+            raise BitallocError("search.evaluations", "measuring candidates needs data.calibration of 1 or more")
+        candidates = CandidateEvaluator(backend, spec.search.screen_tokens)
+    ctx = SearchContext(evaluate=candidates, budget=spec.search.evaluations,
+                        anchors=tuple(b for _, b in budgets), seed=spec.seed)
+    with stages.stage(f"solve front ({solver.name})"):
+        front = solver.front(problem, ctx)
+    points: dict[tuple, _Point] = {}
+    for label, n_bytes in budgets:
+        config = best_within(front, n_bytes)
+        if config is None:
+            raise BitallocError("search.budgets", f"the {solver.name} front has no config within {label}")
+        points.setdefault(config.key(), _Point(f"mixed @ {label}", config))
+    for k, config in enumerate(spread(front, spec.search.points)):
+        points.setdefault(config.key(), _Point(f"mixed #{k + 1}", config))
+    unconstrained = dataclasses.replace(problem, allowed=np.ones_like(problem.allowed), groups=())
+    uniform = [_Point(f.name, unconstrained.config(np.full(len(layers), j))) for j, f in enumerate(formats)]
+    todo = list(points.values()) + uniform
+    with stages.stage("measure configs", len(todo) + 1) as advance:
+        tasks = [EvalTask("evaluation")] + [EvalTask.config(p.config.assignment(), "evaluation") for p in todo]
+        reference, *results = backend.map(tasks, advance)
+    for point, measurement in zip(todo, results):
+        point.measurement = measurement
+    return _write_results(ws, table, table_path, solver, front, points, uniform, reference, candidates, problem,
+                          staging)
+
+
+def _write_results(ws: Workspace, table, table_path, solver, front, points, uniform, reference, candidates,
+                   problem: Problem, staging: Path) -> dict:
+    """Config files and the table into the staging dir; returns the front document."""
+    spec, model, layers, data = ws.spec, ws.model, ws.layers, ws.data
+    fp_bytes = problem.fixed_bytes + sum(l.numel * model.layer_module(l.name).weight.element_size() for l in layers)
+    doc_meta = dict(model_source=spec.model.source, model_hash=ws.model_hash, spec_hash=spec.spec_hash())
+    rows, uniform_rows = [], []
+    for i, point in enumerate(sorted(points.values(), key=lambda p: p.config.bytes)):
+        rel = f"configs/mixed-{i + 1:02d}-{point.config.avg_bits:.3f}b.json"
+        configio.write(configio.config_document(point.config, measurement=point.measurement, **doc_meta), staging / rel)
+        rows.append(_row(point, rel))
+    for point in uniform:
+        rel = f"configs/uniform-{point.label}.json"
+        configio.write(configio.config_document(point.config, measurement=point.measurement, **doc_meta), staging / rel)
+        row = _row(point, rel)
+        row["format"] = row.pop("label")
+        uniform_rows.append(row)
+    configio.write(table_cache.table_document(table), staging / "sensitivity.json")
+    return {
+        "schema": configio.FRONT_SCHEMA,
+        "bitalloc_version": __version__,
+        "job": {"name": spec.name, "seed": spec.seed, "spec_hash": spec.spec_hash(), "packages": package_versions()},
+        "model": {
+            "source": spec.model.source,
+            "content_hash": ws.model_hash,
+            "quantized_layers": len(layers),
+            "quantized_params": int(problem.numel.sum()),
+            "other_bytes": problem.fixed_bytes,
+        },
+        "data": {"hash": data.data_hash, "calibration_tokens": data.calibration.numel(),
+                 "evaluation_tokens": data.evaluation.numel()},
+        "sensitivity": {"estimator": table.estimator, "params": table.params, "wall_time_s": table.wall_time_s,
+                        "peak_rss_bytes": table.peak_rss_bytes, "cache_file": str(table_path)},
+        "solver": {"name": solver.name, "slack_bytes": getattr(solver, "slack_bytes", 0), "front_size": len(front),
+                   "candidate_evaluations": candidates.counts if candidates else {"screen": 0, "full": 0}},
+        "reference": {"bytes": fp_bytes, "mib": round(mib(fp_bytes), 6), "ppl": reference.ppl,
+                      "tokens": reference.tokens},
+        "points": rows,
+        "uniform": uniform_rows,
+        "proxy_front": {"bytes": [c.bytes for c in front], "predicted": [c.predicted for c in front]},
+        "memory": {"quant_cache_bytes": ws.cache.nbytes, "reference_bytes": _reference_bytes(data.evaluation, model)},
+    }
 
 
 def _reference_bytes(tokens: torch.Tensor, model: LoadedModel) -> int:
     """What an evaluator's FP reference holds: float32 log-probabilities over the vocabulary per token."""
     vocab = model.module.get_output_embeddings().out_features if hasattr(model.module, "get_output_embeddings") else 0
     return tokens.numel() * vocab * 4
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on, recorded with it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("bitalloc", "torch", "transformers", "numpy", "ortools", "pymoo", "optuna", "ray"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def _check_output(out: Path) -> None:

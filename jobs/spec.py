@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -85,8 +85,11 @@ class DataSpec(_Strict):
 
 
 class SensitivitySpec(_Strict):
-    estimator: str = "sqnr"
-    params: dict[str, Any] = {}
+    """Default: output-side Fisher, the best predictor at acceptable cost in `bitalloc sensitivity score`
+    on the default model (Spearman 0.977 against 0.984 for exact per-layer measurement, at 4 % of its time)."""
+
+    estimator: str = "fisher"
+    params: dict[str, Any] = {"side": "output"}
 
 
 def _check_budget(b: Union[float, str]) -> Union[float, str]:
@@ -126,6 +129,23 @@ class SearchSpec(_Strict):
         return self
 
 
+class RunSpec(_Strict):
+    """Where evaluations run: `workers: 0` in this process; otherwise Ray actors, on an embedded local
+    Ray (default, `auto` = one worker per `threads_per_worker` CPUs) or the cluster at `address`."""
+
+    address: Optional[str] = None
+    workers: Union[int, Literal["auto"]] = "auto"
+    threads_per_worker: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"{v} is not allowed; use 0 (in this process), a positive count, or auto")
+        return v
+
+
 class JobSpec(_Strict):
     name: str = "job"
     seed: int = 0
@@ -134,14 +154,15 @@ class JobSpec(_Strict):
     data: DataSpec = DataSpec()
     sensitivity: SensitivitySpec = SensitivitySpec()
     search: SearchSpec = SearchSpec()
+    run: RunSpec = RunSpec()
     output: str = "runs/{name}"
 
     def output_dir(self) -> Path:
         return Path(self.output.format(name=self.name))
 
     def spec_hash(self) -> str:
-        """sha256 of the canonical spec, output dir excluded: two runs with equal hashes asked the same question."""
-        body = json.dumps(self.model_dump(mode="json", exclude={"output"}), sort_keys=True, separators=(",", ":"))
+        """sha256 of the canonical spec, output dir and where it runs excluded: equal hashes asked the same question."""
+        body = json.dumps(self.model_dump(mode="json", exclude={"output", "run"}), sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
 

@@ -86,6 +86,7 @@ def tiny_job(model_dir: Path, text_dir: Path, out: Path, **overrides) -> dict:
         "data": {"source": [str(text_dir / "*.txt")], "seq_len": 32, "calibration": 2, "evaluation": 4,
                  "batch_size": 2},
         "search": {"budgets": [4.0, 5.0], "points": 3},
+        "run": {"workers": 0},
         "output": str(out),
     }
     for key, value in overrides.items():
