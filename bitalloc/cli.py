@@ -32,12 +32,18 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to evaluate on (default: RAY_ADDRESS, "
                                                                   "else an embedded local Ray)"),
     workers: Optional[str] = typer.Option(None, "--workers", help="evaluation workers: 0 (this process), N or auto"),
+    packages: Optional[Path] = typer.Option(None, "--packages", help="refuse to run unless the installed versions "
+                                                                     "match this file (set by `bitalloc submit`)"),
 ):
     """Run a search job: sensitivity, the whole proxy front, measured points and uniform baselines."""
     from bitalloc.dashboards.table import front_table
     from bitalloc.jobs.runner import resume_spec, run_job
     from bitalloc.jobs.spec import load_spec
 
+    if packages is not None:
+        from bitalloc.jobs.service import check_packages
+
+        check_packages(packages)
     overrides = list(set_) + ([f"run.address={address}"] if address else []) + ([f"run.workers={workers}"] if workers else [])
     if resume is not None:
         if job is not None:
@@ -56,6 +62,71 @@ def run(
         f"quantized-weight cache {mem['quant_cache_bytes'] / 2**20:.0f} MiB, FP reference "
         f"{mem['reference_bytes'] / 2**20:.0f} MiB; results in {target}/ (front.json, configs/)"
     )
+
+
+ADDRESS_HELP = "Ray Jobs server (default: RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)"
+
+
+@app.command()
+def submit(
+    job: Path = typer.Argument(..., help="job spec (YAML)"),
+    set_: List[str] = typer.Option([], "--set", help="override a spec key"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output dir on the cluster's filesystem (made absolute)"),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    pip: bool = typer.Option(False, "--pip", help="have Ray install this machine's package versions for the job"),
+):
+    """Submit a job to a Ray cluster; prints its id."""
+    from bitalloc.jobs.service import submit as submit_job
+    from bitalloc.jobs.spec import load_spec
+
+    spec = load_spec(job, set_)
+    job_id = submit_job(spec, out or spec.output_dir(), address, pip)
+    _out().print(job_id)
+
+
+@app.command()
+def status(job_id: str = typer.Argument(..., metavar="ID"),
+           address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
+    """A submitted job's status."""
+    from bitalloc.jobs.service import status as job_status
+
+    state, message = job_status(job_id, address)
+    _out().print(f"{job_id}: {state}" + (f" ({message})" if message else ""), markup=False)
+
+
+@app.command()
+def logs(job_id: str = typer.Argument(..., metavar="ID"),
+         follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
+         address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
+    """A submitted job's output."""
+    from bitalloc.jobs.service import logs as job_logs
+
+    job_logs(job_id, address, follow, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+
+
+@app.command()
+def cancel(job_id: str = typer.Argument(..., metavar="ID"),
+           address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
+    """Stop a running job."""
+    from bitalloc.jobs.service import cancel as cancel_job
+
+    cancel_job(job_id, address)
+    _out().print(f"{job_id}: stop requested")
+
+
+@app.command()
+def jobs(address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
+    """Jobs on the cluster, oldest first."""
+    from bitalloc.jobs.service import list_jobs
+
+    table = Table(title="jobs")
+    for col in ("id", "status", "bitalloc job", "spec hash"):
+        table.add_column(col)
+    for info in list_jobs(address):
+        meta = info.metadata or {}
+        table.add_row(info.submission_id or info.job_id or "", str(info.status.value), meta.get("bitalloc_job", ""),
+                      meta.get("spec_hash", "")[:19])
+    _out().print(table)
 
 
 @app.command()
