@@ -167,7 +167,8 @@ def test_layers_command_refuses_bad_bits(tiny_gpt2, capsys):
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: --bits: 9 is not allowed")
 
 
-def test_sensitivity_tables_are_cached_and_identical(tiny_llama, text_dir, tmp_path, capsys):
+def test_sensitivity_tables_are_cached_and_identical(tiny_llama, text_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
     job = _write(tmp_path, tiny_job(tiny_llama, text_dir, tmp_path / "o"))
     main(["sensitivity", job, "-e", "fisher:side=output", "--out", str(tmp_path / "t1.json")])
     first = capsys.readouterr()
