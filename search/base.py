@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from bitalloc.errors import BitallocError
+from bitalloc.registry import Registry
 from bitalloc.types import BitConfig, Problem
 
 Evaluate = Callable[[list[BitConfig], str], list[float]]
@@ -37,25 +38,20 @@ class Solver(Protocol):
         """Non-dominated configs from the cheapest to the dearest, including ctx.anchors."""
 
 
-SOLVERS: dict[str, Callable[..., Solver]] = {}
+_REGISTRY: Registry[Solver] = Registry("a solver", "search.solver", "search.params")
+SOLVERS = _REGISTRY.classes
+register = _REGISTRY.register
+get_solver = _REGISTRY.create
 
 
-def register(name: str):
-    def wrap(cls):
-        cls.name = name
-        SOLVERS[name] = cls
-        return cls
+class MeasuringSolver:
+    """A solver whose answers come from measured fronts: one budget is the best front config within it."""
 
-    return wrap
-
-
-def get_solver(name: str, **params) -> Solver:
-    if name not in SOLVERS:
-        raise BitallocError("search.solver", f"{name!r} is not a solver; allowed: {', '.join(sorted(SOLVERS))}")
-    try:
-        return SOLVERS[name](**params)
-    except TypeError as exc:
-        raise BitallocError("search.params", f"{name}: {exc}") from None
+    def solve(self, problem: Problem, ctx: SearchContext | None = None) -> BitConfig:
+        fitting = [c for c in self.front(problem, ctx) if c.bytes <= problem.max_bytes]
+        if not fitting:
+            raise BitallocError("search.budgets", f"no measured config fits {problem.max_bytes} bytes")
+        return fitting[-1]
 
 
 def check_budget(problem: Problem, max_bytes: int, field: str = "search.budgets") -> None:

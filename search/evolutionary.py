@@ -31,7 +31,7 @@ from pymoo.optimize import minimize
 from bitalloc.errors import BitallocError
 from bitalloc.types import BitConfig, Problem
 
-from .base import SearchContext, exact_solver_for, register
+from .base import MeasuringSolver, SearchContext, exact_solver_for, register
 from .pareto import nondominated, spread
 
 
@@ -74,7 +74,7 @@ class _Genome:
 
 
 @register("evolutionary")
-class Evolutionary:
+class Evolutionary(MeasuringSolver):
     measures = True
 
     def __init__(self, population: int = 16, offspring: int = 8, validate: int = 16, p_shift: float = 0.3,
@@ -86,12 +86,6 @@ class Evolutionary:
         self.focus = focus
         self.full_evaluations = 0
         self.screen_evaluations = 0
-
-    def solve(self, problem: Problem, ctx: SearchContext | None = None) -> BitConfig:
-        fitting = [c for c in self.front(problem, ctx) if c.bytes <= problem.max_bytes]
-        if not fitting:
-            raise BitallocError("search.budgets", f"no measured config fits {problem.max_bytes} bytes")
-        return fitting[-1]
 
     def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
         if ctx is None or ctx.evaluate is None or ctx.budget < self.population:

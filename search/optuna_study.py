@@ -17,7 +17,7 @@ import numpy as np
 from bitalloc.errors import BitallocError
 from bitalloc.types import BitConfig, Problem
 
-from .base import SearchContext, exact_solver_for, register
+from .base import MeasuringSolver, SearchContext, exact_solver_for, register
 from .evolutionary import _Genome
 from .pareto import nondominated, spread
 
@@ -32,7 +32,7 @@ def problem_key(problem: Problem) -> str:
 
 
 @register("optuna")
-class OptunaStudy:
+class OptunaStudy(MeasuringSolver):
     measures = True
 
     def __init__(self, storage: str = "sqlite:///bitalloc-optuna.db", study_name: str | None = None,
@@ -42,12 +42,6 @@ class OptunaStudy:
         self.seeds = seeds
         self.validate = validate
         self.full_evaluations = 0
-
-    def solve(self, problem: Problem, ctx: SearchContext | None = None) -> BitConfig:
-        fitting = [c for c in self.front(problem, ctx) if c.bytes <= problem.max_bytes]
-        if not fitting:
-            raise BitallocError("search.budgets", f"no measured config fits {problem.max_bytes} bytes")
-        return fitting[-1]
 
     def study(self, problem: Problem, seed: int):
         import optuna

@@ -17,6 +17,7 @@ from bitalloc.evaluate import QuantCache
 from bitalloc.formats import Format
 from bitalloc.model import LoadedModel, QuantizableLayer
 from bitalloc.profiling import PeakRSS
+from bitalloc.registry import Registry
 from bitalloc.tasks import Backend, LocalRunner, token_subset
 from bitalloc.types import SensitivityTable
 
@@ -92,25 +93,10 @@ class EstimatorBase:
         return len(ctx.layers)
 
 
-ESTIMATORS: dict[str, type] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        cls.name = name
-        ESTIMATORS[name] = cls
-        return cls
-
-    return wrap
-
-
-def get_estimator(name: str, **params) -> Estimator:
-    if name not in ESTIMATORS:
-        raise BitallocError("sensitivity.estimator", f"{name!r} is not an estimator; allowed: {', '.join(sorted(ESTIMATORS))}")
-    try:
-        return ESTIMATORS[name](**params)
-    except TypeError as exc:
-        raise BitallocError("sensitivity.params", f"{name}: {exc}") from None
+_REGISTRY: Registry[Estimator] = Registry("an estimator", "sensitivity.estimator", "sensitivity.params")
+ESTIMATORS = _REGISTRY.classes
+register = _REGISTRY.register
+get_estimator = _REGISTRY.create
 
 
 def run_estimator(estimator: Estimator, ctx: EstimatorContext) -> SensitivityTable:
