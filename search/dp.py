@@ -28,9 +28,10 @@ from .pareto import nondominated
 
 @register("dp")
 class DynamicProgramming:
-    def __init__(self, max_states: int = 1_000_000, max_table_bytes: int = 512 * 2**20):
+    def __init__(self, max_states: int = 1_000_000, max_table_bytes: int = 512 * 2**20, points: int = 256):
         self.max_states = max_states
         self.max_table_bytes = max_table_bytes
+        self.points = points
         self.slack_bytes = 0
 
     def _tables(self, problem: Problem):
@@ -85,9 +86,15 @@ class DynamicProgramming:
         return problem.config(items.expand(self._backtrack(units, choice, np.array([end]))[0]))
 
     def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
-        """Exact at every budget, the anchors included."""
+        """The optimum at `points` budgets evenly spaced from the cheapest to the dearest config and at
+        every anchor, all from one pass (every budget is solved; these are the ones materialized)."""
         items, base, unit, units, best, choice = self._tables(problem)
         previous = np.r_[np.inf, np.minimum.accumulate(best)[:-1]]
         improves = np.flatnonzero(best < previous)
-        picks = self._backtrack(units, choice, improves)
+        budgets = np.linspace(0, len(best) - 1, self.points).astype(np.int64)
+        if ctx is not None and ctx.anchors:
+            anchors = (np.array(ctx.anchors) - problem.fixed_bytes - base) // unit
+            budgets = np.r_[budgets, anchors[(anchors >= 0) & (anchors < len(best))]]
+        ends = np.unique(improves[np.searchsorted(improves, budgets, side="right") - 1])
+        picks = self._backtrack(units, choice, ends)
         return nondominated([problem.config(items.expand(p)) for p in picks])

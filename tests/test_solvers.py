@@ -193,3 +193,15 @@ def test_unknown_solver_lists_the_allowed():
     with pytest.raises(BitallocError) as exc:
         get_solver("simplex")
     assert exc.value.field == "search.solver" and "dp" in exc.value.message
+
+
+@settings(max_examples=30, deadline=None)
+@given(problem=constrained(second=False), fracs=st.lists(st.floats(0, 1), min_size=1, max_size=3))
+def test_thinned_dp_front_is_exact_at_its_anchors(problem, fracs):
+    from bitalloc.search import SearchContext, best_within
+
+    anchors = tuple(int(problem.cheapest() + f * (problem.dearest() - problem.cheapest())) for f in fracs)
+    front = get_solver("dp", points=2).front(problem, SearchContext(anchors=anchors))
+    assert len(front) <= 2 + len(anchors)
+    for budget in anchors:
+        assert best_within(front, budget).predicted == pytest.approx(brute_force(problem, budget), abs=1e-9)
