@@ -120,10 +120,12 @@ class Evaluator:
     def _measure(self, logprobs: Iterable[torch.Tensor]) -> Measurement:
         kl_sum, nll_sum, n_kl, n_nll = 0.0, 0.0, 0, 0
         for batch, lp, lq in zip(self.batches, self.reference, logprobs):
-            kl_sum += float((lp.exp() * (lp - lq)).sum())
+            # per-token sums first (each row reduced in one fixed order), then float64 over tokens:
+            # the result does not depend on how many threads the reduction was split over
+            kl_sum += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
             n_kl += batch.numel()
             target = batch[:, 1:]
-            nll_sum += float(-lq[:, :-1].gather(-1, target.unsqueeze(-1)).sum())
+            nll_sum += float(-lq[:, :-1].gather(-1, target.unsqueeze(-1)).double().sum())
             n_nll += target.numel()
         return Measurement(kl=max(kl_sum / n_kl, 0.0), ppl=math.exp(nll_sum / n_nll), tokens=n_kl)
 

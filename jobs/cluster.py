@@ -22,6 +22,9 @@ RAY_ENV = {
     # keep the embedded cluster on loopback
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
+# Ray reads these when it is first imported, so they are set before any bitalloc module imports it.
+for _key, _value in RAY_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 def probe(address: str, field: str, default_port: int) -> tuple[str, int]:
@@ -41,9 +44,11 @@ def probe(address: str, field: str, default_port: int) -> tuple[str, int]:
 def ray_session(address: str | None, cpus: int):
     """Yield a description of where Ray runs; shut down what this call started (only that)."""
     import ray
+    import ray._private.ray_constants as ray_constants
 
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    # Ray reads the zero-copy switch when first imported; if it was imported before bitalloc set it,
+    # set it for this process too, or every worker would hold private copies of the model and cache
+    ray_constants.RAY_ENABLE_ZERO_COPY_TORCH_TENSORS = True
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         probe(address, "run.address", 6379)

@@ -1,7 +1,9 @@
 """Evaluation workers: Ray actors that run measurement tasks.
 
 Each actor receives the model and the quantized-weight cache through the object store once — torch
-tensors mapped zero-copy (RAY_ENABLE_ZERO_COPY_TORCH_TENSORS), so N workers share one copy — builds
+tensors mapped zero-copy (RAY_ENABLE_ZERO_COPY_TORCH_TENSORS), so N workers share one copy. Ray maps
+plain tensors only, not nn.Parameter, so the module travels without its weights and its state dict
+travels as plain tensors that the worker puts back in place. Each actor then builds
 its FP references per token set on first use, and evaluates `EvalTask`s. An ActorPool balances the
 tasks; results come back in task order whatever order they finish in. An actor that dies is
 restarted by Ray and its in-flight task re-run (max_restarts / max_task_retries), so losing a
@@ -11,9 +13,12 @@ worker costs time, not results. GPU workers take `num_gpus` (fractional allowed)
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Callable
 
-import ray
+from . import cluster  # noqa: F401  (sets Ray's zero-copy switch before Ray is imported)
+
+import ray  # noqa: E402
 import torch
 from ray.util import ActorPool
 
@@ -26,9 +31,11 @@ from bitalloc.types import Measurement
 
 @ray.remote(max_restarts=4, max_task_retries=4)
 class EvalWorker:
-    def __init__(self, module, layers: list[QuantizableLayer], formats: tuple[Format, ...], store: dict,
-                 token_sets: dict[str, torch.Tensor], batch_size: int, threads: int):
+    def __init__(self, skeleton, state: dict[str, torch.Tensor], layers: list[QuantizableLayer],
+                 formats: tuple[Format, ...], store: dict, token_sets: dict[str, torch.Tensor], batch_size: int,
+                 threads: int):
         torch.set_num_threads(threads)
+        module = _restore(skeleton, state)
         if ray.get_gpu_ids() and torch.cuda.is_available():
             module = module.to("cuda")
             store = {key: t.to("cuda") for key, t in store.items()}
@@ -44,15 +51,55 @@ class EvalWorker:
         return os.getpid()
 
 
+@contextmanager
+def _without_weights(module: torch.nn.Module):
+    """The module with every parameter and buffer emptied (restored on exit), for pickling its structure alone."""
+    saved = [(p, p.data) for p in module.parameters()]
+    buffers = [(m, name, b) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+    try:
+        for p, _ in saved:
+            p.data = torch.empty(0, dtype=p.dtype)
+        for m, name, b in buffers:
+            m._buffers[name] = torch.empty(0, dtype=b.dtype)
+        yield module
+    finally:
+        for p, data in saved:
+            p.data = data
+        for m, name, b in buffers:
+            m._buffers[name] = b
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (non-persistent ones too) as plain, detached tensors."""
+    named = dict(module.named_parameters(remove_duplicate=False))
+    named.update(dict(module.named_buffers(remove_duplicate=False)))
+    return {name: t.detach() for name, t in named.items()}
+
+
+def _restore(skeleton: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    for name, tensor in state.items():
+        owner, _, attr = name.rpartition(".")
+        module = skeleton.get_submodule(owner)
+        if attr in module._parameters:
+            module._parameters[attr].data = tensor
+        else:
+            module._buffers[attr] = tensor
+    return skeleton
+
+
 class RayRunner:
     """A backend whose tasks run on `workers` Ray actors."""
 
     def __init__(self, module, layers, formats, store, token_sets, batch_size: int, workers: int,
                  threads_per_worker: int = 1, gpus_per_worker: float = 0.0):
-        shared = ray.put(module), ray.put(store)
+        with _without_weights(module):
+            skeleton = ray.put(module)
+        # held for the runner's life: a restarted actor fetches its constructor arguments again
+        self._shared = (skeleton, ray.put(_state(module)), ray.put(store))
         options = {"num_cpus": threads_per_worker, "num_gpus": gpus_per_worker}
-        self.actors = [EvalWorker.options(**options).remote(shared[0], layers, formats, shared[1], token_sets,
-                                                            batch_size, threads_per_worker) for _ in range(workers)]
+        self.actors = [EvalWorker.options(**options).remote(*self._shared[:2], layers, formats, self._shared[2],
+                                                            token_sets, batch_size, threads_per_worker)
+                       for _ in range(workers)]
         self.pool = ActorPool(self.actors)
 
     def map(self, tasks: list[EvalTask], progress: Callable[[int], None] | None = None,

@@ -79,7 +79,13 @@ def test_a_killed_driver_resumes_and_runs_only_the_rest(tiny_llama, text_dir, tm
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(checkpoint.read_text().splitlines())
+    done_before = 0
+    for line in checkpoint.read_text().splitlines():  # a kill mid-write leaves a torn last line, which is skipped
+        try:
+            json.loads(line)
+            done_before += 1
+        except ValueError:
+            pass
     assert done_before >= 10 and not out.exists()
     main(["run", "--resume", str(out)])
     doc, rows = _front(out)
