@@ -54,8 +54,10 @@ def main() -> None:
     data = make_token_sets(tokens, args.seq_len, 4, args.evaluation, seed=0)
     cache = timed("quantize cache (210 layers x 6 formats)", lambda: QuantCache(model, layers, formats),
                   lambda c: f"{c.nbytes / 2**20:.0f} MiB held")
-    table = timed("estimator sqnr (data-free)", lambda: get_estimator("sqnr").estimate(
-        EstimatorContext(model, layers, formats, cache, data.calibration, data.data_hash, 0)))
+    ctx = EstimatorContext(model, layers, formats, cache, data.calibration, data.data_hash, 0)
+    timed("estimator sqnr (data-free)", lambda: get_estimator("sqnr").estimate(ctx))
+    table = timed("estimator fisher, output side (default; 4 x 512 tokens)",
+                  lambda: get_estimator("fisher", side="output").estimate(ctx))
     problem = build_problem(model, layers, formats, table)
     solver = get_solver("dp")
     front = timed("solve whole front (dp)", lambda: solver.front(problem),
