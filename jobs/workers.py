@@ -13,6 +13,7 @@ worker costs time, not results. GPU workers take `num_gpus` (fractional allowed)
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from typing import Callable
 
@@ -92,10 +93,13 @@ class RayRunner:
 
     def __init__(self, module, layers, formats, store, token_sets, batch_size: int, workers: int,
                  threads_per_worker: int = 1, gpus_per_worker: float = 0.0):
-        with _without_weights(module):
-            skeleton = ray.put(module)
-        # held for the runner's life: a restarted actor fetches its constructor arguments again
-        self._shared = (skeleton, ray.put(_state(module)), ray.put(store))
+        with warnings.catch_warnings():
+            # the shared tensors are only ever read by the workers, which is what zero-copy requires
+            warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
+            with _without_weights(module):
+                skeleton = ray.put(module)
+            # held for the runner's life: a restarted actor fetches its constructor arguments again
+            self._shared = (skeleton, ray.put(_state(module)), ray.put(store))
         options = {"num_cpus": threads_per_worker, "num_gpus": gpus_per_worker}
         self.actors = [EvalWorker.options(**options).remote(*self._shared[:2], layers, formats, self._shared[2],
                                                             token_sets, batch_size, threads_per_worker)
