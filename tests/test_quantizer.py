@@ -12,13 +12,16 @@ def _rel_err(w, fmt):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    out=st.integers(1, 12),
-    cols=st.integers(1, 200),
+    out=st.integers(4, 12),
+    cols=st.integers(64, 200),
     group=st.sampled_from([8, 32, 64, 128]),
     symmetric=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_error_falls_as_bits_rise(out, cols, group, symmetric, seed):
+    """For weights of realistic size. The grids of b and b+1 bits are not nested (asymmetric 2-bit
+    levels sit at thirds of the range, 3-bit at sevenths), so a row of three values can round better
+    at 2 bits than at 3: the property holds for the total error of many weights, not every tiny vector."""
     w = torch.randn(out, cols, generator=torch.Generator().manual_seed(seed))
     errors = [_rel_err(w, Format(b, group, symmetric, "float32")) for b in QUANT_BITS]
     assert all(a >= b - 1e-7 for a, b in zip(errors, errors[1:])), errors
@@ -53,3 +56,8 @@ def test_constant_group_is_exact_when_asymmetric():
 def test_sixteen_bit_is_a_cast():
     w = torch.randn(3, 7, dtype=torch.float32)
     assert torch.equal(fake_quantize(w, Format(16)), w.half().float())
+
+
+def test_tiny_rows_can_round_better_at_fewer_bits():
+    w = torch.tensor([[0.0, 1.0 / 3.0, 1.0]])  # 1/3 lies on the 2-bit grid, between 3-bit levels 2/7 and 3/7
+    assert _rel_err(w, Format(2, 8, False, "float32")) < _rel_err(w, Format(3, 8, False, "float32"))
