@@ -204,3 +204,19 @@ def test_model_without_gradients_is_refused():
         get_estimator("hawq").estimate(ctx)
     assert "needs gradients" in exc.value.message
     assert get_estimator("sqnr").estimate(ctx).values.shape == (1, 3)
+
+
+def test_top_eigenvalue_option_matches_the_exact_dominant_eigenvalue(ctx):
+    layer = ctx.layers[4]
+    one = EstimatorContext(ctx.model, [layer], ctx.formats, ctx.weights, ctx.calibration, ctx.data_hash, seed=0)
+    hawq = get_estimator("hawq", top_eigenvalue=True, power_iters=200)
+    estimate = hawq._top_eigenvalue(one, layer, ctx.calibration)
+    named = dict(ctx.model.module.named_parameters())
+    key = f"{layer.name}.weight"
+    h = hessian(lambda w: _mean_loss(ctx.model, {**named, key: w}, ctx.calibration))(named[key].detach())
+    eig = torch.linalg.eigvalsh(h.reshape(named[key].numel(), -1))
+    dominant = float(eig[eig.abs().argmax()])
+    assert estimate == pytest.approx(dominant, rel=0.05)
+    table = run_estimator(hawq, one)
+    assert table.values[0, 0] == pytest.approx(0.5 * max(estimate, 0) * float(one.delta(layer, FORMATS[0]).pow(2).sum()),
+                                               rel=0.05)
