@@ -52,7 +52,8 @@ def noisy_weight(weight: torch.Tensor, rel_mse: float, seed: int) -> torch.Tenso
     gen = torch.Generator().manual_seed(seed)
     w = weight.detach().float()
     scale = float(w.pow(2).sum()) ** 0.5 * float(np.sqrt(rel_mse / w.numel()))
-    return (w + torch.randn(w.shape, generator=gen) * scale).to(weight.dtype)
+    noise = torch.randn(w.shape, generator=gen)  # drawn on the CPU: the same numbers on every device
+    return (w + noise.to(w.device) * scale).to(weight.dtype)
 
 
 OnResult = Callable[[int, Measurement], None]
