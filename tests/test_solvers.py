@@ -205,3 +205,11 @@ def test_thinned_dp_front_is_exact_at_its_anchors(problem, fracs):
     assert len(front) <= 2 + len(anchors)
     for budget in anchors:
         assert best_within(front, budget).predicted == pytest.approx(brute_force(problem, budget), abs=1e-9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(problem=constrained(second=True))
+def test_ilp_warm_started_sweep_reaches_the_same_optima(problem):
+    plain = get_solver("ilp", budgets=8).front(problem)
+    warm = get_solver("ilp", budgets=8, warm_start=True).front(problem)
+    assert [(c.bytes, round(c.predicted, 9)) for c in plain] == [(c.bytes, round(c.predicted, 9)) for c in warm]
