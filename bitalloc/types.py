@@ -122,6 +122,10 @@ class Problem:
             return False
         return self.max_latency is None or self.latency[rows, choice].sum() <= self.max_latency
 
+    def choice(self, config: "BitConfig") -> np.ndarray:
+        """The per-layer format indices of a config of this problem."""
+        return np.array([self.formats.index(f) for f in config.formats], dtype=np.int64)
+
     def config(self, choice) -> "BitConfig":
         choice = np.asarray(choice, dtype=np.int64)
         if not self.allowed[np.arange(len(self.layers)), choice].all():

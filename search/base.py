@@ -45,7 +45,34 @@ get_solver = _REGISTRY.create
 
 
 class MeasuringSolver:
-    """A solver whose answers come from measured fronts: one budget is the best front config within it."""
+    """A solver whose answers come from measured fronts: one budget is the best front config within it.
+
+    Such a search starts from the exact solver's configs (at the job's budgets and spread over the byte
+    range it searches) and ends by measuring the anchors and its best finds at full fidelity."""
+
+    @staticmethod
+    def exact_seeds(problem: Problem, ctx: SearchContext, lo: int, hi: int, k: int
+                    ) -> tuple[list[BitConfig], list[BitConfig]]:
+        """The exact configs at the anchors within [lo, hi], and those plus k exact front configs spread over it."""
+        import dataclasses
+
+        from .pareto import spread
+
+        exact = exact_solver_for(problem)
+        anchors = [exact.solve(dataclasses.replace(problem, max_bytes=b)) for b in ctx.anchors if lo <= b <= hi]
+        proxy = [c for c in exact.front(problem) if lo <= c.bytes <= hi]
+        return anchors, list({c.key(): c for c in anchors + spread(proxy, k)}.values())
+
+    @staticmethod
+    def validated(anchors: list[BitConfig], finds: list[BitConfig], k: int,
+                  measure_full: Callable[[list[BitConfig]], list[float]]) -> list[BitConfig]:
+        """The anchors and k finds spread in bytes (finds sorted by bytes), measured at full fidelity; the
+        non-dominated ones."""
+        from .pareto import nondominated, spread
+
+        candidates = list({c.key(): c for c in anchors + spread(finds, k)}.values())
+        full = dict(zip([c.key() for c in candidates], measure_full(candidates)))
+        return nondominated(candidates, loss=lambda c: full[c.key()])
 
     def solve(self, problem: Problem, ctx: SearchContext | None = None) -> BitConfig:
         fitting = [c for c in self.front(problem, ctx) if c.bytes <= problem.max_bytes]

@@ -31,8 +31,8 @@ from pymoo.optimize import minimize
 from bitalloc.errors import BitallocError
 from bitalloc.types import BitConfig, Problem
 
-from .base import MeasuringSolver, SearchContext, exact_solver_for, register
-from .pareto import nondominated, spread
+from .base import MeasuringSolver, SearchContext, register
+from .pareto import nondominated
 
 
 class _Genome:
@@ -50,7 +50,7 @@ class _Genome:
         return self.problem.config(self.items.expand([lv[g] for lv, g in zip(self.levels, genes)]))
 
     def genes(self, config: BitConfig) -> np.ndarray:
-        choice = self.items.contract([self.problem.formats.index(f) for f in config.formats])
+        choice = self.items.contract(self.problem.choice(config))
         return np.array([int(np.flatnonzero(lv == f)[0]) for lv, f in zip(self.levels, choice)])
 
     def mutate(self, genes: np.ndarray, rng: np.random.Generator, p_shift: float) -> np.ndarray:
@@ -92,13 +92,11 @@ class Evolutionary(MeasuringSolver):
             raise BitallocError("search.evaluations", f"'evolutionary' measures candidates; set it to at least the "
                                                       f"population ({self.population})")
         genome = _Genome(problem)
-        exact = exact_solver_for(problem)
         lo, hi = problem.cheapest(), problem.dearest() if problem.max_bytes is None else problem.max_bytes
         if self.focus:
             lo, hi = max(lo, problem.bytes_at_avg_bits(self.focus[0])), min(hi, problem.bytes_at_avg_bits(self.focus[1]))
-        anchors = [exact.solve(dataclasses.replace(problem, max_bytes=b)) for b in ctx.anchors if lo <= b <= hi]
-        proxy = [c for c in exact.front(problem) if lo <= c.bytes <= hi]
-        seeds = list({c.key(): c for c in anchors + spread(proxy, self.population - len(anchors))}.values())
+        in_range = sum(lo <= b <= hi for b in ctx.anchors)
+        anchors, seeds = self.exact_seeds(problem, ctx, lo, hi, self.population - in_range)
         cache: dict[tuple, float] = {}
 
         def measure(configs: list[BitConfig], fidelity: str) -> list[float]:
@@ -125,9 +123,7 @@ class Evolutionary(MeasuringSolver):
         finals = [genome.config(x) for x in np.atleast_2d(result.pop.get("X")).astype(int)]
         finals = [c for c in finals if (c.key(), "screen") in cache]
         screened = nondominated(finals, loss=lambda c: cache[(c.key(), "screen")])
-        candidates = list({c.key(): c for c in anchors + spread(screened, self.validate)}.values())
-        full = dict(zip([c.key() for c in candidates], measure(candidates, "full")))
-        return nondominated(candidates, loss=lambda c: full[c.key()])
+        return self.validated(anchors, screened, self.validate, lambda configs: measure(configs, "full"))
 
 
 class _Search(PymooProblem):
@@ -145,8 +141,7 @@ class _Search(PymooProblem):
 
     def _fits(self, c: BitConfig) -> bool:
         p = self.genome.problem
-        choice = np.array([p.formats.index(f) for f in c.formats])
-        return self.lo <= c.bytes <= self.hi and dataclasses.replace(p, max_bytes=None).feasible(choice)
+        return self.lo <= c.bytes <= self.hi and dataclasses.replace(p, max_bytes=None).feasible(p.choice(c))
 
 
 class _Seeded(Sampling):

@@ -98,7 +98,7 @@ class ILP:
         items = problem.items()
         resources = self._resources(problem, items)
         objective = self._scaled(items)
-        hint_items = items.contract([problem.formats.index(f) for f in hint.formats]) if hint is not None else None
+        hint_items = items.contract(problem.choice(hint)) if hint is not None else None
         model, x = self._model(items, resources, objective, hint_items)
         status, choice = self._solve(model, x, len(items.members))
         if choice is None:

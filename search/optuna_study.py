@@ -17,9 +17,8 @@ import numpy as np
 from bitalloc.errors import BitallocError
 from bitalloc.types import BitConfig, Problem
 
-from .base import MeasuringSolver, SearchContext, exact_solver_for, register
+from .base import MeasuringSolver, SearchContext, register
 from .evolutionary import _Genome
-from .pareto import nondominated, spread
 
 
 def problem_key(problem: Problem) -> str:
@@ -56,26 +55,22 @@ class OptunaStudy(MeasuringSolver):
         )
 
     def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
-        import dataclasses
-
         import optuna
 
         if ctx is None or ctx.evaluate is None or ctx.budget < 1:
             raise BitallocError("search.evaluations", "'optuna' measures candidates; set it to 1 or more")
         genome = _Genome(problem)
-        exact = exact_solver_for(problem)
         limit = problem.dearest() if problem.max_bytes is None else problem.max_bytes
-        anchors = [exact.solve(dataclasses.replace(problem, max_bytes=b)) for b in ctx.anchors if b <= limit]
+        anchors, seeds = self.exact_seeds(problem, ctx, problem.cheapest(), limit, self.seeds)
         study = self.study(problem, ctx.seed)
         if not study.trials:
-            proxy = [c for c in exact.front(problem) if c.bytes <= limit]
-            for config in list({c.key(): c for c in anchors + spread(proxy, self.seeds)}.values()):
+            for config in seeds:
                 study.enqueue_trial({f"l{i}": int(g) for i, g in enumerate(genome.genes(config))})
+
         def objective(trial):
             genes = np.array([trial.suggest_int(f"l{i}", 0, int(top)) for i, top in enumerate(genome.top)])
             config = genome.config(genes)
-            choice = np.array([problem.formats.index(f) for f in config.formats])
-            if not problem.feasible(choice):
+            if not problem.feasible(problem.choice(config)):
                 raise optuna.TrialPruned()
             return config.bytes, ctx.evaluate([config], "screen")[0]
 
@@ -84,7 +79,9 @@ class OptunaStudy(MeasuringSolver):
             study.optimize(objective, n_trials=ctx.budget - done)
         best = [genome.config(np.array([t.params[f"l{i}"] for i in range(len(genome.top))])) for t in study.best_trials]
         pareto = sorted({c.key(): c for c in best}.values(), key=lambda c: c.bytes)
-        candidates = list({c.key(): c for c in anchors + spread(pareto, self.validate)}.values())
-        full = dict(zip([c.key() for c in candidates], ctx.evaluate(candidates, "full")))
-        self.full_evaluations = len(candidates)
-        return nondominated(candidates, loss=lambda c: full[c.key()])
+
+        def measure_full(configs: list[BitConfig]) -> list[float]:
+            self.full_evaluations = len(configs)
+            return ctx.evaluate(configs, "full")
+
+        return self.validated(anchors, pareto, self.validate, measure_full)
