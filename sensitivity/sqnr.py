@@ -19,7 +19,7 @@ from .base import EstimatorBase, EstimatorContext, register
 
 def _second_moments(ctx: EstimatorContext, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     moments: dict[str, torch.Tensor] = {}
-    count = {"n": 0}
+    count = 0
 
     def hook(name):
         def fn(_module, inputs, _output):
@@ -33,11 +33,11 @@ def _second_moments(ctx: EstimatorContext, tokens: torch.Tensor) -> dict[str, to
         with torch.no_grad():
             for seq in tokens.split(1):
                 ctx.model.module(seq)
-                count["n"] += seq.numel()
+                count += seq.numel()
     finally:
         for h in handles:
             h.remove()
-    return {name: m / count["n"] for name, m in moments.items()}
+    return {name: m / count for name, m in moments.items()}
 
 
 @register("sqnr")
