@@ -34,6 +34,8 @@ def run(
     workers: Optional[str] = typer.Option(None, "--workers", help="evaluation workers: 0 (this process), N or auto"),
     packages: Optional[Path] = typer.Option(None, "--packages", help="refuse to run unless the installed versions "
                                                                      "match this file (set by `bitalloc submit`)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: "
+                                               "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"),
 ):
     """Run a search job: sensitivity, the whole proxy front, measured points and uniform baselines."""
     from bitalloc.dashboards.table import front_table
@@ -44,7 +46,9 @@ def run(
         from bitalloc.jobs.service import check_packages
 
         check_packages(packages)
-    overrides = list(set_) + ([f"run.address={address}"] if address else []) + ([f"run.workers={workers}"] if workers else [])
+    overrides = (list(set_) + ([f"run.address={address}"] if address else [])
+                 + ([f"run.workers={workers}"] if workers else [])
+                 + ([f"tracking.uri={tracking_uri}"] if tracking_uri else []))
     if resume is not None:
         if job is not None:
             raise BitallocError("--resume", "takes the job's output dir alone; its spec is read from there")
@@ -60,8 +64,11 @@ def run(
     mem = front["memory"]
     _out().print(
         f"quantized-weight cache {mem['quant_cache_bytes'] / 2**20:.0f} MiB, FP reference "
-        f"{mem['reference_bytes'] / 2**20:.0f} MiB; results in {target}/ (front.json, configs/)"
+        f"{mem['reference_bytes'] / 2**20:.0f} MiB; results in {target}/ (front.json, configs/, plots/)"
     )
+    if front.get("tracking"):
+        _out().print(f"MLflow run {front['tracking']['run_id']} in {front['tracking']['uri']}; browse it with "
+                     f"`bitalloc ui {target}`")
 
 
 ADDRESS_HELP = "Ray Jobs server (default: RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)"
@@ -252,39 +259,57 @@ def layers(
 
 @app.command()
 def export(
-    run_dir: Path = typer.Argument(..., help="a job's output dir (holding front.json)"),
-    avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="fit within this many average bits"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="fit within this size, e.g. 60MiB"),
-    output: Path = typer.Option(..., "-o", "--output", help="file to write (.json or .yaml)"),
+    target: str = typer.Argument(..., help="a job's output dir or MLflow run id (the job's, or one point's)"),
+    avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="lowest-KL measured config within this many "
+                                                                      "average bits"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="... within this size, e.g. 60MiB"),
+    point: Optional[int] = typer.Option(None, "--point", help="mixed front point N (numbered by size, as in the "
+                                                              "front table)"),
+    fmt: str = typer.Option("json", "--format", "-f", help="json, yaml, gptqmodel, llmcompressor, llamacpp, hqq"),
+    output: Path = typer.Option(..., "-o", "--output", help="file to write"),
+    nearest: bool = typer.Option(False, "--nearest", help="where the runtime cannot express a layer's format, "
+                                                          "write the nearest it can"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store of RUN_ID (default: "
+                                               "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"),
 ):
-    """Write the measured config with the lowest KL that fits the budget."""
-    from . import configio
-    from .units import parse_bytes
+    """Write one measured config for a runtime: canonical JSON/YAML, GPTQModel, llm-compressor, llama.cpp, HQQ."""
+    from bitalloc.jobs.export import choose, format_names, write_export
 
-    if (avg_bits is None) == (budget is None):
-        raise BitallocError("--avg-bits/--budget", "give exactly one of them")
-    if output.suffix not in (".json", ".yaml", ".yml"):
-        raise BitallocError("--output", f"{output.name!r} must end in .json, .yaml or .yml")
-    front = configio.read(run_dir / "front.json", configio.FRONT_SCHEMA)
-    model = front["model"]
-    if budget is not None:
-        limit, field = parse_bytes(budget, "--budget"), "--budget"
-    else:
-        limit, field = model["other_bytes"] + int(avg_bits * model["quantized_params"] / 8), "--avg-bits"
-    candidates = front["points"] + front["uniform"]
-    fitting = [c for c in candidates if c["bytes"] <= limit]
-    if not fitting:
-        smallest = min(candidates, key=lambda c: c["bytes"])
-        raise BitallocError(
-            field, f"no measured config fits; the smallest is {smallest['bytes']} bytes "
-                   f"({smallest['mib']:.2f} MiB, {smallest['avg_bits']:.3f} avg bits)",
-        )
-    best = min(fitting, key=lambda c: (c["kl"], c["bytes"]))
-    doc = configio.read(run_dir / best["config"], configio.CONFIG_SCHEMA)
-    configio.write(doc, output)
-    _out().print(
-        f"wrote {output}: {best['avg_bits']:.3f} avg bits, {best['mib']:.2f} MiB, KL {best['kl']:.4f}, PPL {best['ppl']:.2f}"
-    )
+    if fmt not in format_names():
+        raise BitallocError("--format", f"{fmt!r} is not an export format; allowed: {', '.join(format_names())}")
+    chosen = choose(target, avg_bits, budget, point, tracking_uri)
+    changed, checked = write_export(chosen, fmt, output, nearest)
+    totals, metrics = chosen.config["totals"], chosen.config["metrics"]
+    kl = f", KL {metrics['kl']:.4f}, PPL {metrics['ppl']:.2f}" if "kl" in metrics else ""
+    _out().print(f"wrote {output} ({fmt}) from {chosen.where}: {totals['avg_bits']:.3f} avg bits, "
+                 f"{totals['mib']:.2f} MiB{kl}; {checked}", markup=False)
+    for line in changed:
+        _out().print(f"  nearest: {line}", markup=False)
+
+
+@app.command()
+def ui(
+    target: Optional[str] = typer.Argument(None, help="a job's output dir or job YAML (default: the whole store)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: the job's, "
+                                               "else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"),
+    port: int = typer.Option(5000, "--port", help="loopback port; 0 picks a free one"),
+):
+    """Start the MLflow UI on loopback for the job's store and print its experiment's URL (Ctrl-C stops it)."""
+    import time
+
+    from bitalloc.dashboards.ui import experiment_url, locate, serve
+
+    uri, exp_id = locate(target, tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        _out().print(experiment_url(uri.rstrip("/"), exp_id))
+        return
+    with serve(uri, port) as base:
+        _out().print(f"MLflow UI for {uri}: {experiment_url(base, exp_id)}  (Ctrl-C stops it)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,8 +2,9 @@
 
 A config file (`bitalloc.config/1`):
   schema, bitalloc_version, job_spec_hash,
-  model: {source, content_hash},
+  model: {source, content_hash, type},         (type: the transformers model_type, e.g. llama)
   layers: {module name: {bits, group_size, symmetric, scale_dtype}},
+  shapes: {module name: [out_features, in_features]},
   totals: {bytes, mib, avg_bits},
   metrics: {predicted, kl, ppl, tokens}   (kl/ppl/tokens absent if not measured)
 """
@@ -28,7 +29,8 @@ FRONT_SCHEMA = "bitalloc.front/1"
 
 
 def config_document(
-    config: BitConfig, *, model_source: str, model_hash: str, spec_hash: str, measurement: Measurement | None
+    config: BitConfig, *, model_source: str, model_hash: str, spec_hash: str, measurement: Measurement | None,
+    model_type: str | None = None, shapes: dict[str, list[int]] | None = None,
 ) -> dict:
     metrics = {"predicted": config.predicted}
     if measurement is not None:
@@ -37,8 +39,9 @@ def config_document(
         "schema": CONFIG_SCHEMA,
         "bitalloc_version": __version__,
         "job_spec_hash": spec_hash,
-        "model": {"source": model_source, "content_hash": model_hash},
+        "model": {"source": model_source, "content_hash": model_hash, "type": model_type},
         "layers": {name: fmt.to_dict() for name, fmt in config.assignment().items()},
+        "shapes": shapes or {},
         "totals": {"bytes": config.bytes, "mib": round(mib(config.bytes), 6), "avg_bits": round(config.avg_bits, 6)},
         "metrics": metrics,
     }

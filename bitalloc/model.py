@@ -46,6 +46,12 @@ class LoadedModel:
     tokenizer: object | None
     source: str
 
+    @property
+    def model_type(self) -> str | None:
+        """The transformers model_type (e.g. llama), which names its tensors in other runtimes; None for plain modules."""
+        config = getattr(self.module, "config", None)
+        return getattr(config, "model_type", None)
+
     def layer_module(self, name: str) -> nn.Module:
         return self.module.get_submodule(name)
 

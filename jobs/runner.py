@@ -7,6 +7,7 @@ whole job has succeeded, so an interrupted or failed job never leaves files that
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -22,6 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from bitalloc import __version__
 from bitalloc import configio
+from bitalloc.dashboards.plots import write_plots
+from bitalloc.dashboards.tracking import Tracker, resolve_uri
 from bitalloc.data import TokenSets, make_token_sets, text_files, tokenize_files
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import QuantCache
@@ -219,7 +222,8 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
     """Run the whole job and return the front document (also written to OUT/front.json).
 
     Measurements are checkpointed in OUT's staging dir as they arrive; with `resume`, a job whose
-    driver died continues from there and re-runs only what had not finished."""
+    driver died continues from there and re-runs only what had not finished. The job is tracked as
+    an MLflow run (a resumed job reopens its run); plots go to OUT/plots."""
     console = console or Console(stderr=True)
     out = Path(out) if out is not None else spec.output_dir()
     _check_output(out)
@@ -233,16 +237,50 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
             shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
         (staging / "spec.yaml").write_text(configio.dumps(spec.model_dump(mode="json"), ".yaml"))
-        with open_backend(ws, console) as (runner, where):
-            console.print(f"evaluations run in {where}")
-            backend = Checkpointed(runner, staging / "checkpoint.jsonl")
-            document = _search_and_measure(ws, estimator, solver, budgets, backend, stages, staging)
-    document["timings_s"] = stages.timings
-    document["evaluations"] = {"computed": backend.computed, "from_checkpoint": backend.reused, "where": where}
+        tracker = _start_tracking(ws, out, staging, console)
+        try:
+            with open_backend(ws, console) as (runner, where):
+                console.print(f"evaluations run in {where}")
+                backend = Checkpointed(runner, staging / "checkpoint.jsonl")
+                document = _search_and_measure(ws, estimator, solver, budgets, backend, stages, staging)
+            document["timings_s"] = stages.timings
+            document["evaluations"] = {"computed": backend.computed, "from_checkpoint": backend.reused, "where": where}
+            document["tracking"] = tracker.info() if tracker else {}
+            configio.write(document, staging / "front.json")
+            with stages.stage("plots"):
+                write_plots(staging)
+        except BaseException:
+            if tracker:
+                tracker.fail()
+            raise
     (staging / "checkpoint.jsonl").unlink()
-    configio.write(document, staging / "front.json")
+    (staging / TRACKING_FILE).unlink(missing_ok=True)
+    if tracker:
+        tracker.finish(document, staging)
     _publish(staging, out)
     return document
+
+
+TRACKING_FILE = "tracking.json"
+
+
+def _start_tracking(ws: Workspace, out: Path, staging: Path, console: Console) -> Tracker | None:
+    """Open the job's MLflow run (or reopen the one an interrupted job left in its staging dir)."""
+    spec = ws.spec
+    if not spec.tracking.enabled:
+        return None
+    saved = staging / TRACKING_FILE
+    previous = json.loads(saved.read_text()) if saved.is_file() else {}
+    tracker = Tracker(resolve_uri(spec.tracking.uri), console)
+    tags = {"bitalloc.spec_hash": spec.spec_hash(), "bitalloc.seed": str(spec.seed),
+            "bitalloc.model_hash": ws.model_hash, "bitalloc.output": str(out.resolve()),
+            **{f"package.{k}": v for k, v in package_versions().items()}}
+    run_id = tracker.start(spec.tracking.experiment or spec.name, spec.name, spec.model_dump(mode="json"), tags,
+                           run_id=previous.get("run_id") if previous.get("uri") == tracker.uri else None)
+    if run_id is not None:
+        saved.write_text(json.dumps(tracker.info()))
+        console.print(f"tracking: MLflow run {run_id} in {tracker.uri}")
+    return tracker
 
 
 def _search_and_measure(ws: Workspace, estimator: Estimator, solver, budgets: list[tuple[str, int]],
@@ -285,7 +323,8 @@ def _write_results(ws: Workspace, table, table_path, solver, front, points, unif
     """Config files and the table into the staging dir; returns the front document."""
     spec, model, layers, data = ws.spec, ws.model, ws.layers, ws.data
     fp_bytes = problem.fixed_bytes + sum(l.numel * model.layer_module(l.name).weight.element_size() for l in layers)
-    doc_meta = dict(model_source=spec.model.source, model_hash=ws.model_hash, spec_hash=spec.spec_hash())
+    doc_meta = dict(model_source=spec.model.source, model_hash=ws.model_hash, spec_hash=spec.spec_hash(),
+                    model_type=model.model_type, shapes={l.name: [l.out_features, l.in_features] for l in layers})
     rows, uniform_rows = [], []
     for i, point in enumerate(sorted(points.values(), key=lambda p: p.config.bytes)):
         rel = f"configs/mixed-{i + 1:02d}-{point.config.avg_bits:.3f}b.json"
@@ -304,6 +343,7 @@ def _write_results(ws: Workspace, table, table_path, solver, front, points, unif
         "job": {"name": spec.name, "seed": spec.seed, "spec_hash": spec.spec_hash(), "packages": package_versions()},
         "model": {
             "source": spec.model.source,
+            "type": model.model_type,
             "content_hash": ws.model_hash,
             "quantized_layers": len(layers),
             "quantized_params": int(problem.numel.sum()),

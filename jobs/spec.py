@@ -146,6 +146,15 @@ class RunSpec(_Strict):
         return v
 
 
+class TrackingSpec(_Strict):
+    """MLflow tracking: `uri` (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir);
+    `experiment` defaults to the job's name."""
+
+    enabled: bool = True
+    uri: Optional[str] = None
+    experiment: Optional[str] = None
+
+
 class JobSpec(_Strict):
     name: str = "job"
     seed: int = 0
@@ -155,14 +164,17 @@ class JobSpec(_Strict):
     sensitivity: SensitivitySpec = SensitivitySpec()
     search: SearchSpec = SearchSpec()
     run: RunSpec = RunSpec()
+    tracking: TrackingSpec = TrackingSpec()
     output: str = "runs/{name}"
 
     def output_dir(self) -> Path:
         return Path(self.output.format(name=self.name))
 
     def spec_hash(self) -> str:
-        """sha256 of the canonical spec, output dir and where it runs excluded: equal hashes asked the same question."""
-        body = json.dumps(self.model_dump(mode="json", exclude={"output", "run"}), sort_keys=True, separators=(",", ":"))
+        """sha256 of the canonical spec without output dir, where it runs and where it is tracked:
+        equal hashes asked the same question."""
+        body = json.dumps(self.model_dump(mode="json", exclude={"output", "run", "tracking"}), sort_keys=True,
+                          separators=(",", ":"))
         return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
 

@@ -22,6 +22,13 @@ def _table_cache(tmp_path_factory):
     """Sensitivity tables go to a fresh cache per test session, never the user's."""
     os.environ["BITALLOC_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _tracking_store(tmp_path_factory):
+    """Jobs are tracked in a per-session MLflow sqlite store, never one in the working directory."""
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 WORDS = (
     "to be or not to be that is the question whether tis nobler in the mind to suffer the slings and arrows "
     "of outrageous fortune or to take arms against a sea of troubles and by opposing end them"

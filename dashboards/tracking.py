@@ -1,0 +1,175 @@
+"""MLflow tracking: a job is a parent run, each measured front point (and uniform baseline) a child run.
+
+The parent holds the spec, seed, spec hash and package versions (params and tags) and, as artifacts,
+the job's whole result folder: front.json, the configs, the sensitivity table and the plots. A child
+holds one point's metrics (avg_bits, bytes, mib, kl, ppl, predicted) and its config, so MLflow's own
+chart and compare views draw the front.
+
+Tracking never blocks a search: the first failing call prints one warning, turns tracking off for the
+rest of the job, and the job keeps its local results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from rich.console import Console
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+PARENT_TAG = "mlflow.parentRunId"
+KIND_TAG = "bitalloc.kind"
+POINT_METRICS = ("avg_bits", "bytes", "mib", "kl", "ppl", "predicted")
+
+
+def resolve_uri(uri: Optional[str]) -> str:
+    """The store to use: the given URI, else MLFLOW_TRACKING_URI, else a sqlite file in the working dir.
+
+    A relative sqlite path is made absolute, so the URI recorded with the results still points at the
+    same file when read from elsewhere."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    elif "://" not in uri:
+        uri = Path(uri).resolve().as_uri()
+    return uri
+
+
+def _quiet_mlflow() -> None:
+    """No telemetry, no schema-migration chatter, and fail fast instead of retrying a dead server for minutes."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def client(uri: str):
+    _quiet_mlflow()
+    import mlflow
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return mlflow.MlflowClient(uri)
+
+
+def _artifact_root(uri: str, experiment: str) -> Optional[str]:
+    """Artifacts of a sqlite store live beside its file, not in whatever directory the job ran from."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", experiment)
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlruns" / slug).as_uri()
+
+
+def experiment_id(mlflow_client, uri: str, name: str) -> str:
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    # the kind tag makes the MLflow UI open the experiment on its runs table, not the GenAI overview
+    return mlflow_client.create_experiment(name, artifact_location=_artifact_root(uri, name),
+                                           tags={"mlflow.experimentKind": "custom_model_development"})
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+class Tracker:
+    """One job's MLflow parent run. Every call is guarded: a failing store warns once and is then ignored."""
+
+    def __init__(self, uri: str, console: Console):
+        self.uri, self.console = uri, console
+        self.client = None
+        self.run_id: Optional[str] = None
+        self.experiment_id: Optional[str] = None
+        self.failed = False
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        if self.failed:
+            return None
+        try:
+            return fn()
+        except Exception as exc:  # any store failure: connection, permissions, schema, bad URI
+            self.failed = True
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.console.print(f"[yellow]tracking off: {what} failed on {self.uri} ({first[:200]}); "
+                               f"the job goes on and keeps its local results[/yellow]")
+            return None
+
+    def start(self, experiment: str, run_name: str, params: dict, tags: dict[str, str],
+              run_id: Optional[str] = None) -> Optional[str]:
+        """Open the parent run, or reopen `run_id` (a resumed job). Returns the run id, None if tracking failed."""
+
+        def go():
+            from mlflow.entities import Param
+
+            self.client = client(self.uri)
+            if run_id is not None:
+                run = self.client.get_run(run_id)
+                self.experiment_id, self.run_id = run.info.experiment_id, run_id
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            self.experiment_id = experiment_id(self.client, self.uri, experiment)
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags={KIND_TAG: "job", **tags})
+            self.run_id = run.info.run_id
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in _flatten(params).items()])
+            return self.run_id
+
+        return self._guard("starting the run", go)
+
+    def finish(self, front: dict, results: Path) -> None:
+        """Log the job's metrics, one child run per measured point, the result folder; mark the run finished."""
+
+        def go():
+            from mlflow.entities import Metric, Param, RunTag
+
+            ref = front["reference"]
+            times = {f"time_{stage.split()[0]}_s": s for stage, s in front.get("timings_s", {}).items()}
+            self._metrics(self.run_id, {"fp_ppl": ref["ppl"], "fp_mib": ref["mib"],
+                                        "front_size": front["solver"]["front_size"], **times})
+            rows = [("mixed", p["label"], p) for p in front["points"]]
+            rows += [("uniform", f"uniform {u['format']}", u) for u in front["uniform"]]
+            for kind, label, row in rows:
+                child = self.client.create_run(self.experiment_id, run_name=label,
+                                               tags={PARENT_TAG: self.run_id, KIND_TAG: kind})
+                cid = child.info.run_id
+                self.client.log_batch(
+                    cid, metrics=[Metric(k, float(row[k]), 0, 0) for k in POINT_METRICS],
+                    params=[Param("label", label), Param("config", row["config"])],
+                    tags=[RunTag("bitalloc.config", row["config"])],
+                )
+                self.client.log_artifact(cid, str(results / row["config"]), "config")
+                bitmap = results / "plots" / "bitmaps" / (Path(row["config"]).stem + ".png")
+                if bitmap.is_file():
+                    self.client.log_artifact(cid, str(bitmap), "plots")
+                self.client.set_terminated(cid, "FINISHED")
+            self.client.log_artifacts(self.run_id, str(results), "results")
+            self.client.set_terminated(self.run_id, "FINISHED")
+
+        if self.run_id is not None:
+            self._guard("logging the results", go)
+
+    def fail(self) -> None:
+        if self.run_id is not None:
+            self._guard("marking the run failed", lambda: self.client.set_terminated(self.run_id, "FAILED"))
+
+    def _metrics(self, run_id: str, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in values.items()])
+
+    def info(self) -> dict:
+        """What the front document records, so `export` and `ui` can find the run again."""
+        if self.run_id is None or self.failed:
+            return {}
+        return {"uri": self.uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
+

@@ -1,0 +1,94 @@
+"""`bitalloc ui`: the MLflow UI on loopback for a job's store, and the URL of the job's experiment."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from bitalloc import configio
+from bitalloc.errors import BitallocError
+
+from .tracking import client, resolve_uri
+
+HOST = "127.0.0.1"
+
+
+def locate(target: Optional[str], tracking_uri: Optional[str]) -> tuple[str, Optional[str]]:
+    """(store URI, experiment id or None) for a job output dir, a job YAML, or nothing (the default store)."""
+    if target is None:
+        return resolve_uri(tracking_uri), None
+    path = Path(target)
+    if path.is_dir():
+        front = configio.read(path / "front.json", configio.FRONT_SCHEMA)
+        info = front.get("tracking") or {}
+        if not info:
+            raise BitallocError("TARGET", f"the job in {target!r} was not tracked (tracking off, or the store failed)")
+        uri = tracking_uri or info["uri"]
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+            raise BitallocError("TARGET", f"the job was tracked in {uri}, which no longer exists")
+        return uri, info["experiment_id"]
+    if path.suffix in (".yaml", ".yml"):
+        from bitalloc.jobs.spec import load_spec
+
+        spec = load_spec(path)
+        uri = resolve_uri(tracking_uri or spec.tracking.uri)
+        found = client(uri).get_experiment_by_name(spec.tracking.experiment or spec.name)
+        if found is None:
+            raise BitallocError("TARGET", f"no experiment {spec.tracking.experiment or spec.name!r} in {uri}; "
+                                          f"run the job first")
+        return uri, found.experiment_id
+    raise BitallocError("TARGET", f"{target!r} is neither a job's output dir nor a job YAML")
+
+
+def experiment_url(base: str, exp_id: Optional[str]) -> str:
+    return f"{base}/#/experiments/{exp_id}/runs" if exp_id else base
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(uri: str, port: int = 5000, timeout: float = 120.0) -> Iterator[str]:
+    """Run `mlflow ui` on loopback for store URI until the block ends; yields its base URL once it answers."""
+    port = port or _free_port()
+    with socket.socket() as s:
+        if s.connect_ex((HOST, port)) == 0:
+            raise BitallocError("--port", f"{port} is in use on {HOST}; choose another, or 0 for any free port")
+    if uri.startswith("sqlite:///"):
+        client(uri).search_experiments(max_results=1)  # creates or upgrades the store's tables before the UI reads it
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                err = (proc.stderr.read() or "").strip().splitlines()
+                raise BitallocError("ui", f"the MLflow UI exited: {err[-1] if err else proc.returncode}")
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BitallocError("ui", f"the MLflow UI did not answer on {base} within {timeout:.0f} s"
+                                        ) from None
+                time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
