@@ -11,6 +11,14 @@ from .formats import Format
 from .model import QuantizableLayer, from_module, list_layers, load_model
 from .types import BitConfig, Measurement, Problem, SensitivityTable
 
+
+def load_packed(path):
+    """A packed checkpoint (`bitalloc pack`) as a LoadedModel whose chosen layers are QuantLinears."""
+    from bitalloc.kernels.checkpoint import load_packed as load
+
+    return load(path)
+
+
 __all__ = [
     "BitConfig",
     "Format",
@@ -22,4 +30,5 @@ __all__ = [
     "from_module",
     "list_layers",
     "load_model",
+    "load_packed",
 ]

@@ -288,6 +288,67 @@ def export(
 
 
 @app.command()
+def pack(
+    target: str = typer.Argument(..., help="a job's output dir or MLflow run id (the job's, or one point's)"),
+    avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="lowest-KL measured config within this many "
+                                                                      "average bits"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="... within this size, e.g. 60MiB"),
+    point: Optional[int] = typer.Option(None, "--point", help="mixed front point N (numbered by size)"),
+    output: Path = typer.Option(..., "-o", "--output", help="checkpoint folder to write"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store of RUN_ID"),
+):
+    """Write a packed checkpoint (safetensors + config) of one measured config; load it with bitalloc.load_packed."""
+    from bitalloc.jobs.export import choose
+    from bitalloc.kernels.checkpoint import quantize_model, save_packed
+
+    from . import configio
+    from .model import load_model
+
+    if output.exists() and not (output / "bitalloc_config.json").is_file() and any(output.iterdir()):
+        raise BitallocError("--output", f"{str(output)!r} exists and is not a packed checkpoint")
+    chosen = choose(target, avg_bits, budget, point, tracking_uri)
+    doc = chosen.config
+    model = load_model(doc["model"]["source"])
+    if model.content_hash() != doc["model"]["content_hash"]:
+        raise BitallocError("TARGET", f"the model at {doc['model']['source']!r} has changed since the search "
+                                      f"(content hash differs); rerun the job")
+    packed = quantize_model(model, configio.config_formats(doc))
+    save_packed(model, doc, output)
+    size = sum(f.stat().st_size for f in output.iterdir())
+    _out().print(f"wrote {output}/: {doc['totals']['avg_bits']:.3f} avg bits; packed layers {packed:,} bytes, "
+                 f"checkpoint files {size / 2**20:.2f} MiB (the config counts {doc['totals']['mib']:.2f} MiB)",
+                 markup=False)
+
+
+@app.command()
+def latency(
+    model: str = typer.Argument(..., help="smollm2-135m, a Hugging Face id, a model directory or a .gguf file"),
+    output: Path = typer.Option(..., "-o", "--output", help="table to write (.json), for search.latency_table"),
+    bits: List[int] = typer.Option([2, 3, 4, 5, 6, 8, 16], "--bits"),
+    group_size: int = typer.Option(64, "--group-size"),
+    symmetric: bool = typer.Option(False, "--symmetric/--asymmetric"),
+    batch: int = typer.Option(1, "--batch", min=1),
+):
+    """Measure every layer shape x format on this GPU (CUDA events, L2 cleared, median) for the ILP's latency limit."""
+    from rich.console import Console as RichConsole
+
+    from bitalloc.jobs.runner import Stages
+    from bitalloc.kernels.latency import latency_table, require_cuda
+
+    from . import configio
+    from .formats import Format
+    from .model import list_layers, load_model
+
+    require_cuda()
+    formats = [Format(b, group_size, symmetric) for b in bits]
+    shapes = {(l.out_features, l.in_features) for l in list_layers(load_model(model))}
+    with Stages(RichConsole(stderr=True)) as stages, stages.stage("time layer shapes", len(shapes)) as advance:
+        table = latency_table(shapes, formats, batch, advance)
+    configio.write(table, output)
+    _out().print(f"wrote {output}: {len(table['entries'])} entries on {table['device']}")
+
+
+@app.command()
 def ui(
     target: Optional[str] = typer.Argument(None, help="a job's output dir or job YAML (default: the whole store)"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: the job's, "

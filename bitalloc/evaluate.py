@@ -17,11 +17,15 @@ from bitalloc.kernels import fake_quantize
 
 from .formats import Format
 from .model import LoadedModel, QuantizableLayer
+from bitalloc.kernels.packed import PackedWeight, pack_weight
+from bitalloc.kernels.quant_linear import QuantLinear
 from .types import Measurement
 
 
 class QuantCache:
-    """(layer, format) -> dequantized weight in the layer's own dtype and storage layout.
+    """(layer, format) -> dequantized weight in the layer's own dtype and storage layout, or, with
+    `packed` (what GPU workers use), the packed weight itself, so a candidate runs on the low-bit
+    kernels and the memory held is the real packed size.
 
     Holds exactly the formats it is given for the layers it is given; `nbytes` says what that costs.
     """
@@ -33,6 +37,7 @@ class QuantCache:
         formats: Iterable[Format],
         progress: Callable[[int], None] | None = None,
         store: dict[tuple[str, Format], torch.Tensor] | None = None,
+        packed: bool = False,
     ):
         """Quantize every (layer, format), or adopt `store` when given (a worker receiving the driver's cache)."""
         self.model = model
@@ -43,6 +48,9 @@ class QuantCache:
         for layer in layers if store is None else []:
             w = model.weight(layer)
             for fmt in self.formats:
+                if packed and fmt.quantized:
+                    self._store[(layer.name, fmt)] = pack_weight(w, fmt)
+                    continue
                 q = fake_quantize(w, fmt)
                 self._store[(layer.name, fmt)] = q.t().contiguous() if layer.transposed else q
             if progress:
@@ -61,7 +69,8 @@ class QuantCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._store.values())
+        return sum(t.nbytes if isinstance(t, PackedWeight) else t.numel() * t.element_size()
+                   for t in self._store.values())
 
 
 class OnTheFly:
@@ -104,18 +113,26 @@ class Evaluator:
         return sum(t.numel() * t.element_size() for t in self.reference)
 
     @contextmanager
-    def applied(self, tensors: Mapping[str, torch.Tensor]):
-        """Point each named layer's weight at the given tensor (its storage layout); restore on exit."""
-        saved = {}
+    def applied(self, tensors: Mapping[str, torch.Tensor | PackedWeight]):
+        """Point each named layer's weight at the given tensor (its storage layout), or swap the layer for
+        a QuantLinear over a packed weight; restore on exit."""
+        saved, swapped = {}, {}
         try:
             for name, tensor in tensors.items():
-                param = self.model.layer_module(name).weight
-                saved[name] = param.data
-                param.data = tensor
+                module = self.model.layer_module(name)
+                if isinstance(tensor, PackedWeight):
+                    swapped[name] = module
+                    self.model.module.set_submodule(name, QuantLinear.from_packed(tensor, module.bias,
+                                                                                  module.weight.dtype))
+                    continue
+                saved[name] = module.weight.data
+                module.weight.data = tensor
             yield
         finally:
             for name, data in saved.items():
                 self.model.layer_module(name).weight.data = data
+            for name, module in swapped.items():
+                self.model.module.set_submodule(name, module)
 
     def _measure(self, logprobs: Iterable[torch.Tensor]) -> Measurement:
         kl_sum, nll_sum, n_kl, n_nll = 0.0, 0.0, 0, 0

@@ -237,10 +237,11 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
             shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
         (staging / "spec.yaml").write_text(configio.dumps(spec.model_dump(mode="json"), ".yaml"))
-        tracker = _start_tracking(ws, out, staging, console)
+        tracker = None
         try:
             with open_backend(ws, console) as (runner, where):
                 console.print(f"evaluations run in {where}")
+                tracker = _start_tracking(ws, out, staging, console)
                 backend = Checkpointed(runner, staging / "checkpoint.jsonl")
                 document = _search_and_measure(ws, estimator, solver, budgets, backend, stages, staging)
             document["timings_s"] = stages.timings

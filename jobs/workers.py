@@ -37,12 +37,15 @@ class EvalWorker:
                  threads: int):
         torch.set_num_threads(threads)
         module = _restore(skeleton, state)
-        if ray.get_gpu_ids() and torch.cuda.is_available():
+        gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        if gpu:
             module = module.to("cuda")
-            store = {key: t.to("cuda") for key, t in store.items()}
             token_sets = {name: t.to("cuda") for name, t in token_sets.items()}
         model = from_module(module, "worker")
-        self.runner = LocalRunner(model, QuantCache(model, layers, formats, store=store), token_sets, batch_size)
+        # on a GPU, candidates run on packed weights and the Triton kernels: the memory held is the real packed size
+        cache = QuantCache(model, layers, formats, packed=True) if gpu else QuantCache(model, layers, formats,
+                                                                                         store=store)
+        self.runner = LocalRunner(model, cache, token_sets, batch_size)
 
     def run(self, item: tuple[int, EvalTask]) -> tuple[int, Measurement]:
         index, task = item

@@ -1,0 +1,89 @@
+"""`QuantLinear`: a Linear (or GPT-2 Conv1D) whose weight lives packed (see `packed`).
+
+On CUDA it runs the Triton kernels (GEMV up to batch 8, GEMM above); on CPU it dequantizes with
+torch, or, under TRITON_INTERPRET=1, runs the same Triton kernels in the interpreter. An input the
+kernels cannot take (a dtype other than fp16/bf16/fp32, no Triton on the GPU) falls back to the torch
+path with a warning, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from bitalloc.formats import Format
+
+from .packed import PackedWeight, dequantize_packed
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _triton_matmul():
+    try:
+        from .triton_matmul import INTERPRET, packed_matmul
+    except ImportError:
+        return None, False
+    return packed_matmul, INTERPRET
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W [out, in] packed at `fmt`; the bytes held are the packed bytes."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: Format, bias: bool, dtype: torch.dtype,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        n_words = -(-in_features * fmt.bits // 32)
+        n_groups = -(-in_features // fmt.group_size)
+        sdt = _SCALE_DTYPES[fmt.scale_dtype]
+        self.register_buffer("qweight", torch.zeros(out_features, n_words, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=sdt, device=device))
+        self.register_buffer("zeros", None if fmt.symmetric else
+                             torch.zeros(out_features, n_groups, dtype=sdt, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.compute_dtype = dtype
+        self._warned = False
+
+    @classmethod
+    def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuantLinear":
+        layer = cls(packed.in_features, packed.out_features, packed.fmt, bias is not None, dtype,
+                    device=packed.qweight.device)
+        layer.qweight, layer.scales, layer.zeros = packed.qweight, packed.scales, packed.zeros
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.qweight, self.scales, self.zeros, self.fmt, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}"
+
+    def _fallback(self, why: str) -> None:
+        if not self._warned:
+            warnings.warn(f"QuantLinear {self.out_features}x{self.in_features} {self.fmt.name}: {why}; "
+                          f"using the torch dequantize path", stacklevel=3)
+            self._warned = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        matmul, interpret = _triton_matmul()
+        use_kernel = x.is_cuda or interpret
+        if use_kernel and matmul is None:
+            self._fallback("Triton is not installed")
+            use_kernel = False
+        if use_kernel and x.dtype not in _KERNEL_DTYPES:
+            self._fallback(f"the kernels take fp16/bf16/fp32 inputs, not {x.dtype}")
+            use_kernel = False
+        if use_kernel:
+            y = matmul(x2.contiguous(), self.packed)
+        else:
+            y = x2 @ dequantize_packed(self.packed, x.dtype).t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)

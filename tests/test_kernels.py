@@ -1,0 +1,190 @@
+"""Packed format, Triton kernels (run by the Triton interpreter on CPU tensors), QuantLinear, packed checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitalloc import configio, load_packed
+from bitalloc.evaluate import Evaluator, QuantCache
+from bitalloc.formats import QUANT_BITS, Format, weight_bytes
+from bitalloc.kernels.checkpoint import quantize_model, save_packed
+from bitalloc.kernels.packed import dequantize_packed, pack, pack_codes, unpack, unpack_codes
+from bitalloc.kernels.quant_linear import QuantLinear
+from bitalloc.kernels.rtn import dequantize, quantize
+from bitalloc.model import list_layers, load_model
+
+from conftest import tiny_job
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from(QUANT_BITS), out=st.integers(1, 5), cols=st.integers(1, 140), seed=st.integers(0, 999))
+def test_pack_unpack_round_trip_is_exact(bits, out, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (out, cols), generator=g)
+    words = pack_codes(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (out, -(-cols * bits // 32))
+    assert torch.equal(unpack_codes(words, bits, cols), codes)
+
+
+def test_three_bits_pack_32_codes_into_3_words():
+    codes = torch.arange(32).remainder(8).reshape(1, 32)
+    assert pack_codes(codes, 3).shape == (1, 3)
+    assert torch.equal(unpack_codes(pack_codes(codes, 3), 3, 32), codes)
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_packed_bytes_are_the_cost_model_bytes_and_dequantize_alike(bits, symmetric):
+    w = torch.randn(7, 75, generator=torch.Generator().manual_seed(bits))
+    fmt = Format(bits, 32, symmetric)
+    q = quantize(w, fmt)
+    p = pack(q)
+    assert p.nbytes == weight_bytes(7, 75, fmt)
+    assert torch.equal(unpack(p).codes, q.codes)
+    assert torch.equal(dequantize_packed(p), dequantize(q))
+
+
+def _interpreted(code: str) -> None:
+    """Run `code` in a fresh interpreter with TRITON_INTERPRET=1 (the switch is read when Triton is imported)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_triton_kernels_match_the_torch_reference_for_every_bit_width():
+    """GEMV and GEMM, every bit width, both symmetries, shapes that leave partial tiles, groups and words."""
+    _interpreted("""
+import torch
+from bitalloc.formats import QUANT_BITS, Format
+from bitalloc.kernels.packed import dequantize_packed, pack_weight
+from bitalloc.kernels.triton_matmul import packed_matmul
+g = torch.Generator().manual_seed(0)
+for bits in QUANT_BITS:
+    for sym in (False, True):
+        for n, k, group in ((40, 100, 32), (17, 96, 64)):
+            p = pack_weight(torch.randn(n, k, generator=g), Format(bits, group, sym))
+            w = dequantize_packed(p)
+            for m, kernel in ((1, "gemv"), (3, "gemv"), (19, "gemm")):
+                x = torch.randn(m, k, generator=g)
+                y = packed_matmul(x, p, kernel)
+                ref = x @ w.t()
+                err = (y - ref).abs().max().item()
+                assert err <= 1e-4 * (1 + ref.abs().max().item()), (bits, sym, n, k, m, kernel, err)
+for dtype in (torch.float16, torch.bfloat16):
+    p = pack_weight(torch.randn(24, 64, generator=g), Format(3, 32, False))
+    x = torch.randn(2, 64, generator=g).to(dtype)
+    y = packed_matmul(x, p)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), x.float() @ dequantize_packed(p).t(), atol=0.05, rtol=0.02)
+""")
+
+
+def test_quant_linear_runs_the_kernel_under_the_interpreter_and_equals_the_cpu_path():
+    _interpreted("""
+import torch
+from bitalloc.formats import Format
+from bitalloc.kernels.packed import pack_weight
+from bitalloc.kernels.quant_linear import QuantLinear
+import bitalloc.kernels.triton_matmul as tm
+calls = []
+real = tm.packed_matmul
+tm.packed_matmul = lambda *a, **k: calls.append(1) or real(*a, **k)
+g = torch.Generator().manual_seed(1)
+layer = QuantLinear.from_packed(pack_weight(torch.randn(12, 40, generator=g), Format(5, 16, True)),
+                                torch.randn(12, generator=g), torch.float32)
+x = torch.randn(2, 3, 40, generator=g)
+y = layer(x)
+assert calls, "the Triton kernel did not run"
+from bitalloc.kernels.packed import dequantize_packed
+torch.testing.assert_close(y, x @ dequantize_packed(layer.packed).t() + layer.bias, atol=1e-4, rtol=1e-4)
+""")
+
+
+def test_quant_linear_falls_back_with_a_warning_for_inputs_the_kernels_cannot_take():
+    from bitalloc.kernels.packed import pack_weight
+
+    layer = QuantLinear.from_packed(pack_weight(torch.randn(6, 20), Format(4, 8)), None, torch.float64)
+    x = torch.randn(2, 20, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import bitalloc.kernels.quant_linear as ql
+
+        orig = ql._triton_matmul
+        ql._triton_matmul = lambda: (orig()[0], True)
+        try:
+            y = layer(x)
+        finally:
+            ql._triton_matmul = orig
+    assert any("torch dequantize path" in str(w.message) for w in caught)
+    torch.testing.assert_close(y, x @ dequantize_packed(layer.packed, torch.float64).t())
+
+
+@pytest.fixture(scope="module")
+def tiny_front(tiny_llama, text_dir, tmp_path_factory):
+    from bitalloc.jobs.runner import run_job
+    from bitalloc.jobs.spec import parse_spec
+
+    out = tmp_path_factory.mktemp("kern") / "out"
+    run_job(parse_spec(tiny_job(tiny_llama, text_dir, out, tracking={"enabled": False})))
+    return out
+
+
+def test_packed_checkpoint_equals_the_evaluators_model(tiny_front, tiny_llama, tmp_path):
+    """`bitalloc pack` then `load_packed`: same logits as the evaluator's dequantized weights."""
+    done = subprocess.run([sys.executable, "-m", "bitalloc.cli", "pack", str(tiny_front), "--point", "2", "-o",
+                           str(tmp_path / "ckpt")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    doc = configio.read(tmp_path / "ckpt" / "bitalloc_config.json", configio.CONFIG_SCHEMA)
+    formats = configio.config_formats(doc)
+    model = load_model(str(tiny_llama))
+    chosen = [l for l in list_layers(model) if l.name in formats]
+    tokens = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(0))
+    cache = QuantCache(model, chosen, sorted(set(formats.values())))
+    evaluator = Evaluator(model, cache, tokens, 2)
+    with evaluator.applied({n: cache.get(n, f) for n, f in formats.items()}), torch.no_grad():
+        expected = model.module(tokens).logits
+    packed = load_packed(tmp_path / "ckpt")
+    quant = [m for m in packed.module.modules() if isinstance(m, QuantLinear)]
+    assert len(quant) == sum(f.quantized for f in formats.values())
+    assert sum(m.packed.nbytes for m in quant) == sum(
+        weight_bytes(l.out_features, l.in_features, formats[l.name]) for l in chosen if formats[l.name].quantized)
+    with torch.no_grad():
+        torch.testing.assert_close(packed.module(tokens).logits, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_packed_evaluation_measures_what_the_dequantized_evaluation_does(tiny_llama):
+    """What GPU workers run (packed weights through QuantLinear) gives the CPU evaluator's numbers."""
+    model = load_model(str(tiny_llama))
+    layers = [l for l in list_layers(model) if l.tied_to is None]
+    fmts = (Format(3, 32), Format(8, 32, True))
+    tokens = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(0))
+    plain, packed = QuantCache(model, layers, fmts), QuantCache(model, layers, fmts, packed=True)
+    assert packed.nbytes < plain.nbytes
+    evaluator = Evaluator(model, plain, tokens, 2)
+    assignment = {l.name: fmts[i % 2] for i, l in enumerate(layers)}
+    expected = evaluator.evaluate(assignment)
+    evaluator.weights = packed
+    got = evaluator.evaluate(assignment)
+    assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7) and got.ppl == pytest.approx(expected.ppl, rel=1e-5)
+    assert not any(isinstance(m, QuantLinear) for m in model.module.modules())
+
+
+def test_bad_pack_and_latency_requests_are_one_line_errors(tiny_front, tmp_path):
+    for args, field in ((["pack", str(tiny_front), "--point", "99", "-o", str(tmp_path / "c")], "--point"),
+                        (["pack", str(tmp_path), "--point", "1", "-o", str(tmp_path / "c")], "TARGET"),
+                        (["latency", "x", "-o", str(tmp_path / "l.json")], "latency")):
+        done = subprocess.run([sys.executable, "-m", "bitalloc.cli", *args], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.startswith(f"error: {field}:"), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists() and not (tmp_path / "l.json").exists()
