@@ -265,7 +265,8 @@ def export(
     budget: Optional[str] = typer.Option(None, "--budget", help="... within this size, e.g. 60MiB"),
     point: Optional[int] = typer.Option(None, "--point", help="mixed front point N (numbered by size, as in the "
                                                               "front table)"),
-    fmt: str = typer.Option("json", "--format", "-f", help="json, yaml, gptqmodel, llmcompressor, llamacpp, hqq"),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="json, yaml, gptqmodel, llmcompressor, "
+                                      "llamacpp, hqq (default: json or yaml by the output's suffix)"),
     output: Path = typer.Option(..., "-o", "--output", help="file to write"),
     nearest: bool = typer.Option(False, "--nearest", help="where the runtime cannot express a layer's format, "
                                                           "write the nearest it can"),
@@ -275,6 +276,11 @@ def export(
     """Write one measured config for a runtime: canonical JSON/YAML, GPTQModel, llm-compressor, llama.cpp, HQQ."""
     from bitalloc.jobs.export import choose, format_names, write_export
 
+    if fmt is None:
+        fmt = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}.get(output.suffix)
+        if fmt is None:
+            raise BitallocError("--format", f"cannot tell the format from {output.name!r}; give --format "
+                                            f"({', '.join(format_names())})")
     if fmt not in format_names():
         raise BitallocError("--format", f"{fmt!r} is not an export format; allowed: {', '.join(format_names())}")
     chosen = choose(target, avg_bits, budget, point, tracking_uri)

@@ -135,8 +135,8 @@ def test_unknown_model_and_missing_file(tmp_path, capsys, text_dir):
 def test_export_refusals(finished, tmp_path, capsys):
     cases = [
         (["--avg-bits", "1", "-o", str(tmp_path / "x.json")], "error: --avg-bits: no measured config fits"),
-        (["-o", str(tmp_path / "x.json")], "error: --avg-bits/--budget: give exactly one"),
-        (["--budget", "1MiB", "-o", str(tmp_path / "x.txt")], "error: --output: "),
+        (["-o", str(tmp_path / "x.json")], "error: --avg-bits/--budget/--point: give exactly one"),
+        (["--budget", "1MiB", "-o", str(tmp_path / "x.txt")], "error: --format: cannot tell the format"),
     ]
     for args, expected in cases:
         with pytest.raises(SystemExit) as exc:

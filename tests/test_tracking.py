@@ -131,7 +131,7 @@ def test_bad_export_requests_are_one_line_errors(tracked, tmp_path, args, field)
     out, front, uri = tracked
     mc = client(uri)
     unfinished = mc.create_run(mc.get_run(front["tracking"]["run_id"]).info.experiment_id, tags={KIND_TAG: "job"})
-    target = tmp_path / "x.out"
+    target = tmp_path / "x.json"
     args = [a.format(out=out, run=unfinished.info.run_id) for a in args]
     done = bitalloc("export", *args, "-o", str(target), "--tracking-uri", uri)
     assert done.returncode == 2
