@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import click
 import numpy as np
@@ -257,32 +257,34 @@ def layers(
     _out().print(table)
 
 
+# what `export` and `pack` both take to name one measured config
+Target = Annotated[str, typer.Argument(help="a job's output dir or MLflow run id (the job's, or one point's)")]
+AvgBits = Annotated[Optional[float], typer.Option("--avg-bits", help="lowest-KL measured config within this many "
+                                                                     "average bits")]
+Budget = Annotated[Optional[str], typer.Option("--budget", help="... within this size, e.g. 60MiB")]
+Point = Annotated[Optional[int], typer.Option("--point", help="mixed front point N (numbered by size, as in the "
+                                                              "front table)")]
+RunStore = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store of RUN_ID (default: "
+                                                 "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")]
+
+
 @app.command()
 def export(
-    target: str = typer.Argument(..., help="a job's output dir or MLflow run id (the job's, or one point's)"),
-    avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="lowest-KL measured config within this many "
-                                                                      "average bits"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="... within this size, e.g. 60MiB"),
-    point: Optional[int] = typer.Option(None, "--point", help="mixed front point N (numbered by size, as in the "
-                                                              "front table)"),
+    target: Target,
+    avg_bits: AvgBits = None,
+    budget: Budget = None,
+    point: Point = None,
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="json, yaml, gptqmodel, llmcompressor, "
                                       "llamacpp, hqq (default: json or yaml by the output's suffix)"),
     output: Path = typer.Option(..., "-o", "--output", help="file to write"),
     nearest: bool = typer.Option(False, "--nearest", help="where the runtime cannot express a layer's format, "
                                                           "write the nearest it can"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store of RUN_ID (default: "
-                                               "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"),
+    tracking_uri: RunStore = None,
 ):
     """Write one measured config for a runtime: canonical JSON/YAML, GPTQModel, llm-compressor, llama.cpp, HQQ."""
-    from bitalloc.jobs.export import choose, format_names, write_export
+    from bitalloc.jobs.export import choose, resolve_format, write_export
 
-    if fmt is None:
-        fmt = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}.get(output.suffix)
-        if fmt is None:
-            raise BitallocError("--format", f"cannot tell the format from {output.name!r}; give --format "
-                                            f"({', '.join(format_names())})")
-    if fmt not in format_names():
-        raise BitallocError("--format", f"{fmt!r} is not an export format; allowed: {', '.join(format_names())}")
+    fmt = resolve_format(fmt, output)
     chosen = choose(target, avg_bits, budget, point, tracking_uri)
     changed, checked = write_export(chosen, fmt, output, nearest)
     totals, metrics = chosen.config["totals"], chosen.config["metrics"]
@@ -295,22 +297,21 @@ def export(
 
 @app.command()
 def pack(
-    target: str = typer.Argument(..., help="a job's output dir or MLflow run id (the job's, or one point's)"),
-    avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="lowest-KL measured config within this many "
-                                                                      "average bits"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="... within this size, e.g. 60MiB"),
-    point: Optional[int] = typer.Option(None, "--point", help="mixed front point N (numbered by size)"),
+    target: Target,
+    avg_bits: AvgBits = None,
+    budget: Budget = None,
+    point: Point = None,
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint folder to write"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store of RUN_ID"),
+    tracking_uri: RunStore = None,
 ):
     """Write a packed checkpoint (safetensors + config) of one measured config; load it with bitalloc.load_packed."""
     from bitalloc.jobs.export import choose
-    from bitalloc.kernels.checkpoint import quantize_model, save_packed
+    from bitalloc.kernels.checkpoint import CONFIG_FILE, quantize_model, save_packed
 
     from . import configio
     from .model import load_model
 
-    if output.exists() and not (output / "bitalloc_config.json").is_file() and any(output.iterdir()):
+    if output.exists() and not (output / CONFIG_FILE).is_file() and any(output.iterdir()):
         raise BitallocError("--output", f"{str(output)!r} exists and is not a packed checkpoint")
     chosen = choose(target, avg_bits, budget, point, tracking_uri)
     doc = chosen.config

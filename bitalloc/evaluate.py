@@ -14,11 +14,11 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from bitalloc.kernels import fake_quantize
+from bitalloc.kernels.packed import PackedWeight, pack_weight
+from bitalloc.kernels.quant_linear import QuantLinear
 
 from .formats import Format
 from .model import LoadedModel, QuantizableLayer
-from bitalloc.kernels.packed import PackedWeight, pack_weight
-from bitalloc.kernels.quant_linear import QuantLinear
 from .types import Measurement
 
 

@@ -83,6 +83,12 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _metrics(values: dict[str, float]) -> list:
+    from mlflow.entities import Metric
+
+    return [Metric(k, float(v), 0, 0) for k, v in values.items()]
+
+
 class Tracker:
     """One job's MLflow parent run. Every call is guarded: a failing store warns once and is then ignored."""
 
@@ -130,12 +136,12 @@ class Tracker:
         """Log the job's metrics, one child run per measured point, the result folder; mark the run finished."""
 
         def go():
-            from mlflow.entities import Metric, Param, RunTag
+            from mlflow.entities import Param, RunTag
 
             ref = front["reference"]
             times = {f"time_{stage.split()[0]}_s": s for stage, s in front.get("timings_s", {}).items()}
-            self._metrics(self.run_id, {"fp_ppl": ref["ppl"], "fp_mib": ref["mib"],
-                                        "front_size": front["solver"]["front_size"], **times})
+            self.client.log_batch(self.run_id, metrics=_metrics({"fp_ppl": ref["ppl"], "fp_mib": ref["mib"],
+                                                                 "front_size": front["solver"]["front_size"], **times}))
             rows = [("mixed", p["label"], p) for p in front["points"]]
             rows += [("uniform", f"uniform {u['format']}", u) for u in front["uniform"]]
             for kind, label, row in rows:
@@ -143,7 +149,7 @@ class Tracker:
                                                tags={PARENT_TAG: self.run_id, KIND_TAG: kind})
                 cid = child.info.run_id
                 self.client.log_batch(
-                    cid, metrics=[Metric(k, float(row[k]), 0, 0) for k in POINT_METRICS],
+                    cid, metrics=_metrics({k: row[k] for k in POINT_METRICS}),
                     params=[Param("label", label), Param("config", row["config"])],
                     tags=[RunTag("bitalloc.config", row["config"])],
                 )
@@ -161,11 +167,6 @@ class Tracker:
     def fail(self) -> None:
         if self.run_id is not None:
             self._guard("marking the run failed", lambda: self.client.set_terminated(self.run_id, "FAILED"))
-
-    def _metrics(self, run_id: str, values: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in values.items()])
 
     def info(self) -> dict:
         """What the front document records, so `export` and `ui` can find the run again."""

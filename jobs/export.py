@@ -24,6 +24,18 @@ def format_names() -> list[str]:
     return list(CANONICAL) + sorted(RUNTIMES.classes)
 
 
+def resolve_format(fmt: Optional[str], output: Path) -> str:
+    """The export format: as given, else json/yaml by the output's suffix; unknown names are refused."""
+    if fmt is None:
+        fmt = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}.get(output.suffix)
+        if fmt is None:
+            raise BitallocError("--format", f"cannot tell the format from {output.name!r}; give --format "
+                                            f"({', '.join(format_names())})")
+    if fmt not in format_names():
+        raise BitallocError("--format", f"{fmt!r} is not an export format; allowed: {', '.join(format_names())}")
+    return fmt
+
+
 @dataclass
 class Chosen:
     config: dict
@@ -117,8 +129,7 @@ def layers_of(doc: dict) -> list[Layer]:
 
 def write_export(chosen: Chosen, fmt: str, output: Path, nearest: bool) -> tuple[list[str], str]:
     """Write the file atomically; returns (layers written as nearest, what the runtime's parser said)."""
-    if fmt not in format_names():
-        raise BitallocError("--format", f"{fmt!r} is not an export format; allowed: {', '.join(format_names())}")
+    fmt = resolve_format(fmt, output)
     if fmt in CANONICAL:
         if output.suffix not in ({".json"} if fmt == "json" else {".yaml", ".yml"}):
             raise BitallocError("--output", f"{output.name!r} must end in .{fmt} for --format {fmt}")

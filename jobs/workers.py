@@ -42,9 +42,9 @@ class EvalWorker:
             module = module.to("cuda")
             token_sets = {name: t.to("cuda") for name, t in token_sets.items()}
         model = from_module(module, "worker")
-        # on a GPU, candidates run on packed weights and the Triton kernels: the memory held is the real packed size
-        cache = QuantCache(model, layers, formats, packed=True) if gpu else QuantCache(model, layers, formats,
-                                                                                         store=store)
+        # on a GPU, candidates run on packed weights and the Triton kernels: the memory held is the real packed
+        # size; a worker without the driver's cache (GPU jobs are not sent it) quantizes its own
+        cache = QuantCache(model, layers, formats, store=None if gpu else store, packed=gpu)
         self.runner = LocalRunner(model, cache, token_sets, batch_size)
 
     def run(self, item: tuple[int, EvalTask]) -> tuple[int, Measurement]:
@@ -102,7 +102,8 @@ class RayRunner:
             with _without_weights(module):
                 skeleton = ray.put(module)
             # held for the runner's life: a restarted actor fetches its constructor arguments again
-            self._shared = (skeleton, ray.put(_state(module)), ray.put(store))
+            # GPU workers pack their own weights, so they are not sent the dequantized cache
+            self._shared = (skeleton, ray.put(_state(module)), ray.put(None if gpus_per_worker else store))
         options = {"num_cpus": threads_per_worker, "num_gpus": gpus_per_worker}
         self.actors = [EvalWorker.options(**options).remote(*self._shared[:2], layers, formats, self._shared[2],
                                                             token_sets, batch_size, threads_per_worker)

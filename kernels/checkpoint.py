@@ -7,7 +7,6 @@ config it was packed from). `load_packed(DIR)` rebuilds the model from those alo
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -80,7 +79,6 @@ def load_packed(path: str | Path) -> LoadedModel:
     doc = configio.read(path / CONFIG_FILE, configio.CONFIG_SCHEMA)
     config = AutoConfig.from_pretrained(path)
     with safe_open(str(path / WEIGHTS_FILE), "pt") as fh:
-        meta = fh.metadata() or {}
         dtypes = {fh.get_slice(k).get_dtype() for k in fh.keys()}
     dtype = torch.float32 if "F32" in dtypes else torch.float16 if "F16" in dtypes else torch.bfloat16
     module = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
@@ -91,7 +89,7 @@ def load_packed(path: str | Path) -> LoadedModel:
     tied = {k for k in missing if k.endswith("weight") and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
         raise BitallocError("DIR", f"{WEIGHTS_FILE} does not match its config: missing {sorted(missing)[:3]}, "
-                                   f"unexpected {sorted(unexpected)[:3]} ({json.dumps(meta)[:80]})")
+                                   f"unexpected {sorted(unexpected)[:3]}")
     module.tie_weights()
     module.eval()
     return model

@@ -15,10 +15,10 @@ from torch import nn
 
 from bitalloc.formats import Format
 
-from .packed import PackedWeight, dequantize_packed
+from .packed import PackedWeight, dequantize_packed, words_per_row
+from .rtn import _DTYPES
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _triton_matmul():
@@ -36,15 +36,14 @@ class QuantLinear(nn.Module):
                  device=None):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        n_words = -(-in_features * fmt.bits // 32)
         n_groups = -(-in_features // fmt.group_size)
-        sdt = _SCALE_DTYPES[fmt.scale_dtype]
-        self.register_buffer("qweight", torch.zeros(out_features, n_words, dtype=torch.int32, device=device))
+        sdt = _DTYPES[fmt.scale_dtype]
+        self.register_buffer("qweight", torch.zeros(out_features, words_per_row(in_features, fmt.bits),
+                                                    dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=sdt, device=device))
         self.register_buffer("zeros", None if fmt.symmetric else
                              torch.zeros(out_features, n_groups, dtype=sdt, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self.compute_dtype = dtype
         self._warned = False
 
     @classmethod

@@ -58,7 +58,7 @@ def _dequant_tile(q_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, n_words, n_groups,
 @triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, n_groups, stride_xm, stride_ym,
                  BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, OFFSET: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     for m in range(0, M):
@@ -91,7 +91,7 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, n_groups, 
 
 
 def _gemv_configs():
-    return [triton.Config({"BLOCK_M": 1, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
             for n, k, w in ((32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8), (256, 64, 8))]
 
 
@@ -104,8 +104,7 @@ def _gemm_configs():
 _KEY = ["N", "K", "BITS", "GROUP"]
 if INTERPRET:
     GEMV, GEMM = _gemv_kernel, _gemm_kernel
-    _FIXED = {"gemv": {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32}, "gemm": {"BLOCK_M": 16, "BLOCK_N": 16,
-                                                                             "BLOCK_K": 32}}
+    _FIXED = {"gemv": {"BLOCK_N": 16, "BLOCK_K": 32}, "gemm": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}}
 else:
     GEMV = triton.autotune(_gemv_configs(), key=_KEY)(_gemv_kernel)
     GEMM = triton.autotune(_gemm_configs(), key=_KEY + ["M"])(_gemm_kernel)
