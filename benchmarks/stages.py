@@ -66,10 +66,10 @@ def main() -> None:
                       lambda: Evaluator(model, cache, data.evaluation, 2),
                       lambda e: f"{e.reference_nbytes / 2**20:.0f} MiB held")
     config = front[len(front) // 2].assignment()
-    timed("one evaluation, cached weights", lambda: evaluator.evaluate(config), lambda m: f"KL {m.kl:.4f}", 3)
+    timed("one evaluation, cached weights", lambda: evaluator.evaluate(config), lambda m: f"KL {m.loss:.4f}", 3)
     fly = Evaluator.__new__(Evaluator)
     fly.__dict__.update(evaluator.__dict__, weights=OnTheFly(model, layers))
-    timed("one evaluation, quantized on the fly", lambda: fly.evaluate(config), lambda m: f"KL {m.kl:.4f}", 3)
+    timed("one evaluation, quantized on the fly", lambda: fly.evaluate(config), lambda m: f"KL {m.loss:.4f}", 3)
 
     out = Table(title=f"bitalloc stages on smollm2-135m ({torch.get_num_threads()} threads)")
     out.add_column("stage")

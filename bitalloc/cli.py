@@ -6,13 +6,13 @@ import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
 
-import click
 import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer's own copy of click raises these
 
-from .errors import BitallocError
+from .errors import BitallocError, Interrupted, raise_on_signals
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Mixed-precision bit-allocation search.")
@@ -169,7 +169,7 @@ def sensitivity(
 
 
 def _default_score_estimators(registry) -> list[str]:
-    return sorted(registry) + ["sqnr:activations=true", "fisher:side=output"]
+    return sorted(registry) + ["sqnr:activations=true", "fisher:side=weight"]
 
 
 def _tables(spec, estimators: list[str], out: Optional[Path]) -> None:
@@ -283,12 +283,14 @@ def export(
 ):
     """Write one measured config for a runtime: canonical JSON/YAML, GPTQModel, llm-compressor, llama.cpp, HQQ."""
     from bitalloc.jobs.export import choose, resolve_format, write_export
+    from bitalloc.metrics import metric_of
 
     fmt = resolve_format(fmt, output)
     chosen = choose(target, avg_bits, budget, point, tracking_uri)
     changed, checked = write_export(chosen, fmt, output, nearest)
     totals, metrics = chosen.config["totals"], chosen.config["metrics"]
-    kl = f", KL {metrics['kl']:.4f}, PPL {metrics['ppl']:.2f}" if "kl" in metrics else ""
+    m = metric_of(chosen.config)
+    kl = f", {m.loss_label} {metrics[m.loss]:.4f}, {m.quality_label} {metrics[m.quality]:.4g}" if m.loss in metrics else ""
     _out().print(f"wrote {output} ({fmt}) from {chosen.where}: {totals['avg_bits']:.3f} avg bits, "
                  f"{totals['mib']:.2f} MiB{kl}; {checked}", markup=False)
     for line in changed:
@@ -371,28 +373,40 @@ def ui(
     if uri.startswith(("http://", "https://")):
         _out().print(experiment_url(uri.rstrip("/"), exp_id))
         return
-    with serve(uri, port) as base:
-        _out().print(f"MLflow UI for {uri}: {experiment_url(base, exp_id)}  (Ctrl-C stops it)")
-        try:
+    try:
+        with serve(uri, port) as base:
+            _out().print(f"MLflow UI for {uri}: {experiment_url(base, exp_id)}  (Ctrl-C stops it)")
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            return
+    except Interrupted:
+        _out().print("MLflow UI stopped")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Every failure ends as one line on stderr: exit 2 for bad input, 130 for Ctrl-C / SIGTERM."""
+    raise_on_signals()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except BitallocError as exc:
-        print(f"error: {exc.field}: {exc.message}", file=sys.stderr)
+        print(_one_line(f"error: {exc.field}: {exc.message}"), file=sys.stderr)
         raise SystemExit(2) from None
-    except click.ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        print("interrupted: no results were written; `bitalloc run --resume OUT` continues from the checkpoint",
-              file=sys.stderr)
+    except NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else exc.format_message(), file=sys.stderr)
+        raise SystemExit(2) from None
+    except ClickException as exc:
+        where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+        print(_one_line(f"error: usage: {exc.format_message()}{where}"), file=sys.stderr)
+        raise SystemExit(2) from None
+    except (Interrupted, KeyboardInterrupt) as exc:
+        hint = getattr(exc, "hint", "") or "nothing was written"
+        print(f"interrupted: {hint}", file=sys.stderr)
         raise SystemExit(130) from None
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

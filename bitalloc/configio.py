@@ -2,11 +2,13 @@
 
 A config file (`bitalloc.config/1`):
   schema, bitalloc_version, job_spec_hash,
-  model: {source, content_hash, type},         (type: the transformers model_type, e.g. llama)
+  model: {source, content_hash, type, other_bytes},  (type: the transformers model_type, e.g. llama;
+                                                     other_bytes: everything not in `layers`)
+  metric: {kind, loss, quality, description}  (bitalloc.metrics; absent in older files: next-token)
   layers: {module name: {bits, group_size, symmetric, scale_dtype}},
   shapes: {module name: [out_features, in_features]},
   totals: {bytes, mib, avg_bits},
-  metrics: {predicted, kl, ppl, tokens}   (kl/ppl/tokens absent if not measured)
+  metrics: {predicted, <loss>, <quality>, tokens}  (kl/ppl for LMs; absent if not measured)
 """
 
 from __future__ import annotations
@@ -21,25 +23,100 @@ import yaml
 from . import __version__
 from .errors import BitallocError
 from .formats import Format
+from .metrics import METRICS, Metric
+from .model import NEXT_TOKEN
 from .types import BitConfig, Measurement
 from .units import mib
 
 CONFIG_SCHEMA = "bitalloc.config/1"
 FRONT_SCHEMA = "bitalloc.front/1"
+MAX_FILE_BYTES = 64 << 20  # a spec, config or front is kilobytes; anything this large is not one
+MAX_NODES = 100_000  # values in a YAML document once its aliases are expanded
+MAX_DEPTH = 64
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that also refuses duplicate keys (the second would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                        key_node.start_mark) from None
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _check_size(node, field: str) -> None:
+    """Refuse documents whose aliases expand to more than MAX_NODES values or that nest deeper than MAX_DEPTH
+    (a 'billion laughs' document is tiny on disk and enormous once read)."""
+    count, stack = 0, [(node, 0)]
+    while stack:
+        current, depth = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise BitallocError(field, f"the YAML expands to more than {MAX_NODES} values (through aliases?)")
+        if depth > MAX_DEPTH:
+            raise BitallocError(field, f"the YAML nests deeper than {MAX_DEPTH} levels")
+        if isinstance(current, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in current.value)
+        elif isinstance(current, yaml.MappingNode):
+            stack.extend((child, depth + 1) for pair in current.value for child in pair)
+
+
+def parse_yaml(text: str, field: str):
+    """YAML text as plain data (safe types only), every failure one `BitallocError` naming `field`."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, field)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise BitallocError(field, f"malformed YAML{where}: {' '.join(str(problem).split())[:200]}") from None
+    except RecursionError:
+        raise BitallocError(field, f"the YAML nests deeper than {MAX_DEPTH} levels") from None
+    finally:
+        loader.dispose()
+
+
+def read_text(path: Path, field: str) -> str:
+    """A UTF-8 text file of reasonable size, or one `BitallocError` naming `field`."""
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise BitallocError(field, f"{str(path)!r} is {path.stat().st_size} bytes, too large for this file")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise BitallocError(field, f"{str(path)!r} is not UTF-8 text") from None
+    except OSError as exc:
+        raise BitallocError(field, f"{str(path)!r} cannot be read ({exc.strerror or exc})") from None
 
 
 def config_document(
     config: BitConfig, *, model_source: str, model_hash: str, spec_hash: str, measurement: Measurement | None,
-    model_type: str | None = None, shapes: dict[str, list[int]] | None = None,
+    model_type: str | None = None, shapes: dict[str, list[int]] | None = None, metric: Metric = METRICS[NEXT_TOKEN],
+    other_bytes: int | None = None,
 ) -> dict:
     metrics = {"predicted": config.predicted}
     if measurement is not None:
-        metrics.update(kl=measurement.kl, ppl=measurement.ppl, tokens=measurement.tokens)
+        metrics.update({metric.loss: measurement.loss, metric.quality: measurement.quality,
+                        "tokens": measurement.tokens})
     return {
         "schema": CONFIG_SCHEMA,
         "bitalloc_version": __version__,
         "job_spec_hash": spec_hash,
-        "model": {"source": model_source, "content_hash": model_hash, "type": model_type},
+        "model": {"source": model_source, "content_hash": model_hash, "type": model_type, "other_bytes": other_bytes},
+        "metric": metric.document(),
         "layers": {name: fmt.to_dict() for name, fmt in config.assignment().items()},
         "shapes": shapes or {},
         "totals": {"bytes": config.bytes, "mib": round(mib(config.bytes), 6), "avg_bits": round(config.avg_bits, 6)},
@@ -63,14 +140,14 @@ def write(doc: dict, path: Path) -> None:
 
 
 def read(path: Path, schema: str) -> dict:
-    try:
-        text = path.read_text()
-    except OSError:
-        raise BitallocError(str(path), "cannot be read") from None
-    try:
-        doc = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    except (json.JSONDecodeError, yaml.YAMLError):
-        raise BitallocError(str(path), "is not valid JSON/YAML") from None
+    text = read_text(path, str(path))
+    if path.suffix in (".yaml", ".yml"):
+        doc = parse_yaml(text, str(path))
+    else:
+        try:
+            doc = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            raise BitallocError(str(path), "is not valid JSON") from None
     if not isinstance(doc, dict) or doc.get("schema") != schema:
         raise BitallocError(str(path), f"is not a {schema} file")
     return doc

@@ -1,4 +1,9 @@
-"""The one error type users see: it names the field at fault and what is allowed there."""
+"""The errors users see: a `BitallocError` names the field at fault and what is allowed there; an
+`Interrupted` is Ctrl-C or SIGTERM, carried past every `except Exception` so cleanup still runs."""
+
+from __future__ import annotations
+
+import signal
 
 
 class BitallocError(Exception):
@@ -8,3 +13,23 @@ class BitallocError(Exception):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class Interrupted(BaseException):
+    """The user stopped the command (SIGINT or SIGTERM); `hint` says what to do next. The CLI exits 130."""
+
+    def __init__(self, signum: int, hint: str = ""):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.hint = hint
+
+
+def _raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(signum)
+
+
+def raise_on_signals() -> None:
+    """Turn SIGINT and SIGTERM into `Interrupted` in this (main) thread, so a stop unwinds through every
+    `finally` (Ray shut down, the MLflow UI stopped, staging kept for --resume) instead of killing the process."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupted)

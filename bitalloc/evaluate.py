@@ -18,7 +18,7 @@ from bitalloc.kernels.packed import PackedWeight, pack_weight
 from bitalloc.kernels.quant_linear import QuantLinear
 
 from .formats import Format
-from .model import LoadedModel, QuantizableLayer
+from .model import HIDDEN_STATE, LoadedModel, QuantizableLayer
 from .types import Measurement
 
 
@@ -90,23 +90,33 @@ def _logits(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
+def model_output(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+    """What the model's metric reads, in float32: next-token log-probabilities, or the final hidden state."""
+    out = model.module(batch)
+    if model.metric == HIDDEN_STATE:
+        return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out).float()
+    return torch.log_softmax(_logits(out).float(), -1)
+
+
 class Evaluator:
-    """Held-out KL and perplexity of configs against the FP model, with weights from a cache.
+    """Held-out loss and quality of configs against the FP model (the model's metric: KL and perplexity, or
+    the final hidden state's relative MSE and cosine), with weights from a cache.
 
     Memory: the reference keeps tokens x vocab float32 log-probabilities (4 x 512 x 49152 = 403 MB
-    on the default model); a config's forward pass holds one batch of logits at a time.
+    on the default model), or tokens x hidden float32 states; a config's forward pass holds one batch
+    of outputs at a time.
     """
 
     def __init__(self, model: LoadedModel, weights: QuantCache | OnTheFly, tokens: torch.Tensor, batch_size: int = 2):
         self.model = model
         self.weights = weights
         self.batches = list(tokens.split(batch_size))
-        self.reference = [self._logprobs(batch) for batch in self.batches]
+        self.reference = [self._output(batch) for batch in self.batches]
         self.fp = self._measure(self.reference)
 
     @torch.no_grad()
-    def _logprobs(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(_logits(self.model.module(batch)).float(), -1)
+    def _output(self, batch: torch.Tensor) -> torch.Tensor:
+        return model_output(self.model, batch)
 
     @property
     def reference_nbytes(self) -> int:
@@ -134,9 +144,11 @@ class Evaluator:
             for name, module in swapped.items():
                 self.model.module.set_submodule(name, module)
 
-    def _measure(self, logprobs: Iterable[torch.Tensor]) -> Measurement:
+    def _measure(self, outputs: Iterable[torch.Tensor]) -> Measurement:
+        if self.model.metric == HIDDEN_STATE:
+            return self._measure_hidden(outputs)
         kl_sum, nll_sum, n_kl, n_nll = 0.0, 0.0, 0, 0
-        for batch, lp, lq in zip(self.batches, self.reference, logprobs):
+        for batch, lp, lq in zip(self.batches, self.reference, outputs):
             # per-token sums first (each row reduced in one fixed order), then float64 over tokens:
             # the result does not depend on how many threads the reduction was split over
             kl_sum += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
@@ -144,7 +156,16 @@ class Evaluator:
             target = batch[:, 1:]
             nll_sum += float(-lq[:, :-1].gather(-1, target.unsqueeze(-1)).double().sum())
             n_nll += target.numel()
-        return Measurement(kl=max(kl_sum / n_kl, 0.0), ppl=math.exp(nll_sum / n_nll), tokens=n_kl)
+        return Measurement(loss=max(kl_sum / n_kl, 0.0), quality=math.exp(nll_sum / n_nll), tokens=n_kl)
+
+    def _measure_hidden(self, outputs: Iterable[torch.Tensor]) -> Measurement:
+        err, signal, cos, n = 0.0, 0.0, 0.0, 0
+        for batch, hp, hq in zip(self.batches, self.reference, outputs):
+            err += float((hq - hp).pow(2).sum(-1).double().sum())
+            signal += float(hp.pow(2).sum(-1).double().sum())
+            cos += float(torch.nn.functional.cosine_similarity(hq, hp, dim=-1).double().sum())
+            n += batch.numel()
+        return Measurement(loss=err / (signal or 1.0), quality=cos / n, tokens=n)
 
     def evaluate(self, assignment: Mapping[str, Format]) -> Measurement:
         """Measure a config: each layer at its format, weights from the cache."""
@@ -153,5 +174,5 @@ class Evaluator:
     def evaluate_tensors(self, tensors: Mapping[str, torch.Tensor]) -> Measurement:
         """Measure the model with some layers' weights replaced (e.g. by noisy ones)."""
         with self.applied(tensors):
-            return self._measure(self._logprobs(batch) for batch in self.batches)
+            return self._measure(self._output(batch) for batch in self.batches)
 

@@ -22,6 +22,7 @@ from .errors import BitallocError
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 KEEP_BITS = 16
 SCALE_DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}
+MAX_GROUP_SIZE = 1 << 16  # wider than any row: a group of at least a row's width is one group per row
 
 
 @dataclass(frozen=True, order=True)
@@ -79,8 +80,10 @@ def validate_format(fmt: Format, field: str) -> None:
         if fmt.scale_dtype not in ("float16", "bfloat16"):
             raise BitallocError(f"{field}.scale_dtype", "16-bit weights are stored as float16 or bfloat16")
         return
-    if not isinstance(fmt.group_size, int) or isinstance(fmt.group_size, bool) or fmt.group_size < 1:
-        raise BitallocError(f"{field}.group_size", f"{fmt.group_size!r} is not allowed; use a positive integer, e.g. 32, 64, 128")
+    if (not isinstance(fmt.group_size, int) or isinstance(fmt.group_size, bool)
+            or not 1 <= fmt.group_size <= MAX_GROUP_SIZE):
+        raise BitallocError(f"{field}.group_size", f"{fmt.group_size!r} is not allowed; use an integer from 1 to "
+                                                   f"{MAX_GROUP_SIZE}, e.g. 32, 64, 128")
     if fmt.scale_dtype not in SCALE_DTYPES:
         raise BitallocError(f"{field}.scale_dtype", f"{fmt.scale_dtype!r} is not allowed; allowed: {', '.join(SCALE_DTYPES)}")
 

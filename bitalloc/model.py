@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,8 +21,17 @@ from torch import nn
 
 from .errors import BitallocError
 
+# Offline unless the user asks otherwise (HF_HUB_OFFLINE=0): a model id is read from the local cache or not at
+# all. Set before transformers / huggingface_hub are imported, which read these once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
+
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NEXT_TOKEN, HIDDEN_STATE = "next_token", "hidden_state"
+# what the hidden-state metric never sees (an encoder's pooler reads the final state, it does not make it): not
+# quantized, and not required in the checkpoint
+_UNSEEN = re.compile(r"(^|\.)pooler(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class LoadedModel:
     module: nn.Module
     tokenizer: object | None
     source: str
+    metric: str = NEXT_TOKEN  # what its quality is measured on: NEXT_TOKEN logits, or the final HIDDEN_STATE
 
     @property
     def model_type(self) -> str | None:
@@ -92,12 +103,37 @@ def _resolve(source: str) -> tuple[str, dict]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise BitallocError("model.source", f"GGUF file {source!r} does not exist")
+        _check_gguf(path, source)
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
-        return str(path), {"local_files_only": True}
-    if path.exists() or source.startswith((".", "/", "~")):
+        _check_weights(path, source)
+        return str(path), {}
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise BitallocError("model.source", f"{source!r} is neither a model directory nor a .gguf file")
     return source, {}
+
+
+def _check_gguf(path: Path, source: str) -> None:
+    """A readable GGUF: its header and tensor index parse (a truncated or foreign file fails here, in one line)."""
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except Exception as exc:  # gguf raises ValueError, struct.error, OSError, ... for a damaged file
+        raise BitallocError("model.source", f"{source!r} is not a readable GGUF file ({type(exc).__name__}: "
+                                            f"{' '.join(str(exc).split())[:120]})") from None
+
+
+def _check_weights(path: Path, source: str) -> None:
+    """Weights load from safetensors only: a pickle checkpoint can run code when unpickled."""
+    if list(path.glob("*.safetensors")) or list(path.glob("*.safetensors.index.json")):
+        return
+    pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    if pickles:
+        raise BitallocError("model.source", f"{source!r} holds only pickle weights ({', '.join(pickles[:3])}); "
+                                            f"bitalloc loads safetensors only (convert them, e.g. with "
+                                            f"save_pretrained(safe_serialization=True))")
+    raise BitallocError("model.source", f"{source!r} holds no model weights (*.safetensors)")
 
 
 @contextmanager
@@ -116,38 +152,90 @@ def _quiet_gguf_loader():
         gguf_utils.tqdm = original
 
 
-def load_model(source: str, *, attn_implementation: str | None = None) -> LoadedModel:
-    """Load a causal language model for evaluation (float weights, eval mode, no gradients)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split())[:200] if text else type(exc).__name__
+
+
+def _load_config(path: str, kwargs: dict, source: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        if not Path(source).expanduser().exists() and source != DEFAULT_MODEL:
+            raise BitallocError("model.source", f"{source!r} is not a model directory, a .gguf file, or a Hugging Face "
+                                                f"id in the local cache (bitalloc runs offline; download it first, "
+                                                f"or set HF_HUB_OFFLINE=0 to allow the network)") from None
+        raise BitallocError("model.source", f"could not read the config of {source!r}: {_first_line(exc)}") from None
+    custom = getattr(config, "auto_map", None)
+    if custom and not trust_remote_code:
+        raise BitallocError("model.source", f"{source!r} ships custom code ({', '.join(sorted(custom))}); bitalloc "
+                                            f"never runs it unless the spec sets model.trust_remote_code: true")
+    return config
+
+
+def model_metric(config) -> str:
+    """NEXT_TOKEN for causal language models; HIDDEN_STATE for bidirectional encoders (BERT-like), which are never
+    scored by next-token perplexity."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    bidirectional = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if bidirectional or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return HIDDEN_STATE
+    return NEXT_TOKEN
+
+
+def _new_weights(info: dict) -> set[str]:
+    return set(info.get("missing_keys") or ()) | {k for k, *_ in info.get("mismatched_keys") or ()}
+
+
+def load_model(source: str, *, attn_implementation: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a model for evaluation (float weights, eval mode, no gradients), offline, never running custom code
+    unless `trust_remote_code`. A causal LM whose output head is not in the checkpoint is measured on its final
+    hidden state instead, as an encoder is; weights the checkpoint lacks elsewhere are refused."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path, kwargs = _resolve(source)
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "local_files_only")}
+    config = _load_config(path, kwargs, source, trust_remote_code)
+    metric = model_metric(config)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    common = dict(kwargs, trust_remote_code=trust_remote_code, output_loading_info=True)
     try:
         with _quiet_gguf_loader():
-            module = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BitallocError(
-            "model.source",
-            f"could not load {source!r} (allowed: {DEFAULT_MODEL!r}, a local model directory, a .gguf file, "
-            f"or a Hugging Face id available offline): {reason}",
-        ) from None
+            cls = AutoModelForCausalLM if metric == NEXT_TOKEN else AutoModel
+            module, info = cls.from_pretrained(path, **common)
+            new = _new_weights(info)
+            prefix = getattr(module, "base_model_prefix", "")
+            if metric == NEXT_TOKEN and new and all(not k.startswith(f"{prefix}.") for k in new):
+                metric = HIDDEN_STATE  # the LM head was initialised at random: measure what the checkpoint holds
+                module, info = AutoModel.from_pretrained(path, **common)
+                new = _new_weights(info)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                      **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise BitallocError("model.source", f"could not load {source!r}: {_first_line(exc)}") from None
+    if metric == HIDDEN_STATE:
+        new = {k for k in new if not _UNSEEN.search(k)}
+    if new:
+        raise BitallocError("model.source", f"{source!r} lacks weights that would be initialised at random: "
+                                            f"{', '.join(sorted(new)[:3])}{' ...' if len(new) > 3 else ''}")
     module.eval()
     module.requires_grad_(False)
-    return LoadedModel(module=module, tokenizer=tokenizer, source=source)
+    return LoadedModel(module=module, tokenizer=tokenizer, source=source, metric=metric)
 
 
-def from_module(module: nn.Module, source: str = "torch-module", tokenizer: object | None = None) -> LoadedModel:
-    """Wrap a plain torch module whose forward takes token ids and returns logits (or an object with .logits)."""
+def from_module(module: nn.Module, source: str = "torch-module", tokenizer: object | None = None,
+                metric: str = NEXT_TOKEN) -> LoadedModel:
+    """Wrap a plain torch module whose forward takes token ids and returns logits (or an object with .logits), or,
+    with metric HIDDEN_STATE, the final hidden state (or an object with .last_hidden_state)."""
     module.eval()
     module.requires_grad_(False)
-    return LoadedModel(module=module, tokenizer=tokenizer, source=source)
+    return LoadedModel(module=module, tokenizer=tokenizer, source=source, metric=metric)
 
 
 def list_layers(model: LoadedModel) -> list[QuantizableLayer]:
@@ -157,6 +245,8 @@ def list_layers(model: LoadedModel) -> list[QuantizableLayer]:
         owners.setdefault(p.data_ptr(), name.rsplit(".", 1)[0])
     layers = []
     for name, mod in model.module.named_modules():
+        if model.metric == HIDDEN_STATE and _UNSEEN.search(name):
+            continue
         if isinstance(mod, nn.Linear):
             out_f, in_f = mod.weight.shape
             transposed = False

@@ -1,12 +1,27 @@
-"""Components chosen by name in the job spec (estimators, solvers): one registry type for all."""
+"""Components chosen by name in the job spec (estimators, solvers): one registry type for all.
+
+A component's parameters are its constructor's keyword arguments: their names and annotations are
+what a spec may set, their defaults what it gets otherwise."""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+import inspect
+import typing
+from typing import Any, Callable, Generic, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
 
 from .errors import BitallocError
 
 T = TypeVar("T")
+
+
+def declared_parameters(cls) -> dict[str, inspect.Parameter]:
+    """The keyword parameters a component declares (a class forwarding **kwargs names the class it forwards to
+    in `params_of`)."""
+    target = getattr(cls, "params_of", cls)
+    return {name: p for name, p in inspect.signature(target).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 class Registry(Generic[T]):
@@ -22,11 +37,28 @@ class Registry(Generic[T]):
 
         return wrap
 
-    def create(self, name: str, **params) -> T:
-        """An instance with `params`; unknown names and parameters are user errors naming the field."""
+    def check(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
+        """`params` validated against the component's declared parameters (names and types); unknown names and
+        parameters are user errors naming the field and what is allowed."""
         if name not in self.classes:
             raise BitallocError(self.field, f"{name!r} is not {self.kind}; allowed: {', '.join(sorted(self.classes))}")
-        try:
-            return self.classes[name](**params)
-        except TypeError as exc:
-            raise BitallocError(self.params_field, f"{name}: {exc}") from None
+        cls = self.classes[name]
+        declared = declared_parameters(cls)
+        hints = typing.get_type_hints(getattr(cls, "params_of", cls).__init__)
+        out = {}
+        for key, value in params.items():
+            if key not in declared:
+                allowed = ", ".join(declared) or "none"
+                raise BitallocError(f"{self.params_field}.{key}", f"not a parameter of {name}; allowed: {allowed}")
+            try:
+                out[key] = TypeAdapter(hints[key]).validate_python(value) if key in hints else value
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                raise BitallocError(f"{self.params_field}.{key}",
+                                    f"{err['msg']} for {name} (got {value!r:.60})") from None
+        return out
+
+    def create(self, name: str, **params) -> T:
+        """An instance with `params`, checked first (see `check`)."""
+        params = self.check(name, params)
+        return self.classes[name](**params)

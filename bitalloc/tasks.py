@@ -118,7 +118,7 @@ class Checkpointed:
             for line in path.read_text().splitlines():
                 try:
                     row = json.loads(line)
-                    self.known[row["key"]] = Measurement(row["kl"], row["ppl"], row["tokens"])
+                    self.known[row["key"]] = Measurement(row["loss"], row["quality"], row["tokens"])
                 except (ValueError, KeyError):
                     continue
 
@@ -132,7 +132,7 @@ class Checkpointed:
         with open(self.path, "a") as fh:
             def save(j: int, m: Measurement) -> None:
                 self.known[keys[todo[j]]] = m
-                fh.write(json.dumps({"key": keys[todo[j]], "kl": m.kl, "ppl": m.ppl, "tokens": m.tokens}) + "\n")
+                fh.write(json.dumps({"key": keys[todo[j]], "loss": m.loss, "quality": m.quality, "tokens": m.tokens}) + "\n")
                 fh.flush()
                 if on_result:
                     on_result(todo[j], m)
@@ -143,7 +143,7 @@ class Checkpointed:
 
 
 class CandidateEvaluator:
-    """KL of candidate configs on calibration tokens at two fidelities, for solvers that measure:
+    """Loss (KL for LMs) of candidate configs on calibration tokens at two fidelities, for solvers that measure:
     "screen" on the first `screen_tokens` tokens, "full" on all of them. A plain function of
     (configs, fidelity) over the job's backend; `counts` says how many it ran."""
 
@@ -155,4 +155,4 @@ class CandidateEvaluator:
     def __call__(self, configs, fidelity: str) -> list[float]:
         self.counts[fidelity] += len(configs)
         tasks = [EvalTask.config(c.assignment(), self.tokens[fidelity]) for c in configs]
-        return [m.kl for m in self.backend.map(tasks)]
+        return [m.loss for m in self.backend.map(tasks)]

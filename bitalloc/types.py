@@ -181,8 +181,10 @@ class BitConfig:
 
 @dataclass(frozen=True)
 class Measurement:
-    """Quality of one config on held-out tokens, against the unquantized model."""
+    """Quality of one config on held-out tokens, against the unquantized model: `loss` and `quality` are the
+    model's metric's (`bitalloc.metrics`): KL and perplexity for a causal LM, relative MSE and cosine of the
+    final hidden state for an encoder."""
 
-    kl: float
-    ppl: float
+    loss: float
+    quality: float
     tokens: int

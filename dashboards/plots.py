@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bitalloc import configio
+from bitalloc.metrics import metric_of
 from bitalloc.sensitivity.cache import SCHEMA as TABLE_SCHEMA
 
 _BLOCK = re.compile(r"^(?P<stem>.*?)\.(?P<index>\d+)\.(?P<kind>.+)$")
@@ -71,22 +72,22 @@ def front_png(front: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = _series(front)
+    s, m = _series(front), metric_of(front)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     if s["proxy_mib"]:
         ax.plot(s["proxy_mib"], [_kl(v) for v in s["proxy_predicted"]], color="0.7", lw=1,
                 label=f"proxy front ({front['sensitivity']['estimator']}, predicted)")
-    ax.plot([p["mib"] for p in s["mixed"]], [_kl(p["kl"]) for p in s["mixed"]], "o-", color="C0",
-            label="mixed (measured KL)")
+    ax.plot([p["mib"] for p in s["mixed"]], [_kl(p[m.loss]) for p in s["mixed"]], "o-", color="C0",
+            label=f"mixed (measured {m.loss_label})")
     ax.plot([p["mib"] for p in s["mixed"]], [_kl(p["predicted"]) for p in s["mixed"]], "x", color="C0", alpha=0.6,
             label="mixed (predicted)")
-    ax.plot([u["mib"] for u in s["uniform"]], [_kl(u["kl"]) for u in s["uniform"]], "s--", color="C3",
-            label="uniform (measured KL)")
+    ax.plot([u["mib"] for u in s["uniform"]], [_kl(u[m.loss]) for u in s["uniform"]], "s--", color="C3",
+            label=f"uniform (measured {m.loss_label})")
     for u in s["uniform"]:
-        ax.annotate(u["format"], (u["mib"], _kl(u["kl"])), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(u["format"], (u["mib"], _kl(u[m.loss])), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("model size (MiB, weights + scales + zero points + unquantized tensors)")
-    ax.set_ylabel("KL to the FP model (nats/token)")
+    ax.set_ylabel("KL to the FP model (nats/token)" if m.loss == "kl" else f"{m.loss_label} to the FP model")
     ax.set_title(f"{front['model']['source']}: Pareto front")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -150,7 +151,9 @@ def write_plots(results: Path) -> list[Path]:
         configs[label] = (row, doc["layers"])
         rows, cols, grid = bit_grid(doc["layers"])
         path = out / "bitmaps" / (Path(row["config"]).stem + ".png")
-        _heat_png(grid, rows, cols, f"{label}: {row['avg_bits']:.3f} avg bits, KL {row['kl']:.4g}", "bits", path)
+        m = metric_of(front)
+        _heat_png(grid, rows, cols, f"{label}: {row['avg_bits']:.3f} avg bits, {m.loss_label} {row[m.loss]:.4g}",
+                  "bits", path)
         written.append(path)
     html = out / "dashboard.html"
     html.write_text(dashboard_html(front, table, formats, configs))
@@ -162,21 +165,22 @@ def dashboard_html(front: dict, table: dict, formats: list[str], configs: dict[s
     """One self-contained page: the front, the bit map of any point (menu), the sensitivity heatmap."""
     import plotly.graph_objects as go
 
-    s = _series(front)
+    s, m = _series(front), metric_of(front)
     fig = go.Figure()
     if s["proxy_mib"]:
         fig.add_scatter(x=s["proxy_mib"], y=[_kl(v) for v in s["proxy_predicted"]], mode="lines",
                         line=dict(color="lightgray"), name="proxy front (predicted)")
-    fig.add_scatter(x=[p["mib"] for p in s["mixed"]], y=[_kl(p["kl"]) for p in s["mixed"]], mode="lines+markers",
-                    name="mixed (measured KL)", text=[p["label"] for p in s["mixed"]],
-                    customdata=[[p["avg_bits"], p["ppl"], p["predicted"]] for p in s["mixed"]],
-                    hovertemplate="%{text}<br>%{x:.2f} MiB, %{customdata[0]:.3f} avg bits<br>KL %{y:.4g}, "
-                                  "PPL %{customdata[1]:.2f}<br>predicted %{customdata[2]:.4g}<extra></extra>")
-    fig.add_scatter(x=[u["mib"] for u in s["uniform"]], y=[_kl(u["kl"]) for u in s["uniform"]],
-                    mode="lines+markers+text", line=dict(dash="dash"), name="uniform (measured KL)",
+    fig.add_scatter(x=[p["mib"] for p in s["mixed"]], y=[_kl(p[m.loss]) for p in s["mixed"]], mode="lines+markers",
+                    name=f"mixed (measured {m.loss_label})", text=[p["label"] for p in s["mixed"]],
+                    customdata=[[p["avg_bits"], p[m.quality], p["predicted"]] for p in s["mixed"]],
+                    hovertemplate=f"%{{text}}<br>%{{x:.2f}} MiB, %{{customdata[0]:.3f}} avg bits<br>{m.loss_label} "
+                                  f"%{{y:.4g}}, {m.quality_label} %{{customdata[1]:.4g}}<br>predicted "
+                                  f"%{{customdata[2]:.4g}}<extra></extra>")
+    fig.add_scatter(x=[u["mib"] for u in s["uniform"]], y=[_kl(u[m.loss]) for u in s["uniform"]],
+                    mode="lines+markers+text", line=dict(dash="dash"), name=f"uniform (measured {m.loss_label})",
                     text=[u["format"] for u in s["uniform"]], textposition="top right")
     fig.update_layout(title=f"{front['model']['source']}: Pareto front", xaxis_title="model size (MiB)",
-                      yaxis_title="KL to the FP model", yaxis_type="log", height=520)
+                      yaxis_title=f"{m.loss_label} to the FP model", yaxis_type="log", height=520)
 
     bitmap = go.Figure()
     labels = list(configs)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from bitalloc.metrics import metric_of
+
 
 def front_table(front: dict) -> Table:
-    ref = front["reference"]
-    table = Table(title=f"{front['model']['source']}: Pareto front (FP perplexity {ref['ppl']:.2f}, {ref['tokens']} held-out tokens)")
-    for col in ("config", "avg bits", "MiB", "predicted", "KL", "PPL"):
+    ref, m = front["reference"], metric_of(front)
+    fp = f"FP perplexity {ref['ppl']:.2f}, " if m.quality == "ppl" else ""
+    table = Table(title=f"{front['model']['source']}: Pareto front ({fp}{ref['tokens']} held-out tokens"
+                        f"{'' if m.loss == 'kl' else ', final hidden state'})")
+    for col in ("config", "avg bits", "MiB", "predicted", m.loss_label, m.quality_label):
         table.add_column(col, justify="left" if col == "config" else "right")
     rows = [(p["label"], p) for p in front["points"]] + [(f"uniform {u['format']}", u) for u in front["uniform"]]
     for label, row in sorted(rows, key=lambda r: (r[1]["bytes"], r[0])):
@@ -18,9 +22,10 @@ def front_table(front: dict) -> Table:
             f"{row['avg_bits']:.3f}",
             f"{row['mib']:.2f}",
             f"{row['predicted']:.4g}",
-            f"{row['kl']:.4f}",
-            f"{row['ppl']:.2f}",
+            f"{row[m.loss]:.4f}",
+            f"{row[m.quality]:.2f}" if m.quality == "ppl" else f"{row[m.quality]:.4f}",
             style=style,
         )
-    table.add_row("FP (unquantized)", "-", f"{ref['mib']:.2f}", "0", "0", f"{ref['ppl']:.2f}", style="bold")
+    fp_quality = f"{ref['ppl']:.2f}" if m.quality == "ppl" else f"{ref[m.quality]:.4f}"
+    table.add_row("FP (unquantized)", "-", f"{ref['mib']:.2f}", "0", "0", fp_quality, style="bold")
     return table

@@ -19,10 +19,12 @@ from typing import Any, Callable, Optional
 
 from rich.console import Console
 
+from bitalloc.metrics import metric_of
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "bitalloc.kind"
-POINT_METRICS = ("avg_bits", "bytes", "mib", "kl", "ppl", "predicted")
+POINT_METRICS = ("avg_bits", "bytes", "mib", "predicted")  # and the job's metric's loss and quality (kl, ppl)
 
 
 def resolve_uri(uri: Optional[str]) -> str:
@@ -138,9 +140,9 @@ class Tracker:
         def go():
             from mlflow.entities import Param, RunTag
 
-            ref = front["reference"]
+            ref, m = front["reference"], metric_of(front)
             times = {f"time_{stage.split()[0]}_s": s for stage, s in front.get("timings_s", {}).items()}
-            self.client.log_batch(self.run_id, metrics=_metrics({"fp_ppl": ref["ppl"], "fp_mib": ref["mib"],
+            self.client.log_batch(self.run_id, metrics=_metrics({f"fp_{m.quality}": ref[m.quality], "fp_mib": ref["mib"],
                                                                  "front_size": front["solver"]["front_size"], **times}))
             rows = [("mixed", p["label"], p) for p in front["points"]]
             rows += [("uniform", f"uniform {u['format']}", u) for u in front["uniform"]]
@@ -149,7 +151,7 @@ class Tracker:
                                                tags={PARENT_TAG: self.run_id, KIND_TAG: kind})
                 cid = child.info.run_id
                 self.client.log_batch(
-                    cid, metrics=_metrics({k: row[k] for k in POINT_METRICS}),
+                    cid, metrics=_metrics({k: row[k] for k in POINT_METRICS + (m.loss, m.quality)}),
                     params=[Param("label", label), Param("config", row["config"])],
                     tags=[RunTag("bitalloc.config", row["config"])],
                 )

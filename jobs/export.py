@@ -11,6 +11,7 @@ from typing import Optional
 
 from bitalloc import configio
 from bitalloc.errors import BitallocError
+from bitalloc.metrics import metric_of
 from bitalloc.units import parse_bytes
 
 from . import runtime_checks
@@ -63,7 +64,8 @@ def _pick(front: dict, avg_bits: Optional[float], budget: Optional[str], point: 
         smallest = min(candidates, key=lambda c: c["bytes"])
         raise BitallocError(field, f"no measured config fits; the smallest is {smallest['bytes']} bytes "
                                    f"({smallest['mib']:.2f} MiB, {smallest['avg_bits']:.3f} avg bits)")
-    return min(fitting, key=lambda c: (c["kl"], c["bytes"]))
+    loss = metric_of(front).loss
+    return min(fitting, key=lambda c: (c[loss], c["bytes"]))
 
 
 def from_dir(run_dir: Path, avg_bits, budget, point) -> Chosen:

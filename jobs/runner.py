@@ -28,6 +28,7 @@ from bitalloc.dashboards.tracking import Tracker, resolve_uri
 from bitalloc.data import TokenSets, make_token_sets, text_files, tokenize_files
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import QuantCache
+from bitalloc.metrics import METRICS, Metric
 from bitalloc.tasks import Backend, CandidateEvaluator, Checkpointed, EvalTask, LocalRunner
 from bitalloc.formats import Format, weight_bytes
 from bitalloc.model import LoadedModel, QuantizableLayer, list_layers, load_model, other_bytes, select_layers
@@ -115,7 +116,7 @@ class _Point:
     measurement: Measurement | None = None
 
 
-def _row(point: _Point, config_path: str) -> dict:
+def _row(point: _Point, config_path: str, metric: Metric) -> dict:
     c, m = point.config, point.measurement
     return {
         "label": point.label,
@@ -123,8 +124,8 @@ def _row(point: _Point, config_path: str) -> dict:
         "bytes": c.bytes,
         "mib": round(mib(c.bytes), 6),
         "predicted": c.predicted,
-        "kl": m.kl,
-        "ppl": m.ppl,
+        metric.loss: m.loss,
+        metric.quality: m.quality,
         "config": config_path,
     }
 
@@ -324,17 +325,19 @@ def _write_results(ws: Workspace, table, table_path, solver, front, points, unif
     """Config files and the table into the staging dir; returns the front document."""
     spec, model, layers, data = ws.spec, ws.model, ws.layers, ws.data
     fp_bytes = problem.fixed_bytes + sum(l.numel * model.layer_module(l.name).weight.element_size() for l in layers)
+    metric = METRICS[model.metric]
     doc_meta = dict(model_source=spec.model.source, model_hash=ws.model_hash, spec_hash=spec.spec_hash(),
-                    model_type=model.model_type, shapes={l.name: [l.out_features, l.in_features] for l in layers})
+                    model_type=model.model_type, shapes={l.name: [l.out_features, l.in_features] for l in layers},
+                    metric=metric, other_bytes=problem.fixed_bytes)
     rows, uniform_rows = [], []
     for i, point in enumerate(sorted(points.values(), key=lambda p: p.config.bytes)):
         rel = f"configs/mixed-{i + 1:02d}-{point.config.avg_bits:.3f}b.json"
         configio.write(configio.config_document(point.config, measurement=point.measurement, **doc_meta), staging / rel)
-        rows.append(_row(point, rel))
+        rows.append(_row(point, rel, metric))
     for point in uniform:
         rel = f"configs/uniform-{point.label}.json"
         configio.write(configio.config_document(point.config, measurement=point.measurement, **doc_meta), staging / rel)
-        row = _row(point, rel)
+        row = _row(point, rel, metric)
         row["format"] = row.pop("label")
         uniform_rows.append(row)
     configio.write(table_cache.table_document(table), staging / "sensitivity.json")
@@ -356,7 +359,8 @@ def _write_results(ws: Workspace, table, table_path, solver, front, points, unif
                         "peak_rss_bytes": table.peak_rss_bytes, "cache_file": str(table_path)},
         "solver": {"name": solver.name, "slack_bytes": getattr(solver, "slack_bytes", 0), "front_size": len(front),
                    "candidate_evaluations": candidates.counts if candidates else {"screen": 0, "full": 0}},
-        "reference": {"bytes": fp_bytes, "mib": round(mib(fp_bytes), 6), "ppl": reference.ppl,
+        "metric": metric.document(),
+        "reference": {"bytes": fp_bytes, "mib": round(mib(fp_bytes), 6), metric.quality: reference.quality,
                       "tokens": reference.tokens},
         "points": rows,
         "uniform": uniform_rows,

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import yaml
 from rich.console import Console
 
+from bitalloc import configio
 from bitalloc.errors import BitallocError
 from bitalloc.tasks import EvalTask
 from bitalloc.sensitivity import get_estimator
@@ -28,7 +28,7 @@ def parse_estimator(text: str) -> tuple[str, dict]:
         key, sep, value = item.partition("=")
         if not sep:
             raise BitallocError("--estimator", f"{text!r}: write NAME or NAME:key=value,key=value")
-        params[key.strip()] = yaml.safe_load(value)
+        params[key.strip()] = configio.parse_yaml(value, "--estimator")
     return name.strip(), params
 
 
@@ -100,7 +100,7 @@ def score_estimators(spec: JobSpec, estimators: list[str], n_configs: int, lo_bi
         backend = ws.local_runner()
         with stages.stage(f"measure {n_configs} random configs", n_configs) as advance:
             tasks = [EvalTask.config(base.config(c).assignment(), "evaluation") for c in choices]
-            measured = [m.kl for m in backend.map(tasks, advance)]
+            measured = [m.loss for m in backend.map(tasks, advance)]
         rows = []
         for text, est in instances:
             table, _, hit = ws.sensitivity(est, stages, backend)

@@ -8,11 +8,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bitalloc import configio
 from bitalloc.errors import BitallocError
-from bitalloc.formats import KEEP_BITS, QUANT_BITS, SCALE_DTYPES, Format
+from bitalloc.formats import KEEP_BITS, MAX_GROUP_SIZE, QUANT_BITS, SCALE_DTYPES, Format
 from bitalloc.model import DEFAULT_MODEL
 from bitalloc.units import parse_bytes
 
@@ -24,10 +24,14 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    source: str = DEFAULT_MODEL
+    """`source` is required: a job always says which model it searches. Custom code shipped with a model
+    (transformers' `auto_map`) runs only when `trust_remote_code: true` says so."""
+
+    source: str
     include: list[str] = []
     exclude: list[str] = []
     quantize_tied: bool = False
+    trust_remote_code: bool = False
 
 
 class FormatsSpec(_Strict):
@@ -52,9 +56,18 @@ class FormatsSpec(_Strict):
     @field_validator("group_size")
     @classmethod
     def _group(cls, v):
+        if v == []:
+            raise ValueError("at least one group size is needed, e.g. 64")
         for g in v if isinstance(v, list) else [v]:
-            if g < 1:
-                raise ValueError(f"{g} is not allowed; use a positive integer, e.g. 32, 64, 128")
+            if not 1 <= g <= MAX_GROUP_SIZE:
+                raise ValueError(f"{g} is not allowed; use an integer from 1 to {MAX_GROUP_SIZE}, e.g. 32, 64, 128")
+        return v
+
+    @field_validator("symmetric")
+    @classmethod
+    def _symmetric(cls, v):
+        if v == []:
+            raise ValueError("at least one of true, false is needed")
         return v
 
     @field_validator("scale_dtype")
@@ -78,18 +91,19 @@ class FormatsSpec(_Strict):
 
 class DataSpec(_Strict):
     source: Union[str, list[str]] = "shakespeare"
-    seq_len: int = Field(512, ge=2)
-    calibration: int = Field(8, ge=0)
-    evaluation: int = Field(4, ge=1)
-    batch_size: int = Field(2, ge=1)
+    seq_len: int = Field(512, ge=2, le=1 << 20)
+    calibration: int = Field(8, ge=0, le=1 << 16)
+    evaluation: int = Field(4, ge=1, le=1 << 16)
+    batch_size: int = Field(2, ge=1, le=1 << 16)
 
 
 class SensitivitySpec(_Strict):
-    """Default: output-side Fisher, the best predictor at acceptable cost in `bitalloc sensitivity score`
-    on the default model (Spearman 0.977 against 0.984 for exact per-layer measurement, at 4 % of its time)."""
+    """Default: Fisher (output side, its own default), the best predictor at acceptable cost in `bitalloc
+    sensitivity score` on the default model (Spearman 0.977 against 0.984 for exact per-layer measurement, at
+    4 % of its time). `params` are the chosen estimator's own; what is left out takes the estimator's default."""
 
     estimator: str = "fisher"
-    params: dict[str, Any] = {"side": "output"}
+    params: dict[str, Any] = {}
 
 
 def _check_budget(b: Union[float, str]) -> Union[float, str]:
@@ -111,7 +125,7 @@ class SearchSpec(_Strict):
     solver: str = "dp"
     params: dict[str, Any] = {}
     budgets: list[Budget] = []
-    points: int = Field(6, ge=0, description="front points measured, spread evenly in bytes")
+    points: int = Field(6, ge=0, le=1000, description="front points measured, spread evenly in bytes")
     pin: dict[str, Union[int, str, list[Union[int, str]]]] = {}
     tie: list[str] = []
     min_bits: Optional[int] = None
@@ -119,8 +133,8 @@ class SearchSpec(_Strict):
     max_bops: Optional[float] = Field(None, gt=0)
     max_latency: Optional[float] = Field(None, gt=0)
     latency_table: Optional[str] = None
-    evaluations: int = Field(0, ge=0, description="screening evaluations a measuring solver may spend")
-    screen_tokens: int = Field(512, ge=2, description="calibration tokens per screening evaluation")
+    evaluations: int = Field(0, ge=0, le=10**6, description="screening evaluations a measuring solver may spend")
+    screen_tokens: int = Field(512, ge=2, le=1 << 24, description="calibration tokens per screening evaluation")
 
     @model_validator(mode="after")
     def _latency(self):
@@ -135,14 +149,14 @@ class RunSpec(_Strict):
 
     address: Optional[str] = None
     workers: Union[int, Literal["auto"]] = "auto"
-    threads_per_worker: int = Field(1, ge=1)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    threads_per_worker: int = Field(1, ge=1, le=1024)
+    gpus_per_worker: float = Field(0.0, ge=0, le=64)
 
     @field_validator("workers")
     @classmethod
     def _workers(cls, v):
-        if isinstance(v, int) and v < 0:
-            raise ValueError(f"{v} is not allowed; use 0 (in this process), a positive count, or auto")
+        if isinstance(v, int) and not 0 <= v <= 1024:
+            raise ValueError(f"{v} is not allowed; use 0 (in this process), a count up to 1024, or auto")
         return v
 
 
@@ -156,9 +170,9 @@ class TrackingSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    name: str = "job"
-    seed: int = 0
-    model: ModelSpec = ModelSpec()
+    name: str = Field("job", pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
+    seed: int = Field(0, ge=0, lt=2**32)
+    model: ModelSpec
     formats: FormatsSpec = FormatsSpec()
     data: DataSpec = DataSpec()
     sensitivity: SensitivitySpec = SensitivitySpec()
@@ -166,6 +180,18 @@ class JobSpec(_Strict):
     run: RunSpec = RunSpec()
     tracking: TrackingSpec = TrackingSpec()
     output: str = "runs/{name}"
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        try:
+            v.format(name="job")
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{v!r} is not a usable path pattern ({type(exc).__name__}: {exc}); the one field "
+                             f"allowed is {{name}}, e.g. runs/{{name}}") from None
+        if not v.strip():
+            raise ValueError("an output path is needed, e.g. runs/{name}")
+        return v
 
     def output_dir(self) -> Path:
         return Path(self.output.format(name=self.name))
@@ -201,8 +227,16 @@ def _one_line(exc: ValidationError) -> BitallocError:
     field = _loc(loc) or "job"
     if err["type"] == "extra_forbidden":
         return BitallocError(field, f"unknown key; allowed here: {', '.join(_fields_at(loc))}")
+    if err["type"] == "missing":
+        if field in ("model", "model.source"):
+            return BitallocError("model.source", f"required: name the model to search ({DEFAULT_MODEL!r}, a model "
+                                                 f"directory, a .gguf file or a Hugging Face id available offline)")
+        return BitallocError(field, "required")
     msg = err["msg"].removeprefix("Value error, ")
-    return BitallocError(field, f"{msg} (got {err.get('input')!r})" if err["type"] != "value_error" else msg)
+    if err["type"] == "value_error":
+        return BitallocError(field, msg)
+    got = repr(err.get("input"))
+    return BitallocError(field, f"{msg} (got {got if len(got) <= 60 else got[:57] + '...'})")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -218,19 +252,26 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise BitallocError(f"--set {key}", f"{part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = configio.parse_yaml(raw, f"--set {key}")
     return data
 
 
 def parse_spec(data: Any, overrides: list[str] | None = None) -> JobSpec:
+    """A validated spec: every field, and the chosen estimator's and solver's parameters against what they declare."""
+    from bitalloc.search.base import check_solver
+    from bitalloc.sensitivity.base import check_estimator
+
     if data is None:
-        data = {}
+        raise BitallocError("job", "the job file is empty; it needs at least model.source (see "
+                                   "jobs/examples/smollm2.yaml)")
     if not isinstance(data, dict):
         raise BitallocError("job", "the job file must be a YAML mapping of sections (model, formats, data, ...)")
     data = apply_overrides(data, overrides or [])
     try:
         spec = JobSpec.model_validate(data)
         spec.formats.expand()
+        check_estimator(spec.sensitivity.estimator, spec.sensitivity.params)
+        check_solver(spec.search.solver, spec.search.params)
     except ValidationError as exc:
         raise _one_line(exc) from None
     except BitallocError as exc:
@@ -242,10 +283,4 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     path = Path(path)
     if not path.is_file():
         raise BitallocError("JOB", f"{str(path)!r} is not a file; give a job YAML such as jobs/examples/smollm2.yaml")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise BitallocError("JOB", f"malformed YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
-    return parse_spec(data, overrides)
+    return parse_spec(configio.parse_yaml(configio.read_text(path, "JOB"), "JOB"), overrides)

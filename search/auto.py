@@ -11,6 +11,8 @@ from .evolutionary import Evolutionary
 
 @register("auto")
 class Auto:
+    params_of = Evolutionary  # its parameters are the refiner's
+
     def __init__(self, **evolutionary):
         self.refiner = Evolutionary(**evolutionary)
 

@@ -42,6 +42,7 @@ _REGISTRY: Registry[Solver] = Registry("a solver", "search.solver", "search.para
 SOLVERS = _REGISTRY.classes
 register = _REGISTRY.register
 get_solver = _REGISTRY.create
+check_solver = _REGISTRY.check
 
 
 class MeasuringSolver:

@@ -97,6 +97,7 @@ _REGISTRY: Registry[Estimator] = Registry("an estimator", "sensitivity.estimator
 ESTIMATORS = _REGISTRY.classes
 register = _REGISTRY.register
 get_estimator = _REGISTRY.create
+check_estimator = _REGISTRY.check
 
 
 def run_estimator(estimator: Estimator, ctx: EstimatorContext) -> SensitivityTable:

@@ -1,10 +1,10 @@
 """Fisher: the diagonal curvature of the loss from first-order gradients, no second derivatives.
 
-Weight side (default): F = Σₛ gₛ² / N, gₛ the gradient of sequence s's summed next-token loss and
+Weight side (`side: weight`): F = Σₛ gₛ² / N, gₛ the gradient of sequence s's summed next-token loss and
 N the number of predicted tokens (token gradients are roughly independent, so E[gₛ²] ≈ Tₛ·per-token
 Fisher); entry = ½ · Σ F ⊙ (Q_f(W) − W)².
 
-Output side (`side: output`, as NVIDIA ModelOpt's auto_quantize scores): at each layer output y,
+Output side (the default, as NVIDIA ModelOpt's auto_quantize scores): at each layer output y,
 entry = ½ · Σₜ (∂L/∂yₜ)² ⊙ (Q_f(W)·xₜ − W·xₜ)² / N, with the gradient and the inputs of the same
 calibration tokens, accumulated per sequence so no activations are stored for the whole set.
 
@@ -25,7 +25,7 @@ from .gradients import differentiable, lm_loss
 
 @register("fisher")
 class Fisher(EstimatorBase):
-    def __init__(self, side: str = "weight", labels: str = "data", max_tokens: int = 2048):
+    def __init__(self, side: str = "output", labels: str = "data", max_tokens: int = 2048):
         if side not in ("weight", "output"):
             raise BitallocError("sensitivity.params.side", f"{side!r} is not allowed; allowed: weight, output")
         if labels not in ("data", "model"):

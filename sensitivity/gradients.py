@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bitalloc.errors import BitallocError
-from bitalloc.model import LoadedModel, QuantizableLayer
+from bitalloc.model import HIDDEN_STATE, LoadedModel, QuantizableLayer
 
 
 @contextmanager
@@ -38,20 +38,32 @@ def differentiable(model: LoadedModel, layers: list[QuantizableLayer], needed_by
 
 def lm_loss(model: LoadedModel, batch: torch.Tensor, labels: str = "data",
             generator: torch.Generator | None = None, needed_by: str = "") -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the batch and the number of predicted tokens.
+    """The loss whose curvature the estimators read, summed over the batch, and the number of tokens it covers.
 
-    labels="data" uses the text's next tokens (empirical Fisher / Hessian of the training loss);
-    labels="model" samples them from the model's own distribution (true Fisher, the Hessian of KL at FP).
+    Next-token models: cross-entropy; labels="data" uses the text's next tokens (empirical Fisher / Hessian of
+    the training loss), labels="model" samples them from the model's own distribution (true Fisher, the Hessian
+    of KL at FP). Hidden-state models (encoders) have no labels: targets are always drawn from the model,
+    y = h + ε with ε ~ N(0, σ²I), σ² = E‖h‖²/2, and the loss is the Gaussian NLL ‖h − y‖²/(2σ²); its Fisher is
+    JᵀJ/σ², so ½ΔWᵀFΔW = ‖Δh‖²/E‖h‖², the hidden-state metric's relative MSE per token.
     """
     out = model.module(batch)
-    logits = (out.logits if hasattr(out, "logits") else out)[:, :-1].float()
-    if labels == "data":
-        target = batch[:, 1:]
+    if model.metric == HIDDEN_STATE:
+        h = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out).float()
+        sigma2 = h.detach().pow(2).sum(-1).mean() / 2
+        noise = torch.randn(h.shape, generator=generator or torch.Generator().manual_seed(0)).to(h.device)
+        target = h.detach() + noise * sigma2.sqrt()
+        loss = (h - target).pow(2).sum() / (2 * sigma2)
+        count = batch.numel()
     else:
-        probs = torch.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1])
-        target = torch.multinomial(probs, 1, generator=generator).reshape(batch.shape[0], -1)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+        logits = (out.logits if hasattr(out, "logits") else out)[:, :-1].float()
+        if labels == "data":
+            target = batch[:, 1:]
+        else:
+            probs = torch.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1])
+            target = torch.multinomial(probs, 1, generator=generator).reshape(batch.shape[0], -1)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+        count = target.numel()
     if not loss.requires_grad:
         raise BitallocError("sensitivity.estimator", f"{needed_by!r} needs gradients, but the model's loss does not depend "
                             "differentiably on the selected layers; use 'sqnr' or 'measured'")
-    return loss, target.numel()
+    return loss, count

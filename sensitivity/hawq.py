@@ -26,6 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bitalloc.errors import BitallocError
+from bitalloc.model import HIDDEN_STATE
+
 from .base import EstimatorBase, EstimatorContext, register
 from .gradients import differentiable, lm_loss
 
@@ -52,6 +55,9 @@ class HAWQ(EstimatorBase):
         sq = np.array([[float(ctx.delta(l, f).pow(2).sum()) for f in ctx.formats] for l in ctx.layers])
         numel = np.array([l.numel for l in ctx.layers], dtype=np.float64)
         if self.top_eigenvalue:
+            if ctx.model.metric == HIDDEN_STATE:
+                raise BitallocError("sensitivity.params.top_eigenvalue", "PyHessian's eigenvalues need a next-token "
+                                    "loss; this model is measured on its hidden state: use the trace (false)")
             curvature = np.array([self._top_eigenvalue(ctx, layer, tokens) for layer in ctx.layers])
             return ctx.table(self, 0.5 * np.maximum(curvature, 0)[:, None] * sq, probes=self.power_iters)
         samples = self.trace_samples(ctx, tokens, weights=sq[:, len(ctx.formats) // 2] / numel)
@@ -73,7 +79,7 @@ class HAWQ(EstimatorBase):
             while len(samples) < self.max_probes:
                 batch = batches[step % len(batches)]
                 step += 1
-                loss, count = lm_loss(ctx.model, batch, needed_by=self.name)
+                loss, count = lm_loss(ctx.model, batch, generator=gen, needed_by=self.name)
                 grads = torch.autograd.grad(loss / count, params, create_graph=True)
                 n = min(self.probes_per_batch, self.max_probes - len(samples))
                 for k in range(n):

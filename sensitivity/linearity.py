@@ -68,7 +68,7 @@ class Linearity(EstimatorBase):
         uncertainty = np.zeros_like(values)
         alphas, r2s = [], []
         for i in range(len(ctx.layers)):
-            deltas = [next(done).kl for _ in levels[i]]
+            deltas = [next(done).loss for _ in levels[i]]
             alpha, stderr, r2 = fit_through_origin(levels[i], deltas)
             values[i] = alpha * rel[i]
             uncertainty[i] = stderr * rel[i]

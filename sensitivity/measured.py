@@ -27,5 +27,5 @@ class Measured(EstimatorBase):
         tokens = f"calibration:{self.max_tokens}"
         tasks = [EvalTask.config({layer.name: fmt}, tokens) for layer in ctx.layers for fmt in ctx.formats]
         results = ctx.backend.map(tasks, ctx.progress)
-        values = np.array([m.kl for m in results]).reshape(len(ctx.layers), len(ctx.formats))
+        values = np.array([m.loss for m in results]).reshape(len(ctx.layers), len(ctx.formats))
         return ctx.table(self, values)

@@ -22,10 +22,10 @@ def _uniform(layers, fmt):
 
 def test_kl_orders_with_bits_and_sixteen_bit_is_near_zero(setup):
     _, layers, formats, _, ev = setup
-    kls = [ev.evaluate(_uniform(layers, f)).kl for f in formats]
+    kls = [ev.evaluate(_uniform(layers, f)).loss for f in formats]
     assert kls[3] < 1e-5
     assert kls[0] > kls[1] > kls[2] > kls[3]
-    assert ev.fp.kl == 0 and ev.fp.tokens == 128
+    assert ev.fp.loss == 0 and ev.fp.tokens == 128
 
 
 def test_weights_are_restored_and_cache_equals_on_the_fly(setup):
@@ -53,4 +53,4 @@ def test_plain_torch_module():
     assert [l.name for l in layers] == ["1", "3"]
     formats = (Format(2, 16), Format(8, 16))
     ev = Evaluator(model, QuantCache(model, layers, formats), torch.randint(0, 50, (2, 10)), batch_size=2)
-    assert ev.evaluate(_uniform(layers, formats[0])).kl > ev.evaluate(_uniform(layers, formats[1])).kl > 0
+    assert ev.evaluate(_uniform(layers, formats[0])).loss > ev.evaluate(_uniform(layers, formats[1])).loss > 0

@@ -147,7 +147,7 @@ def test_export_refusals(finished, tmp_path, capsys):
 
 def test_real_entry_point_prints_no_traceback(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text("formats: {bits: [3, 9]}\n")
+    path.write_text("model: {source: smollm2-135m}\nformats: {bits: [3, 9]}\n")
     proc = subprocess.run([sys.executable, "-m", "bitalloc.cli", "run", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: formats.bits: 9 is not allowed; allowed: 2, 3, 4, 5, 6, 8, 16"]

@@ -176,7 +176,7 @@ def test_packed_evaluation_measures_what_the_dequantized_evaluation_does(tiny_ll
     expected = evaluator.evaluate(assignment)
     evaluator.weights = packed
     got = evaluator.evaluate(assignment)
-    assert got.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7) and got.ppl == pytest.approx(expected.ppl, rel=1e-5)
+    assert got.loss == pytest.approx(expected.loss, rel=1e-4, abs=1e-7) and got.quality == pytest.approx(expected.quality, rel=1e-5)
     assert not any(isinstance(m, QuantLinear) for m in model.module.modules())
 
 

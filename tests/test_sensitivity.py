@@ -75,7 +75,7 @@ def test_hawq_table_has_uncertainty_and_stops_on_tolerance(ctx):
 
 @pytest.mark.parametrize("labels", ["data", "model"])
 def test_weight_fisher_equals_hand_computation(ctx, labels):
-    table = run_estimator(get_estimator("fisher", labels=labels), ctx)
+    table = run_estimator(get_estimator("fisher", side="weight", labels=labels), ctx)
     gen = torch.Generator().manual_seed(ctx.seed)
     params = [ctx.model.layer_module(l.name).weight for l in ctx.layers]
     fisher = [torch.zeros_like(p) for p in params]
@@ -168,7 +168,7 @@ def test_linearity_on_a_model_fits_well(ctx):
 def test_measured_is_single_layer_kl(ctx):
     table = run_estimator(get_estimator("measured"), ctx)
     ev = Evaluator(ctx.model, ctx.weights, ctx.calibration)
-    assert table.values[3, 0] == ev.evaluate({ctx.layers[3].name: FORMATS[0]}).kl
+    assert table.values[3, 0] == ev.evaluate({ctx.layers[3].name: FORMATS[0]}).loss
     assert (table.values[:, 0] > table.values[:, 2]).all()
 
 
