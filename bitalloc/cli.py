@@ -36,10 +36,11 @@ def run(
                                                                      "match this file (set by `bitalloc submit`)"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: "
                                                "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"),
+    verbose: bool = typer.Option(False, "--verbose", help="show Ray's own log lines here (default: OUT/job.log)"),
 ):
     """Run a search job: sensitivity, the whole proxy front, measured points and uniform baselines."""
     from bitalloc.dashboards.table import front_table
-    from bitalloc.jobs.runner import resume_spec, run_job
+    from bitalloc.jobs.runner import interrupted_hint, resume_spec, run_job
     from bitalloc.jobs.spec import load_spec
 
     if packages is not None:
@@ -59,7 +60,11 @@ def run(
     else:
         spec = load_spec(job, overrides)
         target = out or spec.output_dir()
-    front = run_job(spec, target, resume=resume is not None)
+    try:
+        front = run_job(spec, target, resume=resume is not None, verbose=verbose)
+    except Interrupted as exc:
+        exc.hint = interrupted_hint(target)
+        raise
     _out().print(front_table(front))
     mem = front["memory"]
     _out().print(
@@ -285,7 +290,10 @@ def export(
     from bitalloc.jobs.export import choose, resolve_format, write_export
     from bitalloc.metrics import metric_of
 
+    from . import configio
+
     fmt = resolve_format(fmt, output)
+    configio.check_writable(output, "--output")
     chosen = choose(target, avg_bits, budget, point, tracking_uri)
     changed, checked = write_export(chosen, fmt, output, nearest)
     totals, metrics = chosen.config["totals"], chosen.config["metrics"]
@@ -313,14 +321,15 @@ def pack(
     from . import configio
     from .model import load_model
 
-    if output.exists() and not (output / CONFIG_FILE).is_file() and any(output.iterdir()):
+    if output.exists() and not (output.is_dir() and ((output / CONFIG_FILE).is_file() or not any(output.iterdir()))):
         raise BitallocError("--output", f"{str(output)!r} exists and is not a packed checkpoint")
+    configio.check_writable(output, "--output")
     chosen = choose(target, avg_bits, budget, point, tracking_uri)
     doc = chosen.config
-    model = load_model(doc["model"]["source"])
+    model = load_model(doc["model"]["source"])  # never with remote code: the config file names the model
     if model.content_hash() != doc["model"]["content_hash"]:
-        raise BitallocError("TARGET", f"the model at {doc['model']['source']!r} has changed since the search "
-                                      f"(content hash differs); rerun the job")
+        raise BitallocError("TARGET", f"the model at {doc['model']['source']!r} is not the one searched (content "
+                                      f"hash differs); rerun the job")
     packed = quantize_model(model, configio.config_formats(doc))
     save_packed(model, doc, output)
     size = sum(f.stat().st_size for f in output.iterdir())
@@ -362,7 +371,7 @@ def ui(
     target: Optional[str] = typer.Argument(None, help="a job's output dir or job YAML (default: the whole store)"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: the job's, "
                                                "else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"),
-    port: int = typer.Option(5000, "--port", help="loopback port; 0 picks a free one"),
+    port: int = typer.Option(5000, "--port", min=0, max=65535, help="loopback port; 0 picks a free one"),
 ):
     """Start the MLflow UI on loopback for the job's store and print its experiment's URL (Ctrl-C stops it)."""
     import time

@@ -130,6 +130,21 @@ def dumps(doc: dict, suffix: str = ".json") -> str:
     return json.dumps(doc, sort_keys=True, indent=2) + "\n"
 
 
+def check_writable(path: Path, field: str) -> None:
+    """Refuse, before any work, a path that cannot be created: its nearest existing ancestor must be a directory
+    this process can create entries in (tried with a temporary entry, removed at once)."""
+    ancestor = Path(os.path.abspath(path)).parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BitallocError(field, f"cannot create {str(path)!r}: {str(ancestor)!r} is a file, not a directory")
+    try:
+        tempfile.TemporaryDirectory(dir=ancestor, prefix=".bitalloc-probe-").cleanup()
+    except OSError as exc:
+        raise BitallocError(field, f"cannot create {str(path)!r}: {str(ancestor)!r} is not writable "
+                                   f"({exc.strerror or exc})") from None
+
+
 def write(doc: dict, path: Path) -> None:
     """Write atomically: a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)

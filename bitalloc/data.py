@@ -44,7 +44,25 @@ def text_files(source: str | list[str]) -> list[Path]:
             field = "data.source" if isinstance(source, str) else f"data.source[{i}]"
             raise BitallocError(field, f"{pattern!r} matches no file; allowed: 'shakespeare' or paths/globs of text files")
         files.extend(matched)
+    for path in files:
+        _check_text(path)
     return files
+
+
+def _check_text(path: Path, field: str = "data.source") -> None:
+    """A text file: UTF-8 (the first 64 KiB decode, a character cut at the end aside) and no NUL bytes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError as exc:
+        raise BitallocError(field, f"{str(path)!r} cannot be read ({exc.strerror or exc})") from None
+    try:
+        head.decode("utf-8") if len(head) < 1 << 16 else head[:-4].decode("utf-8")
+        text = b"\0" not in head
+    except UnicodeDecodeError:
+        text = False
+    if not text:
+        raise BitallocError(field, f"{str(path)!r} is not a UTF-8 text file")
 
 
 def tokenize_files(files: list[Path], tokenizer) -> np.ndarray:

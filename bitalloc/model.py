@@ -229,6 +229,15 @@ def load_model(source: str, *, attn_implementation: str | None = None, trust_rem
     return LoadedModel(module=module, tokenizer=tokenizer, source=source, metric=metric)
 
 
+def check_context(model: LoadedModel, seq_len: int, field: str = "data.seq_len") -> None:
+    """Refuse sequences longer than the model's context (they would run for ever, or wrap its positions)."""
+    config = getattr(model.module, "config", None)
+    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                  if isinstance(getattr(config, k, None), int)), None)
+    if limit is not None and seq_len > limit:
+        raise BitallocError(field, f"{seq_len} tokens is longer than {model.source!r}'s context of {limit} tokens")
+
+
 def from_module(module: nn.Module, source: str = "torch-module", tokenizer: object | None = None,
                 metric: str = NEXT_TOKEN) -> LoadedModel:
     """Wrap a plain torch module whose forward takes token ids and returns logits (or an object with .logits), or,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -46,6 +47,24 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+@contextmanager
+def store_lock(uri: str):
+    """Serialise the creation (and schema migration) of a sqlite store between processes."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def client(uri: str):
@@ -120,7 +139,9 @@ class Tracker:
         def go():
             from mlflow.entities import Param
 
-            self.client = client(self.uri)
+            with store_lock(self.uri):  # two jobs creating one sqlite store at once: one creates, the other waits
+                self.client = client(self.uri)
+                self.client.search_experiments(max_results=1)
             if run_id is not None:
                 run = self.client.get_run(run_id)
                 self.experiment_id, self.run_id = run.info.experiment_id, run_id

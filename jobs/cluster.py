@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlparse
 
 from bitalloc.errors import BitallocError
@@ -40,25 +43,79 @@ def probe(address: str, field: str, default_port: int) -> tuple[str, int]:
         raise BitallocError(field, f"cannot reach {address!r} within {CONNECT_TIMEOUT_S:.0f} s ({exc.strerror or exc})") from None
 
 
+def check_gpus(gpus: float, field: str = "run.gpus_per_worker") -> None:
+    """Refuse at once a job that asks this machine for GPUs it does not have (Ray would wait for them forever)."""
+    if gpus <= 0:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < gpus:
+        raise BitallocError(field, f"the workers need {gpus:g} GPUs and this machine has {have}; set it to 0 "
+                                   f"(CPU workers) or run on a cluster with GPUs (--address)")
+
+
 @contextmanager
-def ray_session(address: str | None, cpus: int):
-    """Yield a description of where Ray runs; shut down what this call started (only that)."""
+def native_logs_to(log: Path | None):
+    """Send what native code writes to stderr (Ray's core worker, gRPC) to LOG instead of the terminal, while
+    Python's own stderr (progress, errors) keeps the terminal; None leaves everything on the terminal."""
+    if log is None:
+        yield
+        return
+    try:
+        python_on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        python_on_fd2 = False  # stderr is captured (tests, a pipe object): only fd 2 itself moves
+    sys.stderr.flush()
+    saved = os.dup(2)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1) if python_on_fd2 else None
+    previous = sys.stderr
+    with open(log, "ab") as fh:
+        os.dup2(fh.fileno(), 2)
+    if terminal is not None:
+        sys.stderr = terminal
+    try:
+        yield
+    finally:
+        if terminal is not None:
+            terminal.flush()
+            sys.stderr = previous
+            terminal.close()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextmanager
+def ray_session(address: str | None, cpus: int, gpus: float = 0.0, log: Path | None = None):
+    """Yield a description of where Ray runs; shut down what this call started (only that). A cluster without
+    `gpus` GPUs is refused at once; Ray's own log lines go to `log` (None: to the terminal)."""
     import ray
     import ray._private.ray_constants as ray_constants
+    from ray._private.tensor_serialization_utils import ZeroCopyTensorsWarning
 
     # Ray reads the zero-copy switch when first imported; if it was imported before bitalloc set it,
     # set it for this process too, or every worker would hold private copies of the model and cache
     ray_constants.RAY_ENABLE_ZERO_COPY_TORCH_TENSORS = True
+    # workers only read the shared tensors, which is what zero-copy requires
+    warnings.filterwarnings("ignore", category=ZeroCopyTensorsWarning)
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        probe(address, "run.address", 6379)
-        ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
-        where = f"Ray cluster at {address}"
-    else:
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": RAY_ENV})
-        where = f"embedded Ray on this machine ({cpus} CPUs)"
-    try:
-        yield where
-    finally:
-        ray.shutdown()
+    with native_logs_to(log):
+        if address:
+            probe(address, "run.address", 6379)
+            ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=False,
+                     logging_level="ERROR")
+            where = f"Ray cluster at {address}"
+        else:
+            check_gpus(gpus)
+            ray.init(address="local", num_cpus=cpus, num_gpus=int(gpus + 0.999) if gpus else None,
+                     include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": RAY_ENV},
+                     logging_level="ERROR")
+            where = f"embedded Ray on this machine ({cpus} CPUs)"
+        try:
+            have = ray.cluster_resources().get("GPU", 0)
+            if gpus and have < gpus:
+                raise BitallocError("run.gpus_per_worker", f"the workers need {gpus:g} GPUs and the Ray cluster "
+                                                           f"has {have:g}; set it to 0 or add GPU nodes")
+            yield where
+        finally:
+            ray.shutdown()

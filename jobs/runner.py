@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from bitalloc import __version__
-from bitalloc import configio
+from bitalloc import configio, memory_plan
 from bitalloc.dashboards.plots import write_plots
 from bitalloc.dashboards.tracking import Tracker, resolve_uri
 from bitalloc.data import TokenSets, make_token_sets, text_files, tokenize_files
@@ -31,7 +31,8 @@ from bitalloc.evaluate import QuantCache
 from bitalloc.metrics import METRICS, Metric
 from bitalloc.tasks import Backend, CandidateEvaluator, Checkpointed, EvalTask, LocalRunner
 from bitalloc.formats import Format, weight_bytes
-from bitalloc.model import LoadedModel, QuantizableLayer, list_layers, load_model, other_bytes, select_layers
+from bitalloc.model import (LoadedModel, QuantizableLayer, check_context, list_layers, load_model, other_bytes,
+                            select_layers)
 from bitalloc.search import SearchContext, best_within, constraints, get_solver, spread
 from bitalloc.search.base import check_budget
 from bitalloc.sensitivity import EstimatorContext, get_estimator
@@ -143,16 +144,20 @@ class Workspace:
     cache: QuantCache
 
     @classmethod
-    def open(cls, spec: JobSpec, stages: Stages, check: Callable[[Problem], None] = lambda p: None) -> "Workspace":
-        """Load, select layers, run `check` on the cost model (budgets fail fast), tokenize, quantize."""
+    def open(cls, spec: JobSpec, stages: Stages, check: Callable[[Problem], None] = lambda p: None,
+             plan: Callable[[LoadedModel, list[QuantizableLayer]], None] = lambda m, l: None) -> "Workspace":
+        """Load, select layers, run `check` on the cost model (budgets fail fast) and `plan` on the model (memory),
+        tokenize, quantize."""
         torch.manual_seed(spec.seed)
         formats = spec.formats.expand()
+        files = text_files(spec.data.source)
         with stages.stage("load model"):
-            model = load_model(spec.model.source)
+            model = load_model(spec.model.source, trust_remote_code=spec.model.trust_remote_code)
+            check_context(model, spec.data.seq_len)
             layers = select_layers(list_layers(model), spec.model.include, spec.model.exclude, spec.model.quantize_tied)
             check(build_problem(model, layers, formats, search=spec.search))
+            plan(model, layers)
             model_hash = model.content_hash()
-        files = text_files(spec.data.source)
         with stages.stage("tokenize text", len(files)):
             tokens = tokenize_files(files, model.tokenizer)
             data = make_token_sets(tokens, spec.data.seq_len, spec.data.calibration, spec.data.evaluation, spec.seed)
@@ -199,48 +204,144 @@ def resume_spec(out: Path) -> JobSpec:
 
 
 @contextmanager
-def open_backend(ws: Workspace, console: Console):
-    """The job's evaluation backend: in this process (run.workers 0), or Ray workers."""
-    run = ws.spec.run
-    if run.workers == 0 and not run.address:
-        yield ws.local_runner(), "this process"
+def evaluation_place(spec: JobSpec, log: Path | None):
+    """Where evaluations will run, entered before the model loads (an unreachable cluster or missing GPUs
+    refuse at once): yields (where, workers), or (None, 0) for this process. Ray's own log lines go to `log`."""
+    run, workers = spec.run, spec.run.worker_count()
+    if workers == 0:
+        yield None, 0
         return
     from .cluster import ray_session
+
+    with ray_session(run.address, workers * run.threads_per_worker, workers * run.gpus_per_worker, log) as where:
+        yield where, workers
+
+
+@contextmanager
+def open_backend(ws: Workspace, where: str | None, workers: int):
+    """The job's evaluation backend: in this process, or Ray workers in the session `evaluation_place` opened."""
+    if where is None:
+        yield ws.local_runner(), "this process"
+        return
     from .workers import RayRunner
 
-    workers = run.workers if run.workers != "auto" else max(1, (os.cpu_count() or 1) // run.threads_per_worker)
-    with ray_session(run.address, workers * run.threads_per_worker) as where:
-        runner = RayRunner(ws.model.module, ws.layers, ws.formats, ws.cache.store,
-                           {"calibration": ws.data.calibration, "evaluation": ws.data.evaluation},
-                           ws.spec.data.batch_size, workers, run.threads_per_worker, run.gpus_per_worker)
+    run = ws.spec.run
+    runner = RayRunner(ws.model.module, ws.layers, ws.formats, ws.cache.store,
+                       {"calibration": ws.data.calibration, "evaluation": ws.data.evaluation},
+                       ws.spec.data.batch_size, workers, run.threads_per_worker, run.gpus_per_worker, ws.model.metric)
+    try:
+        yield runner, f"{workers} Ray workers on {where}"
+    finally:
+        runner.close()
+
+
+def preflight(spec: JobSpec, estimator: Estimator) -> None:
+    """Every check that needs only the spec, before anything is loaded or written."""
+    if spec.search.evaluations and spec.data.calibration == 0:
+        raise BitallocError("search.evaluations", "measuring candidates needs data.calibration of 1 or more")
+    if estimator.uses_data and spec.data.calibration == 0:
+        raise BitallocError("data.calibration", f"the {estimator.name} estimator needs calibration sequences; "
+                                                f"set it to 1 or more, or use sensitivity.estimator: sqnr")
+    text_files(spec.data.source)
+    if spec.run.address or os.environ.get("RAY_ADDRESS"):
+        from .cluster import probe
+
+        probe(spec.run.address or os.environ["RAY_ADDRESS"], "run.address", 6379)
+    elif spec.run.worker_count():
+        from .cluster import check_gpus
+
+        check_gpus(spec.run.worker_count() * spec.run.gpus_per_worker)
+
+
+def _memory_check(spec: JobSpec, estimator: Estimator, console: Console):
+    """The memory plan as Workspace.open's `plan` hook: printed, and a job that cannot fit refused."""
+    def check(model: LoadedModel, layers: list[QuantizableLayer]) -> None:
+        limit = spec.run.memory_limit
+        available = parse_bytes(limit, "run.memory_limit") if limit else memory_plan.available_bytes()
+        plan = memory_plan.plan(model, layers, len(spec.formats.expand()), spec, estimator,
+                                spec.run.worker_count(), available)
+        console.print(plan.summary())
+        plan.check()
+
+    return check
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Hold OUT for this job: a second job writing the same output dir refuses at once instead of sharing its
+    staging folder."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fh = open(path, "a")
         try:
-            yield runner, f"{workers} Ray workers on {where}"
-        finally:
-            runner.close()
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise BitallocError("--out", f"another job is writing {str(out)!r}; wait for it to end or choose "
+                                         f"another output dir") from None
+        try:
+            if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
+                break  # still the lock file (not one a finishing job just removed)
+        except FileNotFoundError:
+            pass
+        fh.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fh.close()
 
 
-def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = None, resume: bool = False) -> dict:
+def interrupted_hint(out: Path) -> str:
+    """What to tell a user who stopped the job writing OUT."""
+    if (staging_dir(out) / "spec.yaml").is_file():
+        return f"resume with `bitalloc run --resume {out}`"
+    return "nothing was written"
+
+
+def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = None, resume: bool = False,
+            verbose: bool = False) -> dict:
     """Run the whole job and return the front document (also written to OUT/front.json).
 
     Measurements are checkpointed in OUT's staging dir as they arrive; with `resume`, a job whose
     driver died continues from there and re-runs only what had not finished. The job is tracked as
-    an MLflow run (a resumed job reopens its run); plots go to OUT/plots."""
+    an MLflow run (a resumed job reopens its run); plots go to OUT/plots; Ray's own log lines go to
+    OUT/job.log unless `verbose`. A job that fails on bad input leaves nothing behind; one that is
+    interrupted keeps its staging dir for --resume."""
     console = console or Console(stderr=True)
     out = Path(out) if out is not None else spec.output_dir()
-    _check_output(out)
+    check_output(out, "--out")
     estimator = get_estimator(spec.sensitivity.estimator, **spec.sensitivity.params)
     solver = get_solver(spec.search.solver, **spec.search.params)
-    budgets: list[tuple[str, int]] = []
-    with Stages(console) as stages:
-        ws = Workspace.open(spec, stages, check=lambda p: budgets.extend(resolve_budgets(p, spec.search.budgets)))
+    preflight(spec, estimator)
+    with output_lock(out):
         staging = staging_dir(out)
         if not resume:
             shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
         (staging / "spec.yaml").write_text(configio.dumps(spec.model_dump(mode="json"), ".yaml"))
-        tracker = None
         try:
-            with open_backend(ws, console) as (runner, where):
+            document = _run(spec, out, staging, estimator, solver, console, None if verbose else staging / "job.log")
+        except BitallocError:
+            if not resume and not (staging / "checkpoint.jsonl").is_file():
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _publish(staging, out)
+    return document
+
+
+def _run(spec: JobSpec, out: Path, staging: Path, estimator: Estimator, solver, console: Console,
+         log: Path | None) -> dict:
+    budgets: list[tuple[str, int]] = []
+    tracker = None
+    with Stages(console) as stages, evaluation_place(spec, log) as (place, workers):
+        try:
+            ws = Workspace.open(spec, stages, check=lambda p: budgets.extend(resolve_budgets(p, spec.search.budgets)),
+                                plan=_memory_check(spec, estimator, console))
+            with open_backend(ws, place, workers) as (runner, where):
                 console.print(f"evaluations run in {where}")
                 tracker = _start_tracking(ws, out, staging, console)
                 backend = Checkpointed(runner, staging / "checkpoint.jsonl")
@@ -259,7 +360,6 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
     (staging / TRACKING_FILE).unlink(missing_ok=True)
     if tracker:
         tracker.finish(document, staging)
-    _publish(staging, out)
     return document
 
 
@@ -293,8 +393,6 @@ def _search_and_measure(ws: Workspace, estimator: Estimator, solver, budgets: li
     problem = build_problem(model, layers, formats, table, spec.search)
     candidates = None
     if spec.search.evaluations:
-        if data.calibration.numel() == 0:
-            raise BitallocError("search.evaluations", "measuring candidates needs data.calibration of 1 or more")
         candidates = CandidateEvaluator(backend, spec.search.screen_tokens)
     ctx = SearchContext(evaluate=candidates, budget=spec.search.evaluations,
                         anchors=tuple(b for _, b in budgets), seed=spec.seed)
@@ -370,9 +468,9 @@ def _write_results(ws: Workspace, table, table_path, solver, front, points, unif
 
 
 def _reference_bytes(tokens: torch.Tensor, model: LoadedModel) -> int:
-    """What an evaluator's FP reference holds: float32 log-probabilities over the vocabulary per token."""
-    vocab = model.module.get_output_embeddings().out_features if hasattr(model.module, "get_output_embeddings") else 0
-    return tokens.numel() * vocab * 4
+    """What an evaluator's FP reference holds: float32 log-probabilities over the vocabulary per token, or the
+    final hidden state per token."""
+    return tokens.numel() * memory_plan.output_width(model) * 4
 
 
 def package_versions() -> dict[str, str]:
@@ -388,10 +486,12 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _check_output(out: Path) -> None:
-    """Refuse, before any work, an output dir that holds something other than an earlier run's results."""
+def check_output(out: Path, field: str) -> None:
+    """Refuse, before any work, an output dir that holds something other than an earlier run's results, or one
+    that cannot be written."""
     if out.exists() and (not out.is_dir() or (not (out / "front.json").is_file() and any(out.iterdir()))):
-        raise BitallocError("--out", f"{str(out)!r} exists and holds something other than bitalloc results")
+        raise BitallocError(field, f"{str(out)!r} exists and holds something other than bitalloc results")
+    configio.check_writable(out, field)
 
 
 def _publish(staging: Path, out: Path) -> None:

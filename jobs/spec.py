@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -148,9 +149,26 @@ class RunSpec(_Strict):
     Ray (default, `auto` = one worker per `threads_per_worker` CPUs) or the cluster at `address`."""
 
     address: Optional[str] = None
+    memory_limit: Optional[str] = None  # e.g. 20GiB: plan against this instead of what the machine reports free
     workers: Union[int, Literal["auto"]] = "auto"
     threads_per_worker: int = Field(1, ge=1, le=1024)
     gpus_per_worker: float = Field(0.0, ge=0, le=64)
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory(cls, v):
+        if v is not None:
+            try:
+                parse_bytes(v, "run.memory_limit")
+            except BitallocError as exc:
+                raise ValueError(exc.message) from None
+        return v
+
+    def worker_count(self) -> int:
+        """Ray workers the job starts (0: it evaluates in its own process)."""
+        if self.workers == 0 and not self.address:
+            return 0
+        return self.workers if self.workers != "auto" else max(1, (os.cpu_count() or 1) // self.threads_per_worker)
 
     @field_validator("workers")
     @classmethod

@@ -13,7 +13,6 @@ worker costs time, not results. GPU workers take `num_gpus` (fractional allowed)
 from __future__ import annotations
 
 import os
-import warnings
 from contextlib import contextmanager
 from typing import Callable
 
@@ -25,7 +24,7 @@ from ray.util import ActorPool
 
 from bitalloc.evaluate import QuantCache
 from bitalloc.formats import Format
-from bitalloc.model import QuantizableLayer, from_module
+from bitalloc.model import NEXT_TOKEN, QuantizableLayer, from_module
 from bitalloc.tasks import EvalTask, LocalRunner, OnResult
 from bitalloc.types import Measurement
 
@@ -34,14 +33,14 @@ from bitalloc.types import Measurement
 class EvalWorker:
     def __init__(self, skeleton, state: dict[str, torch.Tensor], layers: list[QuantizableLayer],
                  formats: tuple[Format, ...], store: dict, token_sets: dict[str, torch.Tensor], batch_size: int,
-                 threads: int):
+                 threads: int, metric: str):
         torch.set_num_threads(threads)
         module = _restore(skeleton, state)
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         if gpu:
             module = module.to("cuda")
             token_sets = {name: t.to("cuda") for name, t in token_sets.items()}
-        model = from_module(module, "worker")
+        model = from_module(module, "worker", metric=metric)
         # on a GPU, candidates run on packed weights and the Triton kernels: the memory held is the real packed
         # size; a worker without the driver's cache (GPU jobs are not sent it) quantizes its own
         cache = QuantCache(model, layers, formats, store=None if gpu else store, packed=gpu)
@@ -95,18 +94,15 @@ class RayRunner:
     """A backend whose tasks run on `workers` Ray actors."""
 
     def __init__(self, module, layers, formats, store, token_sets, batch_size: int, workers: int,
-                 threads_per_worker: int = 1, gpus_per_worker: float = 0.0):
-        with warnings.catch_warnings():
-            # the shared tensors are only ever read by the workers, which is what zero-copy requires
-            warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
-            with _without_weights(module):
-                skeleton = ray.put(module)
-            # held for the runner's life: a restarted actor fetches its constructor arguments again
-            # GPU workers pack their own weights, so they are not sent the dequantized cache
-            self._shared = (skeleton, ray.put(_state(module)), ray.put(None if gpus_per_worker else store))
+                 threads_per_worker: int = 1, gpus_per_worker: float = 0.0, metric: str = NEXT_TOKEN):
+        with _without_weights(module):
+            skeleton = ray.put(module)
+        # held for the runner's life: a restarted actor fetches its constructor arguments again
+        # GPU workers pack their own weights, so they are not sent the dequantized cache
+        self._shared = (skeleton, ray.put(_state(module)), ray.put(None if gpus_per_worker else store))
         options = {"num_cpus": threads_per_worker, "num_gpus": gpus_per_worker}
         self.actors = [EvalWorker.options(**options).remote(*self._shared[:2], layers, formats, self._shared[2],
-                                                            token_sets, batch_size, threads_per_worker)
+                                                            token_sets, batch_size, threads_per_worker, metric)
                        for _ in range(workers)]
         self.pool = ActorPool(self.actors)
 

@@ -1,0 +1,129 @@
+"""What a job will hold in memory, planned before the heavy stages, against what the machine has.
+
+Each part is counted from the model's shapes and the job's settings, the way today's design holds it:
+- the quantized-weight cache: every (layer, format) dequantized in the layer's dtype;
+- FP references: evaluation tokens x vocabulary float32 log-probabilities (or x hidden size for a hidden-state
+  model) in every process that evaluates, plus the calibration reference where calibration tokens are measured;
+- one forward pass's outputs (logits, log-softmax and their product for a batch);
+- Ray: the object store's copy of the model and cache, and each worker process's own footprint;
+- the estimator: Fisher keeps every layer's ΔW per format in float32 and one sequence's backward graph; HAWQ one
+  double-backward graph and second-order gradients; SQNR with activations the input second moments.
+A job whose plan does not fit is refused with one line naming the setting to change, instead of being killed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BitallocError
+from .model import HIDDEN_STATE, LoadedModel, QuantizableLayer
+
+WORKER_OVERHEAD = 600 * 2**20  # a Ray worker process with torch imported, before it holds anything of the job
+HEADROOM = 0.9  # plan to use at most this share of what is available
+GiB = 2**30
+
+
+def available_bytes() -> int:
+    """Memory this process may still take: MemAvailable, capped by the cgroup's limit less its usage."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(avail, 0)
+
+
+@dataclass
+class Part:
+    name: str
+    bytes: int
+    setting: str  # the spec field that changes it
+
+
+@dataclass
+class MemoryPlan:
+    parts: list[Part] = field(default_factory=list)
+    available: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(p.bytes for p in self.parts)
+
+    def summary(self) -> str:
+        shown = ", ".join(f"{p.name} {p.bytes / GiB:.2f}" for p in self.parts if p.bytes >= 2**20)
+        return f"memory plan (GiB): {shown}; total {self.total / GiB:.2f} of {self.available / GiB:.2f} available"
+
+    def check(self) -> None:
+        if self.total <= HEADROOM * self.available:
+            return
+        biggest = max(self.parts, key=lambda p: p.bytes)
+        raise BitallocError(biggest.setting, f"the job would hold about {self.total / GiB:.1f} GiB and "
+                                             f"{self.available / GiB:.1f} GiB is available (largest part: "
+                                             f"{biggest.name}, {biggest.bytes / GiB:.1f} GiB); change this setting "
+                                             f"(fewer formats or layers, fewer workers, fewer or shorter sequences, "
+                                             f"the sqnr estimator) or set run.memory_limit if more is free")
+
+
+def output_width(model: LoadedModel) -> int:
+    """Floats per token the metric reads: the vocabulary (next-token) or the hidden size (hidden state)."""
+    if model.metric == HIDDEN_STATE:
+        return model.module.config.hidden_size
+    head = model.module.get_output_embeddings() if hasattr(model.module, "get_output_embeddings") else None
+    return head.out_features if head is not None else 0
+
+
+def plan(model: LoadedModel, layers: list[QuantizableLayer], n_formats: int, spec, estimator,
+         workers: int, available: int) -> MemoryPlan:
+    """The plan of a job on this model (already loaded, so its own bytes are not counted again)."""
+    data, elsize = spec.data, {l.name: model.layer_module(l.name).weight.element_size() for l in layers}
+    numel = sum(l.numel for l in layers)
+    cache = sum(l.numel * elsize[l.name] for l in layers) * n_formats
+    per_token = output_width(model) * 4
+    evaluation = data.evaluation * data.seq_len * per_token
+    calibration = (min(data.calibration * data.seq_len, spec.search.screen_tokens) * per_token
+                   if spec.search.evaluations or estimator.name in ("measured", "linearity") else 0)
+    forward = 3 * data.batch_size * data.seq_len * per_token
+    processes = max(workers, 1)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
+    parts = [
+        Part("quantized-weight cache", cache, "formats.bits"),
+        Part("FP references", processes * (evaluation + calibration), "data.evaluation"),
+        Part("forward passes", processes * forward, "data.batch_size"),
+        Part("estimator", _estimator_bytes(model, layers, n_formats, spec, estimator, numel), "sensitivity.estimator"),
+    ]
+    if workers:
+        parts.append(Part("Ray object store (model + cache)", model_bytes + cache, "run.workers"))
+        parts.append(Part("Ray worker processes", workers * WORKER_OVERHEAD, "run.workers"))
+    return MemoryPlan(parts, available)
+
+
+def _estimator_bytes(model: LoadedModel, layers, n_formats: int, spec, estimator, numel: int) -> int:
+    """Peak the estimator adds: ΔW per format in float32 (Fisher) and the autograd graph of one sequence."""
+    name, params = estimator.name, estimator.params()
+    config = getattr(model.module, "config", None)
+    hidden = getattr(config, "hidden_size", 0) or 0
+    blocks = getattr(config, "num_hidden_layers", 0) or 0
+    inter = getattr(config, "intermediate_size", 0) or 4 * hidden
+    seq = min(spec.data.seq_len, params.get("max_tokens", spec.data.seq_len))
+    graph = seq * (blocks * (12 * hidden + 4 * inter) + 4 * output_width(model)) * 4  # saved activations of one sequence
+    if name == "fisher":
+        weight_side = params.get("side") == "weight"
+        return numel * 4 * n_formats + graph + (2 * numel * 4 if weight_side else 0)
+    if name == "hawq":
+        return 3 * graph + 4 * numel * 4
+    if name == "sqnr" and params.get("activations"):
+        return sum(l.in_features ** 2 * 4 for l in layers) + numel * 4
+    return 2 * max((l.numel for l in layers), default=0) * 4
