@@ -408,7 +408,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except ClickException as exc:
         where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
-        print(_one_line(f"error: usage: {exc.format_message()}{where}"), file=sys.stderr)
+        param = getattr(exc, "param", None)
+        field = (param.opts or [param.name])[0] if param is not None and getattr(param, "opts", None) else "usage"
+        print(_one_line(f"error: {field}: {exc.format_message()}{where}"), file=sys.stderr)
         raise SystemExit(2) from None
     except (Interrupted, KeyboardInterrupt) as exc:
         hint = getattr(exc, "hint", "") or "nothing was written"

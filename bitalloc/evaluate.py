@@ -163,7 +163,7 @@ class Evaluator:
         for batch, hp, hq in zip(self.batches, self.reference, outputs):
             err += float((hq - hp).pow(2).sum(-1).double().sum())
             signal += float(hp.pow(2).sum(-1).double().sum())
-            cos += float(torch.nn.functional.cosine_similarity(hq, hp, dim=-1).double().sum())
+            cos += float(torch.nn.functional.cosine_similarity(hq, hp, dim=-1).clamp(-1, 1).double().sum())
             n += batch.numel()
         return Measurement(loss=err / (signal or 1.0), quality=cos / n, tokens=n)
 

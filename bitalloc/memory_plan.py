@@ -46,6 +46,10 @@ def available_bytes() -> int:
     return max(avail, 0)
 
 
+def _size(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
 @dataclass
 class Part:
     name: str
@@ -63,16 +67,16 @@ class MemoryPlan:
         return sum(p.bytes for p in self.parts)
 
     def summary(self) -> str:
-        shown = ", ".join(f"{p.name} {p.bytes / GiB:.2f}" for p in self.parts if p.bytes >= 2**20)
-        return f"memory plan (GiB): {shown}; total {self.total / GiB:.2f} of {self.available / GiB:.2f} available"
+        shown = ", ".join(f"{p.name} {_size(p.bytes)}" for p in self.parts if p.bytes)
+        return f"memory plan: {shown}; total {_size(self.total)} of {_size(self.available)} available"
 
     def check(self) -> None:
         if self.total <= HEADROOM * self.available:
             return
         biggest = max(self.parts, key=lambda p: p.bytes)
-        raise BitallocError(biggest.setting, f"the job would hold about {self.total / GiB:.1f} GiB and "
-                                             f"{self.available / GiB:.1f} GiB is available (largest part: "
-                                             f"{biggest.name}, {biggest.bytes / GiB:.1f} GiB); change this setting "
+        raise BitallocError(biggest.setting, f"the job would hold about {_size(self.total)} and "
+                                             f"{_size(self.available)} is available (largest part: "
+                                             f"{biggest.name}, {_size(biggest.bytes)}); change this setting "
                                              f"(fewer formats or layers, fewer workers, fewer or shorter sequences, "
                                              f"the sqnr estimator) or set run.memory_limit if more is free")
 

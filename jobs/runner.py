@@ -260,7 +260,7 @@ def _memory_check(spec: JobSpec, estimator: Estimator, console: Console):
         available = parse_bytes(limit, "run.memory_limit") if limit else memory_plan.available_bytes()
         plan = memory_plan.plan(model, layers, len(spec.formats.expand()), spec, estimator,
                                 spec.run.worker_count(), available)
-        console.print(plan.summary())
+        console.print(plan.summary(), soft_wrap=True)
         plan.check()
 
     return check
