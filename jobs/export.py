@@ -102,6 +102,8 @@ def verified(doc: dict, model: dict, where: str) -> dict:
 
 def _pick(front: dict, avg_bits: Optional[float], budget: Optional[str], point: Optional[int]) -> dict:
     """The front row a selector names: the lowest-loss measured config within a budget, or mixed point N."""
+    if sum(x is not None for x in (avg_bits, budget, point)) != 1:
+        raise BitallocError("--avg-bits/--budget/--point", "give exactly one of them")
     points = sorted(front["points"], key=lambda p: p["bytes"])
     if point is not None:
         if not 1 <= point <= len(points):
@@ -173,9 +175,8 @@ def from_run(run_id: str, uri: str, avg_bits, budget, point) -> Chosen:
 
 
 def choose(target: str, avg_bits, budget, point, tracking_uri: Optional[str]) -> Chosen:
-    """The config one selector names, from a result folder or an MLflow run, verified (see `verified`)."""
-    if sum(x is not None for x in (avg_bits, budget, point)) != 1:
-        raise BitallocError("--avg-bits/--budget/--point", "give exactly one of them")
+    """The config one selector names (a point's run needs none), from a result folder or an MLflow run, verified
+    (see `verified`)."""
     if avg_bits is not None and not (math.isfinite(avg_bits) and avg_bits > 0):
         raise BitallocError("--avg-bits", f"{avg_bits} is not a positive number of bits")
     path = Path(target)
