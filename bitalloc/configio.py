@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .errors import BitallocError
+from .errors import BitallocError, first_line
 from .formats import Format
 from .metrics import METRICS, Metric
 from .model import NEXT_TOKEN
@@ -82,8 +82,8 @@ def parse_yaml(text: str, field: str):
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise BitallocError(field, f"malformed YAML{where}: {' '.join(str(problem).split())[:200]}") from None
+        raise BitallocError(field, f"malformed YAML{where}: {first_line(getattr(exc, 'problem', None) or exc)}"
+                            ) from None
     except RecursionError:
         raise BitallocError(field, f"the YAML nests deeper than {MAX_DEPTH} levels") from None
     finally:

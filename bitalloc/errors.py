@@ -15,6 +15,14 @@ class BitallocError(Exception):
         self.message = message
 
 
+def first_line(exc: BaseException | str, limit: int = 200) -> str:
+    """A library's error as one short line: its first line, whitespace collapsed (its type if it says nothing)."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    return " ".join(text.splitlines()[0].split())[:limit]
+
+
 class Interrupted(BaseException):
     """The user stopped the command (SIGINT or SIGTERM); `hint` says what to do next. The CLI exits 130."""
 

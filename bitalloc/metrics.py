@@ -20,6 +20,9 @@ class Metric:
     quality: str  # the key of the secondary figure
     loss_label: str
     quality_label: str
+    quality_name: str  # the FP model's figure in table titles
+    loss_axis: str  # the plots' y axis
+    quality_format: str  # how tables print the quality
     description: str
 
     def document(self) -> dict:
@@ -27,9 +30,10 @@ class Metric:
 
 
 METRICS = {
-    NEXT_TOKEN: Metric(NEXT_TOKEN, "kl", "ppl", "KL", "PPL",
+    NEXT_TOKEN: Metric(NEXT_TOKEN, "kl", "ppl", "KL", "PPL", "perplexity", "KL to the FP model (nats/token)", ".2f",
                        "kl: KL(FP || quantized) of the next-token distribution, nats per token; ppl: perplexity"),
-    HIDDEN_STATE: Metric(HIDDEN_STATE, "rel_mse", "cosine", "rel. MSE", "cosine",
+    HIDDEN_STATE: Metric(HIDDEN_STATE, "rel_mse", "cosine", "rel. MSE", "cosine", "final hidden state cosine",
+                         "relative MSE of the final hidden state", ".4f",
                          "rel_mse: sum |h_Q - h_FP|^2 / sum |h_FP|^2 of the final hidden state over held-out tokens; "
                          "cosine: mean cosine similarity of h_Q to h_FP"),
 }

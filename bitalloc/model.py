@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import BitallocError
+from .errors import BitallocError, first_line
 
 # Offline unless the user asks otherwise (HF_HUB_OFFLINE=0): a model id is read from the local cache or not at
 # all. Set before transformers / huggingface_hub are imported, which read these once.
@@ -121,7 +121,7 @@ def _check_gguf(path: Path, source: str) -> None:
         GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError, struct.error, OSError, ... for a damaged file
         raise BitallocError("model.source", f"{source!r} is not a readable GGUF file ({type(exc).__name__}: "
-                                            f"{' '.join(str(exc).split())[:120]})") from None
+                                            f"{first_line(exc, 120)})") from None
 
 
 def _check_weights(path: Path, source: str) -> None:
@@ -152,11 +152,6 @@ def _quiet_gguf_loader():
         gguf_utils.tqdm = original
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split())[:200] if text else type(exc).__name__
-
-
 def _load_config(path: str, kwargs: dict, source: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
@@ -167,7 +162,7 @@ def _load_config(path: str, kwargs: dict, source: str, trust_remote_code: bool):
             raise BitallocError("model.source", f"{source!r} is not a model directory, a .gguf file, or a Hugging Face "
                                                 f"id in the local cache (bitalloc runs offline; download it first, "
                                                 f"or set HF_HUB_OFFLINE=0 to allow the network)") from None
-        raise BitallocError("model.source", f"could not read the config of {source!r}: {_first_line(exc)}") from None
+        raise BitallocError("model.source", f"could not read the config of {source!r}: {first_line(exc)}") from None
     custom = getattr(config, "auto_map", None)
     if custom and not trust_remote_code:
         raise BitallocError("model.source", f"{source!r} ships custom code ({', '.join(sorted(custom))}); bitalloc "
@@ -218,7 +213,7 @@ def load_model(source: str, *, attn_implementation: str | None = None, trust_rem
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                       **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise BitallocError("model.source", f"could not load {source!r}: {_first_line(exc)}") from None
+        raise BitallocError("model.source", f"could not load {source!r}: {first_line(exc)}") from None
     if metric == HIDDEN_STATE:
         new = {k for k in new if not _UNSEEN.search(k)}
     if new:

@@ -16,12 +16,13 @@ from .errors import BitallocError
 T = TypeVar("T")
 
 
-def declared_parameters(cls) -> dict[str, inspect.Parameter]:
-    """The keyword parameters a component declares (a class forwarding **kwargs names the class it forwards to
-    in `params_of`)."""
+def declared_parameters(cls) -> tuple[list[str], dict[str, Any]]:
+    """The keyword parameters a component declares and their annotations (a class forwarding **kwargs names the
+    class it forwards to in `params_of`)."""
     target = getattr(cls, "params_of", cls)
-    return {name: p for name, p in inspect.signature(target).parameters.items()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    names = [name for name, p in inspect.signature(target).parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names, typing.get_type_hints(target.__init__)
 
 
 class Registry(Generic[T]):
@@ -42,9 +43,7 @@ class Registry(Generic[T]):
         parameters are user errors naming the field and what is allowed."""
         if name not in self.classes:
             raise BitallocError(self.field, f"{name!r} is not {self.kind}; allowed: {', '.join(sorted(self.classes))}")
-        cls = self.classes[name]
-        declared = declared_parameters(cls)
-        hints = typing.get_type_hints(getattr(cls, "params_of", cls).__init__)
+        declared, hints = declared_parameters(self.classes[name])
         out = {}
         for key, value in params.items():
             if key not in declared:

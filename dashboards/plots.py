@@ -87,7 +87,7 @@ def front_png(front: dict, path: Path) -> None:
         ax.annotate(u["format"], (u["mib"], _kl(u[m.loss])), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("model size (MiB, weights + scales + zero points + unquantized tensors)")
-    ax.set_ylabel("KL to the FP model (nats/token)" if m.loss == "kl" else f"{m.loss_label} to the FP model")
+    ax.set_ylabel(m.loss_axis)
     ax.set_title(f"{front['model']['source']}: Pareto front")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -180,7 +180,7 @@ def dashboard_html(front: dict, table: dict, formats: list[str], configs: dict[s
                     mode="lines+markers+text", line=dict(dash="dash"), name=f"uniform (measured {m.loss_label})",
                     text=[u["format"] for u in s["uniform"]], textposition="top right")
     fig.update_layout(title=f"{front['model']['source']}: Pareto front", xaxis_title="model size (MiB)",
-                      yaxis_title=f"{m.loss_label} to the FP model", yaxis_type="log", height=520)
+                      yaxis_title=m.loss_axis, yaxis_type="log", height=520)
 
     bitmap = go.Figure()
     labels = list(configs)

@@ -9,9 +9,8 @@ from bitalloc.metrics import metric_of
 
 def front_table(front: dict) -> Table:
     ref, m = front["reference"], metric_of(front)
-    fp = f"FP perplexity {ref['ppl']:.2f}, " if m.quality == "ppl" else ""
-    table = Table(title=f"{front['model']['source']}: Pareto front ({fp}{ref['tokens']} held-out tokens"
-                        f"{'' if m.loss == 'kl' else ', final hidden state'})")
+    table = Table(title=f"{front['model']['source']}: Pareto front (FP {m.quality_name} "
+                        f"{ref[m.quality]:{m.quality_format}}, {ref['tokens']} held-out tokens)")
     for col in ("config", "avg bits", "MiB", "predicted", m.loss_label, m.quality_label):
         table.add_column(col, justify="left" if col == "config" else "right")
     rows = [(p["label"], p) for p in front["points"]] + [(f"uniform {u['format']}", u) for u in front["uniform"]]
@@ -23,9 +22,9 @@ def front_table(front: dict) -> Table:
             f"{row['mib']:.2f}",
             f"{row['predicted']:.4g}",
             f"{row[m.loss]:.4f}",
-            f"{row[m.quality]:.2f}" if m.quality == "ppl" else f"{row[m.quality]:.4f}",
+            f"{row[m.quality]:{m.quality_format}}",
             style=style,
         )
-    fp_quality = f"{ref['ppl']:.2f}" if m.quality == "ppl" else f"{ref[m.quality]:.4f}"
-    table.add_row("FP (unquantized)", "-", f"{ref['mib']:.2f}", "0", "0", fp_quality, style="bold")
+    table.add_row("FP (unquantized)", "-", f"{ref['mib']:.2f}", "0", "0", f"{ref[m.quality]:{m.quality_format}}",
+                  style="bold")
     return table

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 from rich.console import Console
 
+from bitalloc.errors import first_line
 from bitalloc.metrics import metric_of
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -127,8 +128,7 @@ class Tracker:
             return fn()
         except Exception as exc:  # any store failure: connection, permissions, schema, bad URI
             self.failed = True
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.console.print(f"[yellow]tracking off: {what} failed on {self.uri} ({first[:200]}); "
+            self.console.print(f"[yellow]tracking off: {what} failed on {self.uri} ({first_line(exc)}); "
                                f"the job goes on and keeps its local results[/yellow]")
             return None
 

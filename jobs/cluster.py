@@ -113,7 +113,7 @@ def ray_session(address: str | None, cpus: int, gpus: float = 0.0, log: Path | N
             where = f"embedded Ray on this machine ({cpus} CPUs)"
         try:
             have = ray.cluster_resources().get("GPU", 0)
-            if gpus and have < gpus:
+            if address and gpus and have < gpus:
                 raise BitallocError("run.gpus_per_worker", f"the workers need {gpus:g} GPUs and the Ray cluster "
                                                            f"has {have:g}; set it to 0 or add GPU nodes")
             yield where

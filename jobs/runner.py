@@ -236,21 +236,14 @@ def open_backend(ws: Workspace, where: str | None, workers: int):
 
 
 def preflight(spec: JobSpec, estimator: Estimator) -> None:
-    """Every check that needs only the spec, before anything is loaded or written."""
+    """The checks that need only the spec, before anything is written (the cluster address and GPUs are checked
+    by `evaluation_place`, which is entered before the model loads)."""
     if spec.search.evaluations and spec.data.calibration == 0:
         raise BitallocError("search.evaluations", "measuring candidates needs data.calibration of 1 or more")
     if estimator.uses_data and spec.data.calibration == 0:
         raise BitallocError("data.calibration", f"the {estimator.name} estimator needs calibration sequences; "
                                                 f"set it to 1 or more, or use sensitivity.estimator: sqnr")
     text_files(spec.data.source)
-    if spec.run.address or os.environ.get("RAY_ADDRESS"):
-        from .cluster import probe
-
-        probe(spec.run.address or os.environ["RAY_ADDRESS"], "run.address", 6379)
-    elif spec.run.worker_count():
-        from .cluster import check_gpus
-
-        check_gpus(spec.run.worker_count() * spec.run.gpus_per_worker)
 
 
 def _memory_check(spec: JobSpec, estimator: Estimator, console: Console):

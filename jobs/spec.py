@@ -107,13 +107,18 @@ class SensitivitySpec(_Strict):
     params: dict[str, Any] = {}
 
 
+def _check_size(text: str) -> None:
+    """A size with a unit, or pydantic's ValueError (so the error names the field where the size was written)."""
+    try:
+        parse_bytes(text, "size")
+    except BitallocError as exc:
+        raise ValueError(exc.message) from None
+
+
 def _check_budget(b: Union[float, str]) -> Union[float, str]:
     """A number (or numeric string) is average bits in (0, 16]; any other string must be a size with a unit."""
     if isinstance(b, str) and not _NUMBER.match(b):
-        try:
-            parse_bytes(b, "budget")
-        except BitallocError as exc:
-            raise ValueError(exc.message) from None
+        _check_size(b)
     elif not 0 < float(b) <= KEEP_BITS:
         raise ValueError(f"{b} average bits is outside (0, 16]; write bytes with a unit, e.g. 80MiB")
     return b
@@ -158,17 +163,17 @@ class RunSpec(_Strict):
     @classmethod
     def _memory(cls, v):
         if v is not None:
-            try:
-                parse_bytes(v, "run.memory_limit")
-            except BitallocError as exc:
-                raise ValueError(exc.message) from None
+            _check_size(v)
         return v
 
     def worker_count(self) -> int:
-        """Ray workers the job starts (0: it evaluates in its own process)."""
+        """Ray workers the job starts: 0 evaluates in its own process, unless a cluster address is given (a job sent
+        to a cluster evaluates there, `auto` many workers when 0 or auto)."""
+        if self.workers not in (0, "auto"):
+            return self.workers
         if self.workers == 0 and not self.address:
             return 0
-        return self.workers if self.workers != "auto" else max(1, (os.cpu_count() or 1) // self.threads_per_worker)
+        return max(1, (os.cpu_count() or 1) // self.threads_per_worker)
 
     @field_validator("workers")
     @classmethod
