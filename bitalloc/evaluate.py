@@ -19,6 +19,7 @@ from bitalloc.kernels.quant_linear import QuantLinear
 
 from .formats import Format
 from .model import HIDDEN_STATE, LoadedModel, QuantizableLayer
+from .profiling import release_freed_memory
 from .types import Measurement
 
 
@@ -53,6 +54,7 @@ class QuantCache:
                     continue
                 q = fake_quantize(w, fmt)
                 self._store[(layer.name, fmt)] = q.t().contiguous() if layer.transposed else q
+            release_freed_memory()
             if progress:
                 progress(1)
 

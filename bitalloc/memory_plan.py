@@ -1,6 +1,8 @@
 """What a job will hold in memory, planned before the heavy stages, against what the machine has.
 
 Each part is counted from the model's shapes and the job's settings, the way today's design holds it:
+- the model's own weights, counted although loaded: a memory-mapped checkpoint's pages count as free until
+  first touched;
 - the quantized-weight cache: every (layer, format) dequantized in the layer's dtype;
 - FP references: evaluation tokens x vocabulary float32 log-probabilities (or x hidden size for a hidden-state
   model) in every process that evaluates, plus the calibration reference where calibration tokens are measured;
@@ -91,7 +93,7 @@ def output_width(model: LoadedModel) -> int:
 
 def plan(model: LoadedModel, layers: list[QuantizableLayer], n_formats: int, spec, estimator,
          workers: int, available: int) -> MemoryPlan:
-    """The plan of a job on this model (already loaded, so its own bytes are not counted again)."""
+    """The plan of a job on this model, against `available` bytes measured after it loaded."""
     data, elsize = spec.data, {l.name: model.layer_module(l.name).weight.element_size() for l in layers}
     numel = sum(l.numel for l in layers)
     cache = sum(l.numel * elsize[l.name] for l in layers) * n_formats
@@ -103,6 +105,7 @@ def plan(model: LoadedModel, layers: list[QuantizableLayer], n_formats: int, spe
     processes = max(workers, 1)
     model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
     parts = [
+        Part("model", model_bytes, "model.source"),
         Part("quantized-weight cache", cache, "formats.bits"),
         Part("FP references", processes * (evaluation + calibration), "data.evaluation"),
         Part("forward passes", processes * forward, "data.batch_size"),

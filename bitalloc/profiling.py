@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import threading
+
+
+def release_freed_memory() -> None:
+    """Hand the C allocator's freed pages back to the system (glibc keeps them otherwise): quantizing layer after
+    layer frees many temporaries between the tensors kept, which left 40 % more resident than the cache holds."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 def _rss() -> int:
