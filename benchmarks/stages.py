@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/stages.py [--evaluation 4] [--seq-len 512]
 
-Stages: load, tokenize, quantize cache, estimator, whole-front solve, FP reference, and one
-evaluation with the quantized-weight cache against one that quantizes on the fly.
+Stages (the pipeline's own functions): load, tokenize, quantize cache, estimators, whole-front solve, FP
+reference, and one evaluation with the quantized-weight cache against one that quantizes on the fly.
 """
 
 from __future__ import annotations
@@ -20,13 +20,25 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bitalloc.data import make_token_sets, text_files, tokenize_files  # noqa: E402
-from bitalloc.evaluate import Evaluator, OnTheFly, QuantCache  # noqa: E402
+from bitalloc import pipeline  # noqa: E402
+from bitalloc.evaluate import Evaluator  # noqa: E402
 from bitalloc.formats import Format  # noqa: E402
-from bitalloc.jobs.runner import build_problem  # noqa: E402
-from bitalloc.model import list_layers, load_model, select_layers  # noqa: E402
+from bitalloc.kernels import fake_quantize  # noqa: E402
+from bitalloc.progress import Stages  # noqa: E402
 from bitalloc.search import get_solver  # noqa: E402
-from bitalloc.sensitivity import EstimatorContext, get_estimator  # noqa: E402
+from bitalloc.sensitivity import get_estimator  # noqa: E402
+
+
+class OnTheFly:
+    """The quantized-weight cache's interface without a cache: quantizes on every request (the baseline)."""
+
+    def __init__(self, ws: pipeline.Workspace):
+        self.model, self.layers = ws.model, {layer.name: layer for layer in ws.layers}
+
+    def get(self, layer: str, fmt: Format) -> torch.Tensor:
+        spec = self.layers[layer]
+        q = fake_quantize(self.model.weight(spec), fmt)
+        return q.t().contiguous() if spec.transposed else q
 
 
 def main() -> None:
@@ -47,29 +59,31 @@ def main() -> None:
         return value
 
     formats = tuple(Format(b, 64) for b in (2, 3, 4, 5, 6, 8))
-    model = timed("load model (GGUF -> float32)", lambda: load_model("smollm2-135m"))
-    layers = select_layers(list_layers(model))
-    tokens = timed("tokenize Shakespeare", lambda: tokenize_files(text_files("shakespeare"), model.tokenizer),
-                   lambda t: f"{len(t):,} tokens")
-    data = make_token_sets(tokens, args.seq_len, 4, args.evaluation, seed=0)
-    cache = timed("quantize cache (210 layers x 6 formats)", lambda: QuantCache(model, layers, formats),
-                  lambda c: f"{c.nbytes / 2**20:.0f} MiB held")
-    ctx = EstimatorContext(model, layers, formats, cache, data.calibration, data.data_hash, 0)
-    timed("estimator sqnr (data-free)", lambda: get_estimator("sqnr").estimate(ctx))
+    stages = Stages()
+    ws = pipeline.Workspace.open("smollm2-135m", formats, seq_len=args.seq_len, calibration=4,
+                                 evaluation=args.evaluation, stages=stages)
+    rows += [("load model (GGUF -> float32)", stages.timings["load model"], ""),
+             ("tokenize Shakespeare", stages.timings["tokenize text"], ""),
+             (f"quantize cache ({len(ws.layers)} layers x 6 formats)", stages.timings[next(k for k in stages.timings
+                                                                                       if k.startswith("quantize"))],
+              f"{ws.cache.nbytes / 2**20:.0f} MiB held")]
+    with_cache = os.environ.get("BITALLOC_CACHE")
+    os.environ["BITALLOC_CACHE"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bitalloc-stages-{os.getpid()}")
+    timed("estimator sqnr (data-free)", lambda: pipeline.sensitivity(ws, get_estimator("sqnr"), 0))
     table = timed("estimator fisher, output side (default; 4 x 512 tokens)",
-                  lambda: get_estimator("fisher", side="output").estimate(ctx))
-    problem = build_problem(model, layers, formats, table)
-    solver = get_solver("dp")
-    front = timed("solve whole front (dp)", lambda: solver.front(problem),
-                  lambda f: f"{len(f)} front points, slack {solver.slack_bytes} B")
+                  lambda: pipeline.sensitivity(ws, get_estimator("fisher", side="output"), 0)).table
+    if with_cache is not None:
+        os.environ["BITALLOC_CACHE"] = with_cache
+    problem = pipeline.build_problem(ws.model, ws.layers, formats, table)
+    front = timed("solve whole front (dp)", lambda: get_solver("dp").front(problem),
+                  lambda f: f"{len(f.configs)} front points, slack {f.slack_bytes} B")
     evaluator = timed(f"FP reference ({args.evaluation} x {args.seq_len} tokens)",
-                      lambda: Evaluator(model, cache, data.evaluation, 2),
+                      lambda: Evaluator(ws.model, ws.cache, ws.data.evaluation, 2),
                       lambda e: f"{e.reference_nbytes / 2**20:.0f} MiB held")
-    config = front[len(front) // 2].assignment()
+    config = front.configs[len(front.configs) // 2].assignment()
     timed("one evaluation, cached weights", lambda: evaluator.evaluate(config), lambda m: f"KL {m.loss:.4f}", 3)
-    fly = Evaluator.__new__(Evaluator)
-    fly.__dict__.update(evaluator.__dict__, weights=OnTheFly(model, layers))
-    timed("one evaluation, quantized on the fly", lambda: fly.evaluate(config), lambda m: f"KL {m.loss:.4f}", 3)
+    evaluator.weights = OnTheFly(ws)
+    timed("one evaluation, quantized on the fly", lambda: evaluator.evaluate(config), lambda m: f"KL {m.loss:.4f}", 3)
 
     out = Table(title=f"bitalloc stages on smollm2-135m ({torch.get_num_threads()} threads)")
     out.add_column("stage")
@@ -78,7 +92,7 @@ def main() -> None:
     for name, secs, note in rows:
         out.add_row(name, f"{secs:.2f}", note)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    out.caption = f"peak RSS {peak:.2f} GiB; front spans {np.ptp([c.bytes for c in front]) / 2**20:.1f} MiB"
+    out.caption = f"peak RSS {peak:.2f} GiB; front spans {np.ptp([c.bytes for c in front.configs]) / 2**20:.1f} MiB"
     Console().print(out)
 
 

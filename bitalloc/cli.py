@@ -1,4 +1,5 @@
-"""The `bitalloc` command line."""
+"""The `bitalloc` command line: arguments in, one call into the library, results out. Sub-apps: `jobs` (a Ray
+cluster's jobs) and `sensitivity` (tables, estimator scores)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,49 @@ import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
 
-import numpy as np
 import typer
 from rich.console import Console
-from rich.table import Table
-from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer's own copy of click raises these
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's own copy of click
+from typer.core import TyperGroup
 
 from .errors import BitallocError, Interrupted, raise_on_signals
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+MOVED = {name: f"jobs {name}" for name in ("submit", "status", "logs", "cancel")}
+
+
+class _Root(TyperGroup):
+    """Names a command that moved into a sub-app instead of calling it unknown."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] in MOVED:
+            raise UsageError(f"`bitalloc {args[0]}` is now `bitalloc {MOVED[args[0]]}`", ctx)
+        return super().resolve_command(ctx, args)
+
+
+class _WithDefault(TyperGroup):
+    """A sub-app whose first command runs when the arguments name none (`bitalloc jobs` lists jobs,
+    `bitalloc sensitivity MODEL` computes tables)."""
+
+    empty_runs_default = False
+
+    def parse_args(self, ctx, args):
+        help_asked = args[:1] in (["--help"], ["-h"])
+        if (args or self.empty_runs_default) and not help_asked and (not args or args[0] not in self.commands):
+            args = [next(iter(self.commands))] + list(args)
+        return super().parse_args(ctx, args)
+
+
+class _JobsGroup(_WithDefault):
+    empty_runs_default = True
+
+
+app = typer.Typer(cls=_Root, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Mixed-precision bit-allocation search.")
+jobs_app = typer.Typer(cls=_JobsGroup, help="Jobs on a Ray cluster: list (default), submit, status, logs, cancel.")
+sensitivity_app = typer.Typer(cls=_WithDefault, no_args_is_help=True,
+                              help="Sensitivity tables (default: `table`), or `score` to rank estimators.")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(sensitivity_app, name="sensitivity")
 
 
 def _out() -> Console:
@@ -66,20 +100,29 @@ def run(
         exc.hint = interrupted_hint(target)
         raise
     _out().print(front_table(front))
-    mem = front["memory"]
+    mem = front.memory
     _out().print(
-        f"quantized-weight cache {mem['quant_cache_bytes'] / 2**20:.0f} MiB, FP reference "
-        f"{mem['reference_bytes'] / 2**20:.0f} MiB; results in {target}/ (front.json, configs/, plots/)"
+        f"quantized-weight cache {mem.quant_cache_bytes / 2**20:.0f} MiB, FP reference "
+        f"{mem.reference_bytes / 2**20:.0f} MiB; results in {target}/ (front.json, configs/, plots/)"
     )
-    if front.get("tracking"):
-        _out().print(f"MLflow run {front['tracking']['run_id']} in {front['tracking']['uri']}; browse it with "
+    if front.tracking:
+        _out().print(f"MLflow run {front.tracking.run_id} in {front.tracking.uri}; browse it with "
                      f"`bitalloc ui {target}`")
 
 
 ADDRESS_HELP = "Ray Jobs server (default: RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)"
 
 
-@app.command()
+@jobs_app.command("list")
+def list_jobs(address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
+    """Jobs on the cluster, oldest first."""
+    from bitalloc.dashboards.table import jobs_table
+    from bitalloc.jobs.service import list_jobs as cluster_jobs
+
+    _out().print(jobs_table(cluster_jobs(address)))
+
+
+@jobs_app.command()
 def submit(
     job: Path = typer.Argument(..., help="job spec (YAML)"),
     set_: List[str] = typer.Option([], "--set", help="override a spec key"),
@@ -92,11 +135,10 @@ def submit(
     from bitalloc.jobs.spec import load_spec
 
     spec = load_spec(job, set_)
-    job_id = submit_job(spec, out or spec.output_dir(), address, pip)
-    _out().print(job_id)
+    _out().print(submit_job(spec, out or spec.output_dir(), address, pip))
 
 
-@app.command()
+@jobs_app.command()
 def status(job_id: str = typer.Argument(..., metavar="ID"),
            address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
     """A submitted job's status."""
@@ -106,7 +148,7 @@ def status(job_id: str = typer.Argument(..., metavar="ID"),
     _out().print(f"{job_id}: {state}" + (f" ({message})" if message else ""), markup=False)
 
 
-@app.command()
+@jobs_app.command()
 def logs(job_id: str = typer.Argument(..., metavar="ID"),
          follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
          address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
@@ -116,7 +158,7 @@ def logs(job_id: str = typer.Argument(..., metavar="ID"),
     job_logs(job_id, address, follow, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
 
 
-@app.command()
+@jobs_app.command()
 def cancel(job_id: str = typer.Argument(..., metavar="ID"),
            address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
     """Stop a running job."""
@@ -126,109 +168,49 @@ def cancel(job_id: str = typer.Argument(..., metavar="ID"),
     _out().print(f"{job_id}: stop requested")
 
 
-@app.command()
-def jobs(address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
-    """Jobs on the cluster, oldest first."""
-    from bitalloc.jobs.service import list_jobs
-
-    table = Table(title="jobs")
-    for col in ("id", "status", "bitalloc job", "spec hash"):
-        table.add_column(col)
-    for info in list_jobs(address):
-        meta = info.metadata or {}
-        table.add_row(info.submission_id or info.job_id or "", str(info.status.value), meta.get("bitalloc_job", ""),
-                      meta.get("spec_hash", "")[:19])
-    _out().print(table)
-
-
-@app.command()
-def sensitivity(
-    target: str = typer.Argument(..., help="MODEL or a job YAML: compute (or reuse) tables; `score`: score estimators"),
-    job: Optional[Path] = typer.Argument(None, help="with `score`: the job YAML"),
+@sensitivity_app.command("table")
+def sensitivity_table(
+    target: str = typer.Argument(..., help="smollm2-135m, a model directory, a .gguf file, or a job YAML"),
     estimator: List[str] = typer.Option([], "--estimator", "-e", help="NAME or NAME:key=value,... (repeatable)"),
     set_: List[str] = typer.Option([], "--set", help="override a spec key: --set data.calibration=2"),
-    configs: int = typer.Option(30, "--configs", help="with score: random configs to measure"),
-    min_bits: float = typer.Option(2.5, "--min-bits"),
-    max_bits: float = typer.Option(6.0, "--max-bits"),
-    out: Optional[Path] = typer.Option(None, "--out", help="also write the result as JSON"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the table as JSON"),
 ):
-    """Sensitivity tables (cached by model, data and parameters), or `score JOB.yaml` to rank estimators."""
-
+    """Compute (or reuse from the cache) sensitivity tables; prints each one's most sensitive layers."""
+    from bitalloc.dashboards.table import sensitivity_summary
+    from bitalloc.jobs.scoring import tables
     from bitalloc.jobs.spec import load_spec, parse_spec
-    from bitalloc.sensitivity import ESTIMATORS
 
-    if target == "score":
-        if job is None:
-            raise BitallocError("JOB", "`bitalloc sensitivity score` needs a job YAML, e.g. jobs/examples/smollm2.yaml")
-        if not 0 < min_bits < max_bits:
-            raise BitallocError("--min-bits/--max-bits", f"need 0 < min < max, got {min_bits} and {max_bits}")
-        if configs < 3:
-            raise BitallocError("--configs", f"{configs} is too few to rank anything; use 3 or more")
-        _score(load_spec(job, set_), estimator or _default_score_estimators(ESTIMATORS), configs, min_bits, max_bits, out)
-        return
-    if job is not None:
-        raise BitallocError("JOB", f"a second argument is only taken by `score`, got {str(job)!r}")
     spec = (load_spec(target, set_) if target.endswith((".yaml", ".yml"))
             else parse_spec({"model": {"source": target}}, set_))
-    _tables(spec, estimator or [spec.sensitivity.estimator], out)
-
-
-def _default_score_estimators(registry) -> list[str]:
-    return sorted(registry) + ["sqnr:activations=true", "fisher:side=weight"]
-
-
-def _tables(spec, estimators: list[str], out: Optional[Path]) -> None:
-    from rich.console import Console as RichConsole
-
-    from bitalloc.jobs.runner import Stages, Workspace
-    from bitalloc.jobs.scoring import parse_estimator
-    from bitalloc.sensitivity import get_estimator
-    from bitalloc.sensitivity import cache as table_cache
-
-    if out is not None and len(estimators) != 1:
+    if out is not None and len(estimator) > 1:
         raise BitallocError("--out", "writes one table; name exactly one --estimator")
-    instances = [get_estimator(name, **params) for name, params in map(parse_estimator, estimators)]
-    with Stages(RichConsole(stderr=True)) as stages:
-        ws = Workspace.open(spec, stages)
-        results = [ws.sensitivity(est, stages) for est in instances]
-    mid = len(ws.formats) // 2
-    for table, path, hit in results:
-        summary = Table(title=f"{table.estimator} {table.params if table.params else ''}: most sensitive layers "
-                              f"at {ws.formats[mid].name} ({'cache hit' if hit else f'{table.wall_time_s:.1f} s'})")
-        summary.add_column("layer")
-        for fmt in ws.formats:
-            summary.add_column(fmt.name, justify="right")
-        for i in np.argsort(-table.values[:, mid])[:10]:
-            summary.add_row(table.layers[i], *[f"{v:.3g}" for v in table.values[i]])
-        _out().print(summary)
-        _out().print(f"table: {path}")
-        if out is not None:
-            from . import configio
-
-            configio.write(table_cache.table_document(table), out)
+    for result in tables(spec, estimator or [spec.sensitivity.estimator], Console(stderr=True), out):
+        _out().print(sensitivity_summary(result))
+        _out().print(f"table: {result.path}")
 
 
-def _score(spec, estimators: list[str], n: int, lo: float, hi: float, out: Optional[Path]) -> None:
+@sensitivity_app.command("score")
+def sensitivity_score(
+    job: Path = typer.Argument(..., help="the job YAML whose model, data and formats to score on"),
+    estimator: List[str] = typer.Option([], "--estimator", "-e", help="NAME or NAME:key=value,... (repeatable; "
+                                        "default: every estimator and two variants)"),
+    set_: List[str] = typer.Option([], "--set", help="override a spec key: --set data.calibration=2"),
+    configs: int = typer.Option(30, "--configs", min=3, help="random configs to measure"),
+    min_bits: float = typer.Option(2.5, "--min-bits"),
+    max_bits: float = typer.Option(6.0, "--max-bits"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the scores as JSON"),
+):
+    """Rank estimators by how well their tables predict measured held-out loss of random configs."""
+    from bitalloc.dashboards.table import score_table
+    from bitalloc.jobs.scoring import default_estimators, score_estimators
+    from bitalloc.jobs.spec import load_spec
 
-    from rich.console import Console as RichConsole
-
-    from bitalloc.jobs.scoring import score_estimators
-
-    rows, detail = score_estimators(spec, estimators, n, lo, hi, RichConsole(stderr=True))
-    table = Table(title=f"estimators on {spec.model.source}: {n} random configs, {lo}-{hi} avg bits, held-out KL")
-    for col in ("estimator", "Spearman ρ", "R²", "R² (scaled)", "seconds", "peak RSS GiB", "cached"):
-        table.add_column(col, justify="left" if col == "estimator" else "right")
-    for r in sorted(rows, key=lambda r: -r.spearman):
-        peak = f"{r.peak_rss_bytes / 2**30:.2f}" if r.peak_rss_bytes else "-"
-        table.add_row(r.estimator, f"{r.spearman:.3f}", f"{r.r2:.3f}", f"{r.r2_scaled:.3f}", f"{r.wall_time_s:.1f}",
-                      peak, "yes" if r.cache_hit else "")
-    _out().print(table)
-    if out is not None:
-        from dataclasses import asdict
-
-        from . import configio
-
-        configio.write({"schema": "bitalloc.score/1", "rows": [asdict(r) for r in rows], **detail}, out)
+    if not 0 < min_bits < max_bits:
+        raise BitallocError("--min-bits/--max-bits", f"need 0 < min < max, got {min_bits} and {max_bits}")
+    spec = load_spec(job, set_)
+    scores = score_estimators(spec, estimator or default_estimators(), configs, min_bits, max_bits,
+                              Console(stderr=True), out)
+    _out().print(score_table(scores, spec.model.source))
 
 
 @app.command()
@@ -240,7 +222,7 @@ def layers(
     scale_dtype: str = typer.Option("float16", "--scale-dtype"),
 ):
     """List the quantizable layers with their shapes and bytes at each format."""
-    from .formats import Format, weight_bytes
+    from .formats import Format
     from .model import list_layers, load_model
 
     formats = []
@@ -249,17 +231,9 @@ def layers(
             formats.append(Format(b, group_size, symmetric, scale_dtype))
         except BitallocError as exc:
             raise BitallocError(exc.field.replace("format.", "--").replace("_", "-"), exc.message) from None
-    loaded = load_model(model)
-    found = list_layers(loaded)
-    table = Table(title=f"{model}: {len(found)} quantizable layers")
-    for col in ["layer", "out x in", "dtype", "tied to"] + [f.name for f in formats]:
-        table.add_column(col, justify="left" if col in ("layer", "tied to") else "right")
-    for layer in found:
-        table.add_row(
-            layer.name, f"{layer.out_features} x {layer.in_features}", layer.dtype, layer.tied_to or "",
-            *[f"{weight_bytes(layer.out_features, layer.in_features, f):,}" for f in formats],
-        )
-    _out().print(table)
+    from bitalloc.dashboards.table import layers_table
+
+    _out().print(layers_table(model, list_layers(load_model(model)), formats))
 
 
 # what `export` and `pack` both take to name one measured config
@@ -279,7 +253,7 @@ def export(
     avg_bits: AvgBits = None,
     budget: Budget = None,
     point: Point = None,
-    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="json, yaml, gptqmodel, llmcompressor, "
+    export_format: Optional[str] = typer.Option(None, "--format", "-f", help="json, yaml, gptqmodel, llmcompressor, "
                                       "llamacpp, hqq (default: json or yaml by the output's suffix)"),
     output: Path = typer.Option(..., "-o", "--output", help="file to write"),
     nearest: bool = typer.Option(False, "--nearest", help="where the runtime cannot express a layer's format, "
@@ -287,20 +261,18 @@ def export(
     tracking_uri: RunStore = None,
 ):
     """Write one measured config for a runtime: canonical JSON/YAML, GPTQModel, llm-compressor, llama.cpp, HQQ."""
-    from bitalloc.jobs.export import choose, resolve_format, write_export
-    from bitalloc.metrics import metric_of
+    from bitalloc.jobs.export import choose, resolve_export_format, write_export
 
     from . import configio
 
-    fmt = resolve_format(fmt, output)
+    export_format = resolve_export_format(export_format, output)
     configio.check_writable(output, "--output")
     chosen = choose(target, avg_bits, budget, point, tracking_uri)
-    changed, checked = write_export(chosen, fmt, output, nearest)
-    totals, metrics = chosen.config["totals"], chosen.config["metrics"]
-    m = metric_of(chosen.config)
-    kl = f", {m.loss_label} {metrics[m.loss]:.4f}, {m.quality_label} {metrics[m.quality]:.4g}" if m.loss in metrics else ""
-    _out().print(f"wrote {output} ({fmt}) from {chosen.where}: {totals['avg_bits']:.3f} avg bits, "
-                 f"{totals['mib']:.2f} MiB{kl}; {checked}", markup=False)
+    changed, checked = write_export(chosen, export_format, output, nearest)
+    config, m, measured = chosen.config, chosen.config.metric.metric(), chosen.config.measured()
+    kl = f", {m.loss_label} {measured[0]:.4f}, {m.quality_label} {measured[1]:.4g}" if measured else ""
+    _out().print(f"wrote {output} ({export_format}) from {chosen.where}: {config.totals.avg_bits:.3f} avg bits, "
+                 f"{config.totals.mib:.2f} MiB{kl}; {checked}", markup=False)
     for line in changed:
         _out().print(f"  nearest: {line}", markup=False)
 
@@ -316,25 +288,14 @@ def pack(
 ):
     """Write a packed checkpoint (safetensors + config) of one measured config; load it with bitalloc.load_packed."""
     from bitalloc.jobs.export import choose
-    from bitalloc.kernels.checkpoint import CONFIG_FILE, quantize_model, save_packed
+    from bitalloc.kernels.checkpoint import check_output, pack as pack_config
 
-    from . import configio
-    from .model import load_model
-
-    if output.exists() and not (output.is_dir() and ((output / CONFIG_FILE).is_file() or not any(output.iterdir()))):
-        raise BitallocError("--output", f"{str(output)!r} exists and is not a packed checkpoint")
-    configio.check_writable(output, "--output")
-    chosen = choose(target, avg_bits, budget, point, tracking_uri)
-    doc = chosen.config
-    model = load_model(doc["model"]["source"])  # never with remote code: the config file names the model
-    if model.content_hash() != doc["model"]["content_hash"]:
-        raise BitallocError("TARGET", f"the model at {doc['model']['source']!r} is not the one searched (content "
-                                      f"hash differs); rerun the job")
-    packed = quantize_model(model, configio.config_formats(doc))
-    save_packed(model, doc, output)
+    check_output(output, "--output")
+    config = choose(target, avg_bits, budget, point, tracking_uri).config
+    packed = pack_config(config, output)
     size = sum(f.stat().st_size for f in output.iterdir())
-    _out().print(f"wrote {output}/: {doc['totals']['avg_bits']:.3f} avg bits; packed layers {packed:,} bytes, "
-                 f"checkpoint files {size / 2**20:.2f} MiB (the config counts {doc['totals']['mib']:.2f} MiB)",
+    _out().print(f"wrote {output}/: {config.totals.avg_bits:.3f} avg bits; packed layers {packed:,} bytes, "
+                 f"checkpoint files {size / 2**20:.2f} MiB (the config counts {config.totals.mib:.2f} MiB)",
                  markup=False)
 
 
@@ -348,10 +309,8 @@ def latency(
     batch: int = typer.Option(1, "--batch", min=1),
 ):
     """Measure every layer shape x format on this GPU (CUDA events, L2 cleared, median) for the ILP's latency limit."""
-    from rich.console import Console as RichConsole
-
-    from bitalloc.jobs.runner import Stages
     from bitalloc.kernels.latency import latency_table, require_cuda
+    from bitalloc.progress import Stages
 
     from . import configio
     from .formats import Format
@@ -360,10 +319,20 @@ def latency(
     require_cuda()
     formats = [Format(b, group_size, symmetric) for b in bits]
     shapes = {(l.out_features, l.in_features) for l in list_layers(load_model(model))}
-    with Stages(RichConsole(stderr=True)) as stages, stages.stage("time layer shapes", len(shapes)) as advance:
+    with Stages(Console(stderr=True)) as stages, stages.stage("time layer shapes", len(shapes)) as advance:
         table = latency_table(shapes, formats, batch, advance)
     configio.write(table, output)
     _out().print(f"wrote {output}: {len(table['entries'])} entries on {table['device']}")
+
+
+@app.command()
+def schema(kind: str = typer.Argument(..., metavar="KIND", help="front or config")):
+    """Print the JSON Schema of front.json (`front`) or of a config file (`config`)."""
+    import json
+
+    from .results import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(kind), indent=2, sort_keys=True) + "\n")
 
 
 @app.command()

@@ -1,15 +1,6 @@
-"""Config and front files: canonical JSON (sorted keys, 2-space indent) or YAML, with a schema version.
-
-A config file (`bitalloc.config/1`):
-  schema, bitalloc_version, job_spec_hash,
-  model: {source, content_hash, type, other_bytes},  (type: the transformers model_type, e.g. llama;
-                                                     other_bytes: everything not in `layers`)
-  metric: {kind, loss, quality, description}  (bitalloc.metrics; absent in older files: next-token)
-  layers: {module name: {bits, group_size, symmetric, scale_dtype}},
-  shapes: {module name: [out_features, in_features]},
-  totals: {bytes, mib, avg_bits},
-  metrics: {predicted, <loss>, <quality>, tokens}  (kl/ppl for LMs; absent if not measured)
-"""
+"""Reading and writing bitalloc's files safely: canonical JSON (sorted keys, 2-space indent) or YAML, written
+atomically; YAML read as plain data with duplicate keys, alias bombs and deep nesting refused; text files
+bounded in size and UTF-8 only. What the documents hold is `bitalloc.results`."""
 
 from __future__ import annotations
 
@@ -20,16 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
 from .errors import BitallocError, first_line
-from .formats import Format
-from .metrics import METRICS, Metric
-from .model import NEXT_TOKEN
-from .types import BitConfig, Measurement
-from .units import mib
 
-CONFIG_SCHEMA = "bitalloc.config/1"
-FRONT_SCHEMA = "bitalloc.front/1"
 MAX_FILE_BYTES = 64 << 20  # a spec, config or front is kilobytes; anything this large is not one
 MAX_NODES = 100_000  # values in a YAML document once its aliases are expanded
 MAX_DEPTH = 64
@@ -102,28 +85,6 @@ def read_text(path: Path, field: str) -> str:
         raise BitallocError(field, f"{str(path)!r} cannot be read ({exc.strerror or exc})") from None
 
 
-def config_document(
-    config: BitConfig, *, model_source: str, model_hash: str, spec_hash: str, measurement: Measurement | None,
-    model_type: str | None = None, shapes: dict[str, list[int]] | None = None, metric: Metric = METRICS[NEXT_TOKEN],
-    other_bytes: int | None = None,
-) -> dict:
-    metrics = {"predicted": config.predicted}
-    if measurement is not None:
-        metrics.update({metric.loss: measurement.loss, metric.quality: measurement.quality,
-                        "tokens": measurement.tokens})
-    return {
-        "schema": CONFIG_SCHEMA,
-        "bitalloc_version": __version__,
-        "job_spec_hash": spec_hash,
-        "model": {"source": model_source, "content_hash": model_hash, "type": model_type, "other_bytes": other_bytes},
-        "metric": metric.document(),
-        "layers": {name: fmt.to_dict() for name, fmt in config.assignment().items()},
-        "shapes": shapes or {},
-        "totals": {"bytes": config.bytes, "mib": round(mib(config.bytes), 6), "avg_bits": round(config.avg_bits, 6)},
-        "metrics": metrics,
-    }
-
-
 def dumps(doc: dict, suffix: str = ".json") -> str:
     if suffix in (".yaml", ".yml"):
         return yaml.safe_dump(doc, sort_keys=True)
@@ -154,7 +115,8 @@ def write(doc: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def read(path: Path, schema: str) -> dict:
+def load(path: Path) -> dict:
+    """A JSON or YAML document (by suffix) as a mapping, or one `BitallocError` naming the file."""
     text = read_text(path, str(path))
     if path.suffix in (".yaml", ".yml"):
         doc = parse_yaml(text, str(path))
@@ -163,10 +125,14 @@ def read(path: Path, schema: str) -> dict:
             doc = json.loads(text)
         except (json.JSONDecodeError, RecursionError):
             raise BitallocError(str(path), "is not valid JSON") from None
-    if not isinstance(doc, dict) or doc.get("schema") != schema:
-        raise BitallocError(str(path), f"is not a {schema} file")
+    if not isinstance(doc, dict):
+        raise BitallocError(str(path), "is not a bitalloc document")
     return doc
 
 
-def config_formats(doc: dict) -> dict[str, Format]:
-    return {name: Format.from_dict(spec, f"layers.{name}") for name, spec in doc["layers"].items()}
+def read(path: Path, schema: str) -> dict:
+    """A document that declares `schema`."""
+    doc = load(path)
+    if doc.get("schema") != schema:
+        raise BitallocError(str(path), f"is not a {schema} file")
+    return doc

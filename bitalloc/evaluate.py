@@ -75,19 +75,6 @@ class QuantCache:
                    for t in self._store.values())
 
 
-class OnTheFly:
-    """The cache's interface without a cache: quantizes on every request (the benchmark's baseline)."""
-
-    def __init__(self, model: LoadedModel, layers: list[QuantizableLayer]):
-        self.model = model
-        self.layers = {layer.name: layer for layer in layers}
-
-    def get(self, layer: str, fmt: Format) -> torch.Tensor:
-        spec = self.layers[layer]
-        q = fake_quantize(self.model.weight(spec), fmt)
-        return q.t().contiguous() if spec.transposed else q
-
-
 def _logits(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
@@ -109,7 +96,7 @@ class Evaluator:
     of outputs at a time.
     """
 
-    def __init__(self, model: LoadedModel, weights: QuantCache | OnTheFly, tokens: torch.Tensor, batch_size: int = 2):
+    def __init__(self, model: LoadedModel, weights: QuantCache, tokens: torch.Tensor, batch_size: int = 2):
         self.model = model
         self.weights = weights
         self.batches = list(tokens.split(batch_size))

@@ -1,7 +1,8 @@
 """Components chosen by name in the job spec (estimators, solvers): one registry type for all.
 
 A component's parameters are its constructor's keyword arguments: their names and annotations are
-what a spec may set, their defaults what it gets otherwise."""
+what a spec may set, their defaults what it gets otherwise. A parameter that was renamed stays known
+under its old name in the class's `renamed` mapping, so an old spec gets a one-line error naming the new one."""
 
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ class Registry(Generic[T]):
         declared, hints = declared_parameters(self.classes[name])
         out = {}
         for key, value in params.items():
+            new = getattr(self.classes[name], "renamed", {}).get(key)
+            if new is not None:
+                raise BitallocError(f"{self.params_field}.{key}", f"renamed to {new!r} (same meaning)")
             if key not in declared:
                 allowed = ", ".join(declared) or "none"
                 raise BitallocError(f"{self.params_field}.{key}", f"not a parameter of {name}; allowed: {allowed}")

@@ -145,14 +145,12 @@ class Checkpointed:
 class CandidateEvaluator:
     """Loss (KL for LMs) of candidate configs on calibration tokens at two fidelities, for solvers that measure:
     "screen" on the first `screen_tokens` tokens, "full" on all of them. A plain function of
-    (configs, fidelity) over the job's backend; `counts` says how many it ran."""
+    (configs, fidelity) over the job's backend (the solvers' `Evaluate`)."""
 
     def __init__(self, backend: Backend, screen_tokens: int):
         self.backend = backend
         self.tokens = {"screen": f"calibration:{screen_tokens}", "full": "calibration"}
-        self.counts = {"screen": 0, "full": 0}
 
     def __call__(self, configs, fidelity: str) -> list[float]:
-        self.counts[fidelity] += len(configs)
         tasks = [EvalTask.config(c.assignment(), self.tokens[fidelity]) for c in configs]
         return [m.loss for m in self.backend.map(tasks)]

@@ -1,5 +1,5 @@
 """The typed objects handed from stage to stage:
-model -> SensitivityTable -> Problem -> solver -> BitConfig -> Measurement.
+model -> SensitivityTable -> Problem -> solver -> SolveResult (BitConfigs) -> Measurement.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ class SensitivityTable:
     values: np.ndarray
     estimator: str
     params: dict = field(default_factory=dict)
+    version: int = 1
     data_hash: str | None = None
     wall_time_s: float = 0.0
     uncertainty: np.ndarray | None = None
@@ -41,15 +42,45 @@ class SensitivityTable:
             )
 
 
+class Limit:
+    """A resource each (layer, format) uses some of, and the most a config may use in total (BOPs, latency, ...).
+
+    A new constraint is one subclass: its `usage` table (layers x formats), its `limit`, the spec field that sets
+    it, and how its values become integers for the ILP (rounded up, so a config within the integer limit is within
+    the real one)."""
+
+    name: str = "resource"
+    field: str = "search"
+    unit: str = ""
+    scale: float = 1.0  # integer units per unit of usage, for the ILP
+
+    def __init__(self, usage: np.ndarray, limit: float):
+        self.usage = np.asarray(usage)
+        self.limit = limit
+
+    def integer_usage(self, usage: np.ndarray) -> np.ndarray:
+        """Rounded up (after dropping float noise far below one unit, e.g. 1e-5 s x 1e9 = 10000.000000000002 ns)."""
+        return np.ceil(np.round(np.asarray(usage, dtype=np.float64) * self.scale, 6)).astype(np.int64)
+
+    def integer_limit(self) -> int:
+        return int(np.floor(self.limit * self.scale))
+
+    def describe(self, least: int, most: int) -> str:
+        """The refusal when `limit` is below the least reachable (least and most in integer units)."""
+        unit = f" {self.unit}" if self.unit else ""
+        return (f"{self.limit:.6g}{unit} is below the least reachable under the other constraints; feasible range "
+                f"{least / self.scale:.6g}..{most / self.scale:.6g}{unit}")
+
+
 @dataclass(frozen=True)
 class Problem:
     """A multiple-choice knapsack: pick one allowed format per layer, minimise the summed error.
 
-    Constraints: `max_bytes` (whole model), and optionally `max_bops` (bit operations per token)
-    and `max_latency` (seconds, from a measured per-layer table). `allowed` carries pinned layers
-    and min/max bits; `groups` lists layers that must share one format (q/k/v, gate/up, so that
-    fused kernels stay possible). `fixed_bytes` is everything the solver does not choose (other
-    parameters, buffers, layers left out), so totals are whole-model bytes.
+    The instance only; the byte budget is the question asked of it (`solver.solve(problem, max_bytes)`), so one
+    problem serves every budget. `allowed` carries pinned layers and min/max bits; `groups` lists layers that
+    must share one format (q/k/v, gate/up, so that fused kernels stay possible); `limits` are the other resource
+    limits (BOPs, latency). `fixed_bytes` is everything the solver does not choose (other parameters, buffers,
+    layers left out), so totals are whole-model bytes.
     """
 
     layers: tuple[str, ...]
@@ -59,12 +90,8 @@ class Problem:
     error: np.ndarray
     allowed: np.ndarray
     fixed_bytes: int
-    max_bytes: int | None = None
     groups: tuple[tuple[int, ...], ...] = ()
-    bops: np.ndarray | None = None
-    max_bops: int | None = None
-    latency: np.ndarray | None = None
-    max_latency: float | None = None
+    limits: tuple[Limit, ...] = ()
 
     def __post_init__(self) -> None:
         items = self.items()
@@ -79,15 +106,14 @@ class Problem:
         members = [tuple(g) for g in self.groups] + [(i,) for i in range(len(self.layers)) if i not in grouped]
 
         def merge(table, reduce=np.sum):
-            return None if table is None else np.stack([reduce(table[list(m)], axis=0) for m in members])
+            return np.stack([reduce(table[list(m)], axis=0) for m in members])
 
         return Items(
             members=members,
             cost=merge(self.cost),
             error=merge(self.error),
             allowed=merge(self.allowed, np.all),
-            bops=merge(self.bops),
-            latency=merge(self.latency),
+            usage=tuple(merge(limit.usage) for limit in self.limits),
             n_layers=len(self.layers),
         )
 
@@ -111,16 +137,14 @@ class Problem:
         items = self.items()
         return int(self.fixed_bytes + np.where(items.allowed, items.cost, 0).max(1).sum())
 
-    def feasible(self, choice: np.ndarray) -> bool:
-        """Allowed formats, shared formats in every group, and every constraint met."""
+    def feasible(self, choice: np.ndarray, max_bytes: int | None = None) -> bool:
+        """Allowed formats, shared formats in every group, every limit met and, when given, the byte budget."""
         rows = np.arange(len(self.layers))
         if not self.allowed[rows, choice].all() or any(len(set(choice[list(g)])) > 1 for g in self.groups):
             return False
-        if self.max_bytes is not None and self.total_bytes(choice) > self.max_bytes:
+        if max_bytes is not None and self.total_bytes(choice) > max_bytes:
             return False
-        if self.max_bops is not None and self.bops[rows, choice].sum() > self.max_bops:
-            return False
-        return self.max_latency is None or self.latency[rows, choice].sum() <= self.max_latency
+        return all(limit.usage[rows, choice].sum() <= limit.limit for limit in self.limits)
 
     def choice(self, config: "BitConfig") -> np.ndarray:
         """The per-layer format indices of a config of this problem."""
@@ -130,6 +154,13 @@ class Problem:
         choice = np.asarray(choice, dtype=np.int64)
         if not self.allowed[np.arange(len(self.layers)), choice].all():
             raise ValueError("choice uses a format that is not allowed for its layer")
+        return self._config(choice)
+
+    def uniform(self, j: int) -> "BitConfig":
+        """Every layer at format j, pins and ties aside: the baseline a mixed config is compared with."""
+        return self._config(np.full(len(self.layers), j, dtype=np.int64))
+
+    def _config(self, choice: np.ndarray) -> "BitConfig":
         return BitConfig(
             layers=self.layers,
             formats=tuple(self.formats[i] for i in choice),
@@ -141,14 +172,14 @@ class Problem:
 
 @dataclass(frozen=True)
 class Items:
-    """A problem seen by its solver units: `members[k]` are the layer indices item k sets at once."""
+    """A problem seen by its solver units: `members[k]` are the layer indices item k sets at once; `usage[r]` is
+    limit r's usage per (item, format)."""
 
     members: list[tuple[int, ...]]
     cost: np.ndarray
     error: np.ndarray
     allowed: np.ndarray
-    bops: np.ndarray | None
-    latency: np.ndarray | None
+    usage: tuple[np.ndarray, ...]
     n_layers: int
 
     def expand(self, item_choice) -> np.ndarray:
@@ -188,3 +219,24 @@ class Measurement:
     loss: float
     quality: float
     tokens: int
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """What a solver found: configs sorted by bytes (one for `solve`, the non-dominated front for `front`), and how.
+
+    `bound`: how far the predicted error of a config may be from the true optimum at its budget (0: exact;
+    the ILP's integer scaling); `slack_bytes`: the DP's rounding (a config is no worse than the exact optimum at
+    budget − slack); `evaluations`: candidates a measuring solver measured, by fidelity."""
+
+    solver: str
+    configs: tuple[BitConfig, ...]
+    bound: float = 0.0
+    slack_bytes: int = 0
+    evaluations: dict[str, int] = field(default_factory=lambda: {"screen": 0, "full": 0})
+    wall_time_s: float = 0.0
+
+    @property
+    def config(self) -> BitConfig:
+        """The answer of `solve`: the one config (the largest, for a front)."""
+        return self.configs[-1]

@@ -1,30 +1,75 @@
-"""The front as a terminal table: the mixed configs, the uniform baselines and the FP model, by size."""
+"""Terminal tables: the front (mixed configs, uniform baselines and the FP model, by size), a model's layers,
+a sensitivity table's most sensitive layers, estimator scores, a cluster's jobs."""
 
 from __future__ import annotations
 
+import numpy as np
 from rich.table import Table
 
-from bitalloc.metrics import metric_of
+from bitalloc.formats import weight_bytes
+from bitalloc.results import Front
 
 
-def front_table(front: dict) -> Table:
-    ref, m = front["reference"], metric_of(front)
-    table = Table(title=f"{front['model']['source']}: Pareto front (FP {m.quality_name} "
-                        f"{ref[m.quality]:{m.quality_format}}, {ref['tokens']} held-out tokens)")
+def front_table(front: Front) -> Table:
+    ref, m = front.reference, front.metric.metric()
+    table = Table(title=f"{front.model.source}: Pareto front (FP {m.quality_name} "
+                        f"{ref.quality:{m.quality_format}}, {ref.tokens} held-out tokens)")
     for col in ("config", "avg bits", "MiB", "predicted", m.loss_label, m.quality_label):
         table.add_column(col, justify="left" if col == "config" else "right")
-    rows = [(p["label"], p) for p in front["points"]] + [(f"uniform {u['format']}", u) for u in front["uniform"]]
-    for label, row in sorted(rows, key=lambda r: (r[1]["bytes"], r[0])):
-        style = "dim" if label.startswith("uniform") else None
-        table.add_row(
-            label,
-            f"{row['avg_bits']:.3f}",
-            f"{row['mib']:.2f}",
-            f"{row['predicted']:.4g}",
-            f"{row[m.loss]:.4f}",
-            f"{row[m.quality]:{m.quality_format}}",
-            style=style,
-        )
-    table.add_row("FP (unquantized)", "-", f"{ref['mib']:.2f}", "0", "0", f"{ref[m.quality]:{m.quality_format}}",
+    for p in sorted(front.points, key=lambda p: (p.bytes, p.label)):
+        table.add_row(p.label, f"{p.avg_bits:.3f}", f"{p.mib:.2f}", f"{p.predicted:.4g}", f"{p.loss:.4f}",
+                      f"{p.quality:{m.quality_format}}", style="dim" if p.kind == "uniform" else None)
+    table.add_row("FP (unquantized)", "-", f"{ref.mib:.2f}", "0", "0", f"{ref.quality:{m.quality_format}}",
                   style="bold")
+    return table
+
+
+def layers_table(source: str, layers, formats) -> Table:
+    table = Table(title=f"{source}: {len(layers)} quantizable layers")
+    for col in ["layer", "out x in", "dtype", "tied to"] + [f.name for f in formats]:
+        table.add_column(col, justify="left" if col in ("layer", "tied to") else "right")
+    for layer in layers:
+        table.add_row(layer.name, f"{layer.out_features} x {layer.in_features}", layer.dtype, layer.tied_to or "",
+                      *[f"{weight_bytes(layer.out_features, layer.in_features, f):,}" for f in formats])
+    return table
+
+
+def sensitivity_summary(result, top: int = 10) -> Table:
+    """The `top` most sensitive layers at the middle format (a `pipeline.TableResult`)."""
+    t = result.table
+    mid = len(t.formats) // 2
+    how = "cache hit" if result.cache_hit else f"{t.wall_time_s:.1f} s"
+    table = Table(title=f"{t.estimator} {t.params if t.params else ''}: most sensitive layers at "
+                        f"{t.formats[mid].name} ({how})")
+    table.add_column("layer")
+    for fmt in t.formats:
+        table.add_column(fmt.name, justify="right")
+    for i in np.argsort(-t.values[:, mid])[:top]:
+        table.add_row(t.layers[i], *[f"{v:.3g}" for v in t.values[i]])
+    return table
+
+
+def score_table(scores, source: str) -> Table:
+    """Estimators ranked by Spearman ρ (a `jobs.scoring.Scores`)."""
+    lo, hi = scores.range_bits
+    table = Table(title=f"estimators on {source}: {len(scores.configs)} random configs, {lo}-{hi} avg bits, "
+                        f"held-out KL")
+    for col in ("estimator", "Spearman ρ", "R²", "R² (scaled)", "seconds", "peak RSS GiB", "cached"):
+        table.add_column(col, justify="left" if col == "estimator" else "right")
+    for r in sorted(scores.rows, key=lambda r: -r.spearman):
+        peak = f"{r.peak_rss_bytes / 2**30:.2f}" if r.peak_rss_bytes else "-"
+        table.add_row(r.estimator, f"{r.spearman:.3f}", f"{r.r2:.3f}", f"{r.r2_scaled:.3f}", f"{r.wall_time_s:.1f}",
+                      peak, "yes" if r.cache_hit else "")
+    return table
+
+
+def jobs_table(infos) -> Table:
+    """Ray Jobs' job infos, with the bitalloc job name and spec hash from their metadata."""
+    table = Table(title="jobs")
+    for col in ("id", "status", "bitalloc job", "spec hash"):
+        table.add_column(col)
+    for info in infos:
+        meta = info.metadata or {}
+        table.add_row(info.submission_id or info.job_id or "", str(info.status.value), meta.get("bitalloc_job", ""),
+                      meta.get("spec_hash", "")[:19])
     return table

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 from rich.console import Console
 
 from bitalloc.errors import first_line
-from bitalloc.metrics import metric_of
+from bitalloc.results import Front
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
@@ -155,29 +155,28 @@ class Tracker:
 
         return self._guard("starting the run", go)
 
-    def finish(self, front: dict, results: Path) -> None:
+    def finish(self, front: Front, results: Path) -> None:
         """Log the job's metrics, one child run per measured point, the result folder; mark the run finished."""
 
         def go():
             from mlflow.entities import Param, RunTag
 
-            ref, m = front["reference"], metric_of(front)
-            times = {f"time_{stage.split()[0]}_s": s for stage, s in front.get("timings_s", {}).items()}
-            self.client.log_batch(self.run_id, metrics=_metrics({f"fp_{m.quality}": ref[m.quality], "fp_mib": ref["mib"],
-                                                                 "front_size": front["solver"]["front_size"], **times}))
-            rows = [("mixed", p["label"], p) for p in front["points"]]
-            rows += [("uniform", f"uniform {u['format']}", u) for u in front["uniform"]]
-            for kind, label, row in rows:
-                child = self.client.create_run(self.experiment_id, run_name=label,
-                                               tags={PARENT_TAG: self.run_id, KIND_TAG: kind})
+            ref, m = front.reference, front.metric.metric()
+            times = {f"time_{stage.split()[0]}_s": s for stage, s in front.timings_s.items()}
+            self.client.log_batch(self.run_id, metrics=_metrics({f"fp_{m.quality}": ref.quality, "fp_mib": ref.mib,
+                                                                 "front_size": front.solver.front_size, **times}))
+            for p in front.mixed + front.uniform:
+                child = self.client.create_run(self.experiment_id, run_name=p.label,
+                                               tags={PARENT_TAG: self.run_id, KIND_TAG: p.kind})
                 cid = child.info.run_id
+                values = {k: getattr(p, k) for k in POINT_METRICS}
                 self.client.log_batch(
-                    cid, metrics=_metrics({k: row[k] for k in POINT_METRICS + (m.loss, m.quality)}),
-                    params=[Param("label", label), Param("config", row["config"])],
-                    tags=[RunTag("bitalloc.config", row["config"])],
+                    cid, metrics=_metrics({**values, m.loss: p.loss, m.quality: p.quality}),
+                    params=[Param("label", p.label), Param("config", p.config)],
+                    tags=[RunTag("bitalloc.config", p.config)],
                 )
-                self.client.log_artifact(cid, str(results / row["config"]), "config")
-                bitmap = results / "plots" / "bitmaps" / (Path(row["config"]).stem + ".png")
+                self.client.log_artifact(cid, str(results / p.config), "config")
+                bitmap = results / "plots" / "bitmaps" / (Path(p.config).stem + ".png")
                 if bitmap.is_file():
                     self.client.log_artifact(cid, str(bitmap), "plots")
                 self.client.set_terminated(cid, "FINISHED")

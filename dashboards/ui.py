@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from bitalloc import configio
 from bitalloc.errors import BitallocError
+from bitalloc.results import read_front
 
 from .tracking import client, resolve_uri
 
@@ -25,14 +25,15 @@ def locate(target: Optional[str], tracking_uri: Optional[str]) -> tuple[str, Opt
         return resolve_uri(tracking_uri), None
     path = Path(target)
     if path.is_dir():
-        front = configio.read(path / "front.json", configio.FRONT_SCHEMA)
-        info = front.get("tracking") or {}
-        if not info:
+        if not (path / "front.json").is_file():
+            raise BitallocError("TARGET", f"{target!r} holds no front.json; give a job's output dir or job YAML")
+        info = read_front(path / "front.json").tracking
+        if info is None:
             raise BitallocError("TARGET", f"the job in {target!r} was not tracked (tracking off, or the store failed)")
-        uri = tracking_uri or info["uri"]
+        uri = tracking_uri or info.uri
         if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
             raise BitallocError("TARGET", f"the job was tracked in {uri}, which no longer exists")
-        return uri, info["experiment_id"]
+        return uri, info.experiment_id
     if path.suffix in (".yaml", ".yml"):
         from bitalloc.jobs.spec import load_spec
 

@@ -7,13 +7,13 @@ import math
 import re
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Optional
 
 from bitalloc import configio
 from bitalloc.errors import BitallocError
 from bitalloc.formats import weight_bytes
-from bitalloc.metrics import metric_of
+from bitalloc.results import ConfigDoc, Front, ModelInfo, Point, read_config, read_front
 from bitalloc.units import parse_bytes
 
 from . import runtime_checks
@@ -23,115 +23,85 @@ CANONICAL = ("json", "yaml")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def format_names() -> list[str]:
+def export_formats() -> list[str]:
     return list(CANONICAL) + sorted(RUNTIMES.classes)
 
 
-def resolve_format(fmt: Optional[str], output: Path) -> str:
+def resolve_export_format(export_format: Optional[str], output: Path) -> str:
     """The export format: as given, else json/yaml by the output's suffix; unknown names are refused."""
-    if fmt is None:
-        fmt = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}.get(output.suffix)
-        if fmt is None:
+    if export_format is None:
+        export_format = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}.get(output.suffix)
+        if export_format is None:
             raise BitallocError("--format", f"cannot tell the format from {output.name!r}; give --format "
-                                            f"({', '.join(format_names())})")
-    if fmt not in format_names():
-        raise BitallocError("--format", f"{fmt!r} is not an export format; allowed: {', '.join(format_names())}")
-    return fmt
+                                            f"({', '.join(export_formats())})")
+    if export_format not in export_formats():
+        raise BitallocError("--format", f"{export_format!r} is not an export format; allowed: "
+                                        f"{', '.join(export_formats())}")
+    return export_format
 
 
 @dataclass
 class Chosen:
-    config: dict
-    row: Optional[dict]
+    """One measured config and where it came from (a result folder or an MLflow run)."""
+
+    config: ConfigDoc
     where: str
 
 
-_NUMBER = (int, float)
-
-
-def _check_front(front: dict, where: str) -> None:
-    """The parts of a front document that selection relies on, with their types; paths stay inside the result."""
-    loss = metric_of(front).loss
-    model = front.get("model")
-    if not isinstance(model, dict) or not all(isinstance(model.get(k), int) for k in
-                                              ("other_bytes", "quantized_params", "quantized_layers")):
-        raise BitallocError("TARGET", f"{where}: front.json has no valid model section; rerun the job")
-    for key in ("points", "uniform"):
-        rows = front.get(key)
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise BitallocError("TARGET", f"{where}: front.json {key} is not a list of rows; rerun the job")
-        for row in rows:
-            if not (isinstance(row.get("bytes"), int) and isinstance(row.get(loss), _NUMBER)
-                    and isinstance(row.get("avg_bits"), _NUMBER) and isinstance(row.get("mib"), _NUMBER)
-                    and isinstance(row.get("config"), str)):
-                raise BitallocError("TARGET", f"{where}: a front.json {key} row lacks bytes, {loss}, avg_bits, mib "
-                                              f"or config; rerun the job")
-            _inside(row["config"], where)
-    if not front["points"]:
+def _check_front(front: Front, where: str) -> None:
+    if not front.mixed:
         raise BitallocError("TARGET", f"{where}: front.json has no measured points")
 
 
-def _inside(relative: str, where: str) -> None:
-    path = PurePosixPath(relative)
-    if path.is_absolute() or ".." in path.parts or not path.parts:
-        raise BitallocError("TARGET", f"{where}: config path {relative!r} leaves the result folder")
-
-
-def verified(doc: dict, model: dict, where: str) -> dict:
+def verified(doc: ConfigDoc, model: ModelInfo, where: str) -> ConfigDoc:
     """A config whose claims hold: every layer of the search has a format and a shape, and the bytes recount
     from those shapes (plus the model's other tensors) to exactly the total it claims."""
+    formats = doc.formats()
+    other = model.other_bytes if doc.model.other_bytes is None else doc.model.other_bytes
+    if set(doc.shapes) != set(formats):
+        raise BitallocError("TARGET", f"{where}: the config's layers and shapes name different layers")
+    if len(formats) != model.quantized_layers:
+        raise BitallocError("TARGET", f"{where}: the config sets {len(formats)} layers, the search chose "
+                                      f"{model.quantized_layers}")
     try:
-        formats = configio.config_formats(doc)
-        shapes, claimed = doc["shapes"], doc["totals"]["bytes"]
-        other = doc["model"].get("other_bytes")
-        other = model["other_bytes"] if other is None else other
-        if set(shapes) != set(formats):
-            raise BitallocError("TARGET", f"{where}: the config's layers and shapes name different layers")
-        if len(formats) != model["quantized_layers"]:
-            raise BitallocError("TARGET", f"{where}: the config sets {len(formats)} layers, the search chose "
-                                          f"{model['quantized_layers']}")
-        counted = other + sum(weight_bytes(*map(int, shapes[name]), fmt) for name, fmt in formats.items())
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise BitallocError("TARGET", f"{where}: the config is incomplete (layers, shapes, totals); rerun the job"
-                            ) from None
-    if counted != claimed:
-        raise BitallocError("TARGET", f"{where}: the config claims {claimed} bytes but its layers' formats come to "
-                                      f"{counted}; it was edited or damaged")
+        counted = other + sum(weight_bytes(*map(int, doc.shapes[name]), fmt) for name, fmt in formats.items())
+    except (TypeError, ValueError):
+        raise BitallocError("TARGET", f"{where}: the config's shapes are not [out, in] pairs; rerun the job") from None
+    if counted != doc.totals.bytes:
+        raise BitallocError("TARGET", f"{where}: the config claims {doc.totals.bytes} bytes but its layers' formats "
+                                      f"come to {counted}; it was edited or damaged")
     return doc
 
 
-def _pick(front: dict, avg_bits: Optional[float], budget: Optional[str], point: Optional[int]) -> dict:
-    """The front row a selector names: the lowest-loss measured config within a budget, or mixed point N."""
+def _pick(front: Front, avg_bits: Optional[float], budget: Optional[str], point: Optional[int]) -> Point:
+    """The point a selector names: the lowest-loss measured config within a budget, or mixed point N."""
     if sum(x is not None for x in (avg_bits, budget, point)) != 1:
         raise BitallocError("--avg-bits/--budget/--point", "give exactly one of them")
-    points = sorted(front["points"], key=lambda p: p["bytes"])
+    mixed = front.mixed
     if point is not None:
-        if not 1 <= point <= len(points):
-            raise BitallocError("--point", f"{point} is not on the front; points are numbered 1 to {len(points)}")
-        return points[point - 1]
-    model = front["model"]
+        if not 1 <= point <= len(mixed):
+            raise BitallocError("--point", f"{point} is not on the front; points are numbered 1 to {len(mixed)}")
+        return mixed[point - 1]
     if budget is not None:
         limit, field = parse_bytes(budget, "--budget"), "--budget"
     else:
-        limit, field = model["other_bytes"] + int(avg_bits * model["quantized_params"] / 8), "--avg-bits"
-    candidates = front["points"] + front["uniform"]
-    fitting = [c for c in candidates if c["bytes"] <= limit]
+        limit, field = front.bytes_at_avg_bits(avg_bits), "--avg-bits"
+    fitting = [p for p in front.points if p.bytes <= limit]
     if not fitting:
-        smallest = min(candidates, key=lambda c: c["bytes"])
-        raise BitallocError(field, f"no measured config fits; the smallest is {smallest['bytes']} bytes "
-                                   f"({smallest['mib']:.2f} MiB, {smallest['avg_bits']:.3f} avg bits)")
-    loss = metric_of(front).loss
-    return min(fitting, key=lambda c: (c[loss], c["bytes"]))
+        smallest = min(front.points, key=lambda p: p.bytes)
+        raise BitallocError(field, f"no measured config fits; the smallest is {smallest.bytes} bytes "
+                                   f"({smallest.mib:.2f} MiB, {smallest.avg_bits:.3f} avg bits)")
+    return min(fitting, key=lambda p: (p.loss, p.bytes))
 
 
 def from_dir(run_dir: Path, avg_bits, budget, point) -> Chosen:
     if not (run_dir / "front.json").is_file():
         raise BitallocError("TARGET", f"{str(run_dir)!r} holds no front.json; give a job's output dir or run id")
-    front = configio.read(run_dir / "front.json", configio.FRONT_SCHEMA)
+    front = read_front(run_dir / "front.json")
     _check_front(front, str(run_dir))
-    row = _pick(front, avg_bits, budget, point)
-    doc = configio.read(run_dir / row["config"], configio.CONFIG_SCHEMA)
-    return Chosen(verified(doc, front["model"], str(run_dir / row["config"])), row, str(run_dir))
+    picked = _pick(front, avg_bits, budget, point)
+    doc = read_config(run_dir / picked.config)
+    return Chosen(verified(doc, front.model, str(run_dir / picked.config)), str(run_dir))
 
 
 def from_run(run_id: str, uri: str, avg_bits, budget, point) -> Chosen:
@@ -159,19 +129,15 @@ def from_run(run_id: str, uri: str, avg_bits, budget, point) -> Chosen:
             if any(x is not None for x in (avg_bits, budget, point)):
                 raise BitallocError("--avg-bits/--budget/--point", f"run {run_id} is one front point; "
                                                                    f"give its job's run to choose among points")
-            name = run.data.tags["bitalloc.config"]
-            doc = configio.read(fetch(f"config/{Path(name).name}"), configio.CONFIG_SCHEMA)
-            front = configio.read(fetch("results/front.json", run.data.tags.get(PARENT_TAG, "")),
-                                  configio.FRONT_SCHEMA)
-            _check_front(front, f"run {run_id}")
-            return Chosen(verified(doc, front["model"], f"run {run_id}"), None, f"run {run_id}")
+            doc = read_config(fetch(f"config/{Path(run.data.tags['bitalloc.config']).name}"))
+            front = read_front(fetch("results/front.json", run.data.tags.get(PARENT_TAG, "")))
+            return Chosen(verified(doc, front.model, f"run {run_id}"), f"run {run_id}")
         if kind != "job":
             raise BitallocError("TARGET", f"MLflow run {run_id} is not a bitalloc job or front point")
-        front = configio.read(fetch("results/front.json"), configio.FRONT_SCHEMA)
+        front = read_front(fetch("results/front.json"))
         _check_front(front, f"run {run_id}")
-        row = _pick(front, avg_bits, budget, point)
-        doc = configio.read(fetch(f"results/{row['config']}"), configio.CONFIG_SCHEMA)
-    return Chosen(verified(doc, front["model"], f"run {run_id}"), row, f"run {run_id}")
+        doc = read_config(fetch(f"results/{_pick(front, avg_bits, budget, point).config}"))
+    return Chosen(verified(doc, front.model, f"run {run_id}"), f"run {run_id}")
 
 
 def choose(target: str, avg_bits, budget, point, tracking_uri: Optional[str]) -> Chosen:
@@ -192,22 +158,21 @@ def choose(target: str, avg_bits, budget, point, tracking_uri: Optional[str]) ->
     raise BitallocError("TARGET", f"{target!r} is neither a job's output dir nor an MLflow run id (32 hex digits)")
 
 
-def layers_of(doc: dict) -> list[Layer]:
-    shapes = doc.get("shapes")
-    if not shapes:
+def layers_of(doc: ConfigDoc) -> list[Layer]:
+    if not doc.shapes:
         raise BitallocError("TARGET", "the config records no layer shapes (an older result); rerun the job")
-    return [Layer(name, fmt, *shapes[name]) for name, fmt in configio.config_formats(doc).items()]
+    return [Layer(name, fmt, *doc.shapes[name]) for name, fmt in doc.formats().items()]
 
 
-def write_export(chosen: Chosen, fmt: str, output: Path, nearest: bool) -> tuple[list[str], str]:
+def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool) -> tuple[list[str], str]:
     """Write the file atomically; returns (layers written as nearest, what the runtime's parser said)."""
-    fmt = resolve_format(fmt, output)
+    fmt = resolve_export_format(export_format, output)
     if fmt in CANONICAL:
         if output.suffix not in ({".json"} if fmt == "json" else {".yaml", ".yml"}):
             raise BitallocError("--output", f"{output.name!r} must end in .{fmt} for --format {fmt}")
-        configio.write(chosen.config, output)
-        return [], "canonical bitalloc.config/1"
-    text, changed = export(fmt, layers_of(chosen.config), chosen.config["model"].get("type"), nearest)
+        configio.write(chosen.config.document(), output)
+        return [], f"canonical {chosen.config.schema_}"
+    text, changed = export(fmt, layers_of(chosen.config), chosen.config.model.type, nearest)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
         staged = Path(tmp) / output.name
@@ -215,7 +180,7 @@ def write_export(chosen: Chosen, fmt: str, output: Path, nearest: bool) -> tuple
         checked = f"not checked: {runtime_checks.LIBRARIES[fmt]} is not installed here"
         if runtime_checks.available(fmt):
             try:
-                checked = runtime_checks.check(fmt, str(staged), None if changed else chosen.config)
+                checked = runtime_checks.check(fmt, str(staged), None if changed else chosen.config.document())
             except Exception as exc:
                 raise BitallocError("--format", f"{fmt} rejected the export: {exc}") from None
         staged.replace(output)

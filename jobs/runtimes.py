@@ -61,7 +61,6 @@ RUNTIMES: Registry["Runtime"] = Registry("an export format", "--format", "--form
 
 class Runtime:
     name = ""
-    suffix = ".json"
 
     def place(self, layers: list[Layer], model_type: str | None) -> dict[str, Placement]:
         return {l.name: self.place_one(l) for l in layers}
@@ -113,7 +112,6 @@ class GPTQModel(Runtime):
 
 @RUNTIMES.register("llmcompressor")
 class LLMCompressor(Runtime):
-    suffix = ".yaml"
 
     def place_one(self, layer: Layer) -> Placement:
         f = layer.fmt
@@ -165,7 +163,6 @@ def gguf_arch(model_type: str | None):
 
 @RUNTIMES.register("llamacpp")
 class LlamaCpp(Runtime):
-    suffix = ".txt"
 
     def place_one(self, layer: Layer) -> Placement:
         return ggml_type(layer.fmt, layer.in_features)

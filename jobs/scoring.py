@@ -5,19 +5,24 @@ layers) is compared with the measurements by Spearman ρ and R².
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 
-from bitalloc import configio
+from bitalloc import configio, pipeline
 from bitalloc.errors import BitallocError
+from bitalloc.progress import Stages
+from bitalloc.sensitivity import ESTIMATORS, get_estimator
+from bitalloc.sensitivity import cache as table_cache
 from bitalloc.tasks import EvalTask
-from bitalloc.sensitivity import get_estimator
 from bitalloc.types import Problem
 
-from .runner import Stages, Workspace, build_problem
+from .runner import open_workspace
 from .spec import JobSpec
+
+SCORE_SCHEMA = "bitalloc.score/1"
 
 
 def parse_estimator(text: str) -> tuple[str, dict]:
@@ -89,13 +94,43 @@ class ScoreRow:
     cache_hit: bool
 
 
+@dataclass
+class Scores:
+    rows: list[ScoreRow]
+    configs: list[dict]  # each random config's avg_bits and measured loss
+    range_bits: tuple[float, float]
+
+    def document(self) -> dict:
+        return {"schema": SCORE_SCHEMA, "rows": [asdict(r) for r in self.rows], "configs": self.configs,
+                "range_bits": list(self.range_bits)}
+
+
+def default_estimators() -> list[str]:
+    """Every registered estimator at its defaults, and the two variants worth comparing."""
+    return sorted(ESTIMATORS) + ["sqnr:activations=true", "fisher:side=weight"]
+
+
+def tables(spec: JobSpec, estimators: list[str], console: Console, out: Path | None = None
+           ) -> list[pipeline.TableResult]:
+    """Each estimator's table on the spec's model, data and formats (from the cache where it has them); the one
+    table also written to `out` when given."""
+    instances = [get_estimator(name, **params) for name, params in map(parse_estimator, estimators)]
+    with Stages(console) as stages:
+        ws = open_workspace(spec, stages)
+        results = [pipeline.sensitivity(ws, est, spec.seed, stages) for est in instances]
+    if out is not None:
+        configio.write(table_cache.table_document(results[0].table), out)
+    return results
+
+
 def score_estimators(spec: JobSpec, estimators: list[str], n_configs: int, lo_bits: float, hi_bits: float,
-                     console: Console) -> tuple[list[ScoreRow], dict]:
+                     console: Console, out: Path | None = None) -> Scores:
     parsed = [(text, *parse_estimator(text)) for text in estimators]
     instances = [(text, get_estimator(name, **params)) for text, name, params in parsed]
     with Stages(console) as stages:
-        ws = Workspace.open(spec, stages)
-        base = build_problem(ws.model, ws.layers, ws.formats, search=spec.search)
+        ws = open_workspace(spec, stages)
+        constraints = spec.search.constraints()
+        base = pipeline.build_problem(ws.model, ws.layers, ws.formats, constraints=constraints)
         choices = random_choices(base, n_configs, lo_bits, hi_bits, spec.seed)
         backend = ws.local_runner()
         with stages.stage(f"measure {n_configs} random configs", n_configs) as advance:
@@ -103,14 +138,14 @@ def score_estimators(spec: JobSpec, estimators: list[str], n_configs: int, lo_bi
             measured = [m.loss for m in backend.map(tasks, advance)]
         rows = []
         for text, est in instances:
-            table, _, hit = ws.sensitivity(est, stages, backend)
-            problem = build_problem(ws.model, ws.layers, ws.formats, table, spec.search)
+            table, _, hit = pipeline.sensitivity(ws, est, spec.seed, stages, backend)
+            problem = pipeline.build_problem(ws.model, ws.layers, ws.formats, table, constraints)
             pred = [problem.config(c).predicted for c in choices]
             fit, fit_scaled = r2(pred, measured)
             rows.append(ScoreRow(text, spearman(pred, measured), fit, fit_scaled, table.wall_time_s,
                                  table.peak_rss_bytes, hit))
-    detail = {
-        "configs": [{"avg_bits": base.avg_bits(c), "kl": m} for c, m in zip(choices, measured)],
-        "range_bits": [lo_bits, hi_bits],
-    }
-    return rows, detail
+    scores = Scores(rows, [{"avg_bits": base.avg_bits(c), "kl": m} for c, m in zip(choices, measured)],
+                    (lo_bits, hi_bits))
+    if out is not None:
+        configio.write(scores.document(), out)
+    return scores

@@ -20,7 +20,7 @@ from bitalloc import configio
 from bitalloc.errors import BitallocError
 
 from .cluster import probe
-from .runner import package_versions
+from bitalloc.pipeline import package_versions
 from .spec import JobSpec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

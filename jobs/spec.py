@@ -15,6 +15,7 @@ from bitalloc import configio
 from bitalloc.errors import BitallocError
 from bitalloc.formats import KEEP_BITS, MAX_GROUP_SIZE, QUANT_BITS, SCALE_DTYPES, Format
 from bitalloc.model import DEFAULT_MODEL
+from bitalloc.search.constraints import Constraints
 from bitalloc.units import parse_bytes
 
 _NUMBER = re.compile(r"^\s*[0-9]+(\.[0-9]*)?\s*$")
@@ -147,6 +148,10 @@ class SearchSpec(_Strict):
         if self.max_latency is not None and self.latency_table is None:
             raise ValueError("max_latency needs latency_table (a file written by `bitalloc latency`)")
         return self
+
+    def constraints(self) -> Constraints:
+        return Constraints(pin=self.pin, tie=self.tie, min_bits=self.min_bits, max_bits=self.max_bits,
+                           max_bops=self.max_bops, max_latency=self.max_latency, latency_table=self.latency_table)
 
 
 class RunSpec(_Strict):

@@ -15,7 +15,8 @@ import torch
 from bitalloc import configio
 from bitalloc.errors import BitallocError
 from bitalloc.formats import Format
-from bitalloc.model import LoadedModel, list_layers
+from bitalloc.model import LoadedModel, list_layers, load_model
+from bitalloc.results import ConfigDoc, read_config
 
 from .packed import pack_weight
 from .quant_linear import QuantLinear
@@ -50,7 +51,28 @@ def _empty_quant_layers(model: LoadedModel, assignment: dict[str, Format]) -> No
                                                          module.bias is not None, module.weight.dtype))
 
 
-def save_packed(model: LoadedModel, config_doc: dict, out: Path) -> None:
+def check_output(out: Path, field: str) -> None:
+    """Refuse, before any work, an output that is neither empty nor an earlier packed checkpoint, or that cannot
+    be created."""
+    if out.exists() and not (out.is_dir() and ((out / CONFIG_FILE).is_file() or not any(out.iterdir()))):
+        raise BitallocError(field, f"{str(out)!r} exists and is not a packed checkpoint")
+    configio.check_writable(out, field)
+
+
+def pack(config: ConfigDoc, out: Path) -> int:
+    """Quantize the config's model to its formats and save it packed into OUT; returns the packed layers' bytes.
+    The model is the one the config names, refused if its content differs from the one searched (and never
+    loaded with its own code: a config file names the model, it does not vouch for it)."""
+    model = load_model(config.model.source)
+    if model.content_hash() != config.model.content_hash:
+        raise BitallocError("TARGET", f"the model at {config.model.source!r} is not the one searched (content hash "
+                                      f"differs); rerun the job")
+    packed = quantize_model(model, config.formats())
+    save_packed(model, config, out)
+    return packed
+
+
+def save_packed(model: LoadedModel, config: ConfigDoc, out: Path) -> None:
     """Write the (already quantized) model into OUT, atomically: a staging folder renamed when complete."""
     from safetensors.torch import save_model
 
@@ -61,7 +83,7 @@ def save_packed(model: LoadedModel, config_doc: dict, out: Path) -> None:
     model.module.config.save_pretrained(staging)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(staging)
-    configio.write(config_doc, staging / CONFIG_FILE)
+    configio.write(config.document(), staging / CONFIG_FILE)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
@@ -76,7 +98,7 @@ def load_packed(path: str | Path) -> LoadedModel:
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise BitallocError("DIR", f"{str(path)!r} is not a packed checkpoint (no {CONFIG_FILE} / {WEIGHTS_FILE})")
-    doc = configio.read(path / CONFIG_FILE, configio.CONFIG_SCHEMA)
+    doc = read_config(path / CONFIG_FILE)
     config = AutoConfig.from_pretrained(path)
     with safe_open(str(path / WEIGHTS_FILE), "pt") as fh:
         dtypes = {fh.get_slice(k).get_dtype() for k in fh.keys()}
@@ -84,7 +106,7 @@ def load_packed(path: str | Path) -> LoadedModel:
     module = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     model = LoadedModel(module, tokenizer, str(path))
-    _empty_quant_layers(model, configio.config_formats(doc))
+    _empty_quant_layers(model, doc.formats())
     missing, unexpected = load_model(module, str(path / WEIGHTS_FILE), strict=False)
     tied = {k for k in missing if k.endswith("weight") and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:

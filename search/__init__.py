@@ -1,4 +1,4 @@
-"""Solvers: each takes a `Problem` and returns `BitConfig`s (one budget, or the whole proxy front)."""
+"""Solvers: each takes a `Problem` and returns a `SolveResult` (one budget's config, or the whole front)."""
 
 from . import auto, dp, evolutionary, ilp, optuna_study  # noqa: F401  (each registers its solver)
 from .base import SOLVERS, SearchContext, get_solver

@@ -3,7 +3,7 @@ evaluations, the evolutionary search refines it on measured quality."""
 
 from __future__ import annotations
 
-from bitalloc.types import BitConfig, Problem
+from bitalloc.types import Problem, SolveResult
 
 from .base import SearchContext, exact_solver_for, register
 from .evolutionary import Evolutionary
@@ -16,10 +16,7 @@ class Auto:
     def __init__(self, **evolutionary):
         self.refiner = Evolutionary(**evolutionary)
 
-    def solve(self, problem: Problem) -> BitConfig:
-        return exact_solver_for(problem).solve(problem)
-
-    def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
-        if ctx is not None and ctx.evaluate is not None and ctx.budget > 0:
+    def front(self, problem: Problem, ctx: SearchContext | None = None) -> SolveResult:
+        if ctx is not None and ctx.evaluator is not None and ctx.evaluations > 0:
             return self.refiner.front(problem, ctx)
         return exact_solver_for(problem).front(problem, ctx)

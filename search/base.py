@@ -1,41 +1,51 @@
-"""The solver interface and its registry: solvers are chosen by name in the job spec."""
+"""The solver contract and its registry: solvers are chosen by name in the job spec.
+
+Every solver answers `front(problem, ctx) -> SolveResult`; the exact ones also `solve(problem, max_bytes)`.
+A solver keeps nothing of a run on itself: what it found and how (bound, slack, evaluations, wall time) is in
+the result it returns.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from bitalloc.errors import BitallocError
 from bitalloc.registry import Registry
-from bitalloc.types import BitConfig, Problem
+from bitalloc.types import BitConfig, Problem, SolveResult
 
-Evaluate = Callable[[list[BitConfig], str], list[float]]
+
+class Evaluate(Protocol):
+    def __call__(self, configs: list[BitConfig], fidelity: str) -> list[float]:
+        """Measured loss of each config on calibration tokens: "screen" (a few tokens) or "full" (all)."""
 
 
 @dataclass(frozen=True)
 class SearchContext:
     """What a solver may use beyond the Problem.
 
-    `evaluate(configs, fidelity)` measures KL on calibration tokens ("screen": a few tokens, "full":
-    all of them); it is None when the job allows no evaluations. `budget` is how many screening
-    evaluations a measuring solver may spend. `anchors` are the byte budgets the job asks for: every
-    solver's front includes its best config at each of them.
+    `anchors` are the byte budgets the job asks for: every solver's front includes its best config at each.
+    A measuring solver gets its `evaluator` (None when the job allows no evaluations) and may spend
+    `evaluations` screening evaluations.
     """
 
-    evaluate: Evaluate | None = None
-    budget: int = 0
     anchors: tuple[int, ...] = ()
     seed: int = 0
+    evaluator: Evaluate | None = None
+    evaluations: int = 0
 
 
 class Solver(Protocol):
     name: str
 
-    def solve(self, problem: Problem) -> BitConfig:
-        """The least predicted error within problem.max_bytes."""
-
-    def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
+    def front(self, problem: Problem, ctx: SearchContext | None = None) -> SolveResult:
         """Non-dominated configs from the cheapest to the dearest, including ctx.anchors."""
+
+
+class ExactSolver(Solver, Protocol):
+    def solve(self, problem: Problem, max_bytes: int) -> SolveResult:
+        """The config of least predicted error within max_bytes (and the problem's limits)."""
 
 
 _REGISTRY: Registry[Solver] = Registry("a solver", "search.solver", "search.params")
@@ -45,23 +55,36 @@ get_solver = _REGISTRY.create
 check_solver = _REGISTRY.check
 
 
-class MeasuringSolver:
-    """A solver whose answers come from measured fronts: one budget is the best front config within it.
+class Stopwatch:
+    """Wall time of one solver call, stamped on the result it returns."""
 
-    Such a search starts from the exact solver's configs (at the job's budgets and spread over the byte
-    range it searches) and ends by measuring the anchors and its best finds at full fidelity."""
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def result(self, solver: str, configs, **found) -> SolveResult:
+        return SolveResult(solver, tuple(configs), wall_time_s=round(time.perf_counter() - self.start, 6), **found)
+
+
+class MeasuringSolver:
+    """A solver whose front comes from measured quality: it starts from the exact solver's configs (at the job's
+    budgets and spread over the byte range it searches) and ends by measuring the anchors and its best finds at
+    full fidelity."""
+
+    @staticmethod
+    def evaluator(ctx: SearchContext | None, name: str, least: int) -> Evaluate:
+        if ctx is None or ctx.evaluator is None or ctx.evaluations < least:
+            raise BitallocError("search.evaluations", f"{name!r} measures candidates; set it to at least {least}")
+        return ctx.evaluator
 
     @staticmethod
     def exact_seeds(problem: Problem, ctx: SearchContext, lo: int, hi: int, k: int
                     ) -> tuple[list[BitConfig], list[BitConfig]]:
         """The exact configs at the anchors within [lo, hi], and those plus k exact front configs spread over it."""
-        import dataclasses
-
         from .pareto import spread
 
         exact = exact_solver_for(problem)
-        anchors = [exact.solve(dataclasses.replace(problem, max_bytes=b)) for b in ctx.anchors if lo <= b <= hi]
-        proxy = [c for c in exact.front(problem) if lo <= c.bytes <= hi]
+        anchors = [exact.solve(problem, b).config for b in ctx.anchors if lo <= b <= hi]
+        proxy = [c for c in exact.front(problem).configs if lo <= c.bytes <= hi]
         return anchors, list({c.key(): c for c in anchors + spread(proxy, k)}.values())
 
     @staticmethod
@@ -75,12 +98,6 @@ class MeasuringSolver:
         full = dict(zip([c.key() for c in candidates], measure_full(candidates)))
         return nondominated(candidates, loss=lambda c: full[c.key()])
 
-    def solve(self, problem: Problem, ctx: SearchContext | None = None) -> BitConfig:
-        fitting = [c for c in self.front(problem, ctx) if c.bytes <= problem.max_bytes]
-        if not fitting:
-            raise BitallocError("search.budgets", f"no measured config fits {problem.max_bytes} bytes")
-        return fitting[-1]
-
 
 def check_budget(problem: Problem, max_bytes: int, field: str = "search.budgets") -> None:
     lo, hi = problem.cheapest(), problem.dearest()
@@ -92,6 +109,6 @@ def check_budget(problem: Problem, max_bytes: int, field: str = "search.budgets"
         )
 
 
-def exact_solver_for(problem: Problem) -> Solver:
+def exact_solver_for(problem: Problem) -> ExactSolver:
     """The DP when bytes are the only limit (exact at every budget in one pass), else the ILP."""
-    return get_solver("dp" if problem.max_bops is None and problem.max_latency is None else "ilp")
+    return get_solver("ilp" if problem.limits else "dp")

@@ -1,21 +1,55 @@
-"""Job-spec constraints turned into a Problem's parts: pinned layers and min/max bits as the allowed
-mask, tied layers as groups, and the per-option usage tables for BOPs and latency limits."""
+"""Constraints on a search turned into a Problem's parts: pinned layers and min/max bits as the allowed
+mask, tied layers as groups, and BOPs and latency as resource limits (`Limit`s)."""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
 from bitalloc.errors import BitallocError
 from bitalloc.formats import Format
 from bitalloc.model import QuantizableLayer
+from bitalloc.types import Limit
 
 PinValue = Union[int, str, list]
 ACTIVATION_BITS = 16
+
+
+class BopsLimit(Limit):
+    name, field = "bops", "search.max_bops"
+
+
+class LatencyLimit(Limit):
+    """Seconds; the ILP counts integer nanoseconds, rounded up per option."""
+
+    name, field, unit, scale = "latency", "search.max_latency", "s", 1e9
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What a search may choose besides the byte budget: pins (layer regex -> bits or format names), ties,
+    min/max bits, and resource limits. Empty means every format for every layer."""
+
+    pin: dict[str, PinValue] = field(default_factory=dict)
+    tie: list[str] = field(default_factory=list)
+    min_bits: Optional[int] = None
+    max_bits: Optional[int] = None
+    max_bops: Optional[float] = None
+    max_latency: Optional[float] = None
+    latency_table: Optional[str] = None
+
+    def limits(self, layers: list[QuantizableLayer], formats: tuple[Format, ...]) -> tuple[Limit, ...]:
+        out: list[Limit] = []
+        if self.max_bops:
+            out.append(BopsLimit(bops_table(layers, formats), int(self.max_bops)))
+        if self.max_latency is not None:
+            out.append(LatencyLimit(latency_table(self.latency_table, layers, formats), self.max_latency))
+        return tuple(out)
 
 
 def _formats_for(value, formats: tuple[Format, ...], field: str) -> set[int]:

@@ -11,14 +11,12 @@ being the rank of an allowed format by cost, so every gene value is allowed.
   with probability `p_shift` moves one item one level to explore along the bytes axis.
 - Fidelity is staged: every candidate is screened on a few calibration tokens; the final population's
   non-dominated configs (and the anchors) are measured on all calibration tokens, and the front is
-  taken on those full-fidelity values. `full_evaluations` counts them.
-- Every evaluation is cached by (config, fidelity); the evaluation itself is the context's plain
-  function of (configs, fidelity), so it can fan out over workers.
+  taken on those full-fidelity values. The result counts evaluations of both fidelities.
+- Every evaluation is cached by (config, fidelity); the evaluation itself is the context's evaluator, a
+  plain function of (configs, fidelity), so it can fan out over workers.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
@@ -28,10 +26,9 @@ from pymoo.core.sampling import Sampling
 from pymoo.operators.crossover.ux import UniformCrossover
 from pymoo.optimize import minimize
 
-from bitalloc.errors import BitallocError
-from bitalloc.types import BitConfig, Problem
+from bitalloc.types import BitConfig, Problem, SolveResult
 
-from .base import MeasuringSolver, SearchContext, register
+from .base import MeasuringSolver, SearchContext, Stopwatch, register
 from .pareto import nondominated
 
 
@@ -75,38 +72,26 @@ class _Genome:
 
 @register("evolutionary")
 class Evolutionary(MeasuringSolver):
-    measures = True
-
-    def __init__(self, population: int = 16, offspring: int = 8, validate: int = 16, p_shift: float = 0.3,
-                 focus: list[float] | None = None):
+    def __init__(self, population: int = 16, offspring: int = 8, validate: int = 16, p_shift: float = 0.3):
         self.population = population
         self.offspring = offspring
         self.validate = validate
         self.p_shift = p_shift
-        self.focus = focus
-        self.full_evaluations = 0
-        self.screen_evaluations = 0
 
-    def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
-        if ctx is None or ctx.evaluate is None or ctx.budget < self.population:
-            raise BitallocError("search.evaluations", f"'evolutionary' measures candidates; set it to at least the "
-                                                      f"population ({self.population})")
+    def front(self, problem: Problem, ctx: SearchContext | None = None) -> SolveResult:
+        watch = Stopwatch()
+        evaluate = self.evaluator(ctx, self.name, self.population)
         genome = _Genome(problem)
-        lo, hi = problem.cheapest(), problem.dearest() if problem.max_bytes is None else problem.max_bytes
-        if self.focus:
-            lo, hi = max(lo, problem.bytes_at_avg_bits(self.focus[0])), min(hi, problem.bytes_at_avg_bits(self.focus[1]))
-        in_range = sum(lo <= b <= hi for b in ctx.anchors)
-        anchors, seeds = self.exact_seeds(problem, ctx, lo, hi, self.population - in_range)
+        lo, hi = problem.cheapest(), problem.dearest()
+        anchors, seeds = self.exact_seeds(problem, ctx, lo, hi, self.population - len(ctx.anchors))
         cache: dict[tuple, float] = {}
+        counts = {"screen": 0, "full": 0}
 
         def measure(configs: list[BitConfig], fidelity: str) -> list[float]:
             todo = [c for c in {c.key(): c for c in configs}.values() if (c.key(), fidelity) not in cache]
-            for c, kl in zip(todo, ctx.evaluate(todo, fidelity) if todo else []):
-                cache[(c.key(), fidelity)] = kl
-            if fidelity == "full":
-                self.full_evaluations += len(todo)
-            else:
-                self.screen_evaluations += len(todo)
+            for c, loss in zip(todo, evaluate(todo, fidelity) if todo else []):
+                cache[(c.key(), fidelity)] = loss
+            counts[fidelity] += len(todo)
             return [cache[(c.key(), fidelity)] for c in configs]
 
         search = _Search(genome, measure, lo, hi)
@@ -118,12 +103,13 @@ class Evolutionary(MeasuringSolver):
             mutation=_KeepBytes(genome, self.p_shift),
             eliminate_duplicates=True,
         )
-        generations = 1 + (ctx.budget - self.population) // self.offspring
+        generations = 1 + (ctx.evaluations - self.population) // self.offspring
         result = minimize(search, algorithm, ("n_gen", generations), seed=ctx.seed, verbose=False)
         finals = [genome.config(x) for x in np.atleast_2d(result.pop.get("X")).astype(int)]
         finals = [c for c in finals if (c.key(), "screen") in cache]
         screened = nondominated(finals, loss=lambda c: cache[(c.key(), "screen")])
-        return self.validated(anchors, screened, self.validate, lambda configs: measure(configs, "full"))
+        front = self.validated(anchors, screened, self.validate, lambda configs: measure(configs, "full"))
+        return watch.result(self.name, front, evaluations=counts)
 
 
 class _Search(PymooProblem):
@@ -141,7 +127,7 @@ class _Search(PymooProblem):
 
     def _fits(self, c: BitConfig) -> bool:
         p = self.genome.problem
-        return self.lo <= c.bytes <= self.hi and dataclasses.replace(p, max_bytes=None).feasible(p.choice(c))
+        return self.lo <= c.bytes <= self.hi and p.feasible(p.choice(c))
 
 
 class _Seeded(Sampling):

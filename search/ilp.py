@@ -6,7 +6,7 @@ enter as integer nanoseconds rounded up, so a config that satisfies the model sa
 limit. The objective is the summed error scaled to integers: each item's error e becomes
 round(e·S), S = 2^40 / (largest possible total), so any config's scaled objective is within
 n_items/(2S) of its true error and the returned config is within n_items/S of the true optimum
-(`objective_bound`, typically 1e-8 of the error's range). CP-SAT runs single-threaded with the
+(the result's `bound`, typically 1e-8 of the error's range). CP-SAT runs single-threaded with the
 job's seed by default, so the answer is reproducible. Measured on 224 and 700 layers x 6 formats:
 `presolve: false` halves the typical proof but has heavy tails (one solve of 18 s), so it stays on;
 warm-starting each budget of a sweep from the previous answer (`warm_start: true`, CP-SAT solution
@@ -18,42 +18,37 @@ others, and the least value it could take.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import numpy as np
 from ortools.sat.python import cp_model
 
 from bitalloc.errors import BitallocError
-from bitalloc.types import BitConfig, Items, Problem
+from bitalloc.types import BitConfig, Items, Problem, SolveResult
 
-from .base import SearchContext, register
+from .base import SearchContext, Stopwatch, register
 from .pareto import nondominated
 
-_FIELDS = {"bytes": "search.budgets", "bops": "search.max_bops", "latency": "search.max_latency"}
+BYTES = "bytes"
 
 
 @register("ilp")
 class ILP:
-    def __init__(self, time_limit_s: float = 60.0, workers: int = 1, seed: int = 0, budgets: int = 64,
+    renamed = {"budgets": "sweep"}
+
+    def __init__(self, time_limit_s: float = 60.0, workers: int = 1, seed: int = 0, sweep: int = 64,
                  presolve: bool = True, warm_start: bool = False):
         self.time_limit_s = time_limit_s
         self.workers = workers
         self.seed = seed
-        self.budgets = budgets
+        self.sweep = sweep
         self.presolve = presolve
         self.warm_start = warm_start
-        self.objective_bound = 0.0
 
-    def _resources(self, problem: Problem, items: Items) -> dict[str, tuple[np.ndarray, int]]:
-        """Integer per-(item, format) usage and integer limit of every active constraint."""
-        out = {}
-        if problem.max_bytes is not None:
-            out["bytes"] = (items.cost, problem.max_bytes - problem.fixed_bytes)
-        if problem.max_bops is not None:
-            out["bops"] = (items.bops.astype(np.int64), int(problem.max_bops))
-        if problem.max_latency is not None:
-            out["latency"] = (np.ceil(items.latency * 1e9).astype(np.int64), math.floor(problem.max_latency * 1e9))
+    @staticmethod
+    def _resources(problem: Problem, items: Items, max_bytes: int | None) -> dict[str, tuple[np.ndarray, int]]:
+        """Integer per-(item, format) usage and integer limit of the byte budget and every problem limit."""
+        out = {BYTES: (items.cost, max_bytes - problem.fixed_bytes)} if max_bytes is not None else {}
+        out.update((limit.name, (limit.integer_usage(usage), limit.integer_limit()))
+                   for limit, usage in zip(problem.limits, items.usage))
         return out
 
     def _model(self, items: Items, resources: dict, objective: np.ndarray, hint: np.ndarray | None = None):
@@ -88,16 +83,23 @@ class ILP:
                 choice[i] = f
         return status, choice
 
-    def _scaled(self, items: Items) -> np.ndarray:
+    @staticmethod
+    def _scaled(items: Items) -> tuple[np.ndarray, float]:
+        """The integer objective and the bound it implies on the returned config's distance from the optimum."""
         worst = float(np.where(items.allowed, np.abs(items.error), 0).max(1).sum()) or 1.0
         scale = 2.0**40 / worst
-        self.objective_bound = len(items.members) / scale
-        return np.where(items.allowed, np.round(items.error * scale), 0).astype(np.int64)
+        return np.where(items.allowed, np.round(items.error * scale), 0).astype(np.int64), len(items.members) / scale
 
-    def solve(self, problem: Problem, hint: BitConfig | None = None) -> BitConfig:
+    def solve(self, problem: Problem, max_bytes: int, hint: BitConfig | None = None) -> SolveResult:
+        watch = Stopwatch()
         items = problem.items()
-        resources = self._resources(problem, items)
-        objective = self._scaled(items)
+        config, bound = self._optimum(problem, items, max_bytes, hint)
+        return watch.result(self.name, [config], bound=bound)
+
+    def _optimum(self, problem: Problem, items: Items, max_bytes: int, hint: BitConfig | None
+                 ) -> tuple[BitConfig, float]:
+        resources = self._resources(problem, items, max_bytes)
+        objective, bound = self._scaled(items)
         hint_items = items.contract(problem.choice(hint)) if hint is not None else None
         model, x = self._model(items, resources, objective, hint_items)
         status, choice = self._solve(model, x, len(items.members))
@@ -106,7 +108,7 @@ class ILP:
         if status != cp_model.OPTIMAL:
             raise BitallocError("search.params.time_limit_s",
                                 f"CP-SAT found a config but no proof of optimality in {self.time_limit_s} s; raise it")
-        return problem.config(items.expand(choice))
+        return problem.config(items.expand(choice)), bound
 
     def _diagnose(self, problem: Problem, items: Items, resources: dict) -> BitallocError:
         """Name the constraint that cannot be met given the others, with the least value it could take."""
@@ -119,30 +121,31 @@ class ILP:
             least = int(usage[np.arange(len(choice)), choice].sum())
             if least > limit:
                 most = int(np.where(items.allowed, usage, 0).max(1).sum())
-                return BitallocError(_FIELDS[name], self._describe(problem, name, limit, least, most))
+                if name == BYTES:
+                    return BitallocError("search.budgets", self._describe_bytes(problem, limit, least, most))
+                found = next(lim for lim in problem.limits if lim.name == name)
+                return BitallocError(found.field, found.describe(least, most))
         return BitallocError("search", "the constraints cannot be met together")
 
     @staticmethod
-    def _describe(problem: Problem, name: str, limit: int, least: int, most: int) -> str:
-        if name == "bytes":
-            lo, hi, lim = (problem.fixed_bytes + v for v in (least, most, limit))
-            return (f"{lim} bytes is below the least reachable under the other constraints; feasible range {lo}..{hi} bytes "
-                    f"({problem.avg_bits_of_bytes(lo):.3f}..{problem.avg_bits_of_bytes(hi):.3f} avg bits)")
-        if name == "latency":
-            return f"{limit / 1e9:.6g} s is below the least reachable; feasible range {least / 1e9:.6g}..{most / 1e9:.6g} s"
-        return f"{limit} is below the least reachable under the other constraints; feasible range {least}..{most}"
+    def _describe_bytes(problem: Problem, limit: int, least: int, most: int) -> str:
+        lo, hi, lim = (problem.fixed_bytes + v for v in (least, most, limit))
+        return (f"{lim} bytes is below the least reachable under the other constraints; feasible range {lo}..{hi} bytes "
+                f"({problem.avg_bits_of_bytes(lo):.3f}..{problem.avg_bits_of_bytes(hi):.3f} avg bits)")
 
-    def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
-        """Optimal configs at `budgets` byte budgets evenly spaced from the cheapest to the dearest and at
+    def front(self, problem: Problem, ctx: SearchContext | None = None) -> SolveResult:
+        """Optimal configs at `sweep` byte budgets evenly spaced from the cheapest to the dearest and at
         the anchors (each warm-started from the previous answer if `warm_start`); non-dominated ones kept."""
+        watch = Stopwatch()
+        items = problem.items()
         lo, hi = problem.cheapest(), problem.dearest()
         anchors = list(ctx.anchors) if ctx else []
-        configs, hint = [], None
-        for budget in np.unique(np.r_[np.linspace(lo, hi, self.budgets).astype(np.int64), anchors]):
+        configs, hint, bound = [], None, 0.0
+        for budget in np.unique(np.r_[np.linspace(lo, hi, self.sweep).astype(np.int64), anchors]):
             try:
-                config = self.solve(dataclasses.replace(problem, max_bytes=int(budget)), hint)
+                config, bound = self._optimum(problem, items, int(budget), hint)
             except BitallocError:
                 continue
             configs.append(config)
             hint = config if self.warm_start else None
-        return nondominated(configs)
+        return watch.result(self.name, nondominated(configs), bound=bound)

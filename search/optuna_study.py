@@ -2,7 +2,7 @@
 
 The study lives in RDB storage (a sqlite file by default) under a name derived from the problem,
 so a stopped search started again with the same problem continues from its last finished trial;
-`budget` counts the study's trials in total, not per run. The sampler is NSGA-II, seeded by the
+`search.evaluations` counts the study's trials in total, not per run. The sampler is NSGA-II, seeded by the
 job's seed, and the first trials are the exact solver's configs at the anchors and spread over the
 front. Finally the study's Pareto set (and the anchors) are measured at full fidelity, as in the
 evolutionary search.
@@ -14,10 +14,9 @@ import hashlib
 
 import numpy as np
 
-from bitalloc.errors import BitallocError
-from bitalloc.types import BitConfig, Problem
+from bitalloc.types import BitConfig, Problem, SolveResult
 
-from .base import MeasuringSolver, SearchContext, register
+from .base import MeasuringSolver, SearchContext, Stopwatch, register
 from .evolutionary import _Genome
 
 
@@ -32,15 +31,12 @@ def problem_key(problem: Problem) -> str:
 
 @register("optuna")
 class OptunaStudy(MeasuringSolver):
-    measures = True
-
     def __init__(self, storage: str = "sqlite:///bitalloc-optuna.db", study_name: str | None = None,
                  seeds: int = 8, validate: int = 16):
         self.storage = storage
         self.study_name = study_name
         self.seeds = seeds
         self.validate = validate
-        self.full_evaluations = 0
 
     def study(self, problem: Problem, seed: int):
         import optuna
@@ -54,14 +50,14 @@ class OptunaStudy(MeasuringSolver):
             sampler=optuna.samplers.NSGAIISampler(seed=seed),
         )
 
-    def front(self, problem: Problem, ctx: SearchContext | None = None) -> list[BitConfig]:
+    def front(self, problem: Problem, ctx: SearchContext | None = None) -> SolveResult:
         import optuna
 
-        if ctx is None or ctx.evaluate is None or ctx.budget < 1:
-            raise BitallocError("search.evaluations", "'optuna' measures candidates; set it to 1 or more")
+        watch = Stopwatch()
+        evaluate = self.evaluator(ctx, self.name, 1)
+        counts = {"screen": 0, "full": 0}
         genome = _Genome(problem)
-        limit = problem.dearest() if problem.max_bytes is None else problem.max_bytes
-        anchors, seeds = self.exact_seeds(problem, ctx, problem.cheapest(), limit, self.seeds)
+        anchors, seeds = self.exact_seeds(problem, ctx, problem.cheapest(), problem.dearest(), self.seeds)
         study = self.study(problem, ctx.seed)
         if not study.trials:
             for config in seeds:
@@ -72,16 +68,18 @@ class OptunaStudy(MeasuringSolver):
             config = genome.config(genes)
             if not problem.feasible(problem.choice(config)):
                 raise optuna.TrialPruned()
-            return config.bytes, ctx.evaluate([config], "screen")[0]
+            counts["screen"] += 1
+            return config.bytes, evaluate([config], "screen")[0]
 
         done = sum(t.state.is_finished() for t in study.trials)
-        if ctx.budget > done:
-            study.optimize(objective, n_trials=ctx.budget - done)
+        if ctx.evaluations > done:
+            study.optimize(objective, n_trials=ctx.evaluations - done)
         best = [genome.config(np.array([t.params[f"l{i}"] for i in range(len(genome.top))])) for t in study.best_trials]
         pareto = sorted({c.key(): c for c in best}.values(), key=lambda c: c.bytes)
 
         def measure_full(configs: list[BitConfig]) -> list[float]:
-            self.full_evaluations = len(configs)
-            return ctx.evaluate(configs, "full")
+            counts["full"] += len(configs)
+            return evaluate(configs, "full")
 
-        return self.validated(anchors, pareto, self.validate, measure_full)
+        front = self.validated(anchors, pareto, self.validate, measure_full)
+        return watch.result(self.name, front, evaluations=counts)

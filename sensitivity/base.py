@@ -17,7 +17,7 @@ from bitalloc.evaluate import QuantCache
 from bitalloc.formats import Format
 from bitalloc.model import LoadedModel, QuantizableLayer
 from bitalloc.profiling import PeakRSS
-from bitalloc.registry import Registry
+from bitalloc.registry import Registry, declared_parameters
 from bitalloc.tasks import Backend, LocalRunner, token_subset
 from bitalloc.types import SensitivityTable
 
@@ -62,6 +62,7 @@ class EstimatorContext:
             values=values,
             estimator=estimator.name,
             params={**estimator.params(), **params},
+            version=estimator.version,
             data_hash=self.data_hash if estimator.uses_data else None,
             uncertainty=uncertainty,
         )
@@ -69,6 +70,7 @@ class EstimatorContext:
 
 class Estimator(Protocol):
     name: ClassVar[str]
+    version: ClassVar[int]
     uses_data: bool
     random: bool
 
@@ -80,13 +82,17 @@ class Estimator(Protocol):
 
 
 class EstimatorBase:
-    """Parameters are the constructor's arguments, kept as public attributes (they key the table cache)."""
+    """Parameters are the constructor's arguments, kept as attributes of the same names; they and `version` key
+    the table cache. Raise `version` whenever a change alters the numbers an estimator computes, so tables cached
+    by the old code are not served for the new."""
 
+    version: ClassVar[int] = 1
     uses_data = True
     random = False
 
     def params(self) -> dict:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        """The declared parameters' values, and nothing else an instance may hold."""
+        return {name: getattr(self, name) for name in declared_parameters(type(self))[0]}
 
     def steps(self, ctx: EstimatorContext) -> int:
         """Progress units the estimate reports through ctx.advance()."""

@@ -1,7 +1,7 @@
 """Sensitivity tables stored as files and reused by later jobs.
 
-Key: model content hash, the estimator and its parameters, the formats and layers, and — only
-where the estimator uses them — the calibration data hash and the seed. Location:
+Key: model content hash, the estimator, its version and its declared parameters, the formats and
+layers, and — only where the estimator uses them — the calibration data hash and the seed. Location:
 $BITALLOC_CACHE/sensitivity/ (default ~/.cache/bitalloc/sensitivity/). Files are JSON; floats
 round-trip exactly, so a cached table is identical to the one computed.
 """
@@ -28,6 +28,7 @@ def table_key(estimator, model_hash: str, formats, layers, data_hash: str, seed:
     body = {
         "model": model_hash,
         "estimator": estimator.name,
+        "version": estimator.version,
         "params": estimator.params(),
         "formats": [f.to_dict() for f in formats],
         "layers": [layer.name for layer in layers],
@@ -41,6 +42,7 @@ def table_document(table: SensitivityTable) -> dict:
     return {
         "schema": SCHEMA,
         "estimator": table.estimator,
+        "version": table.version,
         "params": table.params,
         "data_hash": table.data_hash,
         "wall_time_s": table.wall_time_s,
@@ -59,6 +61,7 @@ def table_from_document(doc: dict) -> SensitivityTable:
         values=doc["values"],
         estimator=doc["estimator"],
         params=doc["params"],
+        version=doc.get("version", 1),
         data_hash=doc["data_hash"],
         wall_time_s=doc["wall_time_s"],
         uncertainty=doc["uncertainty"],

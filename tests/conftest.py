@@ -29,6 +29,37 @@ def _tracking_store(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
+
+_VALIDATED: set[Path] = set()
+
+
+@pytest.fixture(autouse=True)
+def _fronts_match_the_shipped_schema(tmp_path_factory):
+    """Every front.json a test job writes validates against the JSON Schema shipped in bitalloc/schemas/."""
+    yield
+    import json
+
+    import jsonschema
+
+    from bitalloc.results import SCHEMA_DIR
+
+    schema = json.loads((SCHEMA_DIR / "front.schema.json").read_text())
+    for path in tmp_path_factory.getbasetemp().rglob("front.json"):
+        if path in _VALIDATED or ".partial" in str(path) or ".old" in str(path):
+            continue
+        _VALIDATED.add(path)
+        doc = json.loads(path.read_text())
+        if doc.get("schema") == "bitalloc.front/2":
+            jsonschema.validate(doc, schema)
+
+
+def front_of(out: Path):
+    """The typed front of a job's output dir."""
+    from bitalloc.results import read_front
+
+    return read_front(Path(out) / "front.json")
+
+
 WORDS = (
     "to be or not to be that is the question whether tis nobler in the mind to suffer the slings and arrows "
     "of outrageous fortune or to take arms against a sea of troubles and by opposing end them"

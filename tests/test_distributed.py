@@ -17,7 +17,7 @@ from bitalloc.evaluate import QuantCache
 from bitalloc.formats import Format
 from bitalloc.model import list_layers, load_model, select_layers
 from bitalloc.tasks import EvalTask, LocalRunner
-from conftest import tiny_job
+from conftest import front_of, tiny_job
 
 
 def _write(tmp_path, spec) -> str:
@@ -27,8 +27,8 @@ def _write(tmp_path, spec) -> str:
 
 
 def _front(out):
-    doc = json.loads((out / "front.json").read_text())
-    return doc, [(p.get("label") or p["format"], p["bytes"], p["kl"], p["ppl"]) for p in doc["points"] + doc["uniform"]]
+    front = front_of(out)
+    return front, [(p.label, p.bytes, p.loss, p.quality) for p in front.points]
 
 
 def test_ray_front_equals_in_process_front(tiny_llama, text_dir, tmp_path):
@@ -37,8 +37,8 @@ def test_ray_front_equals_in_process_front(tiny_llama, text_dir, tmp_path):
     local, local_rows = _front(tmp_path / "local")
     remote, remote_rows = _front(tmp_path / "ray")
     assert local_rows == remote_rows  # same configs, same metrics to the last bit
-    assert remote["evaluations"]["where"].startswith("2 Ray workers on embedded Ray")
-    assert local["job"]["spec_hash"] == remote["job"]["spec_hash"]
+    assert remote.evaluations.where.startswith("2 Ray workers on embedded Ray")
+    assert local.job.spec_hash == remote.job.spec_hash
 
 
 def test_a_killed_worker_changes_nothing(tiny_llama):
@@ -89,13 +89,13 @@ def test_a_killed_driver_resumes_and_runs_only_the_rest(tiny_llama, text_dir, tm
     assert done_before >= 10 and not out.exists()
     main(["run", "--resume", str(out)])
     doc, rows = _front(out)
-    assert doc["evaluations"]["from_checkpoint"] == done_before
+    assert doc.evaluations.from_checkpoint == done_before
     fresh = tmp_path / "fresh"
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "fresh-cache"))  # recompute the table as the first run did
     main(["run", job, "--out", str(fresh)])
     fresh_doc, fresh_rows = _front(fresh)
     assert rows == fresh_rows
-    assert doc["evaluations"]["computed"] + doc["evaluations"]["from_checkpoint"] == fresh_doc["evaluations"]["computed"]
+    assert doc.evaluations.computed + doc.evaluations.from_checkpoint == fresh_doc.evaluations.computed
     assert not (tmp_path / ".out.partial").exists()
 
 

@@ -8,7 +8,7 @@ import yaml
 
 from bitalloc.cli import main
 from bitalloc.model import HIDDEN_STATE, NEXT_TOKEN, list_layers, load_model
-from conftest import _save, _tokenizer, tiny_job
+from conftest import _save, _tokenizer, front_of, tiny_job
 
 
 @pytest.fixture(scope="module", params=["without head", "with MLM head"])
@@ -54,29 +54,31 @@ def test_an_encoder_job_reports_hidden_state_quality(estimator, tiny_bert, text_
     spec = tiny_job(tiny_bert, text_dir, out, sensitivity={"estimator": estimator})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     main(["run", str(tmp_path / "job.yaml")])
-    front = json.loads((out / "front.json").read_text())
-    assert front["metric"]["kind"] == HIDDEN_STATE
-    rows = front["points"] + front["uniform"]
-    assert all("ppl" not in r and "kl" not in r and 0 <= r["rel_mse"] and -1 <= r["cosine"] <= 1 for r in rows)
-    uniform = {u["format"]: u for u in front["uniform"]}
-    assert uniform["w2g32a"]["rel_mse"] > uniform["w4g32a"]["rel_mse"] > uniform["w8g32a"]["rel_mse"]
-    assert uniform["w8g32a"]["cosine"] > uniform["w2g32a"]["cosine"]
-    assert front["reference"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    front = front_of(out)
+    assert front.metric.kind == HIDDEN_STATE and (front.metric.loss, front.metric.quality) == ("rel_mse", "cosine")
+    assert all(0 <= p.loss and -1 <= p.quality <= 1 for p in front.points)
+    uniform = {u.format: u for u in front.uniform}
+    assert uniform["w2g32a"].loss > uniform["w4g32a"].loss > uniform["w8g32a"].loss
+    assert uniform["w8g32a"].quality > uniform["w2g32a"].quality
+    assert front.reference.quality == pytest.approx(1.0, abs=1e-6)
+    config = json.loads((out / front.points[0].config).read_text())
+    assert "rel_mse" in config["metrics"] and "kl" not in config["metrics"]
     printed = capsys.readouterr().out
     assert "rel. MSE" in printed and "PPL" not in printed and "perplexity" not in printed
 
 
 def test_hidden_state_fisher_predicts_the_measured_relative_mse(tiny_bert, text_dir, tmp_path):
     """½ΔWᵀFΔW with the Gaussian-target Fisher is the per-token relative MSE: same scale as measurement."""
-    from bitalloc.jobs.runner import Stages, Workspace
+    from bitalloc import pipeline
+    from bitalloc.jobs.runner import open_workspace
     from bitalloc.jobs.spec import parse_spec
+    from bitalloc.progress import Stages
     from bitalloc.sensitivity import get_estimator
-    from rich.console import Console
 
     spec = parse_spec(tiny_job(tiny_bert, text_dir, tmp_path / "o", data={"calibration": 4}))
-    with Stages(Console(quiet=True)) as stages:
-        ws = Workspace.open(spec, stages)
-        fisher, _, _ = ws.sensitivity(get_estimator("fisher"), stages)
-        measured, _, _ = ws.sensitivity(get_estimator("measured", max_tokens=128), stages)
+    with Stages() as stages:
+        ws = open_workspace(spec, stages)
+        fisher = pipeline.sensitivity(ws, get_estimator("fisher"), spec.seed, stages).table
+        measured = pipeline.sensitivity(ws, get_estimator("measured", max_tokens=128), spec.seed, stages).table
     ratio = fisher.values[:, 0].sum() / measured.values[:, 0].sum()
     assert 0.2 < ratio < 5, ratio

@@ -224,9 +224,10 @@ def test_edited_results_are_refused(tiny_llama, text_dir, tmp_path, capsys):
     _refused(capsys, ["pack", str(out), "--point", "1", "-o", str(tmp_path / "packed")], "TARGET")
     config_path.write_text(json.dumps(config))
 
-    for points in ("not a list", [{"bytes": 1, "config": "../../etc/passwd", "kl": 0, "avg_bits": 1, "mib": 1}]):
+    escaping = {**front["points"][0], "config": "../../etc/passwd"}
+    for points, says in (("not a list", "points"), ([escaping], "leaves the result folder")):
         (out / "front.json").write_text(json.dumps({**front, "points": points}))
-        _refused(capsys, ["export", str(out), "--point", "1", "-o", "x.json"], "TARGET")
+        assert says in _refused(capsys, ["export", str(out), "--point", "1", "-o", "x.json"], str(out / "front.json"))
     (out / "front.json").write_bytes(b"\x00\x01binary")
     _refused(capsys, ["export", str(out), "--point", "1", "-o", "x.json"], str(out / "front.json"))
     assert not (tmp_path / "packed").exists()

@@ -1,7 +1,6 @@
 """submit / status / logs / cancel / jobs against a `ray start --head` cluster on loopback that this
 test starts and stops itself: only the processes of its own temp dir are stopped, never `ray stop`."""
 
-import json
 import os
 import signal
 import socket
@@ -14,7 +13,7 @@ import pytest
 import yaml
 
 from bitalloc.cli import main
-from conftest import tiny_job
+from conftest import front_of, tiny_job
 
 BIN = Path(sys.executable).parent
 
@@ -74,7 +73,7 @@ def cluster(tmp_path_factory):
 def _wait(address, job_id, capsys, states=("SUCCEEDED", "FAILED", "STOPPED"), timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        main(["status", job_id, "--address", address])
+        main(["jobs", "status", job_id, "--address", address])
         line = capsys.readouterr().out
         if any(s in line for s in states):
             return line
@@ -86,18 +85,18 @@ def test_submit_status_logs_jobs(cluster, tiny_llama, text_dir, tmp_path, capsys
     out = tmp_path / "out"
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(tiny_job(tiny_llama, text_dir, out)))
-    main(["submit", str(spec), "--address", cluster])
+    main(["jobs", "submit", str(spec), "--address", cluster])
     job_id = capsys.readouterr().out.strip()
     assert job_id.startswith("raysubmit_")
     assert "SUCCEEDED" in _wait(cluster, job_id, capsys)
-    main(["logs", job_id, "--address", cluster])
+    main(["jobs", "logs", job_id, "--address", cluster])
     assert "Pareto front" in capsys.readouterr().out
-    front = json.loads((out / "front.json").read_text())
-    assert front["job"]["name"] == "tiny" and front["job"]["packages"]["bitalloc"]
+    front = front_of(out)
+    assert front.job.name == "tiny" and front.job.packages["bitalloc"]
     main(["jobs", "--address", cluster])
     assert job_id in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
-        main(["cancel", job_id, "--address", cluster])
+        main(["jobs", "cancel", job_id, "--address", cluster])
     assert exc.value.code == 2 and "already finished (SUCCEEDED)" in capsys.readouterr().err
 
 
@@ -106,10 +105,10 @@ def test_cancel_a_running_job(cluster, tiny_llama, text_dir, tmp_path, capsys):
     slow = tiny_job(tiny_llama, text_dir, tmp_path / "out", search={"solver": "evolutionary", "evaluations": 100000,
                                                                     "screen_tokens": 32, "params": {"population": 4}})
     spec.write_text(yaml.safe_dump(slow))
-    main(["submit", str(spec), "--address", cluster])
+    main(["jobs", "submit", str(spec), "--address", cluster])
     job_id = capsys.readouterr().out.strip()
     _wait(cluster, job_id, capsys, states=("RUNNING",))
-    main(["cancel", job_id, "--address", cluster])
+    main(["jobs", "cancel", job_id, "--address", cluster])
     assert "stop requested" in capsys.readouterr().out
     assert "STOPPED" in _wait(cluster, job_id, capsys)
     assert not (tmp_path / "out").exists()
@@ -117,7 +116,7 @@ def test_cancel_a_running_job(cluster, tiny_llama, text_dir, tmp_path, capsys):
 
 def test_unknown_job_and_unreachable_server(cluster, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["status", "raysubmit_nope", "--address", cluster])
+        main(["jobs", "status", "raysubmit_nope", "--address", cluster])
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: ID: no job 'raysubmit_nope'")
     start = time.time()
     with pytest.raises(SystemExit) as exc:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from bitalloc.cli import main
-from conftest import tiny_job
+from conftest import front_of, tiny_job
 
 
 def _write(tmp_path, spec) -> str:
@@ -27,22 +27,24 @@ def finished(tmp_path_factory, tiny_llama, text_dir):
 
 
 def test_run_writes_a_measured_front(finished):
-    front = json.loads((finished / "front.json").read_text())
-    assert front["schema"] == "bitalloc.front/1" and front["job"]["seed"] == 3
-    labels = [p["label"] for p in front["points"]]
+    front = front_of(finished)
+    assert json.loads((finished / "front.json").read_text())["schema"] == "bitalloc.front/2"
+    assert front.job.seed == 3
+    labels = [p.label for p in front.mixed]
     assert "mixed @ 4 bits" in labels and "mixed @ 5 bits" in labels
-    for p in front["points"]:
-        if p["label"].startswith("mixed @"):
-            assert p["avg_bits"] <= float(p["label"].split("@ ")[1].split()[0]) + 1e-9
-        config = json.loads((finished / p["config"]).read_text())
+    for p in front.points:
+        if p.label.startswith("mixed @"):
+            assert p.avg_bits <= float(p.label.split("@ ")[1].split()[0]) + 1e-9
+        config = json.loads((finished / p.config).read_text())
         assert config["schema"] == "bitalloc.config/1"
-        assert config["totals"]["bytes"] == p["bytes"] and config["metrics"]["kl"] == p["kl"]
-        assert len(config["layers"]) == front["model"]["quantized_layers"] == 14
-    assert [u["format"] for u in front["uniform"]] == ["w2g32a", "w3g32a", "w4g32a", "w8g32a"]
-    assert front["uniform"][0]["kl"] > front["uniform"][-1]["kl"]
-    proxy = front["proxy_front"]
-    assert proxy["bytes"] == sorted(proxy["bytes"])
-    assert all(a > b for a, b in zip(proxy["predicted"], proxy["predicted"][1:]))
+        assert config["totals"]["bytes"] == p.bytes and config["metrics"]["kl"] == p.loss
+        assert len(config["layers"]) == front.model.quantized_layers == 14
+    assert [u.format for u in front.uniform] == ["w2g32a", "w3g32a", "w4g32a", "w8g32a"]
+    assert [u.label for u in front.uniform][0] == "uniform w2g32a"
+    assert front.uniform[0].loss > front.uniform[-1].loss
+    proxy = front.proxy_front
+    assert proxy.bytes == sorted(proxy.bytes)
+    assert all(a > b for a, b in zip(proxy.predicted, proxy.predicted[1:]))
     assert not list(finished.parent.glob(".*partial*"))
 
 
@@ -59,11 +61,11 @@ def test_rerun_gives_the_same_front(finished, tiny_llama, text_dir, tmp_path):
 
 
 def test_export_picks_the_best_config_that_fits(finished, tmp_path):
-    front = json.loads((finished / "front.json").read_text())
+    front = front_of(finished)
     main(["export", str(finished), "--avg-bits", "5", "-o", str(tmp_path / "c.yaml")])
     doc = yaml.safe_load((tmp_path / "c.yaml").read_text())
-    fitting = [p for p in front["points"] + front["uniform"] if p["avg_bits"] <= 5 + 1e-9]
-    assert doc["metrics"]["kl"] == min(p["kl"] for p in fitting)
+    fitting = [p for p in front.points if p.avg_bits <= 5 + 1e-9]
+    assert doc["metrics"]["kl"] == min(p.loss for p in fitting)
     main(["export", str(finished), "--budget", f"{doc['totals']['bytes']}B", "-o", str(tmp_path / "c.json")])
     assert json.loads((tmp_path / "c.json").read_text())["totals"] == doc["totals"]
 
@@ -71,8 +73,8 @@ def test_export_picks_the_best_config_that_fits(finished, tmp_path):
 def test_gpt2_style_model_runs(tiny_gpt2, text_dir, tmp_path):
     out = tmp_path / "gpt2"
     main(["run", _write(tmp_path, tiny_job(tiny_gpt2, text_dir, out)), "--set", "search.budgets=[3.5]"])
-    front = json.loads((out / "front.json").read_text())
-    assert front["model"]["quantized_layers"] == 8 and front["points"]
+    front = front_of(out)
+    assert front.model.quantized_layers == 8 and front.mixed
 
 
 BAD = [

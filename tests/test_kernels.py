@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitalloc import configio, load_packed
+from bitalloc import load_packed
+from bitalloc.results import read_config
 from bitalloc.evaluate import Evaluator, QuantCache
 from bitalloc.formats import QUANT_BITS, Format, weight_bytes
 from bitalloc.kernels.checkpoint import quantize_model, save_packed
@@ -145,8 +146,7 @@ def test_packed_checkpoint_equals_the_evaluators_model(tiny_front, tiny_llama, t
     done = subprocess.run([sys.executable, "-m", "bitalloc.cli", "pack", str(tiny_front), "--point", "2", "-o",
                            str(tmp_path / "ckpt")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    doc = configio.read(tmp_path / "ckpt" / "bitalloc_config.json", configio.CONFIG_SCHEMA)
-    formats = configio.config_formats(doc)
+    formats = read_config(tmp_path / "ckpt" / "bitalloc_config.json").formats()
     model = load_model(str(tiny_llama))
     chosen = [l for l in list_layers(model) if l.name in formats]
     tokens = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -1,6 +1,5 @@
 """Solvers that measure candidates: evolutionary (pymoo), Optuna (resumable), and `auto`, on a tiny model."""
 
-import dataclasses
 import json
 
 import pytest
@@ -8,12 +7,13 @@ import torch
 import yaml
 
 from bitalloc.cli import main
+from bitalloc.errors import BitallocError
 from bitalloc.evaluate import QuantCache
 from bitalloc.tasks import CandidateEvaluator, LocalRunner
 from bitalloc.formats import Format
-from bitalloc.jobs.runner import build_problem
 from bitalloc.model import list_layers, load_model, select_layers
-from bitalloc.search import SearchContext, get_solver
+from bitalloc.pipeline import build_problem
+from bitalloc.search import SearchContext, best_within, get_solver
 from bitalloc.sensitivity import EstimatorContext, get_estimator
 from conftest import tiny_job
 
@@ -31,45 +31,55 @@ def setup(tiny_llama):
     return problem, CandidateEvaluator(LocalRunner(model, cache, {"calibration": calib}), screen_tokens=16)
 
 
-def test_evolutionary_never_exceeds_its_budget_and_measures_little(setup):
+def test_evolutionary_spends_its_evaluations_and_returns_a_measured_front(setup):
+    """The front is non-dominated in measured KL (bytes up, KL strictly down), spends at most the screening
+    evaluations it was given, includes a config within each anchor, and the same seed gives the same front."""
     problem, evaluate = setup
-    hi = problem.bytes_at_avg_bits(4.0)
-    bounded = dataclasses.replace(problem, max_bytes=hi)
-    solver = get_solver("evolutionary", population=8, offspring=4, validate=6)
-    ctx = SearchContext(evaluate=evaluate, budget=40, anchors=(problem.bytes_at_avg_bits(3.5), hi), seed=1)
-    front = solver.front(bounded, ctx)
-    assert front and all(c.bytes <= hi for c in front)
-    assert solver.screen_evaluations <= 40 and solver.full_evaluations <= 6 + 2
-    anchor = get_solver("dp").solve(bounded)
-    anchor_kl = evaluate([anchor], "full")[0]
-    full = dict(zip([c.key() for c in front], evaluate(front, "full")))
-    assert min(full.values()) <= anchor_kl  # the exact anchor was a candidate, so the front is no worse
-    again = get_solver("evolutionary", population=8, offspring=4, validate=6).front(bounded, ctx)
-    assert [c.key() for c in again] == [c.key() for c in front]
+    anchors = (problem.bytes_at_avg_bits(3.5), problem.bytes_at_avg_bits(4.0))
+    ctx = SearchContext(anchors=anchors, seed=1, evaluator=evaluate, evaluations=40)
+    result = get_solver("evolutionary", population=8, offspring=4, validate=6).front(problem, ctx)
+    front = list(result.configs)
+    assert result.solver == "evolutionary"
+    assert 0 < result.evaluations["screen"] <= 40 and 0 < result.evaluations["full"] <= 6 + len(anchors)
+    kl = evaluate(front, "full")
+    assert [c.bytes for c in front] == sorted(c.bytes for c in front)
+    assert all(a > b for a, b in zip(kl, kl[1:]))
+    assert all(best_within(front, b) is not None for b in anchors)
+    again = get_solver("evolutionary", population=8, offspring=4, validate=6).front(problem, ctx)
+    assert [c.key() for c in again.configs] == [c.key() for c in front]
+
+
+def test_measuring_solvers_refuse_without_evaluations(setup):
+    problem, evaluate = setup
+    for name in ("evolutionary", "optuna"):
+        with pytest.raises(BitallocError) as exc:
+            get_solver(name).front(problem, SearchContext(evaluator=evaluate, evaluations=0))
+        assert exc.value.field == "search.evaluations"
 
 
 def test_optuna_study_resumes_from_its_storage(setup, tmp_path):
     problem, evaluate = setup
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     first = get_solver("optuna", storage=storage, seeds=4, validate=4)
-    first.front(problem, SearchContext(evaluate=evaluate, budget=10, seed=0))
+    first.front(problem, SearchContext(evaluator=evaluate, evaluations=10, seed=0))
     study = first.study(problem, 0)
     assert len(study.trials) == 10
     numbers = [t.number for t in study.trials]
     second = get_solver("optuna", storage=storage, seeds=4, validate=4)
-    front = second.front(problem, SearchContext(evaluate=evaluate, budget=16, seed=0))
+    result = second.front(problem, SearchContext(evaluator=evaluate, evaluations=16, seed=0))
     trials = second.study(problem, 0).trials
     assert len(trials) == 16 and [t.number for t in trials[:10]] == numbers
-    assert trials[10].number == 10 and front
+    assert trials[10].number == 10 and result.configs and result.evaluations["screen"] == 6
 
 
 def test_auto_is_exact_without_evaluations_and_refines_with_them(setup):
     problem, evaluate = setup
     exact = get_solver("dp").front(problem)
-    assert [c.key() for c in get_solver("auto").front(problem)] == [c.key() for c in exact]
+    assert [c.key() for c in get_solver("auto").front(problem).configs] == [c.key() for c in exact.configs]
     refined = get_solver("auto", population=6, offspring=3, validate=4).front(
-        problem, SearchContext(evaluate=evaluate, budget=12, seed=0))
-    assert refined and all(problem.cheapest() <= c.bytes <= problem.dearest() for c in refined)
+        problem, SearchContext(evaluator=evaluate, evaluations=12, seed=0))
+    assert refined.solver == "evolutionary" and refined.evaluations["screen"] > 0
+    assert refined.configs and all(problem.cheapest() <= c.bytes <= problem.dearest() for c in refined.configs)
 
 
 def test_job_with_evaluations_pins_and_ties(tiny_llama, text_dir, tmp_path):
@@ -83,7 +93,7 @@ def test_job_with_evaluations_pins_and_ties(tiny_llama, text_dir, tmp_path):
     path.write_text(yaml.safe_dump(spec))
     main(["run", str(path)])
     front = json.loads((out / "front.json").read_text())
-    assert front["solver"]["candidate_evaluations"]["screen"] <= 16
+    assert 0 < front["solver"]["evaluations"]["screen"] <= 16
     for point in front["points"]:
         layers = json.loads((out / point["config"]).read_text())["layers"]
         assert all(v["bits"] == 8 for k, v in layers.items() if k.endswith("down_proj"))
@@ -97,7 +107,7 @@ def test_ilp_job_with_bops_limit(tiny_llama, text_dir, tmp_path):
     layers = select_layers(list_layers(load_model(str(tiny_llama))))
     numel = sum(l.numel for l in layers)
     spec = tiny_job(tiny_llama, text_dir, out, search={"solver": "ilp", "max_bops": numel * 4 * 16,
-                                                       "params": {"budgets": 8}})
+                                                       "params": {"sweep": 8}})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     main(["run", str(path)])

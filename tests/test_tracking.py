@@ -18,6 +18,7 @@ from bitalloc import configio
 from bitalloc.dashboards.tracking import KIND_TAG, POINT_METRICS, client
 from bitalloc.jobs.runner import run_job
 from bitalloc.jobs.spec import parse_spec
+from bitalloc.results import read_config, read_front
 
 from conftest import tiny_job
 
@@ -46,24 +47,26 @@ def children(uri: str, run_id: str):
 
 def test_job_is_a_parent_run_with_one_child_per_measured_point(tracked):
     out, front, uri = tracked
-    info = front["tracking"]
-    assert info["uri"] == uri and info["run_id"]
-    mc, kids = children(uri, info["run_id"])
-    parent = mc.get_run(info["run_id"])
+    info = front.tracking
+    assert info.uri == uri and info.run_id
+    mc, kids = children(uri, info.run_id)
+    parent = mc.get_run(info.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags[KIND_TAG] == "job"
     assert mc.get_experiment(parent.info.experiment_id).name == "tracked"
     assert parent.data.params["seed"] == "0" and parent.data.params["search.solver"] == "dp"
-    assert parent.data.tags["bitalloc.spec_hash"] == front["job"]["spec_hash"]
-    assert parent.data.tags["package.torch"] == front["job"]["packages"]["torch"]
-    rows = {p["label"]: p for p in front["points"]} | {f"uniform {u['format']}": u for u in front["uniform"]}
+    assert parent.data.tags["bitalloc.spec_hash"] == front.job.spec_hash
+    assert parent.data.tags["package.torch"] == front.job.packages["torch"]
+    rows = {p.label: p for p in front.points}
     assert sorted(k.info.run_name for k in kids) == sorted(rows)
     for kid in kids:
         row = rows[kid.info.run_name]
-        assert {m: kid.data.metrics[m] for m in POINT_METRICS} == pytest.approx({m: row[m] for m in POINT_METRICS})
-        local = configio.read(out / row["config"], configio.CONFIG_SCHEMA)
-        logged = mc.download_artifacts(kid.info.run_id, f"config/{Path(row['config']).name}")
+        assert kid.data.tags[KIND_TAG] == row.kind
+        assert {m: kid.data.metrics[m] for m in POINT_METRICS + ("kl", "ppl")} == pytest.approx(
+            {**{m: getattr(row, m) for m in POINT_METRICS}, "kl": row.loss, "ppl": row.quality})
+        local = json.loads((out / row.config).read_text())
+        logged = mc.download_artifacts(kid.info.run_id, f"config/{Path(row.config).name}")
         assert json.loads(Path(logged).read_text()) == local
-    logged = {a.path for a in mc.list_artifacts(info["run_id"], "results")}
+    logged = {a.path for a in mc.list_artifacts(info.run_id, "results")}
     assert {"results/front.json", "results/sensitivity.json", "results/plots", "results/configs"} <= logged
 
 
@@ -71,12 +74,12 @@ def test_plots_are_written_and_logged(tracked):
     out, front, uri = tracked
     plots = out / "plots"
     for png in [plots / "front.png", plots / "sensitivity.png"] + [
-            plots / "bitmaps" / (Path(r["config"]).stem + ".png") for r in front["points"] + front["uniform"]]:
+            plots / "bitmaps" / (Path(p.config).stem + ".png") for p in front.points]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, png
     html = (plots / "dashboard.html").read_text()
     assert "plotly" in html and "Pareto front" in html and "per-layer bits" in html and "sensitivity" in html
     mc = client(uri)
-    assert {a.path for a in mc.list_artifacts(front["tracking"]["run_id"], "results/plots")} >= {
+    assert {a.path for a in mc.list_artifacts(front.tracking.run_id, "results/plots")} >= {
         "results/plots/front.png", "results/plots/dashboard.html", "results/plots/sensitivity.png"}
 
 
@@ -90,32 +93,32 @@ def test_a_dead_store_never_blocks_the_job(tiny_llama, text_dir, tmp_path):
     done = bitalloc("run", str(job), "--tracking-uri", f"http://127.0.0.1:{port}")
     assert done.returncode == 0, done.stderr
     assert "tracking off" in done.stderr and "keeps its local results" in done.stderr
-    front = configio.read(out / "front.json", configio.FRONT_SCHEMA)
-    assert front["tracking"] == {} and front["points"]
+    front = read_front(out / "front.json")
+    assert front.tracking is None and front.points
 
 
 def test_canonical_exports_round_trip(tracked, tmp_path):
     out, front, _ = tracked
-    best = min((r for r in front["points"] + front["uniform"] if r["avg_bits"] <= 5.0), key=lambda r: r["kl"])
-    original = configio.read(out / best["config"], configio.CONFIG_SCHEMA)
+    best = min((p for p in front.points if p.avg_bits <= 5.0), key=lambda p: p.loss)
+    original = read_config(out / best.config)
     for fmt, name in (("json", "c.json"), ("yaml", "c.yaml")):
         done = bitalloc("export", str(out), "--avg-bits", "5", "--format", fmt, "-o", str(tmp_path / name))
         assert done.returncode == 0, done.stderr
-        assert configio.read(tmp_path / name, configio.CONFIG_SCHEMA) == original
+        assert read_config(tmp_path / name) == original
 
 
 def test_export_from_the_job_run_and_from_a_point_run(tracked, tmp_path):
     out, front, uri = tracked
-    first = configio.read(out / sorted(front["points"], key=lambda p: p["bytes"])[0]["config"], configio.CONFIG_SCHEMA)
-    done = bitalloc("export", front["tracking"]["run_id"], "--point", "1", "-o", str(tmp_path / "a.json"),
+    first = read_config(out / front.mixed[0].config)
+    done = bitalloc("export", front.tracking.run_id, "--point", "1", "-o", str(tmp_path / "a.json"),
                     "--tracking-uri", uri)
     assert done.returncode == 0, done.stderr
-    assert configio.read(tmp_path / "a.json", configio.CONFIG_SCHEMA) == first
-    _, kids = children(uri, front["tracking"]["run_id"])
+    assert read_config(tmp_path / "a.json") == first
+    _, kids = children(uri, front.tracking.run_id)
     kid = next(k for k in kids if k.info.run_name == "uniform w4g32a")
     done = bitalloc("export", kid.info.run_id, "-o", str(tmp_path / "b.json"), "--tracking-uri", uri)
     assert done.returncode == 0, done.stderr
-    assert {f["bits"] for f in configio.read(tmp_path / "b.json", configio.CONFIG_SCHEMA)["layers"].values()} == {4}
+    assert {f.bits for f in read_config(tmp_path / "b.json").layers.values()} == {4}
 
 
 @pytest.mark.parametrize("args, field", [
@@ -130,7 +133,7 @@ def test_export_from_the_job_run_and_from_a_point_run(tracked, tmp_path):
 def test_bad_export_requests_are_one_line_errors(tracked, tmp_path, args, field):
     out, front, uri = tracked
     mc = client(uri)
-    unfinished = mc.create_run(mc.get_run(front["tracking"]["run_id"]).info.experiment_id, tags={KIND_TAG: "job"})
+    unfinished = mc.create_run(mc.get_run(front.tracking.run_id).info.experiment_id, tags={KIND_TAG: "job"})
     target = tmp_path / "x.json"
     args = [a.format(out=out, run=unfinished.info.run_id) for a in args]
     done = bitalloc("export", *args, "-o", str(target), "--tracking-uri", uri)
@@ -161,7 +164,7 @@ def _wide_config(tmp_path: Path) -> Path:
                                             "scale_dtype": "float16"}
     layers["model.layers.0.mlp.up_proj"]["bits"] = 16
     layers["model.layers.0.mlp.up_proj"].update(group_size=None, symmetric=None)
-    doc = {"schema": configio.CONFIG_SCHEMA, "bitalloc_version": "test", "job_spec_hash": "x",
+    doc = {"schema": "bitalloc.config/1", "bitalloc_version": "test", "job_spec_hash": "x",
            "model": {"source": "test", "content_hash": "x", "type": "llama"}, "layers": layers, "shapes": shapes,
            "totals": {"bytes": 1, "mib": 0.0, "avg_bits": 3.5}, "metrics": {"predicted": 0.0}}
     path = tmp_path / "config.json"
@@ -177,7 +180,7 @@ def test_runtime_exports_parse_in_the_runtime(fmt, tmp_path):
 
     config = _wide_config(tmp_path)
     target = tmp_path / f"export.{fmt}"
-    changed, _ = write_export(Chosen(json.loads(config.read_text()), None, "test"), fmt, target, nearest=False)
+    changed, _ = write_export(Chosen(read_config(config), "test"), fmt, target, nearest=False)
     assert changed == []
     check = subprocess.run([python, str(ROOT / "jobs" / "runtime_checks.py"), fmt, str(target), str(config)],
                            capture_output=True, text=True)
@@ -234,7 +237,7 @@ def test_mlflow_ui_lists_the_child_runs_in_a_browser(tracked, tmp_path):
             name = wait.until(lambda b: b.find_elements(
                 By.XPATH, "//div[@role='gridcell'][.//*[normalize-space(text())='tracked']]"))[0]
             name.find_element(By.TAG_NAME, "button").click()
-            labels = [p["label"] for p in front["points"]] + [f"uniform {u['format']}" for u in front["uniform"]]
+            labels = [p.label for p in front.points]
             wait.until(lambda b: all(b.find_elements(By.XPATH, f"//*[normalize-space(text())='{label}']")
                                      for label in labels))
             shot = Path(os.environ.get("BITALLOC_SCREENSHOT_DIR", tmp_path)) / "mlflow-ui.png"

@@ -1,0 +1,264 @@
+"""The search, stage by stage, as plain functions over typed objects:
+
+    Workspace.open (load -> select layers -> tokens -> quantized weights) -> sensitivity (file-cached table)
+    -> build_problem -> resolve_budgets -> solve_front (SolveResult) -> candidates -> measure -> results
+    (Front + ConfigDocs) -> write_results
+
+Nothing here reads a job spec or talks to the terminal beyond `Stages`: the job runner (`bitalloc.jobs.runner`),
+`bitalloc sensitivity`, estimator scoring and the benchmarks all call these same stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from . import configio, memory_plan
+from .data import TokenSets, make_token_sets, text_files, tokenize_files
+from .errors import BitallocError
+from .evaluate import QuantCache
+from .formats import Format, weight_bytes
+from .metrics import METRICS
+from .model import LoadedModel, QuantizableLayer, check_context, list_layers, load_model, other_bytes, select_layers
+from .progress import Stages
+from .results import (ConfigDoc, DataInfo, Evaluations, Front, JobInfo, MetricDoc, ModelInfo, Point, ProxyFront,
+                      Reference, SensitivityInfo, SolverInfo, MemoryInfo)
+from .search import SearchContext, best_within, spread
+from .search.base import Evaluate, Solver, check_budget
+from .search.constraints import Constraints, allowed_mask, tie_groups
+from .sensitivity import EstimatorContext
+from .sensitivity import cache as table_cache
+from .sensitivity.base import Estimator, run_estimator
+from .tasks import Backend, EvalTask, LocalRunner
+from .types import BitConfig, Measurement, Problem, SensitivityTable, SolveResult
+from .units import mib, parse_bytes
+
+
+@dataclass
+class Workspace:
+    """What every stage after loading needs, built once: the model, its chosen layers, the formats, the token
+    sets and every (layer, format)'s quantized weight."""
+
+    source: str
+    model: LoadedModel
+    layers: list[QuantizableLayer]
+    formats: tuple[Format, ...]
+    model_hash: str
+    data: TokenSets
+    cache: QuantCache
+    batch_size: int = 2
+
+    @classmethod
+    def open(cls, source: str, formats: tuple[Format, ...], *, include: list[str] = (), exclude: list[str] = (),
+             quantize_tied: bool = False, trust_remote_code: bool = False, text: str | list[str] = "shakespeare",
+             seq_len: int = 512, calibration: int = 8, evaluation: int = 4, batch_size: int = 2, seed: int = 0,
+             stages: Stages | None = None,
+             before_quantize: Callable[[LoadedModel, list[QuantizableLayer]], None] | None = None) -> "Workspace":
+        """Load and select layers, call `before_quantize` (a caller's checks: budgets, the memory plan), tokenize,
+        quantize."""
+        stages = stages or Stages()
+        torch.manual_seed(seed)
+        files = text_files(text)
+        with stages.stage("load model"):
+            model = load_model(source, trust_remote_code=trust_remote_code)
+            check_context(model, seq_len)
+            layers = select_layers(list_layers(model), list(include), list(exclude), quantize_tied)
+            if before_quantize:
+                before_quantize(model, layers)
+            model_hash = model.content_hash()
+        with stages.stage("tokenize text", len(files)):
+            data = make_token_sets(tokenize_files(files, model.tokenizer), seq_len, calibration, evaluation, seed)
+        with stages.stage(f"quantize {len(layers)} layers x {len(formats)} formats", len(layers)) as advance:
+            cache = QuantCache(model, layers, formats, progress=advance)
+        return cls(source, model, layers, formats, model_hash, data, cache, batch_size)
+
+    def local_runner(self) -> LocalRunner:
+        return LocalRunner(self.model, self.cache, {"calibration": self.data.calibration,
+                                                    "evaluation": self.data.evaluation}, self.batch_size)
+
+
+class TableResult(NamedTuple):
+    table: SensitivityTable
+    path: Path
+    cache_hit: bool
+
+
+def sensitivity(ws: Workspace, estimator: Estimator, seed: int, stages: Stages | None = None,
+                backend: Backend | None = None) -> TableResult:
+    """The estimator's table from the file cache (keyed by its version and declared parameters), or computed and
+    stored."""
+    stages = stages or Stages()
+    key = table_cache.table_key(estimator, ws.model_hash, ws.formats, ws.layers, ws.data.data_hash, seed)
+    path = table_cache.path_for(key, estimator.name)
+    cached = table_cache.load(path)
+    if cached is not None:
+        stages.print(f"sensitivity ({estimator.name}): cache hit, {path}")
+        return TableResult(cached, path, True)
+    ctx = EstimatorContext(ws.model, ws.layers, ws.formats, ws.cache, ws.data.calibration, ws.data.data_hash, seed,
+                           backend or ws.local_runner())
+    with stages.stage(f"sensitivity ({estimator.name})", estimator.steps(ctx)) as advance:
+        ctx.progress = advance
+        table = run_estimator(estimator, ctx)
+    table_cache.save(table, path)
+    return TableResult(table, path, False)
+
+
+def build_problem(model: LoadedModel, layers: list[QuantizableLayer], formats: tuple[Format, ...],
+                  table: SensitivityTable | None = None, constraints: Constraints = Constraints()) -> Problem:
+    """The byte-exact cost model of the chosen layers, the table's errors when given, and the constraints' pins,
+    ties, min/max bits and resource limits."""
+    cost = np.array([[weight_bytes(l.out_features, l.in_features, f) for f in formats] for l in layers], dtype=np.int64)
+    return Problem(
+        layers=tuple(l.name for l in layers),
+        formats=formats,
+        numel=np.array([l.numel for l in layers], dtype=np.int64),
+        cost=cost,
+        error=table.values if table is not None else np.zeros(cost.shape),
+        allowed=allowed_mask(layers, formats, constraints.pin, constraints.min_bits, constraints.max_bits),
+        fixed_bytes=other_bytes(model, layers),
+        groups=tie_groups(layers, constraints.tie),
+        limits=constraints.limits(layers, formats),
+    )
+
+
+class Budget(NamedTuple):
+    label: str
+    bytes: int
+
+
+def resolve_budgets(problem: Problem, budgets: list, field: str = "search.budgets") -> list[Budget]:
+    """Each budget as whole-model bytes: a number is average bits, a string with a unit is bytes."""
+    out = []
+    for i, b in enumerate(budgets):
+        where = f"{field}[{i}]"
+        if isinstance(b, str) and not b.strip().replace(".", "", 1).isdigit():
+            budget = Budget(b, parse_bytes(b, where))
+        else:
+            budget = Budget(f"{float(b):g} bits", problem.bytes_at_avg_bits(float(b)))
+        check_budget(problem, budget.bytes, where)
+        out.append(budget)
+    return out
+
+
+def solve_front(solver: Solver, problem: Problem, budgets: list[Budget], seed: int = 0,
+                evaluator: Evaluate | None = None, evaluations: int = 0, stages: Stages | None = None) -> SolveResult:
+    """The solver's whole front, including its best config at every budget."""
+    stages = stages or Stages()
+    ctx = SearchContext(anchors=tuple(b.bytes for b in budgets), seed=seed, evaluator=evaluator,
+                        evaluations=evaluations)
+    with stages.stage(f"solve front ({solver.name})"):
+        return solver.front(problem, ctx)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A config chosen for measurement: a mixed front point or a uniform baseline."""
+
+    kind: Literal["mixed", "uniform"]
+    label: str
+    config: BitConfig
+    format: str | None = None
+
+
+def candidates(front: SolveResult, problem: Problem, budgets: list[Budget], points: int) -> list[Candidate]:
+    """The front's best config within each budget, `points` more spread evenly in bytes, then every format as a
+    uniform baseline."""
+    chosen: dict[tuple, Candidate] = {}
+    for budget in budgets:
+        config = best_within(front.configs, budget.bytes)
+        if config is None:
+            raise BitallocError("search.budgets", f"the {front.solver} front has no config within {budget.label}")
+        chosen.setdefault(config.key(), Candidate("mixed", f"mixed @ {budget.label}", config))
+    for k, config in enumerate(spread(front.configs, points)):
+        chosen.setdefault(config.key(), Candidate("mixed", f"mixed #{k + 1}", config))
+    uniform = [Candidate("uniform", f"uniform {f.name}", problem.uniform(j), f.name)
+               for j, f in enumerate(problem.formats)]
+    return list(chosen.values()) + uniform
+
+
+def measure(backend: Backend, chosen: list[Candidate], stages: Stages | None = None
+            ) -> tuple[Measurement, list[Measurement]]:
+    """The FP model's and every candidate's measurement on the held-out tokens."""
+    stages = stages or Stages()
+    with stages.stage("measure configs", len(chosen) + 1) as advance:
+        tasks = [EvalTask("evaluation")] + [EvalTask.config(c.config.assignment(), "evaluation") for c in chosen]
+        reference, *results = backend.map(tasks, advance)
+    return reference, results
+
+
+@dataclass
+class Results:
+    """What a job writes: the front, one config document per measured point (by path in the result folder) and
+    the sensitivity table."""
+
+    front: Front
+    configs: dict[str, ConfigDoc]
+    table: SensitivityTable
+
+
+def results(ws: Workspace, job: JobInfo, table: TableResult, solved: SolveResult, problem: Problem,
+            chosen: list[Candidate], reference: Measurement, measured: list[Measurement]) -> Results:
+    """The typed results of a measured search; mixed points numbered by size."""
+    model, layers, metric = ws.model, ws.layers, METRICS[ws.model.metric]
+    meta = dict(model_source=ws.source, model_hash=ws.model_hash, spec_hash=job.spec_hash,
+                model_type=model.model_type, shapes={l.name: [l.out_features, l.in_features] for l in layers},
+                metric=metric, other_bytes=problem.fixed_bytes)
+    pairs = list(zip(chosen, measured))
+    mixed = sorted(((c, m) for c, m in pairs if c.kind == "mixed"), key=lambda cm: cm[0].config.bytes)
+    configs, points = {}, []
+    for i, (c, m) in enumerate(mixed + [(c, m) for c, m in pairs if c.kind == "uniform"]):
+        path = (f"configs/mixed-{i + 1:02d}-{c.config.avg_bits:.3f}b.json" if c.kind == "mixed"
+                else f"configs/uniform-{c.format}.json")
+        configs[path] = ConfigDoc.of(c.config, m, **meta)
+        points.append(Point(kind=c.kind, label=c.label, format=c.format, avg_bits=round(c.config.avg_bits, 6),
+                            bytes=c.config.bytes, mib=round(mib(c.config.bytes), 6), predicted=c.config.predicted,
+                            loss=m.loss, quality=m.quality, config=path))
+    fp_bytes = problem.fixed_bytes + sum(l.numel * model.layer_module(l.name).weight.element_size() for l in layers)
+    t = table.table
+    front = Front(
+        job=job,
+        model=ModelInfo(source=ws.source, type=model.model_type, content_hash=ws.model_hash,
+                        quantized_layers=len(layers), quantized_params=int(problem.numel.sum()),
+                        other_bytes=problem.fixed_bytes),
+        data=DataInfo(hash=ws.data.data_hash, calibration_tokens=ws.data.calibration.numel(),
+                      evaluation_tokens=ws.data.evaluation.numel()),
+        sensitivity=SensitivityInfo(estimator=t.estimator, version=t.version, params=t.params,
+                                    wall_time_s=t.wall_time_s, peak_rss_bytes=t.peak_rss_bytes,
+                                    cache_file=str(table.path)),
+        solver=SolverInfo(name=solved.solver, bound=solved.bound, slack_bytes=solved.slack_bytes,
+                          front_size=len(solved.configs), evaluations=Evaluations(**solved.evaluations),
+                          wall_time_s=solved.wall_time_s),
+        metric=MetricDoc.of(metric),
+        reference=Reference(bytes=fp_bytes, mib=round(mib(fp_bytes), 6), quality=reference.quality,
+                            tokens=reference.tokens),
+        points=points,
+        proxy_front=ProxyFront(bytes=[c.bytes for c in solved.configs], predicted=[c.predicted for c in solved.configs]),
+        memory=MemoryInfo(quant_cache_bytes=ws.cache.nbytes,
+                          reference_bytes=ws.data.evaluation.numel() * memory_plan.output_width(model) * 4),
+    )
+    return Results(front, configs, t)
+
+
+def write_results(res: Results, folder: Path) -> None:
+    """front.json, configs/ and sensitivity.json into FOLDER."""
+    for path, doc in res.configs.items():
+        configio.write(doc.document(), folder / path)
+    configio.write(table_cache.table_document(res.table), folder / "sensitivity.json")
+    configio.write(res.front.document(), folder / "front.json")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on, recorded with it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("bitalloc", "torch", "transformers", "numpy", "ortools", "pymoo", "optuna", "ray"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
