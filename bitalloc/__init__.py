@@ -9,7 +9,7 @@ except PackageNotFoundError:
 
 from .formats import Format
 from .model import QuantizableLayer, from_module, list_layers, load_model
-from .types import BitConfig, Measurement, Problem, SensitivityTable
+from .types import BitConfig, Measurement, Problem, SensitivityTable, SolveResult
 
 
 def load_packed(path):
@@ -26,6 +26,7 @@ __all__ = [
     "Problem",
     "QuantizableLayer",
     "SensitivityTable",
+    "SolveResult",
     "__version__",
     "from_module",
     "list_layers",

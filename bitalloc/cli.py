@@ -378,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     except ClickException as exc:
         where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
         param = getattr(exc, "param", None)
-        field = (param.opts or [param.name])[0] if param is not None and getattr(param, "opts", None) else "usage"
+        field = "usage" if param is None else (param.opts[0] if param.param_type_name == "option"
+                                               else param.metavar or param.name.upper())
         print(_one_line(f"error: {field}: {exc.format_message()}{where}"), file=sys.stderr)
         raise SystemExit(2) from None
     except (Interrupted, KeyboardInterrupt) as exc:

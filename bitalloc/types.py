@@ -94,6 +94,10 @@ class Problem:
     limits: tuple[Limit, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("numel", "cost", "error", "allowed"):  # read-only copies: one problem answers every budget
+            array = np.array(getattr(self, name))
+            array.setflags(write=False)
+            object.__setattr__(self, name, array)
         items = self.items()
         empty = np.flatnonzero(~items.allowed.any(1))
         if len(empty):

@@ -106,7 +106,7 @@ def test_files_that_are_not_utf8_yaml(tmp_path, capsys):
 CALLS = [
     (["frob"], "usage"),
     (["run", "--nope", "x.yaml"], "usage"),
-    (["layers"], "model"),
+    (["layers"], "MODEL"),
     (["export", "DIR", "--point", "abc", "-o", "x.json"], "--point"),
     (["ui", "--port", "-1"], "--port"),
     (["ui", "--port", "65536"], "--port"),
@@ -209,6 +209,7 @@ def test_a_second_job_on_the_same_output_refuses(tiny_llama, text_dir, tmp_path,
     assert (out / "front.json").is_file() and not list(tmp_path.glob(".out*"))
 
 
+@pytest.mark.edits_results
 def test_edited_results_are_refused(tiny_llama, text_dir, tmp_path, capsys):
     out = tmp_path / "out"
     main(["run", _write(tmp_path, tiny_job(tiny_llama, text_dir, out))])
