@@ -180,14 +180,20 @@ def candidates(front: SolveResult, problem: Problem, budgets: list[Budget], poin
     return list(chosen.values()) + uniform
 
 
-def measure(backend: Backend, chosen: list[Candidate], stages: Stages | None = None
-            ) -> tuple[Measurement, list[Measurement]]:
-    """The FP model's and every candidate's measurement on the held-out tokens."""
+@dataclass(frozen=True)
+class Measured:
+    """The FP model's measurement on the held-out tokens, and each candidate's."""
+
+    reference: Measurement
+    points: list[tuple[Candidate, Measurement]]
+
+
+def measure(backend: Backend, chosen: list[Candidate], stages: Stages | None = None) -> Measured:
     stages = stages or Stages()
     with stages.stage("measure configs", len(chosen) + 1) as advance:
         tasks = [EvalTask("evaluation")] + [EvalTask.config(c.config.assignment(), "evaluation") for c in chosen]
         reference, *results = backend.map(tasks, advance)
-    return reference, results
+    return Measured(reference, list(zip(chosen, results)))
 
 
 @dataclass
@@ -200,14 +206,14 @@ class Results:
     table: SensitivityTable
 
 
-def results(ws: Workspace, job: JobInfo, table: TableResult, solved: SolveResult, problem: Problem,
-            chosen: list[Candidate], reference: Measurement, measured: list[Measurement]) -> Results:
+def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, solved: SolveResult,
+            measured: Measured) -> Results:
     """The typed results of a measured search; mixed points numbered by size."""
     model, layers, metric = ws.model, ws.layers, METRICS[ws.model.metric]
     meta = dict(model_source=ws.source, model_hash=ws.model_hash, spec_hash=job.spec_hash,
                 model_type=model.model_type, shapes={l.name: [l.out_features, l.in_features] for l in layers},
                 metric=metric, other_bytes=problem.fixed_bytes)
-    pairs = list(zip(chosen, measured))
+    pairs, reference = measured.points, measured.reference
     mixed = sorted(((c, m) for c, m in pairs if c.kind == "mixed"), key=lambda cm: cm[0].config.bytes)
     configs, points = {}, []
     for i, (c, m) in enumerate(mixed + [(c, m) for c, m in pairs if c.kind == "uniform"]):

@@ -20,7 +20,7 @@ from .formats import Format
 from .metrics import METRICS, Metric
 from .model import NEXT_TOKEN
 from .types import BitConfig, Measurement
-from .units import mib
+from .units import bytes_at_avg_bits, mib
 
 FRONT_SCHEMA = "bitalloc.front/2"
 FRONT_SCHEMA_V1 = "bitalloc.front/1"
@@ -182,7 +182,7 @@ class Front(_Doc):
 
     def bytes_at_avg_bits(self, avg_bits: float) -> int:
         """Whole-model bytes at an average bit width over the quantized layers (the budgets' own rule)."""
-        return self.model.other_bytes + int(avg_bits * self.model.quantized_params / 8)
+        return bytes_at_avg_bits(avg_bits, self.model.quantized_params, self.model.other_bytes)
 
     def document(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)

@@ -10,6 +10,7 @@ import numpy as np
 
 from .errors import BitallocError
 from .formats import Format
+from .units import bytes_at_avg_bits
 
 
 @dataclass
@@ -131,7 +132,7 @@ class Problem:
         return 8.0 * (total_bytes - self.fixed_bytes) / float(self.numel.sum())
 
     def bytes_at_avg_bits(self, avg_bits: float) -> int:
-        return self.fixed_bytes + int(avg_bits * float(self.numel.sum()) / 8.0)
+        return bytes_at_avg_bits(avg_bits, int(self.numel.sum()), self.fixed_bytes)
 
     def cheapest(self) -> int:
         items = self.items()

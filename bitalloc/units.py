@@ -28,3 +28,8 @@ def parse_bytes(text: str, field: str) -> int:
 
 def mib(n_bytes: int) -> float:
     return n_bytes / 2**20
+
+
+def bytes_at_avg_bits(avg_bits: float, quantized_params: int, other_bytes: int) -> int:
+    """Whole-model bytes at an average bit width over the quantized layers (how budgets in bits are read)."""
+    return other_bytes + int(avg_bits * float(quantized_params) / 8.0)

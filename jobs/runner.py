@@ -244,9 +244,9 @@ def _search_and_measure(spec: JobSpec, ws: Workspace, estimator: Estimator, solv
     evaluator = CandidateEvaluator(backend, spec.search.screen_tokens) if spec.search.evaluations else None
     solved = pipeline.solve_front(solver, problem, budgets, spec.seed, evaluator, spec.search.evaluations, stages)
     chosen = pipeline.candidates(solved, problem, budgets, spec.search.points)
-    reference, measured = pipeline.measure(backend, chosen, stages)
+    measured = pipeline.measure(backend, chosen, stages)
     job = JobInfo(name=spec.name, seed=spec.seed, spec_hash=spec.spec_hash(), packages=pipeline.package_versions())
-    return pipeline.results(ws, job, table, solved, problem, chosen, reference, measured)
+    return pipeline.results(ws, job, table, problem, solved, measured)
 
 
 def check_output(out: Path, field: str) -> None:
