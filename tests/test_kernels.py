@@ -17,7 +17,6 @@ from bitalloc import load_packed
 from bitalloc.results import read_config
 from bitalloc.evaluate import Evaluator, QuantCache
 from bitalloc.formats import QUANT_BITS, Format, weight_bytes
-from bitalloc.kernels.checkpoint import quantize_model, save_packed
 from bitalloc.kernels.packed import dequantize_packed, pack, pack_codes, unpack, unpack_codes
 from bitalloc.kernels.quant_linear import QuantLinear
 from bitalloc.kernels.rtn import dequantize, quantize
