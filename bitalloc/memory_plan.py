@@ -91,17 +91,21 @@ def output_width(model: LoadedModel) -> int:
     return head.out_features if head is not None else 0
 
 
+def reference_bytes(model: LoadedModel, tokens: int) -> int:
+    """What an evaluator's FP reference holds for `tokens` tokens: the metric's floats per token, in float32."""
+    return tokens * output_width(model) * 4
+
+
 def plan(model: LoadedModel, layers: list[QuantizableLayer], n_formats: int, spec, estimator,
          workers: int, available: int) -> MemoryPlan:
     """The plan of a job on this model, against `available` bytes measured after it loaded."""
     data, elsize = spec.data, {l.name: model.layer_module(l.name).weight.element_size() for l in layers}
     numel = sum(l.numel for l in layers)
     cache = sum(l.numel * elsize[l.name] for l in layers) * n_formats
-    per_token = output_width(model) * 4
-    evaluation = data.evaluation * data.seq_len * per_token
-    calibration = (min(data.calibration * data.seq_len, spec.search.screen_tokens) * per_token
+    evaluation = reference_bytes(model, data.evaluation * data.seq_len)
+    calibration = (reference_bytes(model, min(data.calibration * data.seq_len, spec.search.screen_tokens))
                    if spec.search.evaluations or estimator.name in ("measured", "linearity") else 0)
-    forward = 3 * data.batch_size * data.seq_len * per_token
+    forward = 3 * reference_bytes(model, data.batch_size * data.seq_len)
     processes = max(workers, 1)
     model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
     parts = [

@@ -3,7 +3,8 @@
 A causal language model is measured on its next-token distribution: loss KL(FP ‖ quantized) per token,
 quality the perplexity. An encoder (or a model whose LM head is not in its checkpoint) is measured on its
 final hidden state h: loss the relative MSE Σ‖h_Q − h_FP‖² / Σ‖h_FP‖² over held-out tokens, quality the
-mean cosine similarity of h_Q to h_FP. Results name the metric (`front.json` "metric") and use its keys.
+mean cosine similarity of h_Q to h_FP. Results name the metric (`front.json` "metric"); config files and
+MLflow use its keys.
 """
 
 from __future__ import annotations
@@ -37,8 +38,3 @@ METRICS = {
                          "rel_mse: sum |h_Q - h_FP|^2 / sum |h_FP|^2 of the final hidden state over held-out tokens; "
                          "cosine: mean cosine similarity of h_Q to h_FP"),
 }
-
-
-def metric_of(doc: dict) -> Metric:
-    """The metric of a front or config document (files written before metrics were named are next-token)."""
-    return METRICS[(doc.get("metric") or {}).get("kind", NEXT_TOKEN)]

@@ -244,7 +244,7 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
         points=points,
         proxy_front=ProxyFront(bytes=[c.bytes for c in solved.configs], predicted=[c.predicted for c in solved.configs]),
         memory=MemoryInfo(quant_cache_bytes=ws.cache.nbytes,
-                          reference_bytes=ws.data.evaluation.numel() * memory_plan.output_width(model) * 4),
+                          reference_bytes=memory_plan.reference_bytes(model, ws.data.evaluation.numel())),
     )
     return Results(front, configs, t)
 

@@ -105,11 +105,12 @@ def _before_quantize(spec: JobSpec, estimator: Estimator, console: Console, budg
     """The checks that need the model but not its quantized weights: the budgets (resolved into `budgets`) and the
     memory plan (printed; a job that cannot fit is refused)."""
     def check(model: LoadedModel, layers: list[QuantizableLayer]) -> None:
-        problem = pipeline.build_problem(model, layers, spec.formats.expand(), constraints=spec.search.constraints())
+        formats = spec.formats.expand()
+        problem = pipeline.build_problem(model, layers, formats, constraints=spec.search.constraints())
         budgets.extend(pipeline.resolve_budgets(problem, spec.search.budgets))
         limit = spec.run.memory_limit
         available = parse_bytes(limit, "run.memory_limit") if limit else memory_plan.available_bytes()
-        plan = memory_plan.plan(model, layers, len(spec.formats.expand()), spec, estimator,
+        plan = memory_plan.plan(model, layers, len(formats), spec, estimator,
                                 spec.run.worker_count(), available)
         console.print(plan.summary(), soft_wrap=True)
         plan.check()

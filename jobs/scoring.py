@@ -129,18 +129,16 @@ def score_estimators(spec: JobSpec, estimators: list[str], n_configs: int, lo_bi
     instances = [(text, get_estimator(name, **params)) for text, name, params in parsed]
     with Stages(console) as stages:
         ws = open_workspace(spec, stages)
-        constraints = spec.search.constraints()
-        base = pipeline.build_problem(ws.model, ws.layers, ws.formats, constraints=constraints)
+        base = pipeline.build_problem(ws.model, ws.layers, ws.formats, constraints=spec.search.constraints())
         choices = random_choices(base, n_configs, lo_bits, hi_bits, spec.seed)
         backend = ws.local_runner()
         with stages.stage(f"measure {n_configs} random configs", n_configs) as advance:
             tasks = [EvalTask.config(base.config(c).assignment(), "evaluation") for c in choices]
             measured = [m.loss for m in backend.map(tasks, advance)]
-        rows = []
+        rows, layer_rows = [], np.arange(len(ws.layers))
         for text, est in instances:
             table, _, hit = pipeline.sensitivity(ws, est, spec.seed, stages, backend)
-            problem = pipeline.build_problem(ws.model, ws.layers, ws.formats, table, constraints)
-            pred = [problem.config(c).predicted for c in choices]
+            pred = [float(table.values[layer_rows, c].sum()) for c in choices]  # a config's predicted loss
             fit, fit_scaled = r2(pred, measured)
             rows.append(ScoreRow(text, spearman(pred, measured), fit, fit_scaled, table.wall_time_s,
                                  table.peak_rss_bytes, hit))
