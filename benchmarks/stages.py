@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/stages.py [--evaluation 4] [--seq-len 512]
 
 Stages (the pipeline's own functions): load, tokenize, quantize cache, estimators, whole-front solve, FP
-reference, and one evaluation with the quantized-weight cache against one that quantizes on the fly.
+reference, and candidate evaluation with streamed levels (a working set of one candidate, the default) against
+every level held dequantized in memory (the design before the level store).
 """
 
 from __future__ import annotations
@@ -23,28 +24,17 @@ from rich.table import Table  # noqa: E402
 from bitalloc import pipeline  # noqa: E402
 from bitalloc.evaluate import Evaluator  # noqa: E402
 from bitalloc.formats import Format  # noqa: E402
-from bitalloc.kernels import fake_quantize  # noqa: E402
+from bitalloc.levels import Levels  # noqa: E402
 from bitalloc.progress import Stages  # noqa: E402
 from bitalloc.search import get_solver  # noqa: E402
 from bitalloc.sensitivity import get_estimator  # noqa: E402
-
-
-class OnTheFly:
-    """The quantized-weight cache's interface without a cache: quantizes on every request (the baseline)."""
-
-    def __init__(self, ws: pipeline.Workspace):
-        self.model, self.layers = ws.model, {layer.name: layer for layer in ws.layers}
-
-    def get(self, layer: str, fmt: Format) -> torch.Tensor:
-        spec = self.layers[layer]
-        q = fake_quantize(self.model.weight(spec), fmt)
-        return q.t().contiguous() if spec.transposed else q
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--evaluation", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--candidates", type=int, default=8)
     args = ap.parse_args()
     rows: list[tuple[str, float, str]] = []
 
@@ -64,9 +54,9 @@ def main() -> None:
                                  evaluation=args.evaluation, stages=stages)
     rows += [("load model (GGUF -> float32)", stages.timings["load model"], ""),
              ("tokenize Shakespeare", stages.timings["tokenize text"], ""),
-             (f"quantize cache ({len(ws.layers)} layers x 6 formats)", stages.timings[next(k for k in stages.timings
-                                                                                       if k.startswith("quantize"))],
-              f"{ws.cache.nbytes / 2**20:.0f} MiB held")]
+             (f"level store ({len(ws.layers)} layers x 6 formats)", stages.timings[next(k for k in stages.timings
+                                                                                     if k.startswith("quantize"))],
+              f"{ws.levels.nbytes / 2**20:.0f} MiB on disk (made now, or reused)")]
     with_cache = os.environ.get("BITALLOC_CACHE")
     os.environ["BITALLOC_CACHE"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bitalloc-stages-{os.getpid()}")
     timed("estimator sqnr (data-free)", lambda: pipeline.sensitivity(ws, get_estimator("sqnr"), 0))
@@ -78,12 +68,22 @@ def main() -> None:
     front = timed("solve whole front (dp)", lambda: get_solver("dp").front(problem),
                   lambda f: f"{len(f.configs)} front points, slack {f.slack_bytes} B")
     evaluator = timed(f"FP reference ({args.evaluation} x {args.seq_len} tokens)",
-                      lambda: Evaluator(ws.model, ws.cache, ws.data.evaluation, 2),
+                      lambda: Evaluator(ws.model, ws.levels, ws.data.evaluation, 2),
                       lambda e: f"{e.reference_nbytes / 2**20:.0f} MiB held")
-    config = front.configs[len(front.configs) // 2].assignment()
-    timed("one evaluation, cached weights", lambda: evaluator.evaluate(config), lambda m: f"KL {m.loss:.4f}", 3)
-    evaluator.weights = OnTheFly(ws)
-    timed("one evaluation, quantized on the fly", lambda: evaluator.evaluate(config), lambda m: f"KL {m.loss:.4f}", 3)
+    configs = [c.assignment() for c in pipeline.spread(front.configs, args.candidates)]
+    every = Levels(ws.model, ws.layers, formats, ws.levels.store, working_set=None)
+    for layer in ws.layers:  # held before timing, as the former all-in-memory cache was
+        for fmt in formats:
+            every.weight(layer.name, fmt)
+    measured = []
+    for label, levels in ((f"per candidate ({len(configs)} on the front), streamed levels (default)", ws.levels),
+                          (f"per candidate ({len(configs)} on the front), every level in memory (former cache)", every)):
+        evaluator.levels = levels
+        measured.append(timed(label, lambda: [evaluator.evaluate(c).loss for c in configs],
+                              lambda k: f"dequantized weights held: {levels.held_bytes / 2**20:.0f} MiB", 2))
+        rows[-1] = (rows[-1][0], rows[-1][1] / len(configs), rows[-1][2])
+    assert measured[0] == measured[1], "streamed and in-memory evaluations differ"
+    rows.append(("streamed vs in memory", rows[-2][1] / rows[-1][1] - 1, "relative time per candidate (fraction)"))
 
     out = Table(title=f"bitalloc stages on smollm2-135m ({torch.get_num_threads()} threads)")
     out.add_column("stage")

@@ -102,8 +102,8 @@ def run(
     _out().print(front_table(front))
     mem = front.memory
     _out().print(
-        f"quantized-weight cache {mem.quant_cache_bytes / 2**20:.0f} MiB, FP reference "
-        f"{mem.reference_bytes / 2**20:.0f} MiB; results in {target}/ (front.json, configs/, plots/)"
+        f"levels {mem.level_store_bytes / 2**20:.0f} MiB on disk, working set {mem.working_set_bytes / 2**20:.0f} MiB, "
+        f"FP reference {mem.reference_bytes / 2**20:.0f} MiB; results in {target}/ (front.json, configs/, plots/)"
     )
     if front.tracking:
         _out().print(f"MLflow run {front.tracking.run_id} in {front.tracking.uri}; browse it with "

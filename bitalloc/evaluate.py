@@ -1,78 +1,26 @@
 """Measure a config: KL(FP || quantized) per token and perplexity on held-out tokens.
 
-The FP reference (log-probabilities over the vocabulary) is computed once. Each config is applied
-by pointing every layer's weight at a tensor from the `QuantCache`, so switching configs never
-re-quantizes; the original weights are restored afterwards.
+The FP reference (log-probabilities over the vocabulary) is computed once. A config is applied streamed: each
+quantized layer takes its level's dequantized weight from `Levels` as it runs and gives it back after, so no
+dequantized copy of the whole model at every format is ever held; on a GPU worker a layer is swapped for a
+`QuantLinear` over its packed level instead. The original weights are restored afterwards.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Callable, Iterable, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Iterable, Mapping
 
 import torch
 
-from bitalloc.kernels import fake_quantize
-from bitalloc.kernels.packed import PackedWeight, pack_weight
+from bitalloc.kernels.packed import PackedWeight
 from bitalloc.kernels.quant_linear import QuantLinear
 
 from .formats import Format
-from .model import HIDDEN_STATE, LoadedModel, QuantizableLayer
-from .profiling import release_freed_memory
+from .levels import Levels
+from .model import HIDDEN_STATE, LoadedModel
 from .types import Measurement
-
-
-class QuantCache:
-    """(layer, format) -> dequantized weight in the layer's own dtype and storage layout, or, with
-    `packed` (what GPU workers use), the packed weight itself, so a candidate runs on the low-bit
-    kernels and the memory held is the real packed size.
-
-    Holds exactly the formats it is given for the layers it is given; `nbytes` says what that costs.
-    """
-
-    def __init__(
-        self,
-        model: LoadedModel,
-        layers: list[QuantizableLayer],
-        formats: Iterable[Format],
-        progress: Callable[[int], None] | None = None,
-        store: dict[tuple[str, Format], torch.Tensor] | None = None,
-        packed: bool = False,
-    ):
-        """Quantize every (layer, format), or adopt `store` when given (a worker receiving the driver's cache)."""
-        self.model = model
-        self.layers = {layer.name: layer for layer in layers}
-        self.formats = tuple(formats)
-        self._by_name = {f.name: f for f in self.formats}
-        self._store: dict[tuple[str, Format], torch.Tensor] = store if store is not None else {}
-        for layer in layers if store is None else []:
-            w = model.weight(layer)
-            for fmt in self.formats:
-                if packed and fmt.quantized:
-                    self._store[(layer.name, fmt)] = pack_weight(w, fmt)
-                    continue
-                q = fake_quantize(w, fmt)
-                self._store[(layer.name, fmt)] = q.t().contiguous() if layer.transposed else q
-            release_freed_memory()
-            if progress:
-                progress(1)
-
-    def get(self, layer: str, fmt: Format) -> torch.Tensor:
-        return self._store[(layer, fmt)]
-
-    def get_named(self, layer: str, format_name: str) -> torch.Tensor:
-        """The same, by format name (as tasks carry it)."""
-        return self._store[(layer, self._by_name[format_name])]
-
-    @property
-    def store(self) -> dict[tuple[str, Format], torch.Tensor]:
-        return self._store
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes if isinstance(t, PackedWeight) else t.numel() * t.element_size()
-                   for t in self._store.values())
 
 
 def _logits(output) -> torch.Tensor:
@@ -89,16 +37,16 @@ def model_output(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
 
 class Evaluator:
     """Held-out loss and quality of configs against the FP model (the model's metric: KL and perplexity, or
-    the final hidden state's relative MSE and cosine), with weights from a cache.
+    the final hidden state's relative MSE and cosine), with weights from the job's levels.
 
     Memory: the reference keeps tokens x vocab float32 log-probabilities (4 x 512 x 49152 = 403 MB
     on the default model), or tokens x hidden float32 states; a config's forward pass holds one batch
     of outputs at a time.
     """
 
-    def __init__(self, model: LoadedModel, weights: QuantCache, tokens: torch.Tensor, batch_size: int = 2):
+    def __init__(self, model: LoadedModel, levels: Levels, tokens: torch.Tensor, batch_size: int = 2):
         self.model = model
-        self.weights = weights
+        self.levels = levels
         self.batches = list(tokens.split(batch_size))
         self.reference = [self._output(batch) for batch in self.batches]
         self.fp = self._measure(self.reference)
@@ -156,12 +104,40 @@ class Evaluator:
             n += batch.numel()
         return Measurement(loss=err / (signal or 1.0), quality=cos / n, tokens=n)
 
-    def evaluate(self, assignment: Mapping[str, Format]) -> Measurement:
-        """Measure a config: each layer at its format, weights from the cache."""
-        return self.evaluate_tensors({name: self.weights.get(name, fmt) for name, fmt in assignment.items()})
+    @contextmanager
+    def streamed(self, assignment: Mapping[str, Format]):
+        """Each named layer runs on its level at the given format: dequantized (through the working set) as the
+        layer is entered, the original weight put back as it returns. A weight shared with another module (a tied
+        output head) is replaced for the whole block instead, as a runtime stores it once for both uses."""
+        with ExitStack() as stack:
+            whole = {}
+            for name, fmt in assignment.items():
+                if self.levels.layers[name].tied_to:
+                    whole[name] = self.levels.weight(name, fmt)
+                    continue
+                module = self.model.layer_module(name)
+                original = module.weight.data
 
-    def evaluate_tensors(self, tensors: Mapping[str, torch.Tensor]) -> Measurement:
-        """Measure the model with some layers' weights replaced (e.g. by noisy ones)."""
-        with self.applied(tensors):
+                def enter(mod, _args, name=name, fmt=fmt):
+                    mod.weight.data = self.levels.weight(name, fmt)
+
+                def leave(mod, _args, _output, original=original):
+                    mod.weight.data = original
+
+                stack.callback(setattr, module.weight, "data", original)
+                stack.callback(module.register_forward_pre_hook(enter).remove)
+                stack.callback(module.register_forward_hook(leave).remove)
+            stack.enter_context(self.applied(whole))
+            yield
+
+    def evaluate(self, assignment: Mapping[str, Format]) -> Measurement:
+        """Measure a config: each layer at its format, from its level."""
+        if self.levels.device is not None:
+            return self.evaluate_tensors({name: self.levels.packed(name, fmt) for name, fmt in assignment.items()})
+        with self.streamed(assignment):
             return self._measure(self._output(batch) for batch in self.batches)
 
+    def evaluate_tensors(self, tensors: Mapping[str, torch.Tensor | PackedWeight]) -> Measurement:
+        """Measure the model with some layers' weights replaced (e.g. by noisy ones, or packed levels)."""
+        with self.applied(tensors):
+            return self._measure(self._output(batch) for batch in self.batches)

@@ -1,15 +1,19 @@
 """What a job will hold in memory, planned before the heavy stages, against what the machine has.
 
-Each part is counted from the model's shapes and the job's settings, the way today's design holds it:
-- the model's own weights, counted although loaded: a memory-mapped checkpoint's pages count as free until
-  first touched;
-- the quantized-weight cache: every (layer, format) dequantized in the layer's dtype;
+Each part is counted from the model's shapes and the job's settings, the way the job holds it:
+- the model's own weights at their dtype, counted although loaded: a memory-mapped checkpoint's pages count as
+  free until first touched;
+- the level store is on disk (its size is checked against the free disk space); a process reads a level's pages
+  only while it dequantizes it;
+- a working set of dequantized weights in every process that evaluates or estimates: one dense copy of the
+  quantized layers in their dtype (one candidate's worth);
 - FP references: evaluation tokens x vocabulary float32 log-probabilities (or x hidden size for a hidden-state
   model) in every process that evaluates, plus the calibration reference where calibration tokens are measured;
 - one forward pass's outputs (logits, log-softmax and their product for a batch);
-- Ray: the object store's copy of the model and cache, and each worker process's own footprint;
-- the estimator: Fisher keeps every layer's ΔW per format in float32 and one sequence's backward graph; HAWQ one
-  double-backward graph and second-order gradients; SQNR with activations the input second moments.
+- Ray: the object store's copy of the model, and each worker process's own footprint;
+- the estimator: Fisher one sequence's backward graph and one layer's ΔW at a time (the weight side also a
+  float32 Fisher per weight and the gradients); HAWQ one double-backward graph and second-order gradients; SQNR
+  with activations the input second moments.
 A job whose plan does not fit is refused with one line naming the setting to change, instead of being killed.
 """
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BitallocError
+from .levels import dense_bytes, level_bytes
 from .model import HIDDEN_STATE, LoadedModel, QuantizableLayer
 
 WORKER_OVERHEAD = 600 * 2**20  # a Ray worker process with torch imported, before it holds anything of the job
@@ -63,6 +68,7 @@ class Part:
 class MemoryPlan:
     parts: list[Part] = field(default_factory=list)
     available: int = 0
+    on_disk: int = 0  # the level store's files (read page by page, not held)
 
     @property
     def total(self) -> int:
@@ -70,7 +76,8 @@ class MemoryPlan:
 
     def summary(self) -> str:
         shown = ", ".join(f"{p.name} {_size(p.bytes)}" for p in self.parts if p.bytes)
-        return f"memory plan: {shown}; total {_size(self.total)} of {_size(self.available)} available"
+        return (f"memory plan: {shown}; total {_size(self.total)} of {_size(self.available)} available; "
+                f"levels {_size(self.on_disk)} on disk")
 
     def check(self) -> None:
         if self.total <= HEADROOM * self.available:
@@ -96,33 +103,35 @@ def reference_bytes(model: LoadedModel, tokens: int) -> int:
     return tokens * output_width(model) * 4
 
 
-def plan(model: LoadedModel, layers: list[QuantizableLayer], n_formats: int, spec, estimator,
+def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, estimator,
          workers: int, available: int) -> MemoryPlan:
     """The plan of a job on this model, against `available` bytes measured after it loaded."""
-    data, elsize = spec.data, {l.name: model.layer_module(l.name).weight.element_size() for l in layers}
+    data = spec.data
     numel = sum(l.numel for l in layers)
-    cache = sum(l.numel * elsize[l.name] for l in layers) * n_formats
+    working_set = dense_bytes(model, layers)
     evaluation = reference_bytes(model, data.evaluation * data.seq_len)
     calibration = (reference_bytes(model, min(data.calibration * data.seq_len, spec.search.screen_tokens))
                    if spec.search.evaluations or estimator.name in ("measured", "linearity") else 0)
     forward = 3 * reference_bytes(model, data.batch_size * data.seq_len)
-    processes = max(workers, 1)
+    evaluating = max(workers, 1)  # the Ray workers, or this process
     model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
     parts = [
         Part("model", model_bytes, "model.source"),
-        Part("quantized-weight cache", cache, "formats.bits"),
-        Part("FP references", processes * (evaluation + calibration), "data.evaluation"),
-        Part("forward passes", processes * forward, "data.batch_size"),
-        Part("estimator", _estimator_bytes(model, layers, n_formats, spec, estimator, numel), "sensitivity.estimator"),
+        Part("working sets", (evaluating + (1 if workers else 0)) * working_set,
+             "run.workers" if workers else "model.exclude"),
+        Part("FP references", evaluating * (evaluation + calibration), "data.evaluation"),
+        Part("forward passes", evaluating * forward, "data.batch_size"),
+        Part("estimator", _estimator_bytes(model, layers, spec, estimator, numel), "sensitivity.estimator"),
     ]
     if workers:
-        parts.append(Part("Ray object store (model + cache)", model_bytes + cache, "run.workers"))
+        parts.append(Part("Ray object store (model)", model_bytes, "run.workers"))
         parts.append(Part("Ray worker processes", workers * WORKER_OVERHEAD, "run.workers"))
-    return MemoryPlan(parts, available)
+    return MemoryPlan(parts, available, level_bytes(layers, formats))
 
 
-def _estimator_bytes(model: LoadedModel, layers, n_formats: int, spec, estimator, numel: int) -> int:
-    """Peak the estimator adds: ΔW per format in float32 (Fisher) and the autograd graph of one sequence."""
+def _estimator_bytes(model: LoadedModel, layers, spec, estimator, numel: int) -> int:
+    """Peak the estimator adds beyond the working set: the autograd graph of one sequence and the largest layer's
+    ΔW and error terms in float32."""
     name, params = estimator.name, estimator.params()
     config = getattr(model.module, "config", None)
     hidden = getattr(config, "hidden_size", 0) or 0
@@ -130,9 +139,10 @@ def _estimator_bytes(model: LoadedModel, layers, n_formats: int, spec, estimator
     inter = getattr(config, "intermediate_size", 0) or 4 * hidden
     seq = min(spec.data.seq_len, params.get("max_tokens", spec.data.seq_len))
     graph = seq * (blocks * (12 * hidden + 4 * inter) + 4 * output_width(model)) * 4  # saved activations of one sequence
+    largest = max((l.numel for l in layers), default=0)
     if name == "fisher":
         weight_side = params.get("side") == "weight"
-        return numel * 4 * n_formats + graph + (2 * numel * 4 if weight_side else 0)
+        return graph + 3 * largest * 4 + (2 * numel * 4 if weight_side else 0)
     if name == "hawq":
         return 3 * graph + 4 * numel * 4
     if name == "sqnr" and params.get("activations"):

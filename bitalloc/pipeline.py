@@ -1,6 +1,6 @@
 """The search, stage by stage, as plain functions over typed objects:
 
-    Workspace.open (load -> select layers -> tokens -> quantized weights) -> sensitivity (file-cached table)
+    Workspace.open (load -> select layers -> tokens -> level store) -> sensitivity (file-cached table)
     -> build_problem -> resolve_budgets -> solve_front (SolveResult) -> candidates -> measure -> results
     (Front + ConfigDocs) -> write_results
 
@@ -20,11 +20,12 @@ import torch
 from . import configio, memory_plan
 from .data import TokenSets, make_token_sets, text_files, tokenize_files
 from .errors import BitallocError
-from .evaluate import QuantCache
 from .formats import Format, weight_bytes
+from .levels import LevelStore, Levels, dense_bytes
 from .metrics import METRICS
 from .model import LoadedModel, QuantizableLayer, check_context, list_layers, load_model, other_bytes, select_layers
 from .progress import Stages
+from .quantizers import Quantizer, get_quantizer
 from .results import (ConfigDoc, DataInfo, Evaluations, Front, JobInfo, MetricDoc, ModelInfo, Point, ProxyFront,
                       Reference, SensitivityInfo, SolverInfo, MemoryInfo)
 from .search import SearchContext, best_within, spread
@@ -41,7 +42,7 @@ from .units import mib, parse_bytes
 @dataclass
 class Workspace:
     """What every stage after loading needs, built once: the model, its chosen layers, the formats, the token
-    sets and every (layer, format)'s quantized weight."""
+    sets and every (layer, format)'s level (in the level store, read on demand)."""
 
     source: str
     model: LoadedModel
@@ -49,17 +50,18 @@ class Workspace:
     formats: tuple[Format, ...]
     model_hash: str
     data: TokenSets
-    cache: QuantCache
+    levels: Levels
     batch_size: int = 2
 
     @classmethod
     def open(cls, source: str, formats: tuple[Format, ...], *, include: list[str] = (), exclude: list[str] = (),
              quantize_tied: bool = False, trust_remote_code: bool = False, text: str | list[str] = "shakespeare",
              seq_len: int = 512, calibration: int = 8, evaluation: int = 4, batch_size: int = 2, seed: int = 0,
-             stages: Stages | None = None,
+             quantizer: Quantizer | None = None, stages: Stages | None = None,
              before_quantize: Callable[[LoadedModel, list[QuantizableLayer]], None] | None = None) -> "Workspace":
         """Load and select layers, call `before_quantize` (a caller's checks: budgets, the memory plan), tokenize,
-        quantize."""
+        and fill the level store (levels a previous job made for the same model and quantizer are reused). The
+        working set holds one candidate's dense weights."""
         stages = stages or Stages()
         torch.manual_seed(seed)
         files = text_files(text)
@@ -72,12 +74,16 @@ class Workspace:
             model_hash = model.content_hash()
         with stages.stage("tokenize text", len(files)):
             data = make_token_sets(tokenize_files(files, model.tokenizer), seq_len, calibration, evaluation, seed)
+        store = LevelStore(model_hash, quantizer or get_quantizer("rtn"))
         with stages.stage(f"quantize {len(layers)} layers x {len(formats)} formats", len(layers)) as advance:
-            cache = QuantCache(model, layers, formats, progress=advance)
-        return cls(source, model, layers, formats, model_hash, data, cache, batch_size)
+            made, reused = store.fill(model, layers, formats, progress=advance)
+        if reused:
+            stages.print(f"levels ({store.quantizer.name}): {reused} reused, {made} made, {store.folder}")
+        levels = Levels(model, layers, formats, store, working_set=dense_bytes(model, layers))
+        return cls(source, model, layers, formats, model_hash, data, levels, batch_size)
 
     def local_runner(self) -> LocalRunner:
-        return LocalRunner(self.model, self.cache, {"calibration": self.data.calibration,
+        return LocalRunner(self.model, self.levels, {"calibration": self.data.calibration,
                                                     "evaluation": self.data.evaluation}, self.batch_size)
 
 
@@ -98,7 +104,7 @@ def sensitivity(ws: Workspace, estimator: Estimator, seed: int, stages: Stages |
     if cached is not None:
         stages.print(f"sensitivity ({estimator.name}): cache hit, {path}")
         return TableResult(cached, path, True)
-    ctx = EstimatorContext(ws.model, ws.layers, ws.formats, ws.cache, ws.data.calibration, ws.data.data_hash, seed,
+    ctx = EstimatorContext(ws.model, ws.layers, ws.formats, ws.levels, ws.data.calibration, ws.data.data_hash, seed,
                            backend or ws.local_runner())
     with stages.stage(f"sensitivity ({estimator.name})", estimator.steps(ctx)) as advance:
         ctx.progress = advance
@@ -243,7 +249,7 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
                             tokens=reference.tokens),
         points=points,
         proxy_front=ProxyFront(bytes=[c.bytes for c in solved.configs], predicted=[c.predicted for c in solved.configs]),
-        memory=MemoryInfo(quant_cache_bytes=ws.cache.nbytes,
+        memory=MemoryInfo(level_store_bytes=ws.levels.nbytes, working_set_bytes=ws.levels.working_set,
                           reference_bytes=memory_plan.reference_bytes(model, ws.data.evaluation.numel())),
     )
     return Results(front, configs, t)

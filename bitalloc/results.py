@@ -137,8 +137,10 @@ class ProxyFront(_Doc):
 
 
 class MemoryInfo(_Doc):
-    quant_cache_bytes: int = 0
+    level_store_bytes: int = 0  # the stored levels of the job's layers and formats (on disk, read on demand)
+    working_set_bytes: int = 0  # the most dequantized weights an evaluating process keeps
     reference_bytes: int = 0
+    quant_cache_bytes: Optional[int] = None  # fronts written before the level store: the all-in-memory cache
 
 
 class EvaluationInfo(_Doc):

@@ -18,8 +18,9 @@ from typing import Callable, Iterable, Mapping, Protocol
 import numpy as np
 import torch
 
-from .evaluate import Evaluator, QuantCache
+from .evaluate import Evaluator
 from .formats import Format
+from .levels import Levels
 from .model import LoadedModel
 from .types import Measurement
 
@@ -69,10 +70,10 @@ class Backend(Protocol):
 class LocalRunner:
     """Runs tasks in this process: one Evaluator (and FP reference) per token set, built on first use."""
 
-    def __init__(self, model: LoadedModel, weights: QuantCache, token_sets: Mapping[str, torch.Tensor],
+    def __init__(self, model: LoadedModel, levels: Levels, token_sets: Mapping[str, torch.Tensor],
                  batch_size: int = 2):
         self.model = model
-        self.weights = weights
+        self.levels = levels
         self.token_sets = dict(token_sets)
         self.batch_size = batch_size
         self._evaluators: dict[str, Evaluator] = {}
@@ -81,7 +82,7 @@ class LocalRunner:
         if name not in self._evaluators:
             base, _, limit = name.partition(":")
             tokens = self.token_sets[base]
-            self._evaluators[name] = Evaluator(self.model, self.weights, token_subset(tokens, int(limit)) if limit else tokens,
+            self._evaluators[name] = Evaluator(self.model, self.levels, token_subset(tokens, int(limit)) if limit else tokens,
                                                self.batch_size)
         return self._evaluators[name]
 
@@ -90,7 +91,7 @@ class LocalRunner:
         if task.noise is not None:
             layer, rel_mse, seed = task.noise
             return evaluator.evaluate_tensors({layer: noisy_weight(self.model.layer_module(layer).weight, rel_mse, seed)})
-        return evaluator.evaluate_tensors({name: self.weights.get_named(name, fmt) for name, fmt in task.assignment})
+        return evaluator.evaluate({name: self.levels.format_named(fmt) for name, fmt in task.assignment})
 
     def map(self, tasks: Iterable[EvalTask], progress: Callable[[int], None] | None = None,
             on_result: OnResult | None = None) -> list[Measurement]:

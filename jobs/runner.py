@@ -81,7 +81,7 @@ def open_backend(ws: Workspace, spec: JobSpec, where: str | None, workers: int):
     from .workers import RayRunner
 
     run = spec.run
-    runner = RayRunner(ws.model.module, ws.layers, ws.formats, ws.cache.store,
+    runner = RayRunner(ws.model.module, ws.levels,
                        {"calibration": ws.data.calibration, "evaluation": ws.data.evaluation},
                        ws.batch_size, workers, run.threads_per_worker, run.gpus_per_worker, ws.model.metric)
     try:
@@ -110,7 +110,7 @@ def _before_quantize(spec: JobSpec, estimator: Estimator, console: Console, budg
         budgets.extend(pipeline.resolve_budgets(problem, spec.search.budgets))
         limit = spec.run.memory_limit
         available = parse_bytes(limit, "run.memory_limit") if limit else memory_plan.available_bytes()
-        plan = memory_plan.plan(model, layers, len(formats), spec, estimator,
+        plan = memory_plan.plan(model, layers, formats, spec, estimator,
                                 spec.run.worker_count(), available)
         console.print(plan.summary(), soft_wrap=True)
         plan.check()

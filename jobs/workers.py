@@ -1,9 +1,10 @@
 """Evaluation workers: Ray actors that run measurement tasks.
 
-Each actor receives the model and the quantized-weight cache through the object store once — torch
-tensors mapped zero-copy (RAY_ENABLE_ZERO_COPY_TORCH_TENSORS), so N workers share one copy. Ray maps
-plain tensors only, not nn.Parameter, so the module travels without its weights and its state dict
-travels as plain tensors that the worker puts back in place. Each actor then builds
+Each actor receives the model through the object store once — torch tensors mapped zero-copy
+(RAY_ENABLE_ZERO_COPY_TORCH_TENSORS), so N workers share one copy. Ray maps plain tensors only, not
+nn.Parameter, so the module travels without its weights and its state dict travels as plain tensors that
+the worker puts back in place. Quantized weights do not travel: each actor opens the job's level store
+(the same files, pages shared through the OS) with its own bounded working set. Each actor then builds
 its FP references per token set on first use, and evaluates `EvalTask`s. An ActorPool balances the
 tasks; results come back in task order whatever order they finish in. An actor that dies is
 restarted by Ray and its in-flight task re-run (max_restarts / max_task_retries), so losing a
@@ -22,8 +23,8 @@ import ray  # noqa: E402
 import torch
 from ray.util import ActorPool
 
-from bitalloc.evaluate import QuantCache
 from bitalloc.formats import Format
+from bitalloc.levels import LevelStore, Levels
 from bitalloc.model import NEXT_TOKEN, QuantizableLayer, from_module
 from bitalloc.tasks import EvalTask, LocalRunner, OnResult
 from bitalloc.types import Measurement
@@ -32,8 +33,8 @@ from bitalloc.types import Measurement
 @ray.remote(max_restarts=4, max_task_retries=4)
 class EvalWorker:
     def __init__(self, skeleton, state: dict[str, torch.Tensor], layers: list[QuantizableLayer],
-                 formats: tuple[Format, ...], store: dict, token_sets: dict[str, torch.Tensor], batch_size: int,
-                 threads: int, metric: str):
+                 formats: tuple[Format, ...], store: LevelStore, working_set: int | None,
+                 token_sets: dict[str, torch.Tensor], batch_size: int, threads: int, metric: str):
         torch.set_num_threads(threads)
         module = _restore(skeleton, state)
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
@@ -41,10 +42,10 @@ class EvalWorker:
             module = module.to("cuda")
             token_sets = {name: t.to("cuda") for name, t in token_sets.items()}
         model = from_module(module, "worker", metric=metric)
-        # on a GPU, candidates run on packed weights and the Triton kernels: the memory held is the real packed
-        # size; a worker without the driver's cache (GPU jobs are not sent it) quantizes its own
-        cache = QuantCache(model, layers, formats, store=None if gpu else store, packed=gpu)
-        self.runner = LocalRunner(model, cache, token_sets, batch_size)
+        store.fill(model, layers, formats)  # a no-op beside the driver; on another node, makes the same levels there
+        # on a GPU, every level is held packed on the device and candidates run on the Triton kernels
+        levels = Levels(model, layers, formats, store, working_set, device="cuda" if gpu else None)
+        self.runner = LocalRunner(model, levels, token_sets, batch_size)
 
     def run(self, item: tuple[int, EvalTask]) -> tuple[int, Measurement]:
         index, task = item
@@ -93,15 +94,15 @@ def _restore(skeleton: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch
 class RayRunner:
     """A backend whose tasks run on `workers` Ray actors."""
 
-    def __init__(self, module, layers, formats, store, token_sets, batch_size: int, workers: int,
+    def __init__(self, module, levels: Levels, token_sets, batch_size: int, workers: int,
                  threads_per_worker: int = 1, gpus_per_worker: float = 0.0, metric: str = NEXT_TOKEN):
         with _without_weights(module):
             skeleton = ray.put(module)
         # held for the runner's life: a restarted actor fetches its constructor arguments again
-        # GPU workers pack their own weights, so they are not sent the dequantized cache
-        self._shared = (skeleton, ray.put(_state(module)), ray.put(None if gpus_per_worker else store))
+        self._shared = (skeleton, ray.put(_state(module)))
         options = {"num_cpus": threads_per_worker, "num_gpus": gpus_per_worker}
-        self.actors = [EvalWorker.options(**options).remote(*self._shared[:2], layers, formats, self._shared[2],
+        self.actors = [EvalWorker.options(**options).remote(*self._shared, list(levels.layers.values()),
+                                                            levels.formats, levels.store, levels.working_set,
                                                             token_sets, batch_size, threads_per_worker, metric)
                        for _ in range(workers)]
         self.pool = ActorPool(self.actors)

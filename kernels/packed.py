@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from bitalloc.formats import Format
 
@@ -73,13 +74,28 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """int32 words -> unsigned codes [out, in] as int64 (the exact inverse of `pack_codes`)."""
-    word, shift = _positions(in_features, bits, qweight.device)
-    w = qweight.to(torch.int64) & _MASK32
-    padded = torch.cat([w, torch.zeros_like(w[:, :1])], 1)
-    lo = padded[:, word] >> shift
-    hi = padded[:, word + 1] << (32 - shift)
-    return (lo | hi) & ((1 << bits) - 1)
+    """int32 words -> unsigned codes [out, in] (int32 or int64; the exact inverse of `pack_codes`).
+
+    Fast enough to run on every forward pass (streamed evaluation): 2, 4 and 8 bits divide a word, so each code is
+    one shift of its word; 3, 5 and 6 bits are read eight codes at a time, since eight codes fill whole bytes
+    (`bits` of them) and fit one int32 (3 bits) or int64 (5, 6 bits) — the stream is little-endian, so its bytes
+    are the words' bytes in memory order."""
+    out = qweight.shape[0]
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:
+        per_word = 32 // bits
+        shifts = torch.arange(per_word, dtype=torch.int32, device=qweight.device) * bits
+        codes = (qweight.unsqueeze(-1) >> shifts) & mask
+        return codes.reshape(out, -1)[:, :in_features]
+    stream = qweight.contiguous().view(torch.uint8)
+    blocks = -(-in_features // 8)
+    need = blocks * bits
+    if stream.shape[1] != need:
+        stream = F.pad(stream, (0, need - stream.shape[1])) if stream.shape[1] < need else stream[:, :need]
+    width, dtype = (4, torch.int32) if bits <= 3 else (8, torch.int64)
+    words = F.pad(stream.reshape(out, blocks, bits), (0, width - bits)).view(dtype)
+    codes = (words >> (torch.arange(8, dtype=dtype, device=qweight.device) * bits)) & mask
+    return codes.reshape(out, blocks * 8)[:, :in_features]
 
 
 def offset(fmt: Format) -> int:
@@ -103,7 +119,21 @@ def pack_weight(weight: torch.Tensor, fmt: Format) -> PackedWeight:
 
 
 def dequantize_packed(p: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[out, in] weight from packed storage, in torch: the CPU path and the kernels' reference."""
-    from .rtn import dequantize
-
-    return dequantize(unpack(p), dtype)
+    """[out, in] weight from packed storage, in torch: the CPU path and the kernels' reference. Equal, bit for bit,
+    to `rtn.dequantize` of the unpacked codes (code x scale, then + zero, each rounded in float32)."""
+    codes = unpack_codes(p.qweight, p.fmt.bits, p.in_features)
+    if p.fmt.symmetric:
+        codes = codes - offset(p.fmt)
+    out, cols, g = p.out_features, p.in_features, p.fmt.group_size
+    full = cols // g
+    pieces = []
+    for start, groups, size in ((0, full, g), (full, 1, cols - full * g)):
+        if not groups or not size:
+            continue
+        block = codes[:, start * g: start * g + groups * size].reshape(out, groups, size).float()
+        block = block * p.scales[:, start:start + groups, None].float()
+        if p.zeros is not None:
+            block = block + p.zeros[:, start:start + groups, None].float()
+        pieces.append(block.reshape(out, groups * size))
+    w = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+    return w.to(dtype)

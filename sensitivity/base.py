@@ -13,8 +13,8 @@ from typing import Callable, ClassVar, Protocol
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.evaluate import QuantCache
 from bitalloc.formats import Format
+from bitalloc.levels import Levels
 from bitalloc.model import LoadedModel, QuantizableLayer
 from bitalloc.profiling import PeakRSS
 from bitalloc.registry import Registry, declared_parameters
@@ -24,12 +24,12 @@ from bitalloc.types import SensitivityTable
 
 @dataclass
 class EstimatorContext:
-    """What every estimator may use; the quantized weights come from the job's shared cache."""
+    """What every estimator may use; the quantized weights come from the job's levels."""
 
     model: LoadedModel
     layers: list[QuantizableLayer]
     formats: tuple[Format, ...]
-    weights: QuantCache
+    levels: Levels
     calibration: torch.Tensor
     data_hash: str
     seed: int
@@ -38,7 +38,7 @@ class EstimatorContext:
 
     def __post_init__(self) -> None:
         if self.backend is None:
-            self.backend = LocalRunner(self.model, self.weights, {"calibration": self.calibration})
+            self.backend = LocalRunner(self.model, self.levels, {"calibration": self.calibration})
 
     def advance(self, n: int = 1) -> None:
         if self.progress:
@@ -51,9 +51,9 @@ class EstimatorContext:
         return token_subset(self.calibration, max_tokens)
 
     def delta(self, layer: QuantizableLayer, fmt: Format) -> torch.Tensor:
-        """Q_f(W) − W in the layer's storage layout."""
+        """Q_f(W) − W in the layer's storage layout, in float32 (made on each call: hold it only as long as needed)."""
         w = self.model.layer_module(layer.name).weight
-        return self.weights.get(layer.name, fmt).float() - w.detach().float()
+        return self.levels.weight(layer.name, fmt).float() - w.detach().float()
 
     def table(self, estimator: "Estimator", values, uncertainty=None, **params) -> SensitivityTable:
         return SensitivityTable(

@@ -44,14 +44,13 @@ class Fisher(EstimatorBase):
     def estimate(self, ctx: EstimatorContext):
         tokens = ctx.calibration_tokens(self.max_tokens, self.name)
         gen = torch.Generator().manual_seed(ctx.seed)
-        deltas = {l.name: [ctx.delta(l, f) for f in ctx.formats] for l in ctx.layers}
         if self.side == "weight":
-            values, count = self._weight_side(ctx, tokens, gen, deltas)
+            values, count = self._weight_side(ctx, tokens, gen)
         else:
-            values, count = self._output_side(ctx, tokens, gen, deltas)
+            values, count = self._output_side(ctx, tokens, gen)
         return ctx.table(self, 0.5 * values / count, tokens=count)
 
-    def _weight_side(self, ctx, tokens, gen, deltas):
+    def _weight_side(self, ctx, tokens, gen):
         count = 0
         with differentiable(ctx.model, ctx.layers, self.name) as params:
             fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -61,10 +60,11 @@ class Fisher(EstimatorBase):
                     acc += g.float().pow(2)
                 count += n
                 ctx.advance()
-        values = np.array([[float((f * d.pow(2)).sum()) for d in deltas[l.name]] for l, f in zip(ctx.layers, fisher)])
+        values = np.array([[float((f * ctx.delta(l, fmt).pow(2)).sum()) for fmt in ctx.formats]
+                           for l, f in zip(ctx.layers, fisher)])
         return values, count
 
-    def _output_side(self, ctx, tokens, gen, deltas):
+    def _output_side(self, ctx, tokens, gen):
         values = np.zeros((len(ctx.layers), len(ctx.formats)))
         inputs: dict[str, torch.Tensor] = {}
 
@@ -75,7 +75,8 @@ class Fisher(EstimatorBase):
                 def backward(grad):
                     g2 = grad.detach().reshape(-1, grad.shape[-1]).float().pow(2)
                     x = inputs.pop(layer.name)
-                    for j, d in enumerate(deltas[layer.name]):
+                    for j, fmt in enumerate(ctx.formats):  # ΔW made per use: never every layer's at once
+                        d = ctx.delta(layer, fmt)
                         err = x @ (d if layer.transposed else d.t())
                         values[i, j] += float((g2 * err.pow(2)).sum())
 

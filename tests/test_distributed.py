@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from bitalloc.cli import main
-from bitalloc.evaluate import QuantCache
+from bitalloc.levels import Levels
 from bitalloc.formats import Format
 from bitalloc.model import list_layers, load_model, select_layers
 from bitalloc.tasks import EvalTask, LocalRunner
@@ -48,13 +48,13 @@ def test_a_killed_worker_changes_nothing(tiny_llama):
     model = load_model(str(tiny_llama))
     layers = select_layers(list_layers(model))
     formats = (Format(2, 16), Format(4, 16), Format(8, 16))
-    cache = QuantCache(model, layers, formats)
+    levels = Levels.build(model, layers, formats)
     tokens = {"evaluation": torch.randint(0, 90, (2, 32), generator=torch.Generator().manual_seed(0))}
     tasks = [EvalTask.config({l.name: formats[i % 3] for l in layers[: 1 + i % len(layers)]}, "evaluation")
              for i in range(24)]
-    expected = LocalRunner(model, cache, tokens).map(tasks)
+    expected = LocalRunner(model, levels, tokens).map(tasks)
     with ray_session(None, 2):
-        runner = RayRunner(model.module, layers, formats, cache.store, tokens, 2, workers=2)
+        runner = RayRunner(model.module, levels, tokens, 2, workers=2)
         killed = []
 
         def kill_once(index, _result):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from bitalloc.evaluate import Evaluator, QuantCache
+from bitalloc.evaluate import Evaluator
+from bitalloc.levels import Levels
 from bitalloc.kernels import fake_quantize
 from bitalloc.formats import Format
 from bitalloc.model import list_layers, load_model, select_layers
@@ -13,8 +14,8 @@ def setup(request):
     layers = select_layers(list_layers(model))
     formats = (Format(2, 32), Format(4, 32), Format(8, 32), Format(16))
     tokens = torch.randint(0, 90, (4, 32), generator=torch.Generator().manual_seed(0))
-    cache = QuantCache(model, layers, formats)
-    return model, layers, formats, cache, Evaluator(model, cache, tokens, batch_size=3)
+    levels = Levels.build(model, layers, formats)
+    return model, layers, formats, levels, Evaluator(model, levels, tokens, batch_size=3)
 
 
 def _uniform(layers, fmt):
@@ -29,21 +30,26 @@ def test_kl_orders_with_bits_and_sixteen_bit_is_near_zero(setup):
     assert ev.fp.loss == 0 and ev.fp.tokens == 128
 
 
-def test_weights_are_restored_and_cache_equals_quantizing_now(setup):
-    model, layers, formats, cache, ev = setup
+def test_weights_are_restored_and_streamed_levels_equal_quantizing_now(setup):
+    model, layers, formats, levels, ev = setup
     before = {n: p.clone() for n, p in model.module.named_parameters()}
     m1 = ev.evaluate(_uniform(layers, formats[0]))
     for n, p in model.module.named_parameters():
         assert torch.equal(p, before[n]), n
     now = {l.name: fake_quantize(model.weight(l), formats[0]) for l in layers}
     now = {l.name: now[l.name].t().contiguous() if l.transposed else now[l.name] for l in layers}
-    other = Evaluator(model, cache, torch.cat(ev.batches), batch_size=3)
+    other = Evaluator(model, levels, torch.cat(ev.batches), batch_size=3)
     assert other.evaluate_tensors(now) == m1
 
 
-def test_cache_size_is_what_it_holds(setup):
-    _, layers, formats, cache, _ = setup
-    assert cache.nbytes == sum(l.numel for l in layers) * 4 * len(formats)
+def test_level_store_size_is_the_counted_bytes(setup):
+    from bitalloc.formats import weight_bytes
+
+    _, layers, formats, levels, _ = setup
+    assert levels.nbytes == sum(weight_bytes(l.out_features, l.in_features, f) for l in layers for f in formats
+                                if f.quantized)
+    on_disk = sum(p.stat().st_size for p in levels.store.folder.rglob("*.safetensors"))
+    assert levels.nbytes < on_disk < levels.nbytes + 2048 * len(layers) * 3  # data plus each file's header
 
 
 def test_plain_torch_module():
@@ -55,5 +61,5 @@ def test_plain_torch_module():
     layers = select_layers(list_layers(model))
     assert [l.name for l in layers] == ["1", "3"]
     formats = (Format(2, 16), Format(8, 16))
-    ev = Evaluator(model, QuantCache(model, layers, formats), torch.randint(0, 50, (2, 10)), batch_size=2)
+    ev = Evaluator(model, Levels.build(model, layers, formats), torch.randint(0, 50, (2, 10)), batch_size=2)
     assert ev.evaluate(_uniform(layers, formats[0])).loss > ev.evaluate(_uniform(layers, formats[1])).loss > 0

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from bitalloc import load_packed
 from bitalloc.results import read_config
-from bitalloc.evaluate import Evaluator, QuantCache
+from bitalloc.evaluate import Evaluator
+from bitalloc.levels import Levels
 from bitalloc.formats import QUANT_BITS, Format, weight_bytes
 from bitalloc.kernels.packed import dequantize_packed, pack, pack_codes, unpack, unpack_codes
 from bitalloc.kernels.quant_linear import QuantLinear
@@ -149,9 +150,9 @@ def test_packed_checkpoint_equals_the_evaluators_model(tiny_front, tiny_llama, t
     model = load_model(str(tiny_llama))
     chosen = [l for l in list_layers(model) if l.name in formats]
     tokens = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(0))
-    cache = QuantCache(model, chosen, sorted(set(formats.values())))
-    evaluator = Evaluator(model, cache, tokens, 2)
-    with evaluator.applied({n: cache.get(n, f) for n, f in formats.items()}), torch.no_grad():
+    levels = Levels.build(model, chosen, sorted(set(formats.values())))
+    evaluator = Evaluator(model, levels, tokens, 2)
+    with evaluator.streamed(formats), torch.no_grad():
         expected = model.module(tokens).logits
     packed = load_packed(tmp_path / "ckpt")
     quant = [m for m in packed.module.modules() if isinstance(m, QuantLinear)]
@@ -168,12 +169,12 @@ def test_packed_evaluation_measures_what_the_dequantized_evaluation_does(tiny_ll
     layers = [l for l in list_layers(model) if l.tied_to is None]
     fmts = (Format(3, 32), Format(8, 32, True))
     tokens = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(0))
-    plain, packed = QuantCache(model, layers, fmts), QuantCache(model, layers, fmts, packed=True)
-    assert packed.nbytes < plain.nbytes
+    plain = Levels.build(model, layers, fmts)
+    packed = Levels(model, layers, fmts, plain.store, device="cpu")  # a GPU worker's levels, on the CPU
     evaluator = Evaluator(model, plain, tokens, 2)
     assignment = {l.name: fmts[i % 2] for i, l in enumerate(layers)}
     expected = evaluator.evaluate(assignment)
-    evaluator.weights = packed
+    evaluator.levels = packed
     got = evaluator.evaluate(assignment)
     assert got.loss == pytest.approx(expected.loss, rel=1e-4, abs=1e-7) and got.quality == pytest.approx(expected.quality, rel=1e-5)
     assert not any(isinstance(m, QuantLinear) for m in model.module.modules())

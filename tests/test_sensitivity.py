@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, hessian
 
 from bitalloc.errors import BitallocError
-from bitalloc.evaluate import Evaluator, QuantCache
+from bitalloc.evaluate import Evaluator
+from bitalloc.levels import Levels
 from bitalloc.formats import Format
 from bitalloc.model import from_module, list_layers, select_layers
 from bitalloc.sensitivity import EstimatorContext, get_estimator, run_estimator
@@ -32,7 +33,7 @@ def ctx():
     model = _micro_llama()
     layers = select_layers(list_layers(model))
     tokens = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(1))
-    return EstimatorContext(model, layers, FORMATS, QuantCache(model, layers, FORMATS), tokens, "sha256:test", seed=0)
+    return EstimatorContext(model, layers, FORMATS, Levels.build(model, layers, FORMATS), tokens, "sha256:test", seed=0)
 
 
 def _mean_loss(model, params, tokens):
@@ -59,7 +60,7 @@ def test_one_pass_equals_per_layer_passes(ctx):
     hawq = get_estimator("hawq", tol=0.0, min_probes=300, max_probes=300)
     joint = hawq.trace_samples(ctx, ctx.calibration, np.ones(len(ctx.layers)))
     for i, layer in enumerate(ctx.layers[:4]):
-        one = EstimatorContext(ctx.model, [layer], ctx.formats, ctx.weights, ctx.calibration, ctx.data_hash, seed=7)
+        one = EstimatorContext(ctx.model, [layer], ctx.formats, ctx.levels, ctx.calibration, ctx.data_hash, seed=7)
         alone = hawq.trace_samples(one, ctx.calibration, np.ones(1))[:, 0]
         se = np.hypot(joint[:, i].std(ddof=1), alone.std(ddof=1)) / np.sqrt(300)
         assert abs(joint[:, i].mean() - alone.mean()) <= 4 * se, layer.name
@@ -180,7 +181,7 @@ def test_linearity_on_a_model_fits_well(ctx):
 
 def test_measured_is_single_layer_kl(ctx):
     table = run_estimator(get_estimator("measured"), ctx)
-    ev = Evaluator(ctx.model, ctx.weights, ctx.calibration)
+    ev = Evaluator(ctx.model, ctx.levels, ctx.calibration)
     assert table.values[3, 0] == ev.evaluate({ctx.layers[3].name: FORMATS[0]}).loss
     assert (table.values[:, 0] > table.values[:, 2]).all()
 
@@ -192,7 +193,7 @@ def test_non_finite_values_are_refused_with_the_layer_named():
 
 
 def test_needs_calibration_data(ctx):
-    empty = EstimatorContext(ctx.model, ctx.layers, FORMATS, ctx.weights, ctx.calibration[:0], "h", 0)
+    empty = EstimatorContext(ctx.model, ctx.layers, FORMATS, ctx.levels, ctx.calibration[:0], "h", 0)
     with pytest.raises(BitallocError) as exc:
         get_estimator("fisher").estimate(empty)
     assert exc.value.field == "data.calibration"
@@ -211,7 +212,7 @@ def test_model_without_gradients_is_refused():
 
     model = from_module(Frozen())
     layers = select_layers(list_layers(model))
-    ctx = EstimatorContext(model, layers, FORMATS, QuantCache(model, layers, FORMATS),
+    ctx = EstimatorContext(model, layers, FORMATS, Levels.build(model, layers, FORMATS),
                            torch.randint(0, 20, (2, 6)), "h", 0)
     with pytest.raises(BitallocError) as exc:
         get_estimator("hawq").estimate(ctx)
@@ -221,7 +222,7 @@ def test_model_without_gradients_is_refused():
 
 def test_top_eigenvalue_option_matches_the_exact_dominant_eigenvalue(ctx):
     layer = ctx.layers[4]
-    one = EstimatorContext(ctx.model, [layer], ctx.formats, ctx.weights, ctx.calibration, ctx.data_hash, seed=0)
+    one = EstimatorContext(ctx.model, [layer], ctx.formats, ctx.levels, ctx.calibration, ctx.data_hash, seed=0)
     hawq = get_estimator("hawq", top_eigenvalue=True, power_iters=200)
     estimate = hawq._top_eigenvalue(one, layer, ctx.calibration)
     named = dict(ctx.model.module.named_parameters())

@@ -1,0 +1,192 @@
+"""The level store: every (layer, format) quantized once, kept on disk in its stored form, read on demand.
+
+A level is what a quantizer makes of one layer at one format: packed codes, scales and zero points — exactly the
+bytes the cost model counts (a 16-bit format's level is the weight cast, made on demand, never stored). Levels are
+safetensors files under $BITALLOC_CACHE/levels/ (default ~/.cache/bitalloc/levels/), keyed by the model's content
+hash, the quantizer (name, version, parameters) and the format, one file per layer; a later job on the same model
+reuses them, and every process of a job (Ray workers included) maps the same files instead of receiving tensors.
+
+`Levels` is a job's view of its levels. Evaluation asks it for dequantized weights layer by layer while the model
+runs; a bounded working set keeps the most recently used ones (by default one candidate's worth, so the held-out
+batches of one candidate dequantize each layer once), so the memory held does not grow with the number of formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from bitalloc.kernels.packed import PackedWeight, dequantize_packed
+
+from .errors import BitallocError
+from .formats import Format, weight_bytes
+from .model import LoadedModel, QuantizableLayer
+from .profiling import release_freed_memory
+from .quantizers import Quantizer, get_quantizer
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BITALLOC_CACHE") or Path.home() / ".cache" / "bitalloc") / "levels"
+
+
+class LevelStore:
+    """The files of one model's levels by one quantizer."""
+
+    def __init__(self, model_hash: str, quantizer: Quantizer, root: Path | None = None):
+        self.model_hash = model_hash
+        self.quantizer = quantizer
+        key = hashlib.sha256(json.dumps(quantizer.key(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.folder = (root or cache_root()) / model_hash.removeprefix("sha256:")[:24] / f"{quantizer.name}-{key}"
+
+    def path(self, layer: str, fmt: Format) -> Path:
+        return self.folder / fmt.name / f"{layer}.safetensors"
+
+    def has(self, layer: str, fmt: Format) -> bool:
+        return self.path(layer, fmt).is_file()
+
+    def write(self, layer: str, fmt: Format, level: PackedWeight) -> None:
+        """Atomically: a reader never sees half a file, and two jobs making the same level both end with it."""
+        path = self.path(layer, fmt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"qweight": level.qweight.contiguous(), "scales": level.scales.contiguous()}
+        if level.zeros is not None:
+            tensors["zeros"] = level.zeros.contiguous()
+        meta = {"format": json.dumps(fmt.to_dict()), "in_features": str(level.in_features),
+                "quantizer": json.dumps(self.quantizer.key(), default=str), "model": self.model_hash}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    def read(self, layer: str, fmt: Format) -> PackedWeight:
+        """The level, memory-mapped from its file (pages shared with every process reading it)."""
+        with safe_open(str(self.path(layer, fmt)), framework="pt") as fh:
+            names = set(fh.keys())
+            in_features = int(fh.metadata()["in_features"])
+            get = fh.get_tensor
+            return PackedWeight(get("qweight"), get("scales"), get("zeros") if "zeros" in names else None, fmt,
+                                in_features)
+
+    def _check_disk(self, needed: int) -> None:
+        where = self.folder
+        while not where.exists():
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        if needed > free:
+            raise BitallocError("BITALLOC_CACHE", f"the level store needs {needed / 2**20:.0f} MiB and {where} has "
+                                                  f"{free / 2**20:.0f} MiB free; point BITALLOC_CACHE at a larger "
+                                                  f"disk, or choose fewer formats or layers")
+
+    def fill(self, model: LoadedModel, layers: list[QuantizableLayer], formats: Iterable[Format],
+             progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+        """Make every missing quantized level; returns (made, reused). Refuses first if the disk cannot take them."""
+        made = reused = 0
+        formats = [f for f in formats if f.quantized]
+        self._check_disk(sum(weight_bytes(l.out_features, l.in_features, f) for l in layers for f in formats
+                             if not self.has(l.name, f)))
+        for layer in layers:
+            missing = [f for f in formats if not self.has(layer.name, f)]
+            reused += len(formats) - len(missing)
+            if missing:
+                w = model.weight(layer)
+                for fmt in missing:
+                    self.write(layer.name, fmt, self.quantizer.quantize(w, fmt))
+                    made += 1
+                release_freed_memory()
+            if progress:
+                progress(1)
+        return made, reused
+
+
+def level_bytes(layers: Iterable[QuantizableLayer], formats: Iterable[Format]) -> int:
+    """Bytes of the stored levels of these layers at these formats (16-bit formats are not stored)."""
+    formats = [f for f in formats if f.quantized]
+    return sum(weight_bytes(l.out_features, l.in_features, f) for l in layers for f in formats)
+
+
+def dense_bytes(model: LoadedModel, layers: Iterable[QuantizableLayer]) -> int:
+    """Bytes of one dense copy of these layers' weights in their own dtype: what one candidate needs at a time."""
+    return sum(l.numel * model.layer_module(l.name).weight.element_size() for l in layers)
+
+
+class Levels:
+    """A job's levels: layers x formats, read from the store on demand.
+
+    `weight` gives a level dequantized in the layer's dtype and storage layout, kept in a working set of at most
+    `working_set` bytes (least recently used dropped first; None keeps everything). `packed` gives the stored form;
+    with `device`, every quantized level is held packed there (GPU workers run them on the packed kernels)."""
+
+    def __init__(self, model: LoadedModel, layers: list[QuantizableLayer], formats: Iterable[Format],
+                 store: LevelStore, working_set: int | None = None, device: str | torch.device | None = None):
+        self.model = model
+        self.layers = {layer.name: layer for layer in layers}
+        self.formats = tuple(formats)
+        self.store = store
+        self.working_set = working_set
+        self._by_name = {f.name: f for f in self.formats}
+        self._dense: OrderedDict[tuple[str, Format], torch.Tensor] = OrderedDict()
+        self._dense_bytes = 0
+        self.device = device
+        self._packed = ({(name, f): store.read(name, f).to(device) for name in self.layers for f in self.formats
+                         if f.quantized} if device is not None else {})
+
+    @classmethod
+    def build(cls, model: LoadedModel, layers: list[QuantizableLayer], formats: Iterable[Format],
+              quantizer: Quantizer | None = None, model_hash: str | None = None, **kwargs) -> "Levels":
+        """Fill the store for these layers and formats (rtn unless told) and open them."""
+        formats = tuple(formats)
+        store = LevelStore(model_hash or model.content_hash(), quantizer or get_quantizer("rtn"))
+        store.fill(model, layers, formats)
+        return cls(model, layers, formats, store, **kwargs)
+
+    def format_named(self, name: str) -> Format:
+        return self._by_name[name]
+
+    def packed(self, layer: str, fmt: Format) -> PackedWeight:
+        return self._packed.get((layer, fmt)) or self.store.read(layer, fmt)
+
+    def weight(self, layer: str, fmt: Format) -> torch.Tensor:
+        """The level dequantized, in the layer's dtype and storage layout ([in, out] for a transposed layer)."""
+        key = (layer, fmt)
+        if key in self._dense:
+            self._dense.move_to_end(key)
+            return self._dense[key]
+        spec = self.layers[layer]
+        original = self.model.layer_module(layer).weight
+        if fmt.quantized:
+            w = dequantize_packed(self.packed(layer, fmt), original.dtype)
+        else:  # the weight stored in 16 bits, read back in its own dtype
+            w = self.model.weight(spec).detach().to({"float16": torch.float16, "bfloat16": torch.bfloat16}[
+                fmt.scale_dtype]).to(original.dtype)
+        w = w.t().contiguous() if spec.transposed else w
+        self._keep(key, w)
+        return w
+
+    def _keep(self, key, w: torch.Tensor) -> None:
+        size = w.numel() * w.element_size()
+        if self.working_set is not None:
+            while self._dense and self._dense_bytes + size > self.working_set:
+                _, old = self._dense.popitem(last=False)
+                self._dense_bytes -= old.numel() * old.element_size()
+            if size > self.working_set:
+                return
+        self._dense[key] = w
+        self._dense_bytes += size
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of dequantized weights the working set holds now."""
+        return self._dense_bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored levels (what the level store holds for this job)."""
+        return level_bytes(self.layers.values(), self.formats)
