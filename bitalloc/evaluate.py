@@ -35,21 +35,45 @@ def model_output(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(_logits(out).float(), -1)
 
 
+REFERENCE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def rounding_bound(lp_stored: torch.Tensor, lq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per token, a bound on |KL computed from log-probabilities rounded to `dtype` − KL from exact ones|.
+
+    With lp̂ = lp + δ, |δ| ≤ D = u|lp̂|/(1−u) + (half the smallest subnormal) for unit roundoff u, and p̂ = p·e^δ:
+    KL̂ − KL = Σ p[(e^δ − 1)(lp − lq) + e^δ·δ], so |KL̂ − KL| ≤ Σ p̂·e^D[(e^D − 1)(|lp̂ − lq| + D) + e^D·D]."""
+    info = torch.finfo(dtype)
+    u = info.eps / 2
+    d = lp_stored.abs() * (u / (1 - u)) + info.smallest_normal * info.eps / 2
+    e = d.exp()
+    return (lp_stored.exp() * e * ((e - 1) * ((lp_stored - lq).abs() + d) + e * d)).sum(-1)
+
+
 class Evaluator:
     """Held-out loss and quality of configs against the FP model (the model's metric: KL and perplexity, or
     the final hidden state's relative MSE and cosine), with weights from the job's levels.
 
-    Memory: the reference keeps tokens x vocab float32 log-probabilities (4 x 512 x 49152 = 403 MB
-    on the default model), or tokens x hidden float32 states; a config's forward pass holds one batch
-    of outputs at a time.
+    Memory: the reference keeps tokens x vocab log-probabilities (4 x 512 x 49152 = 403 MB in float32 on the
+    default model), or tokens x hidden float32 states; a config's forward pass holds one batch of outputs at a
+    time. With `reference="float16"` (next-token models) it keeps half: every KL is then computed from rounded
+    log-probabilities, and each measurement carries `loss_error`, a bound on how far that moves its KL.
     """
 
-    def __init__(self, model: LoadedModel, levels: Levels, tokens: torch.Tensor, batch_size: int = 2):
+    def __init__(self, model: LoadedModel, levels: Levels, tokens: torch.Tensor, batch_size: int = 2,
+                 reference: str = "float32"):
         self.model = model
         self.levels = levels
         self.batches = list(tokens.split(batch_size))
-        self.reference = [self._output(batch) for batch in self.batches]
-        self.fp = self._measure(self.reference)
+        self.reference: list[torch.Tensor] = []
+        dtype = REFERENCE_DTYPES[reference]
+
+        def kept(batch):  # the FP outputs measured in float32 (loss 0, exact quality), kept in `dtype`
+            out = self._output(batch)
+            self.reference.append(out.to(dtype))
+            return batch, out, out
+
+        self.fp = self._measure(kept(batch) for batch in self.batches)
 
     @torch.no_grad()
     def _output(self, batch: torch.Tensor) -> torch.Tensor:
@@ -81,23 +105,28 @@ class Evaluator:
             for name, module in swapped.items():
                 self.model.module.set_submodule(name, module)
 
-    def _measure(self, outputs: Iterable[torch.Tensor]) -> Measurement:
+    def _measure(self, triples: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Measurement:
+        """The metric over (tokens, reference output, output) batches."""
         if self.model.metric == HIDDEN_STATE:
-            return self._measure_hidden(outputs)
-        kl_sum, nll_sum, n_kl, n_nll = 0.0, 0.0, 0, 0
-        for batch, lp, lq in zip(self.batches, self.reference, outputs):
+            return self._measure_hidden(triples)
+        kl_sum, nll_sum, bound_sum, n_kl, n_nll = 0.0, 0.0, 0.0, 0, 0
+        for batch, ref, lq in triples:
+            lp = ref.float()
             # per-token sums first (each row reduced in one fixed order), then float64 over tokens:
             # the result does not depend on how many threads the reduction was split over
             kl_sum += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
+            if ref.dtype != torch.float32:
+                bound_sum += float(rounding_bound(lp, lq, ref.dtype).double().sum())
             n_kl += batch.numel()
             target = batch[:, 1:]
             nll_sum += float(-lq[:, :-1].gather(-1, target.unsqueeze(-1)).double().sum())
             n_nll += target.numel()
-        return Measurement(loss=max(kl_sum / n_kl, 0.0), quality=math.exp(nll_sum / n_nll), tokens=n_kl)
+        return Measurement(loss=max(kl_sum / n_kl, 0.0), quality=math.exp(nll_sum / n_nll), tokens=n_kl,
+                           loss_error=bound_sum / n_kl)
 
-    def _measure_hidden(self, outputs: Iterable[torch.Tensor]) -> Measurement:
+    def _measure_hidden(self, triples: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Measurement:
         err, signal, cos, n = 0.0, 0.0, 0.0, 0
-        for batch, hp, hq in zip(self.batches, self.reference, outputs):
+        for batch, hp, hq in triples:
             err += float((hq - hp).pow(2).sum(-1).double().sum())
             signal += float(hp.pow(2).sum(-1).double().sum())
             cos += float(torch.nn.functional.cosine_similarity(hq, hp, dim=-1).clamp(-1, 1).double().sum())
@@ -135,9 +164,12 @@ class Evaluator:
         if self.levels.device is not None:
             return self.evaluate_tensors({name: self.levels.packed(name, fmt) for name, fmt in assignment.items()})
         with self.streamed(assignment):
-            return self._measure(self._output(batch) for batch in self.batches)
+            return self._measure_outputs()
 
     def evaluate_tensors(self, tensors: Mapping[str, torch.Tensor | PackedWeight]) -> Measurement:
         """Measure the model with some layers' weights replaced (e.g. by noisy ones, or packed levels)."""
         with self.applied(tensors):
-            return self._measure(self._output(batch) for batch in self.batches)
+            return self._measure_outputs()
+
+    def _measure_outputs(self) -> Measurement:
+        return self._measure((batch, ref, self._output(batch)) for batch, ref in zip(self.batches, self.reference))

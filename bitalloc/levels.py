@@ -4,7 +4,8 @@ A level is what a quantizer makes of one layer at one format: packed codes, scal
 bytes the cost model counts (a 16-bit format's level is the weight cast, made on demand, never stored). Levels are
 safetensors files under $BITALLOC_CACHE/levels/ (default ~/.cache/bitalloc/levels/), keyed by the model's content
 hash, the quantizer (name, version, parameters) and the format, one file per layer; a later job on the same model
-reuses them, and every process of a job (Ray workers included) maps the same files instead of receiving tensors.
+reuses them, and every process of a job (Ray workers included) reads the same files — one copy in the OS page
+cache — instead of receiving tensors.
 
 `Levels` is a job's view of its levels. Evaluation asks it for dequantized weights layer by layer while the model
 runs; a bounded working set keeps the most recently used ones (by default one candidate's worth, so the held-out
@@ -22,8 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save_file
 
 from bitalloc.kernels.packed import PackedWeight, dequantize_packed
 
@@ -67,13 +67,12 @@ class LevelStore:
         os.replace(tmp, path)
 
     def read(self, layer: str, fmt: Format) -> PackedWeight:
-        """The level, memory-mapped from its file (pages shared with every process reading it)."""
-        with safe_open(str(self.path(layer, fmt)), framework="pt") as fh:
-            names = set(fh.keys())
-            in_features = int(fh.metadata()["in_features"])
-            get = fh.get_tensor
-            return PackedWeight(get("qweight"), get("scales"), get("zeros") if "zeros" in names else None, fmt,
-                                in_features)
+        """The level, read from its file (through the OS page cache, which every process reading it shares)."""
+        data = self.path(layer, fmt).read_bytes()
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        tensors = load(data)
+        return PackedWeight(tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt,
+                            int(header["__metadata__"]["in_features"]))
 
     def _check_disk(self, needed: int) -> None:
         where = self.folder
@@ -151,10 +150,12 @@ class Levels:
         return self._by_name[name]
 
     def packed(self, layer: str, fmt: Format) -> PackedWeight:
-        return self._packed.get((layer, fmt)) or self.store.read(layer, fmt)
+        held = self._packed.get((layer, fmt))
+        return held if held is not None else self.store.read(layer, fmt)
 
-    def weight(self, layer: str, fmt: Format) -> torch.Tensor:
-        """The level dequantized, in the layer's dtype and storage layout ([in, out] for a transposed layer)."""
+    def weight(self, layer: str, fmt: Format, keep: bool = True) -> torch.Tensor:
+        """The level dequantized, in the layer's dtype and storage layout ([in, out] for a transposed layer); kept
+        in the working set unless `keep` is False (a caller that visits every level in turn gains nothing from it)."""
         key = (layer, fmt)
         if key in self._dense:
             self._dense.move_to_end(key)
@@ -167,7 +168,8 @@ class Levels:
             w = self.model.weight(spec).detach().to({"float16": torch.float16, "bfloat16": torch.bfloat16}[
                 fmt.scale_dtype]).to(original.dtype)
         w = w.t().contiguous() if spec.transposed else w
-        self._keep(key, w)
+        if keep:
+            self._keep(key, w)
         return w
 
     def _keep(self, key, w: torch.Tensor) -> None:

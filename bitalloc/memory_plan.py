@@ -69,6 +69,7 @@ class MemoryPlan:
     parts: list[Part] = field(default_factory=list)
     available: int = 0
     on_disk: int = 0  # the level store's files (read page by page, not held)
+    per_process: int = 0  # what each evaluating process holds of it (working set, references, forward pass)
 
     @property
     def total(self) -> int:
@@ -76,8 +77,8 @@ class MemoryPlan:
 
     def summary(self) -> str:
         shown = ", ".join(f"{p.name} {_size(p.bytes)}" for p in self.parts if p.bytes)
-        return (f"memory plan: {shown}; total {_size(self.total)} of {_size(self.available)} available; "
-                f"levels {_size(self.on_disk)} on disk")
+        return (f"memory plan: {shown}; total {_size(self.total)} of {_size(self.available)} available "
+                f"({_size(self.per_process)} per evaluating process); levels {_size(self.on_disk)} on disk")
 
     def check(self) -> None:
         if self.total <= HEADROOM * self.available:
@@ -86,8 +87,9 @@ class MemoryPlan:
         raise BitallocError(biggest.setting, f"the job would hold about {_size(self.total)} and "
                                              f"{_size(self.available)} is available (largest part: "
                                              f"{biggest.name}, {_size(biggest.bytes)}); change this setting "
-                                             f"(fewer formats or layers, fewer workers, fewer or shorter sequences, "
-                                             f"the sqnr estimator) or set run.memory_limit if more is free")
+                                             f"(fewer layers, fewer workers, fewer or shorter sequences, "
+                                             f"data.reference: float16, the sqnr estimator) or set "
+                                             f"run.memory_limit if more is free")
 
 
 def output_width(model: LoadedModel) -> int:
@@ -98,9 +100,9 @@ def output_width(model: LoadedModel) -> int:
     return head.out_features if head is not None else 0
 
 
-def reference_bytes(model: LoadedModel, tokens: int) -> int:
-    """What an evaluator's FP reference holds for `tokens` tokens: the metric's floats per token, in float32."""
-    return tokens * output_width(model) * 4
+def reference_bytes(model: LoadedModel, tokens: int, precision: str = "float32") -> int:
+    """What an evaluator's FP reference holds for `tokens` tokens: the metric's floats per token, at `precision`."""
+    return tokens * output_width(model) * (2 if precision == "float16" else 4)
 
 
 def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, estimator,
@@ -109,8 +111,9 @@ def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, esti
     data = spec.data
     numel = sum(l.numel for l in layers)
     working_set = dense_bytes(model, layers)
-    evaluation = reference_bytes(model, data.evaluation * data.seq_len)
-    calibration = (reference_bytes(model, min(data.calibration * data.seq_len, spec.search.screen_tokens))
+    evaluation = reference_bytes(model, data.evaluation * data.seq_len, data.reference)
+    calibration = (reference_bytes(model, min(data.calibration * data.seq_len, spec.search.screen_tokens),
+                                   data.reference)
                    if spec.search.evaluations or estimator.name in ("measured", "linearity") else 0)
     forward = 3 * reference_bytes(model, data.batch_size * data.seq_len)
     evaluating = max(workers, 1)  # the Ray workers, or this process
@@ -126,7 +129,7 @@ def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, esti
     if workers:
         parts.append(Part("Ray object store (model)", model_bytes, "run.workers"))
         parts.append(Part("Ray worker processes", workers * WORKER_OVERHEAD, "run.workers"))
-    return MemoryPlan(parts, available, level_bytes(layers, formats))
+    return MemoryPlan(parts, available, level_bytes(layers, formats), working_set + evaluation + calibration + forward)
 
 
 def _estimator_bytes(model: LoadedModel, layers, spec, estimator, numel: int) -> int:

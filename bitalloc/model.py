@@ -199,7 +199,10 @@ def load_model(source: str, *, attn_implementation: str | None = None, trust_rem
     metric = model_metric(config)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    common = dict(kwargs, trust_remote_code=trust_remote_code, output_loading_info=True)
+    # the checkpoint's own dtype (bfloat16 where it ships so; a GGUF's float type), loaded tensor by tensor: a model
+    # is never held in float32 for its metric's sake, which computes in float32 only where it needs to
+    common = dict(kwargs, trust_remote_code=trust_remote_code, output_loading_info=True, dtype="auto",
+                  low_cpu_mem_usage=True)
     try:
         with _quiet_gguf_loader():
             cls = AutoModelForCausalLM if metric == NEXT_TOKEN else AutoModel

@@ -23,7 +23,7 @@ from .errors import BitallocError
 from .formats import Format, weight_bytes
 from .levels import LevelStore, Levels, dense_bytes
 from .metrics import METRICS
-from .model import LoadedModel, QuantizableLayer, check_context, list_layers, load_model, other_bytes, select_layers
+from .model import HIDDEN_STATE, LoadedModel, QuantizableLayer, check_context, list_layers, load_model, other_bytes, select_layers
 from .progress import Stages
 from .quantizers import Quantizer, get_quantizer
 from .results import (ConfigDoc, DataInfo, Evaluations, Front, JobInfo, MetricDoc, ModelInfo, Point, ProxyFront,
@@ -52,12 +52,13 @@ class Workspace:
     data: TokenSets
     levels: Levels
     batch_size: int = 2
+    reference: str = "float32"
 
     @classmethod
     def open(cls, source: str, formats: tuple[Format, ...], *, include: list[str] = (), exclude: list[str] = (),
              quantize_tied: bool = False, trust_remote_code: bool = False, text: str | list[str] = "shakespeare",
              seq_len: int = 512, calibration: int = 8, evaluation: int = 4, batch_size: int = 2, seed: int = 0,
-             quantizer: Quantizer | None = None, stages: Stages | None = None,
+             reference: str = "float32", quantizer: Quantizer | None = None, stages: Stages | None = None,
              before_quantize: Callable[[LoadedModel, list[QuantizableLayer]], None] | None = None) -> "Workspace":
         """Load and select layers, call `before_quantize` (a caller's checks: budgets, the memory plan), tokenize,
         and fill the level store (levels a previous job made for the same model and quantizer are reused). The
@@ -68,6 +69,9 @@ class Workspace:
         with stages.stage("load model"):
             model = load_model(source, trust_remote_code=trust_remote_code)
             check_context(model, seq_len)
+            if reference != "float32" and model.metric == HIDDEN_STATE:
+                raise BitallocError("data.reference", f"{reference} applies to next-token models; {source!r} is "
+                                                      f"measured on hidden states, whose reference is small: float32")
             layers = select_layers(list_layers(model), list(include), list(exclude), quantize_tied)
             if before_quantize:
                 before_quantize(model, layers)
@@ -80,11 +84,12 @@ class Workspace:
         if reused:
             stages.print(f"levels ({store.quantizer.name}): {reused} reused, {made} made, {store.folder}")
         levels = Levels(model, layers, formats, store, working_set=dense_bytes(model, layers))
-        return cls(source, model, layers, formats, model_hash, data, levels, batch_size)
+        return cls(source, model, layers, formats, model_hash, data, levels, batch_size, reference)
 
     def local_runner(self) -> LocalRunner:
         return LocalRunner(self.model, self.levels, {"calibration": self.data.calibration,
-                                                    "evaluation": self.data.evaluation}, self.batch_size)
+                                                    "evaluation": self.data.evaluation}, self.batch_size,
+                           self.reference)
 
 
 class TableResult(NamedTuple):
@@ -228,7 +233,7 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
         configs[path] = ConfigDoc.of(c.config, m, **meta)
         points.append(Point(kind=c.kind, label=c.label, format=c.format, avg_bits=round(c.config.avg_bits, 6),
                             bytes=c.config.bytes, mib=round(mib(c.config.bytes), 6), predicted=c.config.predicted,
-                            loss=m.loss, quality=m.quality, config=path))
+                            loss=m.loss, quality=m.quality, loss_error=m.loss_error or None, config=path))
     fp_bytes = problem.fixed_bytes + sum(l.numel * model.layer_module(l.name).weight.element_size() for l in layers)
     t = table.table
     front = Front(
@@ -246,11 +251,12 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
                           wall_time_s=solved.wall_time_s),
         metric=MetricDoc.of(metric),
         reference=Reference(bytes=fp_bytes, mib=round(mib(fp_bytes), 6), quality=reference.quality,
-                            tokens=reference.tokens),
+                            tokens=reference.tokens, precision=ws.reference),
         points=points,
         proxy_front=ProxyFront(bytes=[c.bytes for c in solved.configs], predicted=[c.predicted for c in solved.configs]),
         memory=MemoryInfo(level_store_bytes=ws.levels.nbytes, working_set_bytes=ws.levels.working_set,
-                          reference_bytes=memory_plan.reference_bytes(model, ws.data.evaluation.numel())),
+                          reference_bytes=memory_plan.reference_bytes(model, ws.data.evaluation.numel(),
+                                                                      ws.reference)),
     )
     return Results(front, configs, t)
 

@@ -66,6 +66,7 @@ class Point(_Doc):
     predicted: float
     loss: float
     quality: float
+    loss_error: Optional[float] = None  # with a float16 reference: a bound on |loss − loss against float32|
     config: str  # the config file, relative to the result folder
 
     @field_validator("config")
@@ -129,6 +130,7 @@ class Reference(_Doc):
     mib: float
     quality: float
     tokens: int
+    precision: Literal["float32", "float16"] = "float32"  # how its outputs are kept for the loss
 
 
 class ProxyFront(_Doc):

@@ -71,11 +71,12 @@ class LocalRunner:
     """Runs tasks in this process: one Evaluator (and FP reference) per token set, built on first use."""
 
     def __init__(self, model: LoadedModel, levels: Levels, token_sets: Mapping[str, torch.Tensor],
-                 batch_size: int = 2):
+                 batch_size: int = 2, reference: str = "float32"):
         self.model = model
         self.levels = levels
         self.token_sets = dict(token_sets)
         self.batch_size = batch_size
+        self.reference = reference
         self._evaluators: dict[str, Evaluator] = {}
 
     def evaluator(self, name: str) -> Evaluator:
@@ -83,7 +84,7 @@ class LocalRunner:
             base, _, limit = name.partition(":")
             tokens = self.token_sets[base]
             self._evaluators[name] = Evaluator(self.model, self.levels, token_subset(tokens, int(limit)) if limit else tokens,
-                                               self.batch_size)
+                                               self.batch_size, self.reference)
         return self._evaluators[name]
 
     def run(self, task: EvalTask) -> Measurement:
@@ -119,7 +120,8 @@ class Checkpointed:
             for line in path.read_text().splitlines():
                 try:
                     row = json.loads(line)
-                    self.known[row["key"]] = Measurement(row["loss"], row["quality"], row["tokens"])
+                    self.known[row["key"]] = Measurement(row["loss"], row["quality"], row["tokens"],
+                                                         row.get("loss_error", 0.0))
                 except (ValueError, KeyError):
                     continue
 
@@ -133,7 +135,8 @@ class Checkpointed:
         with open(self.path, "a") as fh:
             def save(j: int, m: Measurement) -> None:
                 self.known[keys[todo[j]]] = m
-                fh.write(json.dumps({"key": keys[todo[j]], "loss": m.loss, "quality": m.quality, "tokens": m.tokens}) + "\n")
+                fh.write(json.dumps({"key": keys[todo[j]], "loss": m.loss, "quality": m.quality, "tokens": m.tokens,
+                                     "loss_error": m.loss_error}) + "\n")
                 fh.flush()
                 if on_result:
                     on_result(todo[j], m)

@@ -224,6 +224,7 @@ class Measurement:
     loss: float
     quality: float
     tokens: int
+    loss_error: float = 0.0  # a bound on |loss − the loss against an exact reference| (0: the reference is exact)
 
 
 @dataclass(frozen=True)

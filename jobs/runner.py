@@ -40,7 +40,8 @@ def open_workspace(spec: JobSpec, stages: Stages, before_quantize=None) -> Works
     return Workspace.open(m.source, spec.formats.expand(), include=m.include, exclude=m.exclude,
                           quantize_tied=m.quantize_tied, trust_remote_code=m.trust_remote_code, text=d.source,
                           seq_len=d.seq_len, calibration=d.calibration, evaluation=d.evaluation,
-                          batch_size=d.batch_size, seed=spec.seed, stages=stages, before_quantize=before_quantize)
+                          batch_size=d.batch_size, seed=spec.seed, reference=d.reference, stages=stages,
+                          before_quantize=before_quantize)
 
 
 def staging_dir(out: Path) -> Path:
@@ -83,7 +84,8 @@ def open_backend(ws: Workspace, spec: JobSpec, where: str | None, workers: int):
     run = spec.run
     runner = RayRunner(ws.model.module, ws.levels,
                        {"calibration": ws.data.calibration, "evaluation": ws.data.evaluation},
-                       ws.batch_size, workers, run.threads_per_worker, run.gpus_per_worker, ws.model.metric)
+                       ws.batch_size, workers, run.threads_per_worker, run.gpus_per_worker, ws.model.metric,
+                       ws.reference)
     try:
         yield runner, f"{workers} Ray workers on {where}"
     finally:

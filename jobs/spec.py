@@ -97,6 +97,9 @@ class DataSpec(_Strict):
     calibration: int = Field(8, ge=0, le=1 << 16)
     evaluation: int = Field(4, ge=1, le=1 << 16)
     batch_size: int = Field(2, ge=1, le=1 << 16)
+    # how the FP reference's log-probabilities are kept: float32 (exact), or float16 (half the memory; each
+    # measured KL then carries a bound on the error this adds, in front.json)
+    reference: Literal["float32", "float16"] = "float32"
 
 
 class SensitivitySpec(_Strict):

@@ -34,7 +34,7 @@ from bitalloc.types import Measurement
 class EvalWorker:
     def __init__(self, skeleton, state: dict[str, torch.Tensor], layers: list[QuantizableLayer],
                  formats: tuple[Format, ...], store: LevelStore, working_set: int | None,
-                 token_sets: dict[str, torch.Tensor], batch_size: int, threads: int, metric: str):
+                 token_sets: dict[str, torch.Tensor], batch_size: int, threads: int, metric: str, reference: str):
         torch.set_num_threads(threads)
         module = _restore(skeleton, state)
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
@@ -45,7 +45,7 @@ class EvalWorker:
         store.fill(model, layers, formats)  # a no-op beside the driver; on another node, makes the same levels there
         # on a GPU, every level is held packed on the device and candidates run on the Triton kernels
         levels = Levels(model, layers, formats, store, working_set, device="cuda" if gpu else None)
-        self.runner = LocalRunner(model, levels, token_sets, batch_size)
+        self.runner = LocalRunner(model, levels, token_sets, batch_size, reference)
 
     def run(self, item: tuple[int, EvalTask]) -> tuple[int, Measurement]:
         index, task = item
@@ -95,7 +95,8 @@ class RayRunner:
     """A backend whose tasks run on `workers` Ray actors."""
 
     def __init__(self, module, levels: Levels, token_sets, batch_size: int, workers: int,
-                 threads_per_worker: int = 1, gpus_per_worker: float = 0.0, metric: str = NEXT_TOKEN):
+                 threads_per_worker: int = 1, gpus_per_worker: float = 0.0, metric: str = NEXT_TOKEN,
+                 reference: str = "float32"):
         with _without_weights(module):
             skeleton = ray.put(module)
         # held for the runner's life: a restarted actor fetches its constructor arguments again
@@ -103,7 +104,8 @@ class RayRunner:
         options = {"num_cpus": threads_per_worker, "num_gpus": gpus_per_worker}
         self.actors = [EvalWorker.options(**options).remote(*self._shared, list(levels.layers.values()),
                                                             levels.formats, levels.store, levels.working_set,
-                                                            token_sets, batch_size, threads_per_worker, metric)
+                                                            token_sets, batch_size, threads_per_worker, metric,
+                                                            reference)
                        for _ in range(workers)]
         self.pool = ActorPool(self.actors)
 

@@ -53,7 +53,7 @@ class EstimatorContext:
     def delta(self, layer: QuantizableLayer, fmt: Format) -> torch.Tensor:
         """Q_f(W) − W in the layer's storage layout, in float32 (made on each call: hold it only as long as needed)."""
         w = self.model.layer_module(layer.name).weight
-        return self.levels.weight(layer.name, fmt).float() - w.detach().float()
+        return self.levels.weight(layer.name, fmt, keep=False).float() - w.detach().float()
 
     def table(self, estimator: "Estimator", values, uncertainty=None, **params) -> SensitivityTable:
         return SensitivityTable(

@@ -82,3 +82,13 @@ def test_hidden_state_fisher_predicts_the_measured_relative_mse(tiny_bert, text_
         measured = pipeline.sensitivity(ws, get_estimator("measured", max_tokens=128), spec.seed, stages).table
     ratio = fisher.values[:, 0].sum() / measured.values[:, 0].sum()
     assert 0.2 < ratio < 5, ratio
+
+
+def test_a_float16_reference_is_refused_for_an_encoder(tiny_bert, text_dir, tmp_path, capsys):
+    spec = tiny_job(tiny_bert, text_dir, tmp_path / "out", data={"reference": "float16"})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(tmp_path / "job.yaml")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: data.reference: float16 applies to next-token models")
+    assert "\n" not in err and not (tmp_path / "out").exists()

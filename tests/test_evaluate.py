@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -63,3 +65,22 @@ def test_plain_torch_module():
     formats = (Format(2, 16), Format(8, 16))
     ev = Evaluator(model, Levels.build(model, layers, formats), torch.randint(0, 50, (2, 10)), batch_size=2)
     assert ev.evaluate(_uniform(layers, formats[0])).loss > ev.evaluate(_uniform(layers, formats[1])).loss > 0
+
+
+def test_a_float16_reference_keeps_half_and_every_kl_within_its_stated_bound(setup):
+    """Each measured KL against the float16 reference is within the bound it reports of the KL against float32;
+    the FP model's own measurement is unchanged."""
+    model, layers, formats, levels, exact = setup
+    half = Evaluator(model, levels, torch.cat(exact.batches), batch_size=3, reference="float16")
+    assert half.reference_nbytes * 2 == exact.reference_nbytes
+    assert half.fp == exact.fp
+    g = torch.Generator().manual_seed(3)
+    configs = [_uniform(layers, f) for f in formats] + [
+        {l.name: formats[int(i)] for l, i in zip(layers, torch.randint(0, len(formats), (len(layers),), generator=g))}
+        for _ in range(4)]
+    for config in configs:
+        a, b = exact.evaluate(config), half.evaluate(config)
+        # the bound is about 2^-11 x the reference's entropy per token, whatever the config
+        assert a.loss_error == 0 and 0 < b.loss_error < 2**-11 * math.log(model.module.config.vocab_size) * 1.1
+        assert abs(b.loss - a.loss) <= b.loss_error
+        assert b.quality == a.quality

@@ -112,3 +112,26 @@ def test_a_second_job_on_the_same_model_reuses_its_levels(tiny_llama, text_dir, 
         assert announced == ([] if run == "first" else [announced[0]]), err
     assert announced[0].startswith("levels (rtn): 56 reused, 0 made, ") and str(tmp_path / "cache") in announced[0]
     assert fronts[0] == fronts[1]
+
+
+def test_a_job_with_a_float16_reference_reports_each_kl_with_its_bound(tiny_llama, text_dir, tmp_path, capsys):
+    import yaml
+
+    from bitalloc.cli import main
+    from conftest import front_of, tiny_job
+
+    fronts = {}
+    for precision in ("float32", "float16"):
+        spec = tmp_path / f"{precision}.yaml"
+        spec.write_text(yaml.safe_dump(tiny_job(tiny_llama, text_dir, tmp_path / precision,
+                                                data={"reference": precision})))
+        main(["run", str(spec)])
+        fronts[precision] = front_of(tmp_path / precision)
+    capsys.readouterr()
+    exact, half = fronts["float32"], fronts["float16"]
+    assert (exact.reference.precision, half.reference.precision) == ("float32", "float16")
+    assert half.memory.reference_bytes * 2 == exact.memory.reference_bytes
+    assert half.reference.quality == exact.reference.quality
+    for a, b in zip(exact.points, half.points):
+        assert a.label == b.label and a.loss_error is None and b.loss_error > 0
+        assert abs(a.loss - b.loss) <= b.loss_error and a.quality == b.quality
