@@ -10,7 +10,8 @@ Each part is counted from the model's shapes and the job's settings, the way the
 - FP references: evaluation tokens x vocabulary float32 log-probabilities (or x hidden size for a hidden-state
   model) in every process that evaluates, plus the calibration reference where calibration tokens are measured;
 - one forward pass's outputs (logits, log-softmax and their product for a batch);
-- Ray: the object store's copy of the model, and each worker process's own footprint;
+- this process's own footprint (Python, torch, transformers); Ray: the object store's copy of the model, and each
+  worker process's own footprint;
 - the estimator: Fisher one sequence's backward graph and one layer's ΔW at a time (the weight side also a
   float32 Fisher per weight and the gradients); HAWQ one double-backward graph and second-order gradients; SQNR
   with activations the input second moments.
@@ -27,7 +28,7 @@ from .errors import BitallocError
 from .levels import dense_bytes, level_bytes
 from .model import HIDDEN_STATE, LoadedModel, QuantizableLayer
 
-WORKER_OVERHEAD = 600 * 2**20  # a Ray worker process with torch imported, before it holds anything of the job
+PROCESS_OVERHEAD = 600 * 2**20  # a process with torch and transformers imported, before it holds anything of the job
 HEADROOM = 0.9  # plan to use at most this share of what is available
 GiB = 2**30
 
@@ -61,7 +62,7 @@ def _size(n: int) -> str:
 class Part:
     name: str
     bytes: int
-    setting: str  # the spec field that changes it
+    setting: str | None  # the spec field that changes it (None: nothing the job sets)
 
 
 @dataclass
@@ -83,7 +84,7 @@ class MemoryPlan:
     def check(self) -> None:
         if self.total <= HEADROOM * self.available:
             return
-        biggest = max(self.parts, key=lambda p: p.bytes)
+        biggest = max((p for p in self.parts if p.setting), key=lambda p: p.bytes)
         raise BitallocError(biggest.setting, f"the job would hold about {_size(self.total)} and "
                                              f"{_size(self.available)} is available (largest part: "
                                              f"{biggest.name}, {_size(biggest.bytes)}); change this setting "
@@ -119,6 +120,7 @@ def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, esti
     evaluating = max(workers, 1)  # the Ray workers, or this process
     model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
     parts = [
+        Part("this process", PROCESS_OVERHEAD, None),
         Part("model", model_bytes, "model.source"),
         Part("working sets", (evaluating + (1 if workers else 0)) * working_set,
              "run.workers" if workers else "model.exclude"),
@@ -128,7 +130,7 @@ def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, esti
     ]
     if workers:
         parts.append(Part("Ray object store (model)", model_bytes, "run.workers"))
-        parts.append(Part("Ray worker processes", workers * WORKER_OVERHEAD, "run.workers"))
+        parts.append(Part("Ray worker processes", workers * PROCESS_OVERHEAD, "run.workers"))
     return MemoryPlan(parts, available, level_bytes(layers, formats), working_set + evaluation + calibration + forward)
 
 

@@ -191,7 +191,7 @@ def test_memory_plan_refuses_what_cannot_fit(tiny_llama, text_dir, tmp_path, cap
     with pytest.raises(SystemExit) as exc:
         main(["run", _write(tmp_path, spec)])
     plan, err = capsys.readouterr().err.strip().splitlines()[-2:]
-    assert exc.value.code == 2 and plan.startswith("memory plan: model ") and "working sets" in plan
+    assert exc.value.code == 2 and plan.startswith("memory plan: this process ") and "working sets" in plan
     assert err.startswith("error: ") and "would hold about" in err and "64.0 KiB" not in err
     field = err.split(":")[1].strip()
     assert field in ("model.source", "model.exclude", "data.evaluation", "data.batch_size", "sensitivity.estimator")
