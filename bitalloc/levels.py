@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from bitalloc.kernels.packed import PackedWeight, dequantize_packed
@@ -57,9 +58,10 @@ class LevelStore:
         """Atomically: a reader never sees half a file, and two jobs making the same level both end with it."""
         path = self.path(layer, fmt)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"qweight": level.qweight.contiguous(), "scales": level.scales.contiguous()}
+        tensors = {"qweight": level.qweight, "scales": level.scales}
         if level.zeros is not None:
-            tensors["zeros"] = level.zeros.contiguous()
+            tensors["zeros"] = level.zeros
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         meta = {"format": json.dumps(fmt.to_dict()), "in_features": str(level.in_features),
                 "quantizer": json.dumps(self.quantizer.key(), default=str), "model": self.model_hash}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -68,11 +70,16 @@ class LevelStore:
 
     def read(self, layer: str, fmt: Format) -> PackedWeight:
         """The level, read from its file (through the OS page cache, which every process reading it shares)."""
-        data = self.path(layer, fmt).read_bytes()
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-        tensors = load(data)
-        return PackedWeight(tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt,
-                            int(header["__metadata__"]["in_features"]))
+        path = self.path(layer, fmt)
+        try:
+            data = path.read_bytes()
+            header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+            tensors = load(data)
+            return PackedWeight(tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt,
+                                int(header["__metadata__"]["in_features"]))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+            raise BitallocError("BITALLOC_CACHE", f"the level file {path} cannot be read ({type(exc).__name__}); "
+                                                  f"delete it and run again to remake it") from None
 
     def _check_disk(self, needed: int) -> None:
         where = self.folder

@@ -135,3 +135,14 @@ def test_a_job_with_a_float16_reference_reports_each_kl_with_its_bound(tiny_llam
     for a, b in zip(exact.points, half.points):
         assert a.label == b.label and a.loss_error is None and b.loss_error > 0
         assert abs(a.loss - b.loss) <= b.loss_error and a.quality == b.quality
+
+
+def test_a_damaged_level_file_is_a_one_line_error_naming_it(model_layers, tmp_path):
+    model, layers, _ = model_layers
+    store = LevelStore("sha256:" + "2" * 64, get_quantizer("rtn"), root=tmp_path)
+    store.fill(model, layers[:1], FORMATS[:1])
+    path = store.path(layers[0].name, FORMATS[0])
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(BitallocError) as exc:
+        store.read(layers[0].name, FORMATS[0])
+    assert exc.value.field == "BITALLOC_CACHE" and str(path) in str(exc.value) and "\n" not in str(exc.value)
