@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from bitalloc.kernels.packed import PackedWeight, dequantize_packed
+from bitalloc.kernels.rtn import fake_quantize
 
 from .errors import BitallocError
 from .formats import Format, weight_bytes
@@ -94,22 +95,20 @@ class LevelStore:
     def fill(self, model: LoadedModel, layers: list[QuantizableLayer], formats: Iterable[Format],
              progress: Callable[[int], None] | None = None) -> tuple[int, int]:
         """Make every missing quantized level; returns (made, reused). Refuses first if the disk cannot take them."""
-        made = reused = 0
         formats = [f for f in formats if f.quantized]
-        self._check_disk(sum(weight_bytes(l.out_features, l.in_features, f) for l in layers for f in formats
-                             if not self.has(l.name, f)))
+        missing = {l.name: [f for f in formats if not self.has(l.name, f)] for l in layers}
+        self._check_disk(sum(weight_bytes(l.out_features, l.in_features, f) for l in layers for f in missing[l.name]))
+        made = 0
         for layer in layers:
-            missing = [f for f in formats if not self.has(layer.name, f)]
-            reused += len(formats) - len(missing)
-            if missing:
+            if missing[layer.name]:
                 w = model.weight(layer)
-                for fmt in missing:
+                for fmt in missing[layer.name]:
                     self.write(layer.name, fmt, self.quantizer.quantize(w, fmt))
                     made += 1
                 release_freed_memory()
             if progress:
                 progress(1)
-        return made, reused
+        return made, len(layers) * len(formats) - made
 
 
 def level_bytes(layers: Iterable[QuantizableLayer], formats: Iterable[Format]) -> int:
@@ -172,8 +171,7 @@ class Levels:
         if fmt.quantized:
             w = dequantize_packed(self.packed(layer, fmt), original.dtype)
         else:  # the weight stored in 16 bits, read back in its own dtype
-            w = self.model.weight(spec).detach().to({"float16": torch.float16, "bfloat16": torch.bfloat16}[
-                fmt.scale_dtype]).to(original.dtype)
+            w = fake_quantize(self.model.weight(spec), fmt)
         w = w.t().contiguous() if spec.transposed else w
         if keep:
             self._keep(key, w)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from bitalloc.formats import Format
 
-from .rtn import QuantizedWeight, quantize
+from .rtn import QuantizedWeight, dequantize_codes, quantize
 
 _MASK32 = (1 << 32) - 1
 
@@ -127,28 +127,12 @@ def dequantize_packed(p: PackedWeight, dtype: torch.dtype = torch.float32) -> to
     step = max(1, _BLOCK_ELEMENTS // max(p.in_features, 1))
     for start in range(0, p.out_features, step):
         rows = slice(start, start + step)
-        out[rows] = _dequantize_rows(p.qweight[rows], p.scales[rows], None if p.zeros is None else p.zeros[rows],
-                                     p.fmt, p.in_features)
+        codes = unpack_codes(p.qweight[rows], p.fmt.bits, p.in_features)
+        if p.fmt.symmetric:
+            codes = codes - offset(p.fmt)
+        out[rows] = dequantize_codes(codes, p.scales[rows], None if p.zeros is None else p.zeros[rows],
+                                     p.fmt.group_size)
     return out
 
 
 _BLOCK_ELEMENTS = 1 << 19
-
-
-def _dequantize_rows(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, fmt: Format,
-                     cols: int) -> torch.Tensor:
-    codes = unpack_codes(qweight, fmt.bits, cols)
-    if fmt.symmetric:
-        codes = codes - offset(fmt)
-    rows, g = qweight.shape[0], fmt.group_size
-    full = cols // g
-    pieces = []
-    for start, groups, size in ((0, full, g), (full, 1, cols - full * g)):
-        if not groups or not size:
-            continue
-        block = codes[:, start * g: start * g + groups * size].reshape(rows, groups, size).float()
-        block = block * scales[:, start:start + groups, None].float()
-        if zeros is not None:
-            block = block + zeros[:, start:start + groups, None].float()
-        pieces.append(block.reshape(rows, groups * size))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)

@@ -82,17 +82,23 @@ def quantize(weight: torch.Tensor, fmt: Format) -> QuantizedWeight:
     )
 
 
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     group_size: int) -> torch.Tensor:
+    """Signed (symmetric) or unsigned codes [out, in] -> float32 weight: code x scale, then + zero, each rounded in
+    float32, group by group (the full groups, then the shorter tail), as `fake_quantize` computes it."""
+    rows, start, blocks = codes.shape[0], 0, []
+    for block in _split(codes, group_size):
+        n = block.shape[1]
+        w = block.float() * scales[:, start:start + n, None].float()
+        if zeros is not None:
+            w = w + zeros[:, start:start + n, None].float()
+        blocks.append(w.reshape(rows, -1))
+        start += n
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+
+
 def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    out, cols = q.codes.shape
-    g = q.fmt.group_size
-    full = cols // g
-    scale = q.scales.float()
-    zero = q.zeros.float() if q.zeros is not None else None
-    per_col_scale = torch.cat([scale[:, :full].repeat_interleave(g, 1), scale[:, full:].expand(out, cols - full * g)], 1)
-    w = q.codes.float() * per_col_scale
-    if zero is not None:
-        w = w + torch.cat([zero[:, :full].repeat_interleave(g, 1), zero[:, full:].expand(out, cols - full * g)], 1)
-    return w.to(dtype)
+    return dequantize_codes(q.codes, q.scales, q.zeros, q.fmt.group_size).to(dtype)
 
 
 def fake_quantize(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
