@@ -4,7 +4,7 @@ model -> SensitivityTable -> Problem -> solver -> SolveResult (BitConfigs) -> Me
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -104,6 +104,12 @@ class Problem:
         if len(empty):
             names = [self.layers[i] for i in items.members[empty[0]]]
             raise BitallocError("search.pin", f"no format is allowed for {', '.join(names)} (pins, min/max bits and ties conflict)")
+
+    def with_error(self, table: SensitivityTable) -> "Problem":
+        """The same instance with the table's predicted errors (the table must be of its layers and formats)."""
+        if tuple(table.layers) != self.layers or tuple(table.formats) != self.formats:
+            raise ValueError("the sensitivity table is not of this problem's layers and formats")
+        return replace(self, error=table.values)
 
     def items(self) -> "Items":
         """The units a solver chooses for: each tied group as one item (summed costs, shared allowed set), each other layer alone."""

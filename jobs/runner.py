@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -29,6 +30,7 @@ from bitalloc.search import get_solver
 from bitalloc.sensitivity import get_estimator
 from bitalloc.sensitivity.base import Estimator
 from bitalloc.tasks import CandidateEvaluator, Checkpointed
+from bitalloc.types import Problem
 from bitalloc.units import parse_bytes
 
 from .spec import JobSpec
@@ -103,13 +105,21 @@ def preflight(spec: JobSpec, estimator: Estimator) -> None:
     text_files(spec.data.source)
 
 
-def _before_quantize(spec: JobSpec, estimator: Estimator, console: Console, budgets: list[Budget]):
-    """The checks that need the model but not its quantized weights: the budgets (resolved into `budgets`) and the
-    memory plan (printed; a job that cannot fit is refused)."""
+@dataclass
+class _Planned:
+    """What the checks before quantizing found: the job's cost model (its errors still to come) and its budgets."""
+
+    problem: Problem | None = None
+    budgets: list[Budget] = field(default_factory=list)
+
+
+def _before_quantize(spec: JobSpec, estimator: Estimator, console: Console, planned: _Planned):
+    """The checks that need the model but not its quantized weights: the cost model and budgets (kept in
+    `planned`) and the memory plan (printed; a job that cannot fit is refused)."""
     def check(model: LoadedModel, layers: list[QuantizableLayer]) -> None:
         formats = spec.formats.expand()
-        problem = pipeline.build_problem(model, layers, formats, constraints=spec.search.constraints())
-        budgets.extend(pipeline.resolve_budgets(problem, spec.search.budgets))
+        planned.problem = pipeline.build_problem(model, layers, formats, constraints=spec.search.constraints())
+        planned.budgets = pipeline.resolve_budgets(planned.problem, spec.search.budgets)
         limit = spec.run.memory_limit
         available = parse_bytes(limit, "run.memory_limit") if limit else memory_plan.available_bytes()
         plan = memory_plan.plan(model, layers, formats, spec, estimator,
@@ -189,16 +199,16 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
 
 def _run(spec: JobSpec, out: Path, staging: Path, estimator: Estimator, solver, console: Console,
          log: Path | None) -> Front:
-    budgets: list[Budget] = []
+    planned = _Planned()
     tracker = None
     with Stages(console) as stages, evaluation_place(spec, log) as (place, workers):
         try:
-            ws = open_workspace(spec, stages, _before_quantize(spec, estimator, console, budgets))
+            ws = open_workspace(spec, stages, _before_quantize(spec, estimator, console, planned))
             with open_backend(ws, spec, place, workers) as (runner, where):
                 console.print(f"evaluations run in {where}")
                 tracker = _start_tracking(spec, ws, out, staging, console)
                 backend = Checkpointed(runner, staging / "checkpoint.jsonl")
-                res = _search_and_measure(spec, ws, estimator, solver, budgets, backend, stages)
+                res = _search_and_measure(spec, ws, estimator, solver, planned, backend, stages)
             res.front = res.front.model_copy(update={
                 "timings_s": stages.timings,
                 "evaluations": EvaluationInfo(computed=backend.computed, from_checkpoint=backend.reused, where=where),
@@ -239,11 +249,11 @@ def _start_tracking(spec: JobSpec, ws: Workspace, out: Path, staging: Path, cons
     return tracker
 
 
-def _search_and_measure(spec: JobSpec, ws: Workspace, estimator: Estimator, solver, budgets: list[Budget],
+def _search_and_measure(spec: JobSpec, ws: Workspace, estimator: Estimator, solver, planned: _Planned,
                         backend, stages: Stages) -> pipeline.Results:
     """Sensitivity, the front, the measured points: the pipeline's stages with the spec's settings."""
     table = pipeline.sensitivity(ws, estimator, spec.seed, stages, backend)
-    problem = pipeline.build_problem(ws.model, ws.layers, ws.formats, table.table, spec.search.constraints())
+    problem, budgets = planned.problem.with_error(table.table), planned.budgets
     evaluator = CandidateEvaluator(backend, spec.search.screen_tokens) if spec.search.evaluations else None
     solved = pipeline.solve_front(solver, problem, budgets, spec.seed, evaluator, spec.search.evaluations, stages)
     chosen = pipeline.candidates(solved, problem, budgets, spec.search.points)
