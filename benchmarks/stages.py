@@ -71,7 +71,7 @@ def main() -> None:
                       lambda: Evaluator(ws.model, ws.levels, ws.data.evaluation, 2),
                       lambda e: f"{e.reference_nbytes / 2**20:.0f} MiB held")
     configs = [c.assignment() for c in pipeline.spread(front.configs, args.candidates)]
-    every = Levels(ws.model, ws.layers, formats, ws.levels.store, working_set=None)
+    every = Levels(ws.model, ws.layers, formats, ws.levels.stores, working_set=None)
     for layer in ws.layers:  # held before timing, as the former all-in-memory cache was
         for fmt in formats:
             every.weight(layer.name, fmt)

@@ -162,7 +162,8 @@ class Evaluator:
     def evaluate(self, assignment: Mapping[str, Format]) -> Measurement:
         """Measure a config: each layer at its format, from its level."""
         if self.levels.device is not None:
-            return self.evaluate_tensors({name: self.levels.packed(name, fmt) for name, fmt in assignment.items()})
+            return self.evaluate_tensors({name: self.levels.packed(name, fmt) if fmt.quantized and not fmt.ggml
+                                          else self.levels.weight(name, fmt) for name, fmt in assignment.items()})
         with self.streamed(assignment):
             return self._measure_outputs()
 

@@ -1,15 +1,23 @@
 """Weight formats and their exact storage cost.
 
-A format is round-to-nearest grouped quantization along a layer's input dimension:
-`bits` per weight, one scale per group (and one zero point per group when asymmetric), both
-stored in `scale_dtype`. `bits == 16` keeps the weight unquantized, stored in a 16-bit float
-(`scale_dtype` names which: float16 or bfloat16).
+A format is grouped quantization along a layer's input dimension: `bits` per weight, one scale per group (and
+one zero point per group when asymmetric), both stored in `scale_dtype`, made by the quantizer named `method`
+(`bitalloc.quantizers`). `bits == 16` keeps the weight unquantized, stored in a 16-bit float (`scale_dtype` names
+which: float16 or bfloat16). A `ggml` format is one of llama.cpp's types (`bitalloc.ggml_types`), made by
+llama.cpp itself (method `gguf`); its bits, group size and symmetry are the type's, for display and constraints.
 
-Storage layout counted by `weight_bytes` (the packed layout of `bitalloc.kernels`): each row of
-`in_features` codes is packed into 32-bit words, ceil(in_features * bits / 32) words per row, so
-3-bit packs 32 codes into 3 words with no wasted bits. A group size that does not divide
-`in_features` leaves a shorter last group in every row, with its own scale and zero point:
-ceil(in_features / group_size) groups per row.
+Bytes are counted as the runtime that loads the method's levels stores them (`weight_bytes`):
+
+- bitalloc's packed layout (`rtn`, `clip`; `bitalloc.kernels`): each row of `in_features` codes is packed into
+  32-bit words, ceil(in_features * bits / 32) words per row, so 3-bit packs 32 codes into 3 words with no wasted
+  bits. A group size that does not divide `in_features` leaves a shorter last group in every row, with its own
+  scale and zero point: ceil(in_features / group_size) groups per row.
+- `gptq`: GPTQ checkpoints (GPTQModel, vLLM): the same packed codes, scale_dtype scales, zero points packed at
+  `bits` bits into int32 words per group row (stored for symmetric formats too), and an int32 group index per
+  input column (`g_idx`).
+- `hqq`: HQQ's bit-packing of [groups, group_size] codes (8/4/2 bits in bytes, 3 bits as 10 codes per int32) and
+  a float16 scale and zero per group.
+- `gguf`: the ggml type's blocks, in_features / block_size per row.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import BitallocError
+from .ggml_types import GGML_TYPES
 
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 KEEP_BITS = 16
@@ -31,12 +40,33 @@ class Format:
     group_size: int | None = 64
     symmetric: bool = False
     scale_dtype: str = "float16"
+    method: str = "rtn"
+    ggml: str = ""
 
     def __post_init__(self) -> None:
         if self.bits == KEEP_BITS:
             object.__setattr__(self, "group_size", None)
             object.__setattr__(self, "symmetric", True)
+            object.__setattr__(self, "method", "rtn")
         validate_format(self, "format")
+
+    @classmethod
+    def of_ggml(cls, name: str) -> "Format":
+        """llama.cpp's type `name` (e.g. q4_K) as a format made by llama-quantize."""
+        if name not in GGML_TYPES:
+            raise BitallocError("format.ggml", f"{name!r} is not a llama.cpp type bitalloc reads; allowed: "
+                                               f"{', '.join(GGML_TYPES)}")
+        t = GGML_TYPES[name]
+        return cls(t.bits, t.block, t.symmetric, "float16", "gguf", name)
+
+    def fits(self, in_features: int) -> bool:
+        """Whether a row of this width can be stored in this format: ggml types need whole blocks, GPTQ and HQQ
+        checkpoints whole groups; bitalloc's layout takes any width."""
+        if self.ggml:
+            return GGML_TYPES[self.ggml].fits(in_features)
+        if self.quantized and self.method in ("gptq", "hqq"):
+            return in_features % self.group_size == 0
+        return True
 
     @property
     def quantized(self) -> bool:
@@ -46,17 +76,24 @@ class Format:
     def name(self) -> str:
         if not self.quantized:
             return "fp16" if self.scale_dtype == "float16" else "bf16"
+        if self.ggml:
+            return self.ggml
         kind = "s" if self.symmetric else "a"
         scale = {"float16": "", "bfloat16": "-bf16", "float32": "-f32"}[self.scale_dtype]
-        return f"w{self.bits}g{self.group_size}{kind}{scale}"
+        method = "" if self.method == "rtn" else f"-{self.method}"
+        return f"w{self.bits}g{self.group_size}{kind}{scale}{method}"
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": self.symmetric if self.quantized else None,
             "scale_dtype": self.scale_dtype,
+            "method": self.method,
         }
+        if self.ggml:
+            out["ggml"] = self.ggml
+        return out
 
     @classmethod
     def from_dict(cls, data: dict, field: str = "format") -> "Format":
@@ -66,7 +103,10 @@ class Format:
             raise BitallocError(f"{field}.bits", f"missing or not an integer; allowed: {_allowed_bits()}") from None
         if bits == KEEP_BITS:
             return cls(bits, scale_dtype=data.get("scale_dtype") or "float16")
-        return cls(bits, data.get("group_size"), bool(data.get("symmetric", False)), data.get("scale_dtype", "float16"))
+        if data.get("ggml"):
+            return cls.of_ggml(data["ggml"])
+        return cls(bits, data.get("group_size"), bool(data.get("symmetric", False)), data.get("scale_dtype", "float16"),
+                   data.get("method") or "rtn")
 
 
 def _allowed_bits() -> str:
@@ -74,6 +114,13 @@ def _allowed_bits() -> str:
 
 
 def validate_format(fmt: Format, field: str) -> None:
+    if fmt.ggml:
+        if fmt.ggml not in GGML_TYPES or fmt.method != "gguf":
+            raise BitallocError(f"{field}.ggml", f"{fmt.ggml!r} is not a llama.cpp type bitalloc reads (method gguf); "
+                                                 f"allowed: {', '.join(GGML_TYPES)}")
+        return
+    if fmt.method == "gguf":
+        raise BitallocError(f"{field}.method", "gguf makes llama.cpp's types: name them in formats.types, e.g. [q4_K]")
     if fmt.bits not in QUANT_BITS and fmt.bits != KEEP_BITS:
         raise BitallocError(f"{field}.bits", f"{fmt.bits} is not allowed; allowed: {_allowed_bits()}")
     if not fmt.quantized:
@@ -88,11 +135,43 @@ def validate_format(fmt: Format, field: str) -> None:
         raise BitallocError(f"{field}.scale_dtype", f"{fmt.scale_dtype!r} is not allowed; allowed: {', '.join(SCALE_DTYPES)}")
 
 
+_HQQ_CODES_PER_WORD = {8: (1, 1), 4: (2, 1), 2: (4, 1), 1: (8, 1), 3: (10, 4)}  # codes per unit, bytes per unit
+
+
 def weight_bytes(out_features: int, in_features: int, fmt: Format) -> int:
-    """Exact bytes to store one [out, in] weight: packed codes + scales + zero points."""
+    """Exact bytes to store one [out, in] weight as its runtime stores it: codes + scales + zero points (+ the
+    layout's own extras), by the rules in the module docstring."""
     if not fmt.quantized:
         return out_features * in_features * 2
+    if fmt.ggml:
+        return out_features * GGML_TYPES[fmt.ggml].row_bytes(in_features)
     codes = out_features * math.ceil(in_features * fmt.bits / 32) * 4
-    groups = out_features * math.ceil(in_features / fmt.group_size)
-    per_group = SCALE_DTYPES[fmt.scale_dtype] * (1 if fmt.symmetric else 2)
-    return codes + groups * per_group
+    groups = math.ceil(in_features / fmt.group_size)
+    scale = SCALE_DTYPES[fmt.scale_dtype]
+    if fmt.method == "gptq":
+        return codes + groups * (out_features * scale + math.ceil(out_features * fmt.bits / 32) * 4) + in_features * 4
+    if fmt.method == "hqq":
+        n = out_features * in_features // fmt.group_size
+        per, unit = _HQQ_CODES_PER_WORD[fmt.bits]
+        return math.ceil(n / per) * fmt.group_size * unit + n * 2 * 2
+    return codes + out_features * groups * scale * (1 if fmt.symmetric else 2)
+
+
+def substitute(fmt: Format, in_features: int, formats: tuple[Format, ...]) -> Format | None:
+    """What stands in for `fmt` on a row of `in_features` it does not fit (a uniform config's layer): `fmt` itself
+    when it fits; for a ggml type, what llama-quantize stores instead; otherwise the job's fitting format with the
+    fewest bits at or above fmt's (else the most bits). None when no job format fits."""
+    if fmt.fits(in_features):
+        return fmt
+    fitting = [f for f in formats if f.fits(in_features)]
+    if fmt.ggml:
+        from .ggml_types import stored_type
+
+        stored = stored_type(fmt.ggml, in_features)
+        match = [f for f in fitting if f.ggml == stored] if stored else [f for f in fitting if not f.quantized]
+        if match:
+            return match[0]
+    above = [f for f in fitting if f.bits >= fmt.bits]
+    if above:
+        return min(above, key=lambda f: (f.bits, weight_bytes(1, in_features, f)))
+    return max(fitting, key=lambda f: f.bits, default=None)

@@ -1,10 +1,11 @@
 """The level store: every (layer, format) quantized once, kept on disk in its stored form, read on demand.
 
-A level is what a quantizer makes of one layer at one format: packed codes, scales and zero points — exactly the
-bytes the cost model counts (a 16-bit format's level is the weight cast, made on demand, never stored). Levels are
-safetensors files under $BITALLOC_CACHE/levels/ (default ~/.cache/bitalloc/levels/), keyed by the model's content
-hash, the quantizer (name, version, parameters) and the format, one file per layer; a later job on the same model
-reuses them, and every process of a job (Ray workers included) reads the same files — one copy in the OS page
+A level is what a quantizer makes of one layer at one format: packed codes, scales and zero points, or llama.cpp's
+blocks — exactly the bytes the cost model counts (a 16-bit format's level is the weight cast, made on demand, never
+stored). Levels are safetensors files under $BITALLOC_CACHE/levels/ (default ~/.cache/bitalloc/levels/), keyed by the
+model's content hash, the quantizer (name, version, parameters, and the calibration data's hash when it reads it)
+and the format, one file per layer; each format's levels come from the store of its method. A later job on the same
+model reuses them, and every process of a job (Ray workers included) reads the same files — one copy in the OS page
 cache — instead of receiving tensors.
 
 `Levels` is a job's view of its levels. Evaluation asks it for dequantized weights layer by layer while the model
@@ -30,10 +31,11 @@ from bitalloc.kernels.packed import PackedWeight, dequantize_packed
 from bitalloc.kernels.rtn import fake_quantize
 
 from .errors import BitallocError
-from .formats import Format, weight_bytes
+from .formats import Format, substitute, weight_bytes
+from .gguf_levels import GgmlWeight
 from .model import LoadedModel, QuantizableLayer
 from .profiling import release_freed_memory
-from .quantizers import Quantizer, get_quantizer
+from .quantizers import Calibration, Quantizer, get_quantizer
 
 
 def cache_root() -> Path:
@@ -43,10 +45,13 @@ def cache_root() -> Path:
 class LevelStore:
     """The files of one model's levels by one quantizer."""
 
-    def __init__(self, model_hash: str, quantizer: Quantizer, root: Path | None = None):
+    def __init__(self, model_hash: str, quantizer: Quantizer, root: Path | None = None,
+                 calibration: Calibration | None = None):
         self.model_hash = model_hash
         self.quantizer = quantizer
-        key = hashlib.sha256(json.dumps(quantizer.key(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.calibration = calibration if quantizer.reads_calibration() else None
+        self.key = dict(quantizer.key(), calibration=self.calibration.data_hash if self.calibration else None)
+        key = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()[:12]
         self.folder = (root or cache_root()) / model_hash.removeprefix("sha256:")[:24] / f"{quantizer.name}-{key}"
 
     def path(self, layer: str, fmt: Format) -> Path:
@@ -55,27 +60,33 @@ class LevelStore:
     def has(self, layer: str, fmt: Format) -> bool:
         return self.path(layer, fmt).is_file()
 
-    def write(self, layer: str, fmt: Format, level: PackedWeight) -> None:
+    def write(self, layer: str, fmt: Format, level: PackedWeight | GgmlWeight) -> None:
         """Atomically: a reader never sees half a file, and two jobs making the same level both end with it."""
         path = self.path(layer, fmt)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"qweight": level.qweight, "scales": level.scales}
-        if level.zeros is not None:
-            tensors["zeros"] = level.zeros
+        if isinstance(level, GgmlWeight):
+            tensors = {"blocks": level.blocks}
+        else:
+            tensors = {"qweight": level.qweight, "scales": level.scales}
+            if level.zeros is not None:
+                tensors["zeros"] = level.zeros
         tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         meta = {"format": json.dumps(fmt.to_dict()), "in_features": str(level.in_features),
-                "quantizer": json.dumps(self.quantizer.key(), default=str), "model": self.model_hash}
+                "quantizer": json.dumps(self.key, default=str), "model": self.model_hash}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
 
-    def read(self, layer: str, fmt: Format) -> PackedWeight:
+    def read(self, layer: str, fmt: Format) -> PackedWeight | GgmlWeight:
         """The level, read from its file (through the OS page cache, which every process reading it shares)."""
         path = self.path(layer, fmt)
         try:
             data = path.read_bytes()
             header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
             tensors = load(data)
+            in_features = int(header["__metadata__"]["in_features"])
+            if fmt.ggml:
+                return GgmlWeight(tensors["blocks"], fmt, in_features)
             return PackedWeight(tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt,
                                 int(header["__metadata__"]["in_features"]))
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
@@ -94,27 +105,32 @@ class LevelStore:
 
     def fill(self, model: LoadedModel, layers: list[QuantizableLayer], formats: Iterable[Format],
              progress: Callable[[int], None] | None = None) -> tuple[int, int]:
-        """Make every missing quantized level; returns (made, reused). Refuses first if the disk cannot take them."""
-        formats = [f for f in formats if f.quantized]
-        missing = {l.name: [f for f in formats if not self.has(l.name, f)] for l in layers}
-        self._check_disk(sum(weight_bytes(l.out_features, l.in_features, f) for l in layers for f in missing[l.name]))
-        made = 0
-        for layer in layers:
-            if missing[layer.name]:
-                w = model.weight(layer)
-                for fmt in missing[layer.name]:
-                    self.write(layer.name, fmt, self.quantizer.quantize(w, fmt))
-                    made += 1
-                release_freed_memory()
-            if progress:
-                progress(1)
-        return made, len(layers) * len(formats) - made
+        """Make every missing level of this store's method (for the layers each format fits); returns (made,
+        reused). Refuses first if the disk cannot take them."""
+        formats = [f for f in formats if f.quantized and f.method == self.quantizer.name]
+        wanted = {l.name: [f for f in formats if f.fits(l.in_features)] for l in layers}
+        missing = {name: [f for f in fmts if not self.has(name, f)] for name, fmts in wanted.items()}
+        by_name = {l.name: l for l in layers}
+        self._check_disk(sum(weight_bytes(by_name[n].out_features, by_name[n].in_features, f)
+                             for n, fmts in missing.items() for f in fmts))
+        made = self.quantizer.make(model, layers, missing, self.calibration, self.folder, self.write, progress)
+        release_freed_memory()
+        return made, sum(map(len, wanted.values())) - made
+
+
+def open_stores(model_hash: str, formats: Iterable[Format], quantizers: dict[str, Quantizer] | None = None,
+                calibration: Calibration | None = None, root: Path | None = None) -> dict[str, LevelStore]:
+    """One store per method the formats use (a method without an instance in `quantizers` gets its defaults)."""
+    quantizers = quantizers or {}
+    methods = dict.fromkeys(f.method for f in formats if f.quantized)
+    return {m: LevelStore(model_hash, quantizers.get(m) or get_quantizer(m), root, calibration) for m in methods}
 
 
 def level_bytes(layers: Iterable[QuantizableLayer], formats: Iterable[Format]) -> int:
-    """Bytes of the stored levels of these layers at these formats (16-bit formats are not stored)."""
+    """Bytes of the stored levels of these layers at the formats that fit them (16-bit formats are not stored)."""
     formats = [f for f in formats if f.quantized]
-    return sum(weight_bytes(l.out_features, l.in_features, f) for l in layers for f in formats)
+    return sum(weight_bytes(l.out_features, l.in_features, f) for l in layers for f in formats
+               if f.fits(l.in_features))
 
 
 def dense_bytes(model: LoadedModel, layers: Iterable[QuantizableLayer]) -> int:
@@ -130,34 +146,43 @@ class Levels:
     with `device`, every quantized level is held packed there (GPU workers run them on the packed kernels)."""
 
     def __init__(self, model: LoadedModel, layers: list[QuantizableLayer], formats: Iterable[Format],
-                 store: LevelStore, working_set: int | None = None, device: str | torch.device | None = None):
+                 stores: dict[str, LevelStore], working_set: int | None = None,
+                 device: str | torch.device | None = None):
         self.model = model
         self.layers = {layer.name: layer for layer in layers}
         self.formats = tuple(formats)
-        self.store = store
+        self.stores = stores
         self.working_set = working_set
         self._by_name = {f.name: f for f in self.formats}
         self._dense: OrderedDict[tuple[str, Format], torch.Tensor] = OrderedDict()
         self._dense_bytes = 0
         self.device = device
-        self._packed = ({(name, f): store.read(name, f).to(device) for name in self.layers for f in self.formats
-                         if f.quantized} if device is not None else {})
+        self._packed = ({(name, f): self.read(name, f).to(device) for name, layer in self.layers.items()
+                         for f in self.formats if f.quantized and f.fits(layer.in_features)}
+                        if device is not None else {})
 
     @classmethod
     def build(cls, model: LoadedModel, layers: list[QuantizableLayer], formats: Iterable[Format],
-              quantizer: Quantizer | None = None, model_hash: str | None = None, **kwargs) -> "Levels":
-        """Fill the store for these layers and formats (rtn unless told) and open them."""
+              quantizers: dict[str, Quantizer] | None = None, model_hash: str | None = None,
+              calibration: Calibration | None = None, **kwargs) -> "Levels":
+        """Fill the stores for these layers and formats (each method with its defaults unless given) and open them."""
         formats = tuple(formats)
-        store = LevelStore(model_hash or model.content_hash(), quantizer or get_quantizer("rtn"))
-        store.fill(model, layers, formats)
-        return cls(model, layers, formats, store, **kwargs)
+        stores = open_stores(model_hash or model.content_hash(), formats, quantizers, calibration)
+        for store in stores.values():
+            store.fill(model, layers, formats)
+        return cls(model, layers, formats, stores, **kwargs)
 
     def format_named(self, name: str) -> Format:
         return self._by_name[name]
 
-    def packed(self, layer: str, fmt: Format) -> PackedWeight:
+    def read(self, layer: str, fmt: Format) -> PackedWeight | GgmlWeight:
+        """The stored level; for a format that does not fit the layer, its stand-in's (`formats.substitute`)."""
+        fmt = substitute(fmt, self.layers[layer].in_features, self.formats) or fmt
+        return self.stores[fmt.method].read(layer, fmt)
+
+    def packed(self, layer: str, fmt: Format) -> PackedWeight | GgmlWeight:
         held = self._packed.get((layer, fmt))
-        return held if held is not None else self.store.read(layer, fmt)
+        return held if held is not None else self.read(layer, fmt)
 
     def weight(self, layer: str, fmt: Format, keep: bool = True) -> torch.Tensor:
         """The level dequantized, in the layer's dtype and storage layout ([in, out] for a transposed layer); kept
@@ -169,7 +194,8 @@ class Levels:
         spec = self.layers[layer]
         original = self.model.layer_module(layer).weight
         if fmt.quantized:
-            w = dequantize_packed(self.packed(layer, fmt), original.dtype)
+            level = self.packed(layer, fmt)
+            w = level.dequantize(original.dtype) if isinstance(level, GgmlWeight) else dequantize_packed(level, original.dtype)
         else:  # the weight stored in 16 bits, read back in its own dtype
             w = fake_quantize(self.model.weight(spec), fmt)
         w = w.t().contiguous() if spec.transposed else w

@@ -113,6 +113,12 @@ def _resolve(source: str) -> tuple[str, dict]:
     return source, {}
 
 
+def source_files(source: str) -> tuple[Path, Path | None]:
+    """(the model's folder, its GGUF file or None) on this machine, for tools that read the files themselves."""
+    path, kwargs = _resolve(source)
+    return Path(path), (Path(path) / kwargs["gguf_file"] if "gguf_file" in kwargs else None)
+
+
 def _check_gguf(path: Path, source: str) -> None:
     """A readable GGUF: its header and tensor index parse (a truncated or foreign file fails here, in one line)."""
     try:

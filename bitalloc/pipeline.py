@@ -20,12 +20,12 @@ import torch
 from . import configio, memory_plan
 from .data import TokenSets, make_token_sets, text_files, tokenize_files
 from .errors import BitallocError
-from .formats import Format, weight_bytes
-from .levels import LevelStore, Levels, dense_bytes
+from .formats import Format, substitute, weight_bytes
+from .levels import Levels, dense_bytes, open_stores
 from .metrics import METRICS
 from .model import HIDDEN_STATE, LoadedModel, QuantizableLayer, check_context, list_layers, load_model, other_bytes, select_layers
 from .progress import Stages
-from .quantizers import Quantizer, get_quantizer
+from .quantizers import Calibration, Quantizer
 from .results import (ConfigDoc, DataInfo, Evaluations, Front, JobInfo, MetricDoc, ModelInfo, Point, ProxyFront,
                       Reference, SensitivityInfo, SolverInfo, MemoryInfo)
 from .search import SearchContext, best_within, spread
@@ -58,7 +58,8 @@ class Workspace:
     def open(cls, source: str, formats: tuple[Format, ...], *, include: list[str] = (), exclude: list[str] = (),
              quantize_tied: bool = False, trust_remote_code: bool = False, text: str | list[str] = "shakespeare",
              seq_len: int = 512, calibration: int = 8, evaluation: int = 4, batch_size: int = 2, seed: int = 0,
-             reference: str = "float32", quantizer: Quantizer | None = None, stages: Stages | None = None,
+             reference: str = "float32", quantizers: dict[str, Quantizer] | None = None,
+             stages: Stages | None = None,
              before_quantize: Callable[[LoadedModel, list[QuantizableLayer]], None] | None = None) -> "Workspace":
         """Load and select layers, call `before_quantize` (a caller's checks: budgets, the memory plan), tokenize,
         and fill the level store (levels a previous job made for the same model and quantizer are reused). The
@@ -78,12 +79,15 @@ class Workspace:
             model_hash = model.content_hash()
         with stages.stage("tokenize text", len(files)):
             data = make_token_sets(tokenize_files(files, model.tokenizer), seq_len, calibration, evaluation, seed)
-        store = LevelStore(model_hash, quantizer or get_quantizer("rtn"))
-        with stages.stage(f"quantize {len(layers)} layers x {len(formats)} formats", len(layers)) as advance:
-            made, reused = store.fill(model, layers, formats, progress=advance)
-        if reused:
-            stages.print(f"levels ({store.quantizer.name}): {reused} reused, {made} made, {store.folder}")
-        levels = Levels(model, layers, formats, store, working_set=dense_bytes(model, layers))
+        stores = open_stores(model_hash, formats, quantizers, Calibration(data.calibration, data.data_hash))
+        for method, store in stores.items():
+            count = sum(f.method == method for f in formats)
+            steps = count if method == "gguf" else len(layers)
+            with stages.stage(f"quantize ({method}) {len(layers)} layers x {count} formats", steps) as advance:
+                made, reused = store.fill(model, layers, formats, progress=advance)
+            if reused:
+                stages.print(f"levels ({method}): {reused} reused, {made} made, {store.folder}")
+        levels = Levels(model, layers, formats, stores, working_set=dense_bytes(model, layers))
         return cls(source, model, layers, formats, model_hash, data, levels, batch_size, reference)
 
     def local_runner(self) -> LocalRunner:
@@ -119,21 +123,47 @@ def sensitivity(ws: Workspace, estimator: Estimator, seed: int, stages: Stages |
 
 
 def build_problem(model: LoadedModel, layers: list[QuantizableLayer], formats: tuple[Format, ...],
-                  table: SensitivityTable | None = None, constraints: Constraints = Constraints()) -> Problem:
-    """The byte-exact cost model of the chosen layers, the table's errors when given, and the constraints' pins,
-    ties, min/max bits and resource limits."""
-    cost = np.array([[weight_bytes(l.out_features, l.in_features, f) for f in formats] for l in layers], dtype=np.int64)
+                  table: SensitivityTable | None = None, constraints: Constraints = Constraints(),
+                  ties: list[tuple[int, ...]] = ()) -> Problem:
+    """The byte-exact cost model of the chosen layers (a format that does not fit a layer is not allowed there, and
+    costs what stands in for it in a uniform config), the table's errors when given, the constraints' pins, ties,
+    min/max bits and resource limits, and `ties` a runtime target imposes (merged with the constraints')."""
+    stand_in = np.array([[_substitute_index(f, l, formats) for f in formats] for l in layers], dtype=np.int64)
+    cost = np.array([[weight_bytes(l.out_features, l.in_features, formats[k]) for k in row]
+                     for l, row in zip(layers, stand_in)], dtype=np.int64)
+    fits = np.array([[f.fits(l.in_features) for f in formats] for l in layers], dtype=bool).reshape(cost.shape)
     return Problem(
         layers=tuple(l.name for l in layers),
         formats=formats,
         numel=np.array([l.numel for l in layers], dtype=np.int64),
         cost=cost,
         error=table.values if table is not None else np.zeros(cost.shape),
-        allowed=allowed_mask(layers, formats, constraints.pin, constraints.min_bits, constraints.max_bits),
+        allowed=allowed_mask(layers, formats, constraints.pin, constraints.min_bits, constraints.max_bits) & fits,
         fixed_bytes=other_bytes(model, layers),
-        groups=tie_groups(layers, constraints.tie),
+        groups=_merged(list(tie_groups(layers, constraints.tie)) + list(ties)),
         limits=constraints.limits(layers, formats),
+        substitute=None if fits.all() else stand_in,
     )
+
+
+def _merged(groups: list[tuple[int, ...]]) -> tuple[tuple[int, ...], ...]:
+    """Overlapping groups joined into one."""
+    out: list[set[int]] = []
+    for g in groups:
+        joined = set(g)
+        for other in [o for o in out if o & joined]:
+            joined |= other
+            out.remove(other)
+        out.append(joined)
+    return tuple(tuple(sorted(g)) for g in out if len(g) > 1)
+
+
+def _substitute_index(fmt: Format, layer: QuantizableLayer, formats: tuple[Format, ...]) -> int:
+    stand_in = substitute(fmt, layer.in_features, formats)
+    if stand_in is None:
+        raise BitallocError("formats", f"no job format fits {layer.name} (rows of {layer.in_features}); add one "
+                                       f"whose blocks or groups divide {layer.in_features}, or exclude the layer")
+    return formats.index(stand_in)
 
 
 class Budget(NamedTuple):

@@ -204,6 +204,8 @@ class FormatDoc(_Doc):
     group_size: Optional[int] = None
     symmetric: Optional[bool] = None
     scale_dtype: str = "float16"
+    method: str = "rtn"  # the quantizer that made the level (bitalloc.quantizers)
+    ggml: Optional[str] = None  # llama.cpp's type, for method gguf
 
 
 class Totals(_Doc):

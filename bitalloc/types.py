@@ -93,9 +93,12 @@ class Problem:
     fixed_bytes: int
     groups: tuple[tuple[int, ...], ...] = ()
     limits: tuple[Limit, ...] = ()
+    substitute: np.ndarray | None = None  # [layer, format]: the format a uniform config stores where one does not fit
 
     def __post_init__(self) -> None:
-        for name in ("numel", "cost", "error", "allowed"):  # read-only copies: one problem answers every budget
+        for name in ("numel", "cost", "error", "allowed", "substitute"):
+            if getattr(self, name) is None:
+                continue  # read-only copies: one problem answers every budget
             array = np.array(getattr(self, name))
             array.setflags(write=False)
             object.__setattr__(self, name, array)
@@ -168,8 +171,12 @@ class Problem:
         return self._config(choice)
 
     def uniform(self, j: int) -> "BitConfig":
-        """Every layer at format j, pins and ties aside: the baseline a mixed config is compared with."""
-        return self._config(np.full(len(self.layers), j, dtype=np.int64))
+        """Every layer at format j, pins and ties aside (where j does not fit a layer, what the runtime stores
+        instead: `substitute`): the baseline a mixed config is compared with."""
+        choice = np.full(len(self.layers), j, dtype=np.int64)
+        if self.substitute is not None:
+            choice = self.substitute[:, j].copy()
+        return self._config(choice)
 
     def _config(self, choice: np.ndarray) -> "BitConfig":
         return BitConfig(

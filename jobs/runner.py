@@ -39,11 +39,11 @@ from .spec import JobSpec
 def open_workspace(spec: JobSpec, stages: Stages, before_quantize=None) -> Workspace:
     """The pipeline's workspace for the spec's model, formats and data."""
     m, d = spec.model, spec.data
-    return Workspace.open(m.source, spec.formats.expand(), include=m.include, exclude=m.exclude,
+    return Workspace.open(m.source, spec.expand_formats(), include=m.include, exclude=m.exclude,
                           quantize_tied=m.quantize_tied, trust_remote_code=m.trust_remote_code, text=d.source,
                           seq_len=d.seq_len, calibration=d.calibration, evaluation=d.evaluation,
-                          batch_size=d.batch_size, seed=spec.seed, reference=d.reference, stages=stages,
-                          before_quantize=before_quantize)
+                          batch_size=d.batch_size, seed=spec.seed, reference=d.reference,
+                          quantizers=spec.quantizers(), stages=stages, before_quantize=before_quantize)
 
 
 def staging_dir(out: Path) -> Path:
@@ -117,8 +117,9 @@ def _before_quantize(spec: JobSpec, estimator: Estimator, console: Console, plan
     """The checks that need the model but not its quantized weights: the cost model and budgets (kept in
     `planned`) and the memory plan (printed; a job that cannot fit is refused)."""
     def check(model: LoadedModel, layers: list[QuantizableLayer]) -> None:
-        formats = spec.formats.expand()
-        planned.problem = pipeline.build_problem(model, layers, formats, constraints=spec.search.constraints())
+        formats = spec.expand_formats()
+        planned.problem = pipeline.build_problem(model, layers, formats, constraints=spec.search.constraints(),
+                                                 ties=spec.target_ties(layers))
         planned.budgets = pipeline.resolve_budgets(planned.problem, spec.search.budgets)
         limit = spec.run.memory_limit
         available = parse_bytes(limit, "run.memory_limit") if limit else memory_plan.available_bytes()

@@ -6,15 +6,18 @@ import hashlib
 import json
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bitalloc import configio
 from bitalloc.errors import BitallocError
 from bitalloc.formats import KEEP_BITS, MAX_GROUP_SIZE, QUANT_BITS, SCALE_DTYPES, Format
 from bitalloc.model import DEFAULT_MODEL
+from bitalloc.quantizers import Quantizer, get_quantizer
+from bitalloc.targets import TARGETS, check_types
 from bitalloc.search.constraints import Constraints
 from bitalloc.units import parse_bytes
 
@@ -37,12 +40,25 @@ class ModelSpec(_Strict):
 
 
 class FormatsSpec(_Strict):
-    """The candidate formats: every combination of the listed bits, group sizes and symmetries."""
+    """Candidate formats made by one quantizer (`method`, with its `params`): every combination of the listed bits,
+    group sizes and symmetries, or llama.cpp's `types` (method gguf), or all a runtime `target` stores and runs.
+    `formats` may be a list of these, to search formats made by several quantizers together."""
 
+    target: Optional[str] = None
+    method: Optional[str] = None
+    params: dict[str, Any] = {}
     bits: list[int] = [2, 3, 4, 5, 6, 8]
     group_size: Union[int, list[int]] = 64
     symmetric: Union[bool, list[bool]] = False
     scale_dtype: str = "float16"
+    types: list[str] = []
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v):
+        if v is not None and v not in TARGETS:
+            raise ValueError(f"{v!r} is not a runtime target; allowed: {', '.join(TARGETS)}")
+        return v
 
     @field_validator("bits")
     @classmethod
@@ -79,7 +95,48 @@ class FormatsSpec(_Strict):
             raise ValueError(f"{v!r} is not allowed; allowed: {', '.join(SCALE_DTYPES)}")
         return v
 
+    @model_validator(mode="after")
+    def _method(self):
+        if self.target:
+            fixed = sorted(self.model_fields_set & {"bits", "group_size", "symmetric", "scale_dtype", "types"})
+            if fixed:
+                raise BitallocError(f"formats.{fixed[0]}", f"set by target {self.target}: remove it, or drop the "
+                                                           f"target to list formats yourself")
+            allowed = TARGETS[self.target].methods
+            if self.method is not None and self.method not in allowed:
+                raise BitallocError("formats.method", f"{self.method!r} is not what {self.target} loads; allowed: "
+                                                      f"{', '.join(allowed)}")
+        method = self.resolved_method()
+        get_quantizer(method, **self.params)  # its parameters checked by name, type and value
+        if method == "gguf":
+            if not self.target:
+                if not self.types:
+                    raise BitallocError("formats.types", "method gguf makes llama.cpp's types: list them, e.g. "
+                                                         "[q4_K, q6_K], or use target: llamacpp")
+                try:
+                    check_types(self.types, bool(self.params.get("imatrix")))
+                except ValueError as exc:
+                    raise BitallocError("formats.types", str(exc)) from None
+        elif self.types:
+            raise BitallocError("formats.types", f"types are llama.cpp's and need method gguf (this is {method})")
+        return self
+
+    def resolved_method(self) -> str:
+        if self.method:
+            return self.method
+        if self.target:
+            return TARGETS[self.target].methods[0]
+        return "gguf" if self.types else "rtn"
+
+    def quantizer(self) -> Quantizer:
+        return get_quantizer(self.resolved_method(), **self.params)
+
     def expand(self) -> tuple[Format, ...]:
+        method = self.resolved_method()
+        if self.target:
+            return TARGETS[self.target].formats(method, self.params)
+        if method == "gguf":
+            return tuple(Format.of_ggml(t) for t in dict.fromkeys(self.types))
         groups = self.group_size if isinstance(self.group_size, list) else [self.group_size]
         syms = self.symmetric if isinstance(self.symmetric, list) else [self.symmetric]
         out = []
@@ -87,8 +144,12 @@ class FormatsSpec(_Strict):
             if b == KEEP_BITS:
                 out.append(Format(b, scale_dtype=self.scale_dtype if self.scale_dtype != "float32" else "float16"))
                 continue
-            out.extend(Format(b, g, s, self.scale_dtype) for g in groups for s in syms)
+            out.extend(Format(b, g, s, self.scale_dtype, method) for g in groups for s in syms)
         return tuple(dict.fromkeys(out))
+
+
+def _as_list(v):
+    return [v] if isinstance(v, dict) else v
 
 
 class DataSpec(_Strict):
@@ -204,7 +265,7 @@ class JobSpec(_Strict):
     name: str = Field("job", pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
     seed: int = Field(0, ge=0, lt=2**32)
     model: ModelSpec
-    formats: FormatsSpec = FormatsSpec()
+    formats: Annotated[list[FormatsSpec], BeforeValidator(_as_list)] = [FormatsSpec()]
     data: DataSpec = DataSpec()
     sensitivity: SensitivitySpec = SensitivitySpec()
     search: SearchSpec = SearchSpec()
@@ -223,6 +284,35 @@ class JobSpec(_Strict):
         if not v.strip():
             raise ValueError("an output path is needed, e.g. runs/{name}")
         return v
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[FormatsSpec]) -> list[FormatsSpec]:
+        if not v:
+            raise ValueError("at least one set of formats is needed")
+        seen: dict[str, dict] = {}
+        for k, part in enumerate(v):
+            method = part.resolved_method()
+            if seen.setdefault(method, part.params) != part.params:
+                raise BitallocError(f"formats[{k}].params", f"{method} has other params in an earlier entry; one "
+                                                            f"method, one set of params")
+        return v
+
+    def expand_formats(self) -> tuple[Format, ...]:
+        """Every entry's formats, in order, each once."""
+        return tuple(dict.fromkeys(f for part in self.formats for f in part.expand()))
+
+    def quantizers(self) -> dict[str, Quantizer]:
+        return {part.resolved_method(): part.quantizer() for part in self.formats}
+
+    def target_ties(self, layers: list) -> list[tuple[int, ...]]:
+        """Layers the targets' runtimes make share a format."""
+        return [g for part in self.formats if part.target for g in TARGETS[part.target].ties(layers)]
+
+    def target(self) -> Optional[str]:
+        """The runtime target, when every entry names the same one."""
+        names = {part.target for part in self.formats}
+        return names.pop() if len(names) == 1 else None
 
     def output_dir(self) -> Path:
         return Path(self.output.format(name=self.name))
@@ -245,16 +335,23 @@ def _loc(loc: tuple) -> str:
 def _fields_at(loc: tuple) -> list[str]:
     model: type[BaseModel] = JobSpec
     for part in loc[:-1]:
-        ann = model.model_fields.get(part) if isinstance(part, str) else None
-        if ann is None or not (isinstance(ann.annotation, type) and issubclass(ann.annotation, BaseModel)):
+        if isinstance(part, int):
+            continue
+        ann = model.model_fields.get(part)
+        annotation = ann.annotation if ann is not None else None
+        if typing.get_origin(annotation) is list:
+            annotation = typing.get_args(annotation)[0]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
-        model = ann.annotation
+        model = annotation
     return list(model.model_fields)
 
 
-def _one_line(exc: ValidationError) -> BitallocError:
+def _one_line(exc: ValidationError, data: dict) -> BitallocError:
     err = exc.errors()[0]
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "float", "int"))))
+    if loc[:2] == ("formats", 0) and isinstance(data.get("formats"), dict):
+        loc = loc[:1] + loc[2:]  # one mapping of formats: no index
     field = _loc(loc) or "job"
     if err["type"] == "extra_forbidden":
         return BitallocError(field, f"unknown key; allowed here: {', '.join(_fields_at(loc))}")
@@ -300,13 +397,13 @@ def parse_spec(data: Any, overrides: list[str] | None = None) -> JobSpec:
     data = apply_overrides(data, overrides or [])
     try:
         spec = JobSpec.model_validate(data)
-        spec.formats.expand()
+        spec.expand_formats()
         check_estimator(spec.sensitivity.estimator, spec.sensitivity.params)
         check_solver(spec.search.solver, spec.search.params)
     except ValidationError as exc:
-        raise _one_line(exc) from None
+        raise _one_line(exc, data) from None
     except BitallocError as exc:
-        raise BitallocError(exc.field.replace("format", "formats", 1), exc.message) from None
+        raise BitallocError(re.sub(r"^format(?=\.|$)", "formats", exc.field), exc.message) from None
     return spec
 
 

@@ -33,7 +33,7 @@ from bitalloc.types import Measurement
 @ray.remote(max_restarts=4, max_task_retries=4)
 class EvalWorker:
     def __init__(self, skeleton, state: dict[str, torch.Tensor], layers: list[QuantizableLayer],
-                 formats: tuple[Format, ...], store: LevelStore, working_set: int | None,
+                 formats: tuple[Format, ...], stores: dict[str, LevelStore], working_set: int | None,
                  token_sets: dict[str, torch.Tensor], batch_size: int, threads: int, metric: str, reference: str):
         torch.set_num_threads(threads)
         module = _restore(skeleton, state)
@@ -42,9 +42,10 @@ class EvalWorker:
             module = module.to("cuda")
             token_sets = {name: t.to("cuda") for name, t in token_sets.items()}
         model = from_module(module, "worker", metric=metric)
-        store.fill(model, layers, formats)  # a no-op beside the driver; on another node, makes the same levels there
+        for store in stores.values():  # a no-op beside the driver; on another node, makes the same levels there
+            store.fill(model, layers, formats)
         # on a GPU, every level is held packed on the device and candidates run on the Triton kernels
-        levels = Levels(model, layers, formats, store, working_set, device="cuda" if gpu else None)
+        levels = Levels(model, layers, formats, stores, working_set, device="cuda" if gpu else None)
         self.runner = LocalRunner(model, levels, token_sets, batch_size, reference)
 
     def run(self, item: tuple[int, EvalTask]) -> tuple[int, Measurement]:
@@ -103,7 +104,7 @@ class RayRunner:
         self._shared = (skeleton, ray.put(_state(module)))
         options = {"num_cpus": threads_per_worker, "num_gpus": gpus_per_worker}
         self.actors = [EvalWorker.options(**options).remote(*self._shared, list(levels.layers.values()),
-                                                            levels.formats, levels.store, levels.working_set,
+                                                            levels.formats, levels.stores, levels.working_set,
                                                             token_sets, batch_size, threads_per_worker, metric,
                                                             reference)
                        for _ in range(workers)]

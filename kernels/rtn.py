@@ -43,17 +43,23 @@ def _split(w: torch.Tensor, group_size: int) -> list[torch.Tensor]:
     return parts
 
 
-def _quantize_block(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _quantize_block(x: torch.Tensor, fmt: Format, shrink: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes, scales and zeros of [out, n, group] blocks over their min-max range, or that range multiplied by
+    `shrink` ([out, n, 1]: a clipped range, whose outliers saturate)."""
     sdt = _DTYPES[fmt.scale_dtype]
     if fmt.symmetric:
         qmax = 2 ** (fmt.bits - 1) - 1
-        scale = (x.abs().amax(-1, keepdim=True) / qmax).to(sdt).float()
+        top = x.abs().amax(-1, keepdim=True)
+        scale = ((top if shrink is None else top * shrink) / qmax).to(sdt).float()
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         codes = torch.clamp(torch.round(x / scale), -qmax - 1, qmax)
         return codes, scale, None
     levels = 2**fmt.bits - 1
     lo = x.amin(-1, keepdim=True)
     hi = x.amax(-1, keepdim=True)
+    if shrink is not None:
+        lo, hi = lo * shrink, hi * shrink
     scale = ((hi - lo) / levels).to(sdt).float()
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     zero = lo.to(sdt).float()
@@ -61,14 +67,15 @@ def _quantize_block(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.T
     return codes, scale, zero
 
 
-def quantize(weight: torch.Tensor, fmt: Format) -> QuantizedWeight:
-    """Quantize a [out, in] weight; computed in float32 whatever the weight's dtype."""
+def quantize(weight: torch.Tensor, fmt: Format, shrink: torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize a [out, in] weight; computed in float32 whatever the weight's dtype. `shrink` [out, n_groups]
+    scales each group's range (a clipped range; see `group_errors`)."""
     if not fmt.quantized:
         raise ValueError("16-bit formats are not quantized; use fake_quantize")
     w = weight.detach().float()
     codes, scales, zeros = [], [], []
-    for block in _split(w, fmt.group_size):
-        c, s, z = _quantize_block(block, fmt)
+    for block, factor in zip(_split(w, fmt.group_size), _group_parts(shrink, fmt.group_size, w.shape[1])):
+        c, s, z = _quantize_block(block, fmt, factor)
         codes.append(c.reshape(w.shape[0], -1))
         scales.append(s.squeeze(-1))
         if z is not None:
@@ -80,6 +87,39 @@ def quantize(weight: torch.Tensor, fmt: Format) -> QuantizedWeight:
         zeros=torch.cat(zeros, 1).to(_DTYPES[fmt.scale_dtype]) if zeros else None,
         fmt=fmt,
     )
+
+
+def _group_parts(per_group: torch.Tensor | None, group_size: int, cols: int) -> list[torch.Tensor | None]:
+    """A per-group tensor [out, n_groups] split as `_split` splits the columns, each as [out, n, 1]."""
+    full = cols // group_size
+    if per_group is None:
+        return [None] * (bool(full) + bool(cols % group_size))
+    parts = [per_group[:, :full, None]] if full else []
+    if cols % group_size:
+        parts.append(per_group[:, full:, None])
+    return parts
+
+
+def group_errors(weight: torch.Tensor, fmt: Format, shrink: float,
+                 column_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[out, n_groups] squared error of each group quantized over its range times `shrink`, each column's error
+    weighted by `column_weight` [in] (e.g. the layer's input second moments) when given."""
+    w = weight.detach().float()
+    errors = []
+    for block, (start, n) in zip(_split(w, fmt.group_size), _spans(w.shape[1], fmt.group_size)):
+        factor = torch.full((block.shape[0], block.shape[1], 1), shrink)
+        c, s, z = _quantize_block(block, fmt, factor)
+        err = (block - (c * s if z is None else c * s + z)).pow(2)
+        if column_weight is not None:
+            err = err * column_weight[start:start + n * block.shape[2]].float().reshape(1, n, -1)
+        errors.append(err.sum(-1))
+    return torch.cat(errors, 1)
+
+
+def _spans(cols: int, group_size: int) -> list[tuple[int, int]]:
+    """(first column, group count) of each part `_split` makes."""
+    full = cols // group_size
+    return ([(0, full)] if full else []) + ([(full * group_size, 1)] if cols % group_size else [])
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

@@ -50,7 +50,7 @@ def test_level_store_size_is_the_counted_bytes(setup):
     _, layers, formats, levels, _ = setup
     assert levels.nbytes == sum(weight_bytes(l.out_features, l.in_features, f) for l in layers for f in formats
                                 if f.quantized)
-    files = [levels.store.path(l.name, f) for l in layers for f in formats if f.quantized]
+    files = [levels.stores['rtn'].path(l.name, f) for l in layers for f in formats if f.quantized]
     on_disk = sum(p.stat().st_size for p in files)
     assert levels.nbytes < on_disk < levels.nbytes + 2048 * len(files)  # data plus each file's header
 

@@ -170,7 +170,7 @@ def test_packed_evaluation_measures_what_the_dequantized_evaluation_does(tiny_ll
     fmts = (Format(3, 32), Format(8, 32, True))
     tokens = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(0))
     plain = Levels.build(model, layers, fmts)
-    packed = Levels(model, layers, fmts, plain.store, device="cpu")  # a GPU worker's levels, on the CPU
+    packed = Levels(model, layers, fmts, plain.stores, device="cpu")  # a GPU worker's levels, on the CPU
     evaluator = Evaluator(model, plain, tokens, 2)
     assignment = {l.name: fmts[i % 2] for i, l in enumerate(layers)}
     expected = evaluator.evaluate(assignment)

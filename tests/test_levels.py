@@ -61,10 +61,10 @@ def test_streamed_evaluation_equals_weights_quantized_in_memory(model_layers):
         q = fake_quantize(model.weight(l), assignment[l.name])
         in_memory[l.name] = q.t().contiguous() if l.transposed else q
     before = {n: p.clone() for n, p in model.module.named_parameters()}
-    expected = Evaluator(model, Levels(model, layers, FORMATS, store), tokens, 2).evaluate_tensors(in_memory)
+    expected = Evaluator(model, Levels(model, layers, FORMATS, {'rtn': store}), tokens, 2).evaluate_tensors(in_memory)
     largest = max(l.numel for l in layers) * 4
     for working_set in (None, dense_bytes(model, layers), largest, 1):
-        levels = Levels(model, layers, FORMATS, store, working_set=working_set)
+        levels = Levels(model, layers, FORMATS, {'rtn': store}, working_set=working_set)
         assert Evaluator(model, levels, tokens, 2).evaluate(assignment) == expected
         assert working_set is None or levels.held_bytes <= working_set
     for n, p in model.module.named_parameters():

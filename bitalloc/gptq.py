@@ -1,0 +1,84 @@
+"""GPTQ (Frantar et al., 2022): quantize a layer's columns in turn, each column's rounding error pushed onto the
+columns not yet quantized through the inverse Hessian of the layer's inputs, H = 2 XᵀX / n.
+
+The grid is GPTQ's own, as GPTQModel stores it: per group, asymmetric scale = (max - min) / (2^b - 1) over a range
+that contains 0, an integer zero point z = round(-min / scale), w = (q - z) * scale; symmetric z = 2^(b-1) and
+scale = 2 max|w| / (2^b - 1). Scales are rounded to the format's scale dtype before codes are taken. Group
+parameters come from the weights as updated so far when the group's first column is reached (GPTQModel's default);
+with `act_order` (columns by decreasing Hessian diagonal) they come from the original weights instead ("static
+groups"), so every group stays a run of consecutive input columns — the grouped layout every kernel reads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bitalloc.formats import Format
+from bitalloc.kernels.rtn import _DTYPES, QuantizedWeight
+
+
+def _grid(w: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point [rows] for a group's columns w [rows, n]."""
+    maxq = 2**fmt.bits - 1
+    lo = w.amin(1).clamp(max=0)
+    hi = w.amax(1).clamp(min=0)
+    if fmt.symmetric:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    span = hi - lo
+    scale = torch.where(span == 0, torch.ones_like(span), span / maxq).to(_DTYPES[fmt.scale_dtype]).float()
+    zero = (torch.full_like(scale, (maxq + 1) // 2) if fmt.symmetric
+            else torch.round(-lo / scale).clamp(0, maxq))
+    return scale, zero
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp: float = 0.01, act_order: bool = False,
+         block: int = 128) -> tuple[QuantizedWeight, torch.Tensor]:
+    """(codes with scales and float zero terms -z*scale in the format's layout, the integer zero points)."""
+    w = weight.detach().float().clone()
+    rows, cols = w.shape
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    gs = fmt.group_size
+    n_groups = -(-cols // gs)
+    scales = torch.zeros(rows, n_groups)
+    zeros = torch.zeros(rows, n_groups)
+    known = torch.zeros(n_groups, dtype=torch.bool)
+    if act_order:
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = _grid(w[:, g * gs:(g + 1) * gs], fmt)
+        known[:] = True
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        perm = torch.arange(cols)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    maxq = 2**fmt.bits - 1
+    codes = torch.zeros(rows, cols)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // gs
+            if not known[g]:  # without act_order columns come in order: col is the group's first
+                scales[:, g], zeros[:, g] = _grid(torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :min(gs, cols - col)], fmt)
+                known[g] = True
+            q = torch.clamp(torch.round(w1[:, i] / scales[:, g]) + zeros[:, g], 0, maxq)
+            codes[:, col] = q
+            err = (w1[:, i] - (q - zeros[:, g]) * scales[:, g]) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    sdt = _DTYPES[fmt.scale_dtype]
+    if fmt.symmetric:
+        q = QuantizedWeight((codes - zeros.repeat_interleave(gs, 1)[:, :cols]).to(torch.int8), scales.to(sdt), None,
+                            fmt)
+    else:
+        q = QuantizedWeight(codes.to(torch.uint8), scales.to(sdt), (-zeros * scales).to(sdt), fmt)
+    return q, zeros

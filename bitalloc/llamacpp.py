@@ -1,0 +1,96 @@
+"""llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity), built once per version into the bitalloc
+cache from the llama.cpp sources vendored in the `llama-cpp-python` sdist.
+
+The build is portable rather than native: `-DGGML_NATIVE=OFF` with AVX2/FMA/F16C, because a native build on a CPU
+with AMX faults ("Illegal instruction") on quantized models. Static binaries, so the cache folder can be copied
+between machines of one architecture. Builds take 3-5 minutes on 2 cores; concurrent jobs wait on one lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from .errors import BitallocError
+
+LLAMA_CPP_PYTHON = "0.3.36"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+               "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+               "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF")
+
+
+def cache_base() -> Path:
+    return Path(os.environ.get("BITALLOC_CACHE") or Path.home() / ".cache" / "bitalloc")
+
+
+def build_dir() -> Path:
+    """Where this version's tools and converter live (`BITALLOC_LLAMA_CPP` overrides, e.g. a shared build)."""
+    override = os.environ.get("BITALLOC_LLAMA_CPP")
+    return Path(override) if override else cache_base() / "llama.cpp" / LLAMA_CPP_PYTHON
+
+
+def _built(folder: Path) -> bool:
+    return all((folder / "bin" / t).is_file() for t in TOOLS) and (folder / "gguf-py").is_dir()
+
+
+def tool(name: str, announce=lambda line: print(line, file=sys.stderr)) -> Path:
+    """The path of one of `TOOLS`, building them first if this version is not in the cache."""
+    folder = build_dir()
+    if not _built(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _built(folder):
+                announce(f"building llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON}'s sources) into {folder}: "
+                         f"first use only, 3-5 minutes on 2 cores")
+                _build(folder)
+    return folder / "bin" / name
+
+
+def _build(folder: Path) -> None:
+    for program in ("cmake", "c++"):
+        if shutil.which(program) is None:
+            raise BitallocError("llama.cpp", f"{program} is needed to build llama.cpp's tools and is not installed; "
+                                             f"./dev test installs it, or: apt-get install cmake g++")
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+              f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", tmp], "downloading the llama-cpp-python sdist")
+        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+        build = Path(tmp) / "build"
+        _run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS], "configuring llama.cpp")
+        _run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
+             "building llama.cpp")
+        (folder / "bin").mkdir(exist_ok=True)
+        for name in TOOLS:
+            shutil.copy2(build / "bin" / name, folder / "bin" / name)
+        shutil.copytree(source / "gguf-py", folder / "gguf-py", dirs_exist_ok=True)
+        shutil.copy2(source / "convert_hf_to_gguf.py", folder / "convert_hf_to_gguf.py")
+        if (source / "conversion").is_dir():
+            shutil.copytree(source / "conversion", folder / "conversion", dirs_exist_ok=True)
+
+
+def _run(cmd: list[str], what: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise BitallocError("llama.cpp", f"{what} failed (exit {done.returncode}): {tail[0]}")
+
+
+def run(name: str, args: list[str], what: str) -> str:
+    """Run a tool; its output on success, else a one-line error with its last line."""
+    done = subprocess.run([str(tool(name)), *args], capture_output=True, text=True)
+    if done.returncode:
+        lines = [l for l in (done.stderr + done.stdout).splitlines() if l.strip()]
+        errors = [l for l in lines if "error" in l.lower()] or lines[-1:] or ["no output"]
+        raise BitallocError("llama.cpp", f"{name} {what} failed (exit {done.returncode}): {errors[-1].strip()}")
+    return done.stdout + done.stderr
