@@ -236,6 +236,30 @@ def layers(
     _out().print(layers_table(model, list_layers(load_model(model)), formats))
 
 
+@app.command()
+def quantizers():
+    """List the quantizers (formats.method) with their parameters, and the runtime targets (formats.target)."""
+    from rich.table import Table
+
+    from .quantizers import QUANTIZERS
+    from .registry import declared_parameters
+    from .targets import TARGETS
+
+    table = Table("method", "version", "params (default)", "calibration", "what it does", title="quantizers")
+    for name, cls in sorted(QUANTIZERS.items()):
+        q = cls()
+        params = ", ".join(f"{k}={v}" for k, v in q.params().items()) or "-"
+        reads = {"hessian": "input XᵀX", "diagonal": "input x²"}.get(q.inputs, "imatrix (optional)" if name == "gguf"
+                                                                      else "-")
+        table.add_row(name, str(cls.version), params, reads, cls.summary)
+    _out().print(table)
+    targets = Table("target", "methods (default first)", "formats", title="runtime targets")
+    for t in TARGETS.values():
+        names = [f.name for f in t.formats(t.methods[0], {})]
+        targets.add_row(t.name, ", ".join(t.methods), f"{len(names)}: {' '.join(names)}\n{t.summary}")
+    _out().print(targets)
+
+
 # what `export` and `pack` both take to name one measured config
 Target = Annotated[str, typer.Argument(help="a job's output dir or MLflow run id (the job's, or one point's)")]
 AvgBits = Annotated[Optional[float], typer.Option("--avg-bits", help="lowest-KL measured config within this many "
@@ -268,13 +292,15 @@ def export(
     export_format = resolve_export_format(export_format, output)
     configio.check_writable(output, "--output")
     chosen = choose(target, avg_bits, budget, point, tracking_uri)
-    changed, checked = write_export(chosen, export_format, output, nearest)
+    changed, checked, notes = write_export(chosen, export_format, output, nearest)
     config, m, measured = chosen.config, chosen.config.metric.metric(), chosen.config.measured()
     kl = f", {m.loss_label} {measured[0]:.4f}, {m.quality_label} {measured[1]:.4g}" if measured else ""
     _out().print(f"wrote {output} ({export_format}) from {chosen.where}: {config.totals.avg_bits:.3f} avg bits, "
                  f"{config.totals.mib:.2f} MiB{kl}; {checked}", markup=False)
     for line in changed:
         _out().print(f"  nearest: {line}", markup=False)
+    for line in notes:
+        _out().print(f"  note: {line}", markup=False)
 
 
 @app.command()

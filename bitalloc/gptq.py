@@ -82,3 +82,20 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp: float =
     else:
         q = QuantizedWeight(codes.to(torch.uint8), scales.to(sdt), (-zeros * scales).to(sdt), fmt)
     return q, zeros
+
+
+def checkpoint_tensors(q: QuantizedWeight, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The level as a GPTQ checkpoint holds it (GPTQModel's `gptq` format): codes packed along the input dimension
+    into int32 `qweight` [in * bits / 32, out], integer zero points packed the same way into `qzeros`
+    [groups, out * bits / 32], `scales` [groups, out] and the group of every input column `g_idx` [in]. Their bytes
+    are what `weight_bytes` counts for method gptq."""
+    from bitalloc.kernels.packed import offset, pack_codes
+
+    bits, cols = q.fmt.bits, q.codes.shape[1]
+    unsigned = q.codes.to(torch.int64) + offset(q.fmt)
+    return {
+        "qweight": pack_codes(unsigned, bits).t().contiguous(),
+        "qzeros": pack_codes(zeros.t().to(torch.int64), bits),
+        "scales": q.scales.t().contiguous(),
+        "g_idx": (torch.arange(cols) // q.fmt.group_size).to(torch.int32),
+    }

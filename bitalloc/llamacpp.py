@@ -54,11 +54,18 @@ def tool(name: str, announce=lambda line: print(line, file=sys.stderr)) -> Path:
     return folder / "bin" / name
 
 
+def _program(name: str) -> str:
+    """A build program on PATH or beside this Python (pip's cmake in a virtual environment)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        raise BitallocError("llama.cpp", f"{name} is needed to build llama.cpp's tools and is not installed; "
+                                         f"./dev test installs it, or: apt-get install cmake g++")
+    return found
+
+
 def _build(folder: Path) -> None:
-    for program in ("cmake", "c++"):
-        if shutil.which(program) is None:
-            raise BitallocError("llama.cpp", f"{program} is needed to build llama.cpp's tools and is not installed; "
-                                             f"./dev test installs it, or: apt-get install cmake g++")
+    cmake = _program("cmake")
+    _program("c++")
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
               f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", tmp], "downloading the llama-cpp-python sdist")
@@ -67,8 +74,8 @@ def _build(folder: Path) -> None:
             tar.extractall(tmp, filter="data")
         source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
         build = Path(tmp) / "build"
-        _run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS], "configuring llama.cpp")
-        _run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
+        _run([cmake, "-S", str(source), "-B", str(build), *CMAKE_FLAGS], "configuring llama.cpp")
+        _run([cmake, "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
              "building llama.cpp")
         (folder / "bin").mkdir(exist_ok=True)
         for name in TOOLS:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BitallocError
+from .layer_inputs import input_bytes
 from .levels import dense_bytes, level_bytes
 from .model import HIDDEN_STATE, LoadedModel, QuantizableLayer
 
@@ -128,6 +129,10 @@ def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, esti
         Part("forward passes", evaluating * forward, "data.batch_size"),
         Part("estimator", _estimator_bytes(model, layers, spec, estimator, numel), "sensitivity.estimator"),
     ]
+    kinds = {q.inputs for q in spec.quantizers().values() if q.inputs}
+    if kinds:  # the accumulators live while levels are made, before estimation: counted apart as an upper bound
+        kind = "hessian" if "hessian" in kinds else "diagonal"
+        parts.append(Part(f"quantizer inputs ({kind})", input_bytes(layers, kind), "formats.method"))
     if workers:
         parts.append(Part("Ray object store (model)", model_bytes, "run.workers"))
         parts.append(Part("Ray worker processes", workers * PROCESS_OVERHEAD, "run.workers"))

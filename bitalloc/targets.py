@@ -54,10 +54,10 @@ class Target:
 TARGETS = {t.name: t for t in (
     Target("llamacpp", ("gguf",), "llama.cpp's k-, legacy and i-quants by llama-quantize itself; a type only where "
                                   "the row width takes its blocks"),
-    Target("gptqmodel", ("gptq", "rtn"), "GPTQ 2/3/4/8-bit, groups 64/128, symmetric (GPTQModel's gptq format; "
+    Target("gptqmodel", ("gptq",), "GPTQ 2/3/4/8-bit, groups 64/128, symmetric (GPTQModel's gptq format; "
                                          "vLLM fuses q/k/v and gate/up, so they share one)", (2, 3, 4, 8), (64, 128),
            True, FUSED),
-    Target("llmcompressor", ("gptq", "rtn"), "GPTQ W4A16/W8A16, groups 64/128, symmetric (compressed-tensors "
+    Target("llmcompressor", ("gptq",), "GPTQ W4A16/W8A16, groups 64/128, symmetric (compressed-tensors "
                                              "pack-quantized; q/k/v and gate/up share one)", (4, 8), (64, 128), True,
            FUSED),
     Target("hqq", ("hqq",), "HQQ 2/3/4/8-bit, groups 64/128, asymmetric; one format per layer tag (transformers' "

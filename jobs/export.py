@@ -17,7 +17,7 @@ from bitalloc.results import ConfigDoc, Front, ModelInfo, Point, read_config, re
 from bitalloc.units import parse_bytes
 
 from . import runtime_checks
-from .runtimes import RUNTIMES, Layer, export
+from .runtimes import RUNTIMES, Layer, export, notes
 
 CANONICAL = ("json", "yaml")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -164,14 +164,15 @@ def layers_of(doc: ConfigDoc) -> list[Layer]:
     return [Layer(name, fmt, *doc.shapes[name]) for name, fmt in doc.formats().items()]
 
 
-def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool) -> tuple[list[str], str]:
-    """Write the file atomically; returns (layers written as nearest, what the runtime's parser said)."""
+def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool) -> tuple[list[str], str, list[str]]:
+    """Write the file atomically; returns (layers written as nearest, what the runtime's parser said, what else
+    differs from the front: levels another quantizer made)."""
     fmt = resolve_export_format(export_format, output)
     if fmt in CANONICAL:
         if output.suffix not in ({".json"} if fmt == "json" else {".yaml", ".yml"}):
             raise BitallocError("--output", f"{output.name!r} must end in .{fmt} for --format {fmt}")
         configio.write(chosen.config.document(), output)
-        return [], f"canonical {chosen.config.schema_}"
+        return [], f"canonical {chosen.config.schema_}", []
     text, changed = export(fmt, layers_of(chosen.config), chosen.config.model.type, nearest)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
@@ -184,4 +185,4 @@ def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool
             except Exception as exc:
                 raise BitallocError("--format", f"{fmt} rejected the export: {exc}") from None
         staged.replace(output)
-    return changed, checked
+    return changed, checked, notes(fmt, layers_of(chosen.config))

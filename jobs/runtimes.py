@@ -13,7 +13,8 @@ unless asked for the nearest (`--nearest`), so a file never silently differs fro
   `config_groups`): one group per distinct format, `re:`-anchored per-layer targets; 16-bit layers
   and `lm_head` in `ignore`. Zero points are stored as int8 by compressed-tensors (bitalloc counts fp16).
 - `llamacpp`: a `llama-quantize --tensor-type-file` (one `regex=type` per line, no comments), module
-  names mapped to GGUF tensor names by gguf-py's tensor name map. Bits map to ggml types by this rule:
+  names mapped to GGUF tensor names by gguf-py's tensor name map. A ggml format (method gguf, e.g. from
+  `formats: {target: llamacpp}`) is written as its type. Other formats' bits map to ggml types by this rule:
   rows whose length is a multiple of 256 take k-quants (2->q2_K, 3->q3_K, 4->q4_K, 5->q5_K, 6->q6_K);
   other rows whose length is a multiple of 32 take the 32-blocks (4->q4_0 symmetric / q4_1 asymmetric,
   5->q5_0 / q5_1; 2, 3 and 6 bits have no 32-block type: nearest q4_x, q4_x, q8_0); 8->q8_0; 16->f16/bf16.
@@ -36,6 +37,8 @@ import yaml
 
 from bitalloc.errors import BitallocError
 from bitalloc.formats import KEEP_BITS, Format
+from bitalloc.ggml_types import GGML_TYPES, stored_type
+from bitalloc.gguf_levels import tensor_names
 from bitalloc.registry import Registry
 
 
@@ -61,6 +64,14 @@ RUNTIMES: Registry["Runtime"] = Registry("an export format", "--format", "--form
 
 class Runtime:
     name = ""
+    quantizer = ""  # the method whose levels are what this runtime runs
+
+    def notes(self, layers: list[Layer]) -> list[str]:
+        """What differs from the front although the file expresses every format: levels another quantizer made."""
+        other = Counter(l.fmt.method for l in layers if l.fmt.quantized and l.fmt.method != self.quantizer)
+        return [f"{n} layers were measured with {method} levels; {self.name} quantizes them with {self.quantizer}, "
+                f"so its quality will differ from the front's (search with formats.target: {self.name} to measure "
+                f"what it runs)" for method, n in other.items()]
 
     def place(self, layers: list[Layer], model_type: str | None) -> dict[str, Placement]:
         return {l.name: self.place_one(l) for l in layers}
@@ -86,12 +97,23 @@ def _by_value(layers: list[Layer], placed: dict[str, Placement], keep: Callable[
     return groups
 
 
+def _from_ggml(layer: Layer, runtime: str, bits: tuple[int, ...], group: int) -> Placement:
+    """A llama.cpp type's nearest in a grouped-integer runtime: at least its bits, in groups no coarser."""
+    f = layer.fmt
+    value = {"bits": min((b for b in bits if b >= f.bits), default=max(bits)), "group_size": group, "sym": True}
+    return Placement(value, False, f"llama.cpp's {f.ggml} has no {runtime} form")
+
+
 @RUNTIMES.register("gptqmodel")
 class GPTQModel(Runtime):
+    quantizer = "gptq"
+
     def place_one(self, layer: Layer) -> Placement:
         f = layer.fmt
         if not f.quantized:
             return Placement(None)
+        if f.ggml:
+            return _from_ggml(layer, "GPTQ", (2, 3, 4, 8), 32)
         value = {"bits": f.bits, "group_size": f.group_size, "sym": f.symmetric}
         if f.scale_dtype != "float16":
             return Placement(value, False, f"GPTQ stores float16 scales, not {f.scale_dtype}")
@@ -112,11 +134,17 @@ class GPTQModel(Runtime):
 
 @RUNTIMES.register("llmcompressor")
 class LLMCompressor(Runtime):
+    quantizer = "gptq"
 
     def place_one(self, layer: Layer) -> Placement:
         f = layer.fmt
         if not f.quantized:
             return Placement(None)
+        if f.ggml:
+            near = _from_ggml(layer, "compressed-tensors", (4, 8), 32).value
+            return Placement({"num_bits": near["bits"], "type": "int", "symmetric": True, "strategy": "group",
+                              "group_size": 32, "scale_dtype": "float16"}, False,
+                             f"llama.cpp's {f.ggml} has no compressed-tensors form")
         return Placement({"num_bits": f.bits, "type": "int", "symmetric": f.symmetric, "strategy": "group",
                           "group_size": f.group_size, "scale_dtype": f.scale_dtype})
 
@@ -140,6 +168,12 @@ def ggml_type(fmt: Format, in_features: int) -> Placement:
     """The ggml type for one layer by the rule in the module docstring."""
     if not fmt.quantized:
         return Placement("f16" if fmt.scale_dtype == "float16" else "bf16")
+    if fmt.ggml:
+        if fmt.fits(in_features):
+            return Placement(fmt.ggml)
+        stored = stored_type(fmt.ggml, in_features) or "f16"
+        return Placement(stored, False, f"{fmt.ggml} needs rows in blocks of {GGML_TYPES[fmt.ggml].block}; rows "
+                                        f"here are {in_features} wide")
     if in_features % 256 == 0:
         return Placement(K_TYPES[fmt.bits])
     if in_features % 32 == 0:
@@ -151,34 +185,16 @@ def ggml_type(fmt: Format, in_features: int) -> Placement:
     return Placement("f16", False, f"llama.cpp quantizes rows in blocks of 32; {in_features} is not a multiple")
 
 
-def gguf_arch(model_type: str | None):
-    import gguf
-
-    names = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
-    arch = names.get({"mistral": "llama"}.get(model_type or "", model_type or ""))
-    if arch is None:
-        raise BitallocError("--format", f"llamacpp: no GGUF tensor names known for model type {model_type!r}")
-    return arch
-
-
 @RUNTIMES.register("llamacpp")
 class LlamaCpp(Runtime):
+    quantizer = "gguf"
 
     def place_one(self, layer: Layer) -> Placement:
         return ggml_type(layer.fmt, layer.in_features)
 
     def render(self, layers, placed, model_type) -> str:
-        import gguf
-
-        blocks = 1 + max((int(m[1]) for l in layers if (m := re.search(r"\.(\d+)\.", l.name))), default=0)
-        names = gguf.get_tensor_name_map(gguf_arch(model_type), blocks)
-        lines = []
-        for l in layers:
-            tensor = names.get_name(l.name + ".weight", try_suffixes=(".weight",))
-            if tensor is None:
-                raise BitallocError("--format", f"llamacpp: no GGUF tensor name for {l.name!r} ({model_type})")
-            lines.append(f"^{re.escape(tensor)}$={placed[l.name].value}")
-        return "\n".join(lines) + "\n"
+        names = tensor_names(model_type, [l.name for l in layers], "--format")
+        return "".join(f"^{re.escape(names[l.name])}$={placed[l.name].value}\n" for l in layers)
 
 
 HQQ_BITS = (1, 2, 3, 4, 8)
@@ -191,6 +207,8 @@ def hqq_tag(name: str) -> str:
 
 @RUNTIMES.register("hqq")
 class HQQ(Runtime):
+    quantizer = "hqq"
+
     def place(self, layers, model_type) -> dict[str, Placement]:
         by_tag: dict[str, list[Layer]] = {}
         for l in layers:
@@ -218,6 +236,9 @@ class HQQ(Runtime):
         f = layer.fmt
         if not f.quantized:
             return Placement(None)
+        if f.ggml:
+            near = _from_ggml(layer, "HQQ", HQQ_BITS, 32).value
+            return Placement({"nbits": near["bits"], "group_size": 32}, False, f"llama.cpp's {f.ggml} has no HQQ form")
         bits = min(b for b in HQQ_BITS if b >= f.bits)
         group = max(d for d in range(1, f.group_size + 1) if layer.in_features % d == 0)
         value = {"nbits": bits, "group_size": group}
@@ -238,6 +259,10 @@ class HQQ(Runtime):
                 dynamic[tag] = placed[l.name].value
         doc = {"dynamic_config": dynamic, "skip_modules": sorted(set(skip) - set(dynamic))}
         return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def notes(runtime_name: str, layers: list[Layer]) -> list[str]:
+    return RUNTIMES.create(runtime_name).notes(layers)
 
 
 def export(runtime_name: str, layers: list[Layer], model_type: str | None, nearest: bool) -> tuple[str, list[str]]:

@@ -180,7 +180,7 @@ def test_runtime_exports_parse_in_the_runtime(fmt, tmp_path):
 
     config = _wide_config(tmp_path)
     target = tmp_path / f"export.{fmt}"
-    changed, _ = write_export(Chosen(read_config(config), "test"), fmt, target, nearest=False)
+    changed, _, _ = write_export(Chosen(read_config(config), "test"), fmt, target, nearest=False)
     assert changed == []
     check = subprocess.run([python, str(ROOT / "jobs" / "runtime_checks.py"), fmt, str(target), str(config)],
                            capture_output=True, text=True)

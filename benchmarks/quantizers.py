@@ -1,0 +1,211 @@
+"""Quantizers compared: uniform KL at 3 and 4 bits, time to build every level, and the mixed front's KL at the bytes of
+uniform 3- and 4-bit RTN; and the llama.cpp target against llama.cpp's own presets. Prints two tables.
+
+    .venv/bin/python benchmarks/quantizers.py [--models default,offgrid] [--methods rtn,clip,gptq,hqq,gguf]
+
+Models: `default` is SmolLM2-135M, whose weights sit on a Q4_1 grid; `offgrid` is the same model with seeded Gaussian
+noise (0.3 x each row's standard deviation) added to every block weight, written as an F32 GGUF, so no 4-bit grid
+holds it. Each method is one `bitalloc run` in a child process with a fresh level store (every level is made):
+formats w2-w8 at group 64 plus w3/w4 at group 128 (asymmetric; gguf: the llamacpp target's types), the default
+job's data (4 x 512 calibration and 4 x 512 held-out tokens), Fisher, DP, budgets 3.5 / 4.0 / 4.5 average bits
+(3.5 and 4.5 are the bytes of uniform w3g64a and w4g64a RTN). A uniform format that does not fit a layer
+(group 128 on 576-wide rows) stands in as the job's nearest that does (w3g64, w4g64), as `Problem.uniform` does.
+
+Presets: each of llama.cpp's presets made by llama-quantize from the same float GGUF; the searched layers' types read
+from the file are evaluated by bitalloc on the same held-out tokens, at their bytes (block bytes of those layers
+plus the same fixed bytes as the front: token embedding and norms are outside the search on both sides); the
+llamacpp job is given each preset's bytes as a budget, so the front is measured exactly there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+BUDGETS = (3.5, 4.0, 4.5)
+DATA = {"source": "shakespeare", "seq_len": 512, "calibration": 4, "evaluation": 4, "batch_size": 2}
+
+
+def offgrid(folder: Path) -> Path:
+    """The default GGUF with every block weight moved off its grid by seeded noise, as an F32 GGUF."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from bitalloc.model import source_files
+
+    _, source = source_files("smollm2-135m")
+    reader = gguf.GGUFReader(source)
+    path = folder / "smollm2-offgrid-f32.gguf"
+    writer = gguf.GGUFWriter(path, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        value = gguf.LlamaFileType.ALL_F32 if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
+        kind = field.types[0]
+        writer.add_key_value(field.name, value, kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    rng = np.random.default_rng(0)
+    for tensor in reader.tensors:
+        data = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        if tensor.name.startswith("blk.") and data.ndim == 2:
+            data = data + rng.standard_normal(data.shape, dtype=np.float32) * 0.3 * data.std(1, keepdims=True)
+        writer.add_tensor(tensor.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def formats_for(method: str) -> list | dict:
+    if method == "gguf":
+        return {"target": "llamacpp"}
+    return [{"bits": [2, 3, 4, 5, 6, 8], "group_size": 64, "method": method},
+            {"bits": [3, 4], "group_size": 128, "method": method}]
+
+
+def run_job(source: str, method: str, budgets: list, out: Path, cache: Path) -> tuple[dict, float]:
+    spec = {"name": f"{method}", "model": {"source": source}, "formats": formats_for(method), "data": DATA,
+            "sensitivity": {"estimator": "fisher"}, "search": {"solver": "dp", "budgets": budgets, "points": 0},
+            "tracking": {"enabled": False}, "output": str(out)}
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(spec))
+    start = time.perf_counter()
+    env = {**os.environ, "BITALLOC_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-m", "bitalloc.cli", "run", str(path)], capture_output=True, text=True,
+                          env=env)
+    if done.returncode:
+        raise SystemExit(f"{method} on {source}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads((out / "front.json").read_text()), time.perf_counter() - start
+
+
+def presets(source: str, cache: Path, folder: Path) -> list[tuple[str, dict[str, str]]]:
+    """(preset, searched layer -> ggml type) as llama-quantize makes each preset from the job's float GGUF."""
+    import gguf
+
+    from bitalloc import llamacpp
+    from bitalloc.gguf_levels import tensor_names
+    from bitalloc.model import list_layers, load_model, select_layers
+
+    model = load_model(source)
+    layers = [l.name for l in select_layers(list_layers(model))]
+    names = tensor_names(model.model_type, layers)
+    float_gguf = next(cache.rglob("model-float.gguf"))
+    out = []
+    for preset in PRESETS:
+        path = folder / f"{preset}.gguf"
+        llamacpp.run("llama-quantize", [str(float_gguf), str(path), preset, str(os.cpu_count() or 1)], preset)
+        types = {t.name: t.tensor_type.name.lower().replace("_k", "_K") for t in gguf.GGUFReader(path).tensors}
+        out.append((preset, {name: types[names[name]] for name in layers}))
+        path.unlink()
+    return out
+
+
+def measure_presets(source: str, cache: Path, chosen: list[tuple[str, dict[str, str]]]) -> list[tuple[str, int, float]]:
+    """(preset, whole-model bytes as the front counts them, KL) on the job's held-out tokens and levels."""
+    os.environ["BITALLOC_CACHE"] = str(cache)
+    from bitalloc.formats import Format, weight_bytes
+    from bitalloc.jobs.spec import parse_spec
+    from bitalloc.model import other_bytes
+    from bitalloc.pipeline import Workspace
+    from bitalloc.tasks import EvalTask
+
+    spec = parse_spec({"model": {"source": source}, "formats": formats_for("gguf"), "data": DATA})
+    ws = Workspace.open(source, spec.expand_formats(), text=DATA["source"], seq_len=DATA["seq_len"],
+                        calibration=DATA["calibration"], evaluation=DATA["evaluation"], quantizers=spec.quantizers())
+    runner = ws.local_runner()
+    fixed = other_bytes(ws.model, ws.layers)
+    out = []
+    for preset, types in chosen:
+        assignment = {l.name: Format.of_ggml(types[l.name]) for l in ws.layers}
+        size = fixed + sum(weight_bytes(l.out_features, l.in_features, assignment[l.name]) for l in ws.layers)
+        measured = runner.map([EvalTask.config(assignment, "evaluation")])[0]
+        out.append((preset, size, measured.loss))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="default,offgrid")
+    ap.add_argument("--methods", default="rtn,clip,gptq,hqq,gguf")
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    console = Console(width=230)
+    with tempfile.TemporaryDirectory(prefix="bitalloc-quantizers-") as tmp:
+        tmp = Path(tmp)
+        for model in args.models.split(","):
+            source = "smollm2-135m" if model == "default" else str(offgrid(tmp))
+            table = Table(title=f"quantizers on {model} (SmolLM2-135M{'' if model == 'default' else ' + noise'}): "
+                                f"KL on 4 x 512 held-out tokens, {os.cpu_count()} CPUs")
+            for col in ("method", "uniform 3b g64", "uniform 3b g128", "uniform 4b g64", "uniform 4b g128",
+                        "build levels s", "mixed @3.5 bits", "mixed @4.0 bits", "mixed @4.5 bits", "job s"):
+                table.add_column(col, justify="left" if col == "method" else "right")
+            rtn = {}
+            for method in methods:
+                cache = tmp / f"cache-{model}-{method}"
+                front, wall = run_job(source, method, list(BUDGETS), tmp / f"{model}-{method}", cache)
+                uniform = {p["format"]: p["loss"] for p in front["points"] if p["kind"] == "uniform"}
+                mixed = {p["label"]: p["loss"] for p in front["points"] if p["kind"] == "mixed"}
+                build = sum(v for k, v in front["timings_s"].items() if k.startswith("quantize"))
+                suffix = "" if method == "rtn" else f"-{method}"
+                names = (["q3_K", None, "q4_K", "q4_0"] if method == "gguf" else
+                         [f"w3g64a{suffix}", f"w3g128a{suffix}", f"w4g64a{suffix}", f"w4g128a{suffix}"])
+                if method == "rtn":
+                    rtn = {3.5: uniform[names[0]], 4.0: uniform[names[2]], 4.5: uniform[names[2]]}
+                cells = [f"{'' if method != 'gguf' else n + ' '}{uniform[n]:.4f}" if n in uniform else "-"
+                         for n in names]
+                ratio = {b: f" ({mixed[f'mixed @ {b:g} bits'] / rtn[b]:.2f}x)" if rtn else "" for b in BUDGETS}
+                table.add_row(method, *cells, f"{build:.1f}",
+                              *[f"{mixed[f'mixed @ {b:g} bits']:.4f}{ratio[b]}" for b in BUDGETS], f"{wall:.0f}")
+                Console(stderr=True).print(f"{model} {method}: done in {wall:.0f} s")
+                if method == "gguf":
+                    chosen = presets(source, cache, tmp)
+                    sizes = [f"{size}B" for _, size in _preset_bytes(source, chosen)]
+                    front, _ = run_job(source, method, list(BUDGETS) + sizes, tmp / f"{model}-gguf-presets", cache)
+                    _preset_table(console, model, front, measure_presets(source, cache, chosen))
+            table.caption = ("(Nx): mixed KL over uniform RTN's at 3.5 bits (w3g64a) for @3.5 and @4.0, at 4.5 bits "
+                             "(w4g64a) for @4.5")
+            console.print(table)
+
+
+def _preset_bytes(source: str, chosen):
+    from bitalloc.formats import Format, weight_bytes
+    from bitalloc.model import list_layers, load_model, other_bytes, select_layers
+
+    model = load_model(source)
+    layers = select_layers(list_layers(model))
+    fixed = other_bytes(model, layers)
+    return [(preset, fixed + sum(weight_bytes(l.out_features, l.in_features, Format.of_ggml(types[l.name]))
+                                 for l in layers)) for preset, types in chosen]
+
+
+def _preset_table(console: Console, model: str, front: dict, measured: list[tuple[str, int, float]]) -> None:
+    table = Table(title=f"llama.cpp target on {model}: the front at each preset's bytes (searched layers; same "
+                        f"held-out tokens)")
+    for col in ("preset", "MiB", "avg bits", "preset KL", "front KL at its bytes", "dominated"):
+        table.add_column(col, justify="left" if col == "preset" else "right")
+    points = [p for p in front["points"] if p["kind"] == "mixed"]
+    quantized = front["model"]["quantized_params"]
+    other = front["model"]["other_bytes"]
+    for preset, size, kl in measured:
+        within = [p for p in points if p["bytes"] <= size]
+        best = min((p["loss"] for p in within), default=float("nan"))
+        table.add_row(preset, f"{size / 2**20:.2f}", f"{8 * (size - other) / quantized:.3f}", f"{kl:.4f}",
+                      f"{best:.4f}", "yes" if best < kl else "NO")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Levels of method gguf are llama.cpp's own: the blocks the built llama-quantize writes, read back by gguf-py, in the
+loaded model's row order, at the type's block bytes. (The first test of a session builds llama.cpp's tools unless
+the cache has them: 3-5 minutes on 2 cores.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from bitalloc import llamacpp
+from bitalloc.formats import Format, weight_bytes
+from bitalloc.gguf_levels import tensor_names
+from bitalloc.levels import Levels
+from bitalloc.model import list_layers, load_model, select_layers
+
+
+@pytest.fixture(scope="module")
+def block0():
+    model = load_model("smollm2-135m")
+    layers = [l for l in select_layers(list_layers(model)) if ".layers.0." in l.name]
+    formats = (Format.of_ggml("q8_0"), Format.of_ggml("q4_K"), Format.of_ggml("q5_0"))
+    return model, layers, formats, Levels.build(model, layers, formats)
+
+
+def _file_tensors(levels: Levels, tmp_path, ftype: str) -> dict:
+    """The float GGUF quantized by hand with llama-quantize, as a user would, and read with gguf-py."""
+    out = tmp_path / f"{ftype}.gguf"
+    llamacpp.run("llama-quantize", ["--pure", str(levels.stores["gguf"].folder / "model-float.gguf"), str(out),
+                                    ftype, "2"], "in a test")
+    return {t.name: t for t in GGUFReader(out).tensors}
+
+
+def test_levels_are_the_blocks_llama_quantize_writes(block0, tmp_path):
+    model, layers, formats, levels = block0
+    q4k = Format.of_ggml("q4_K")
+    file = _file_tensors(levels, tmp_path, "Q4_K")
+    names = tensor_names(model.model_type, [l.name for l in layers])
+    checked = 0
+    for layer in layers:
+        tensor = file[names[layer.name]]
+        if not q4k.fits(layer.in_features):  # 576-wide rows: llama.cpp falls back, and so does a uniform config
+            assert tensor.tensor_type.name == "Q5_0" and levels.read(layer.name, q4k).fmt.ggml == "q5_0"
+            continue
+        level = levels.read(layer.name, q4k)
+        blocks = np.asarray(tensor.data).reshape(layer.out_features, -1)
+        assert torch.equal(level.blocks, torch.from_numpy(np.array(blocks)))  # down_proj: rows in the same order
+        assert level.nbytes == weight_bytes(layer.out_features, layer.in_features, q4k)
+        checked += 1
+    assert checked == 1
+
+
+def test_rows_are_in_the_loaded_models_order(block0, tmp_path):
+    """llama.cpp stores Q and K rows permuted for its rotary embedding; a level holds them as transformers does, so
+    q8_0 (nearly lossless) reads back as the weight itself, and its rows are the file's rows."""
+    model, layers, formats, levels = block0
+    q8 = Format.of_ggml("q8_0")
+    file = _file_tensors(levels, tmp_path, "Q8_0")
+    names = tensor_names(model.model_type, [l.name for l in layers])
+    for layer in layers:
+        w = model.weight(layer).float()
+        level = levels.read(layer.name, q8)
+        assert float((level.dequantize() - w).pow(2).sum() / w.pow(2).sum()) < 1e-4, layer.name
+        rows = np.asarray(file[names[layer.name]].data).reshape(layer.out_features, -1)
+        ours = level.blocks.numpy()
+        assert sorted(map(bytes, rows)) == sorted(map(bytes, ours)), layer.name
+        assert torch.equal(levels.weight(layer.name, q8), level.dequantize(w.dtype))
+
+
+def test_a_llamacpp_target_job_exports_to_llama_cpp_as_it_is(text_dir, tmp_path, capsys):
+    """The default model searched over llama.cpp's types (tiny data): every front point is of llama.cpp's types, only
+    where the rows take them, its bytes are block bytes, and the export needs no --nearest."""
+    import yaml
+
+    from bitalloc.cli import main
+    from bitalloc.ggml_types import GGML_TYPES
+    from conftest import front_of
+
+    out = tmp_path / "out"
+    spec = {"name": "llamacpp", "model": {"source": "smollm2-135m"}, "formats": {"target": "llamacpp"},
+            "data": {"source": [str(text_dir / "*.txt")], "seq_len": 64, "calibration": 1, "evaluation": 1,
+                     "batch_size": 1},
+            "search": {"budgets": [4.6], "points": 1}, "run": {"workers": 0}, "tracking": {"enabled": False},
+            "output": str(out)}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    main(["run", str(tmp_path / "job.yaml")])
+    front = front_of(out)
+    mixed = [p for p in front.mixed]
+    assert mixed and all(p.loss >= 0 for p in front.points)
+    from bitalloc.results import read_config
+
+    doc = read_config(out / mixed[0].config)
+    for name, fmt in doc.formats().items():
+        out_f, in_f = doc.shapes[name]
+        assert fmt.ggml in GGML_TYPES and in_f % GGML_TYPES[fmt.ggml].block == 0, (name, fmt.ggml)
+    assert doc.totals.bytes == front.model.other_bytes + sum(
+        o * GGML_TYPES[f.ggml].row_bytes(i) for f, (o, i) in ((doc.formats()[n], doc.shapes[n]) for n in doc.shapes))
+    capsys.readouterr()
+    main(["export", str(out), "--point", "1", "--format", "llamacpp", "-o", str(tmp_path / "types.txt")])
+    said = capsys.readouterr().out
+    assert "nearest" not in said and "note:" not in said
+    lines = (tmp_path / "types.txt").read_text().splitlines()
+    assert len(lines) == len(doc.layers) and all(line.split("=")[1] in GGML_TYPES for line in lines)

@@ -1,0 +1,90 @@
+"""`formats: {target: NAME}`: only what the runtime stores for each layer's shape is offered, layers the runtime
+makes share a format are tied, and whatever the search picks within that exports to the runtime exactly."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitalloc.errors import BitallocError
+from bitalloc.jobs.runtimes import Layer, export
+from bitalloc.jobs.spec import parse_spec
+from bitalloc.model import QuantizableLayer
+from bitalloc.targets import TARGETS
+
+KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+         "mlp.up_proj", "mlp.down_proj")
+WIDTHS = (32, 48, 64, 96, 128, 192, 256, 320, 576, 768, 1536, 2048, 100)
+
+
+def _runtime_stores(fmt, width: int) -> bool:
+    """The runtime's own rule: whole ggml blocks (gguf-py's block table), whole GPTQ/HQQ groups; bitalloc's packed
+    layout takes any width (a shorter last group)."""
+    if fmt.ggml:
+        return width % GGML_QUANT_SIZES[GGMLQuantizationType[fmt.ggml.upper()]][0] == 0
+    return fmt.method in ("rtn", "clip") or width % fmt.group_size == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(target=st.sampled_from(sorted(TARGETS)), widths=st.lists(st.sampled_from(WIDTHS), min_size=7, max_size=7),
+       blocks=st.integers(1, 3), seed=st.integers(0, 10**6))
+def test_a_target_offers_only_what_its_runtime_stores_and_its_picks_export_exactly(target, widths, blocks, seed):
+    spec = parse_spec({"model": {"source": "x"}, "formats": {"target": target}})
+    formats = spec.expand_formats()
+    layers = [QuantizableLayer(f"model.layers.{b}.{kind}", width, 64, "float32")
+              for b in range(blocks) for kind, width in zip(KINDS, widths)]
+    for layer in layers:
+        for fmt in formats:
+            assert fmt.fits(layer.in_features) == _runtime_stores(fmt, layer.in_features), (fmt.name, layer)
+    # a pick of the search: one allowed format per tied group (a group whose members share no format is skipped)
+    rng = random.Random(seed)
+    groups = spec.target_ties(layers)
+    grouped = {i for g in groups for i in g}
+    items = [list(g) for g in groups] + [[i] for i in range(len(layers)) if i not in grouped]
+    picked = {}
+    for members in items:
+        choices = [f for f in formats if all(f.fits(layers[i].in_features) for i in members)]
+        if choices:
+            fmt = rng.choice(choices)
+            picked.update({layers[i].name: fmt for i in members})
+    chosen = [Layer(l.name, picked[l.name], l.out_features, l.in_features) for l in layers if l.name in picked]
+    if chosen and target != "bitalloc":
+        text, changed = export(target, chosen, "llama", nearest=False)
+        assert not changed and text
+
+
+def test_targets_tie_what_their_runtime_fuses():
+    layers = [QuantizableLayer(f"model.layers.{b}.{kind}", 64, 64, "float32") for b in range(2) for kind in KINDS]
+    names = lambda groups: sorted(sorted(layers[i].name.split(".", 3)[3] for i in g) for g in groups)  # noqa: E731
+    assert names(TARGETS["gptqmodel"].ties(layers)) == sorted(
+        [sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])] * 2
+        + [sorted(["mlp.gate_proj", "mlp.up_proj"])] * 2)
+    assert len(TARGETS["hqq"].ties(layers)) == len(KINDS)  # one per tag, across blocks
+    assert TARGETS["llamacpp"].ties(layers) == []
+
+
+@pytest.mark.parametrize("formats, field", [
+    ({"target": "llamacpp", "bits": [4]}, "formats.bits"),
+    ({"target": "gptqmodel", "method": "hqq"}, "formats.method"),
+    ({"target": "vllm"}, "formats.target"),
+    ({"method": "gguf"}, "formats.types"),
+    ({"types": ["q4_K"], "method": "gptq"}, "formats.types"),
+    ({"types": ["iq2_xxs"]}, "formats.types"),
+    ({"types": ["q9_K"]}, "formats.types"),
+    ([{"bits": [3], "method": "gptq"}, {"bits": [4], "method": "gptq", "params": {"damp": 0.1}}], "formats[1].params"),
+])
+def test_bad_formats_name_the_field(formats, field):
+    with pytest.raises(BitallocError) as exc:
+        parse_spec({"model": {"source": "x"}, "formats": formats})
+    assert exc.value.field == field
+
+
+def test_formats_from_several_quantizers_search_together():
+    spec = parse_spec({"model": {"source": "x"}, "formats": [{"bits": [2, 3], "method": "gptq"},
+                                                            {"types": ["q4_K", "q8_0"]}, {"bits": [16]}]})
+    assert [f.name for f in spec.expand_formats()] == ["w2g64a-gptq", "w3g64a-gptq", "q4_K", "q8_0", "fp16"]
+    assert sorted(spec.quantizers()) == ["gguf", "gptq", "rtn"]
