@@ -11,6 +11,7 @@ file's rows against the loaded weight, and the blocks are put in the loaded mode
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -87,6 +88,12 @@ def _float_gguf(model: LoadedModel, folder: Path) -> Path:
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
+    needed = 4 * sum(t.numel() for t in model.module.state_dict().values())
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise BitallocError("BITALLOC_CACHE", f"llama.cpp quantizes from a float GGUF of {needed / 2**30:.1f} GiB and "
+                                              f"{folder} has {free / 2**30:.1f} GiB free; point BITALLOC_CACHE at a "
+                                              f"larger disk")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     model_dir, gguf_file = source_files(model.source)
     if gguf_file is not None:
@@ -171,6 +178,7 @@ def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dic
                 progress: Callable[[int], None] | None = None) -> int:
     """Quantize the float GGUF once per ggml type that some layer lacks, and write those layers' levels."""
     import gguf
+    from gguf.quants import dequantize
 
     types = sorted({f.ggml for fmts in missing.values() for f in fmts})
     if not types:
@@ -179,7 +187,8 @@ def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dic
     by_name = {l.name: l for l in layers}
     names = tensor_names(model.model_type, list(missing))
     floats = {t.name: t for t in gguf.GGUFReader(source).tensors}
-    orders = {name: _row_order(np.asarray(floats[names[name]].data), model.weight(by_name[name]), name)
+    orders = {name: _row_order(dequantize(floats[names[name]].data, floats[names[name]].tensor_type),
+                               model.weight(by_name[name]), name)
               for name, fmts in missing.items() if fmts}
     made = 0
     for ggml in types:

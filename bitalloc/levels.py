@@ -50,7 +50,7 @@ class LevelStore:
         self.model_hash = model_hash
         self.quantizer = quantizer
         self.calibration = calibration if quantizer.reads_calibration() else None
-        self.key = dict(quantizer.key(), calibration=self.calibration.data_hash if self.calibration else None)
+        self.key = quantizer.key() | ({"calibration": self.calibration.data_hash} if self.calibration else {})
         key = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()[:12]
         self.folder = (root or cache_root()) / model_hash.removeprefix("sha256:")[:24] / f"{quantizer.name}-{key}"
 

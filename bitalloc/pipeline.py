@@ -107,7 +107,8 @@ def sensitivity(ws: Workspace, estimator: Estimator, seed: int, stages: Stages |
     """The estimator's table from the file cache (keyed by its version and declared parameters), or computed and
     stored."""
     stages = stages or Stages()
-    key = table_cache.table_key(estimator, ws.model_hash, ws.formats, ws.layers, ws.data.data_hash, seed)
+    key = table_cache.table_key(estimator, ws.model_hash, ws.formats, ws.layers, ws.data.data_hash, seed,
+                                {m: store.key for m, store in ws.levels.stores.items()})
     path = table_cache.path_for(key, estimator.name)
     cached = table_cache.load(path)
     if cached is not None:

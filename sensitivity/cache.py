@@ -24,8 +24,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("BITALLOC_CACHE") or Path.home() / ".cache" / "bitalloc") / "sensitivity"
 
 
-def table_key(estimator, model_hash: str, formats, layers, data_hash: str, seed: int) -> str:
+def table_key(estimator, model_hash: str, formats, layers, data_hash: str, seed: int,
+              quantizers: dict | None = None) -> str:
+    """`quantizers`: each method's level-store key (name, version, parameters, calibration data): the levels a
+    table measures."""
     body = {
+        "quantizers": quantizers or {},
         "model": model_hash,
         "estimator": estimator.name,
         "version": estimator.version,

@@ -102,3 +102,22 @@ def test_a_llamacpp_target_job_exports_to_llama_cpp_as_it_is(text_dir, tmp_path,
     assert "nearest" not in said and "note:" not in said
     lines = (tmp_path / "types.txt").read_text().splitlines()
     assert len(lines) == len(doc.layers) and all(line.split("=")[1] in GGML_TYPES for line in lines)
+
+
+def test_a_model_folder_is_converted_by_llama_cpps_own_script(tmp_path):
+    """A bfloat16 checkpoint folder (SmolLM2's tokenizer) goes through convert_hf_to_gguf.py; its levels hold the
+    loaded weight's rows (q and k are permuted in the GGUF) and match the weight to q8_0's precision."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    load_model("smollm2-135m").tokenizer.save_pretrained(tmp_path / "m")
+    model = load_model(str(tmp_path / "m"))
+    layers = select_layers(list_layers(model))
+    q8 = Format.of_ggml("q8_0")
+    levels = Levels.build(model, layers, [q8])
+    for layer in layers:
+        w = model.weight(layer).float()
+        assert float((levels.weight(layer.name, q8).float() - w).pow(2).sum() / w.pow(2).sum()) < 1e-4, layer.name
