@@ -1,14 +1,16 @@
 """Quantizers compared: uniform KL at 3 and 4 bits, time to build every level, and the mixed front's KL at the bytes of
 uniform 3- and 4-bit RTN; and the llama.cpp target against llama.cpp's own presets. Prints two tables.
 
-    .venv/bin/python benchmarks/quantizers.py [--models default,offgrid] [--methods rtn,clip,gptq,hqq,gguf]
+    .venv/bin/python benchmarks/quantizers.py [--models default,offgrid] [--methods rtn,clip,gptq,hqq,gguf] [--work DIR]
 
 Models: `default` is SmolLM2-135M, whose weights sit on a Q4_1 grid; `offgrid` is the same model with seeded Gaussian
 noise (0.3 x each row's standard deviation) added to every block weight, written as an F32 GGUF, so no 4-bit grid
 holds it. Each method is one `bitalloc run` in a child process with a fresh level store (every level is made):
-formats w2-w8 at group 64 plus w3/w4 at group 128 (asymmetric; gguf: the llamacpp target's types), the default
+formats w2-w8 at group 64 (hqq: w2/3/4/8) plus w3/w4 at group 128 (asymmetric; gguf: the llamacpp target's types), the default
 job's data (4 x 512 calibration and 4 x 512 held-out tokens), Fisher, DP, budgets 3.5 / 4.0 / 4.5 average bits
-(3.5 and 4.5 are the bytes of uniform w3g64a and w4g64a RTN). A uniform format that does not fit a layer
+(3.5 and 4.5 are the bytes of uniform w3g64a and w4g64a RTN); llama.cpp's types cannot go below 4.03 bits on
+SmolLM2 (its 576-wide rows take only 32-blocks, q4_0 at 4.5 bits the smallest), so gguf gets 4.5 and 5.0. Jobs
+keep their results in --work (a finished job there is read, not run again). A uniform format that does not fit a layer
 (group 128 on 576-wide rows) stands in as the job's nearest that does (w3g64, w4g64), as `Problem.uniform` does.
 
 Presets: each of llama.cpp's presets made by llama-quantize from the same float GGUF; the searched layers' types read
@@ -40,43 +42,33 @@ DATA = {"source": "shakespeare", "seq_len": 512, "calibration": 4, "evaluation":
 
 def offgrid(folder: Path) -> Path:
     """The default GGUF with every block weight moved off its grid by seeded noise, as an F32 GGUF."""
-    import gguf
-    from gguf.quants import dequantize
-
+    from bitalloc.gguf_levels import float_copy
     from bitalloc.model import source_files
 
-    _, source = source_files("smollm2-135m")
-    reader = gguf.GGUFReader(source)
-    path = folder / "smollm2-offgrid-f32.gguf"
-    writer = gguf.GGUFWriter(path, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        value = gguf.LlamaFileType.ALL_F32 if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
-        kind = field.types[0]
-        writer.add_key_value(field.name, value, kind,
-                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
     rng = np.random.default_rng(0)
-    for tensor in reader.tensors:
-        data = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        if tensor.name.startswith("blk.") and data.ndim == 2:
-            data = data + rng.standard_normal(data.shape, dtype=np.float32) * 0.3 * data.std(1, keepdims=True)
-        writer.add_tensor(tensor.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+
+    def noisy(name: str, data: np.ndarray) -> np.ndarray:
+        if not (name.startswith("blk.") and data.ndim == 2):
+            return data
+        return data + rng.standard_normal(data.shape, dtype=np.float32) * 0.3 * data.std(1, keepdims=True)
+
+    path = folder / "smollm2-offgrid-f32.gguf"
+    float_copy(source_files("smollm2-135m")[1], path, noisy)
     return path
 
 
 def formats_for(method: str) -> list | dict:
     if method == "gguf":
         return {"target": "llamacpp"}
-    return [{"bits": [2, 3, 4, 5, 6, 8], "group_size": 64, "method": method},
+    bits = [2, 3, 4, 8] if method == "hqq" else [2, 3, 4, 5, 6, 8]  # HQQ has no 5/6-bit
+    return [{"bits": bits, "group_size": 64, "method": method},
             {"bits": [3, 4], "group_size": 128, "method": method}]
 
 
 def run_job(source: str, method: str, budgets: list, out: Path, cache: Path) -> tuple[dict, float]:
+    if (out / "front.json").is_file():
+        front = json.loads((out / "front.json").read_text())
+        return front, sum(front["timings_s"].values())
     spec = {"name": f"{method}", "model": {"source": source}, "formats": formats_for(method), "data": DATA,
             "sensitivity": {"estimator": "fisher"}, "search": {"solver": "dp", "budgets": budgets, "points": 0},
             "tracking": {"enabled": False}, "output": str(out)}
@@ -140,13 +132,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="default,offgrid")
     ap.add_argument("--methods", default="rtn,clip,gptq,hqq,gguf")
+    ap.add_argument("--work", default=None, help="folder for the jobs' results (default: a temporary one)")
     args = ap.parse_args()
     methods = args.methods.split(",")
     console = Console(width=230)
-    with tempfile.TemporaryDirectory(prefix="bitalloc-quantizers-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="bitalloc-quantizers-") as scratch:
+        tmp = Path(args.work or scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         for model in args.models.split(","):
-            source = "smollm2-135m" if model == "default" else str(offgrid(tmp))
+            grid = tmp / "smollm2-offgrid-f32.gguf"
+            source = "smollm2-135m" if model == "default" else str(grid if grid.is_file() else offgrid(tmp))
             table = Table(title=f"quantizers on {model} (SmolLM2-135M{'' if model == 'default' else ' + noise'}): "
                                 f"KL on 4 x 512 held-out tokens, {os.cpu_count()} CPUs")
             for col in ("method", "uniform 3b g64", "uniform 3b g128", "uniform 4b g64", "uniform 4b g128",
@@ -155,7 +150,8 @@ def main() -> None:
             rtn = {}
             for method in methods:
                 cache = tmp / f"cache-{model}-{method}"
-                front, wall = run_job(source, method, list(BUDGETS), tmp / f"{model}-{method}", cache)
+                budgets = [4.5, 5.0] if method == "gguf" else list(BUDGETS)
+                front, wall = run_job(source, method, budgets, tmp / f"{model}-{method}", cache)
                 uniform = {p["format"]: p["loss"] for p in front["points"] if p["kind"] == "uniform"}
                 mixed = {p["label"]: p["loss"] for p in front["points"] if p["kind"] == "mixed"}
                 build = sum(v for k, v in front["timings_s"].items() if k.startswith("quantize"))
@@ -166,14 +162,16 @@ def main() -> None:
                     rtn = {3.5: uniform[names[0]], 4.0: uniform[names[2]], 4.5: uniform[names[2]]}
                 cells = [f"{'' if method != 'gguf' else n + ' '}{uniform[n]:.4f}" if n in uniform else "-"
                          for n in names]
-                ratio = {b: f" ({mixed[f'mixed @ {b:g} bits'] / rtn[b]:.2f}x)" if rtn else "" for b in BUDGETS}
+                ratio = {b: f" ({mixed[f'mixed @ {b:g} bits'] / rtn[b]:.2f}x)"
+                         if rtn and f"mixed @ {b:g} bits" in mixed else "" for b in BUDGETS}
                 table.add_row(method, *cells, f"{build:.1f}",
-                              *[f"{mixed[f'mixed @ {b:g} bits']:.4f}{ratio[b]}" for b in BUDGETS], f"{wall:.0f}")
+                              *[f"{mixed[f'mixed @ {b:g} bits']:.4f}{ratio[b]}" if f"mixed @ {b:g} bits" in mixed
+                                else "-" for b in BUDGETS], f"{wall:.0f}")
                 Console(stderr=True).print(f"{model} {method}: done in {wall:.0f} s")
                 if method == "gguf":
                     chosen = presets(source, cache, tmp)
                     sizes = [f"{size}B" for _, size in _preset_bytes(source, chosen)]
-                    front, _ = run_job(source, method, list(BUDGETS) + sizes, tmp / f"{model}-gguf-presets", cache)
+                    front, _ = run_job(source, method, [4.5] + sizes, tmp / f"{model}-gguf-presets", cache)
                     _preset_table(console, model, front, measure_presets(source, cache, chosen))
             table.caption = ("(Nx): mixed KL over uniform RTN's at 3.5 bits (w3g64a) for @3.5 and @4.0, at 4.5 bits "
                              "(w4g64a) for @4.5")

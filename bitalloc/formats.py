@@ -30,6 +30,7 @@ from .ggml_types import GGML_TYPES
 
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 KEEP_BITS = 16
+HQQ_BITS = (2, 3, 4, 8)  # what HQQ packs that bitalloc's codes also hold (it has 1-bit too)
 SCALE_DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}
 MAX_GROUP_SIZE = 1 << 16  # wider than any row: a group of at least a row's width is one group per row
 
@@ -123,6 +124,9 @@ def validate_format(fmt: Format, field: str) -> None:
         raise BitallocError(f"{field}.method", "gguf makes llama.cpp's types: name them in formats.types, e.g. [q4_K]")
     if fmt.bits not in QUANT_BITS and fmt.bits != KEEP_BITS:
         raise BitallocError(f"{field}.bits", f"{fmt.bits} is not allowed; allowed: {_allowed_bits()}")
+    if fmt.method == "hqq" and fmt.bits not in HQQ_BITS:
+        raise BitallocError(f"{field}.bits", f"hqq has no {fmt.bits}-bit format; allowed: "
+                                             f"{', '.join(map(str, HQQ_BITS))}")
     if not fmt.quantized:
         if fmt.scale_dtype not in ("float16", "bfloat16"):
             raise BitallocError(f"{field}.scale_dtype", "16-bit weights are stored as float16 or bfloat16")

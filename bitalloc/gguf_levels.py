@@ -97,7 +97,7 @@ def _float_gguf(model: LoadedModel, folder: Path) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     model_dir, gguf_file = source_files(model.source)
     if gguf_file is not None:
-        _dequantized_copy(gguf_file, tmp)
+        float_copy(gguf_file, tmp)
     else:
         build = llamacpp.build_dir()
         llamacpp.tool("llama-quantize")  # the converter is cached with the tools
@@ -113,8 +113,10 @@ def _float_gguf(model: LoadedModel, folder: Path) -> Path:
     return path
 
 
-def _dequantized_copy(source: Path, target: Path) -> None:
-    """A GGUF file with the same metadata and every tensor as F32 (gguf-py dequantizes every ggml type)."""
+def float_copy(source: Path, target: Path,
+               transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> None:
+    """A GGUF file with the same metadata and every tensor as F32 (gguf-py dequantizes every ggml type), each passed
+    through `transform(name, data)` when given."""
     import gguf
     from gguf.quants import dequantize
 
@@ -132,6 +134,8 @@ def _dequantized_copy(source: Path, target: Path) -> None:
                              sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
     for tensor in reader.tensors:
         data = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        if transform is not None:
+            data = transform(tensor.name, data)
         writer.add_tensor(tensor.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

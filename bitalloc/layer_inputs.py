@@ -52,4 +52,5 @@ def collect(model: LoadedModel, layers: list[QuantizableLayer], tokens: torch.Te
         for seq in tokens:
             model.module(seq.unsqueeze(0))
             last[0] = last[1] = None
-    return {l.name: sums[alias[l.name]] / counts[alias[l.name]] for l in layers}
+    means = {owner: total / counts[owner] for owner, total in sums.items()}  # one tensor per input, shared
+    return {l.name: means[alias[l.name]] for l in layers}

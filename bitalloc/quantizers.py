@@ -103,7 +103,6 @@ _REGISTRY: Registry[Quantizer] = Registry("a quantizer", "formats.method", "form
 QUANTIZERS = _REGISTRY.classes
 register = _REGISTRY.register
 get_quantizer = _REGISTRY.create
-check_quantizer = _REGISTRY.check
 
 
 @register("rtn")

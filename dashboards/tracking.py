@@ -162,7 +162,10 @@ class Tracker:
             from mlflow.entities import Param, RunTag
 
             ref, m = front.reference, front.metric.metric()
-            times = {f"time_{stage.split()[0]}_s": s for stage, s in front.timings_s.items()}
+            times: dict[str, float] = {}  # stages of one kind summed (one quantize stage per method)
+            for stage, s in front.timings_s.items():
+                key = f"time_{stage.split()[0]}_s"
+                times[key] = times.get(key, 0.0) + s
             self.client.log_batch(self.run_id, metrics=_metrics({f"fp_{m.quality}": ref.quality, "fp_mib": ref.mib,
                                                                  "front_size": front.solver.front_size, **times}))
             for p in front.mixed + front.uniform:
