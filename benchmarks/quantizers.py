@@ -173,8 +173,8 @@ def main() -> None:
                     sizes = [f"{size}B" for _, size in _preset_bytes(source, chosen)]
                     front, _ = run_job(source, method, [4.5] + sizes, tmp / f"{model}-gguf-presets", cache)
                     _preset_table(console, model, front, measure_presets(source, cache, chosen))
-            table.caption = ("(Nx): mixed KL over uniform RTN's at 3.5 bits (w3g64a) for @3.5 and @4.0, at 4.5 bits "
-                             "(w4g64a) for @4.5")
+            table.caption = ("(Nx): mixed KL over uniform RTN's: w3g64a's (3.5 bits) for @3.5, w4g64a's (4.5 bits) for "
+                             "@4.0 and @4.5 (below 1 at @4.0: uniform 4-bit RTN's KL reached at 4.0 bits)")
             console.print(table)
 
 

@@ -55,6 +55,8 @@ def cluster(tmp_path_factory):
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}",
+                    # its own agent port: another Ray on this machine (a job running beside the tests) holds the default
+                    f"--dashboard-agent-listen-port={_free_port()}",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
     os.environ["RAY_AUTH_MODE"] = "token"
     try:
