@@ -83,34 +83,39 @@ def run_job(source: str, method: str, budgets: list, out: Path, cache: Path) -> 
     return json.loads((out / "front.json").read_text()), time.perf_counter() - start
 
 
-def presets(source: str, cache: Path, folder: Path) -> list[tuple[str, dict[str, str]]]:
-    """(preset, searched layer -> ggml type) as llama-quantize makes each preset from the job's float GGUF."""
+def presets(source: str, cache: Path, folder: Path) -> list[tuple[str, dict[str, str], int]]:
+    """(preset, searched layer -> ggml type, whole-model bytes as the front counts them) as llama-quantize makes each
+    preset from the job's float GGUF."""
     import gguf
 
     from bitalloc import llamacpp
+    from bitalloc.formats import Format, weight_bytes
     from bitalloc.gguf_levels import tensor_names
-    from bitalloc.model import list_layers, load_model, select_layers
+    from bitalloc.model import list_layers, load_model, other_bytes, select_layers
 
     model = load_model(source)
-    layers = [l.name for l in select_layers(list_layers(model))]
-    names = tensor_names(model.model_type, layers)
+    layers = select_layers(list_layers(model))
+    fixed = other_bytes(model, layers)
+    names = tensor_names(model.model_type, [l.name for l in layers])
     float_gguf = next(cache.rglob("model-float.gguf"))
     out = []
     for preset in PRESETS:
         path = folder / f"{preset}.gguf"
         llamacpp.run("llama-quantize", [str(float_gguf), str(path), preset, str(os.cpu_count() or 1)], preset)
         types = {t.name: t.tensor_type.name.lower().replace("_k", "_K") for t in gguf.GGUFReader(path).tensors}
-        out.append((preset, {name: types[names[name]] for name in layers}))
+        chosen = {l.name: types[names[l.name]] for l in layers}
+        size = fixed + sum(weight_bytes(l.out_features, l.in_features, Format.of_ggml(chosen[l.name])) for l in layers)
+        out.append((preset, chosen, size))
         path.unlink()
     return out
 
 
-def measure_presets(source: str, cache: Path, chosen: list[tuple[str, dict[str, str]]]) -> list[tuple[str, int, float]]:
-    """(preset, whole-model bytes as the front counts them, KL) on the job's held-out tokens and levels."""
+def measure_presets(source: str, cache: Path, chosen: list[tuple[str, dict[str, str], int]]
+                    ) -> list[tuple[str, int, float]]:
+    """(preset, bytes, KL) on the job's held-out tokens and levels."""
     os.environ["BITALLOC_CACHE"] = str(cache)
-    from bitalloc.formats import Format, weight_bytes
+    from bitalloc.formats import Format
     from bitalloc.jobs.spec import parse_spec
-    from bitalloc.model import other_bytes
     from bitalloc.pipeline import Workspace
     from bitalloc.tasks import EvalTask
 
@@ -118,11 +123,9 @@ def measure_presets(source: str, cache: Path, chosen: list[tuple[str, dict[str, 
     ws = Workspace.open(source, spec.expand_formats(), text=DATA["source"], seq_len=DATA["seq_len"],
                         calibration=DATA["calibration"], evaluation=DATA["evaluation"], quantizers=spec.quantizers())
     runner = ws.local_runner()
-    fixed = other_bytes(ws.model, ws.layers)
     out = []
-    for preset, types in chosen:
+    for preset, types, size in chosen:
         assignment = {l.name: Format.of_ggml(types[l.name]) for l in ws.layers}
-        size = fixed + sum(weight_bytes(l.out_features, l.in_features, assignment[l.name]) for l in ws.layers)
         measured = runner.map([EvalTask.config(assignment, "evaluation")])[0]
         out.append((preset, size, measured.loss))
     return out
@@ -170,23 +173,12 @@ def main() -> None:
                 Console(stderr=True).print(f"{model} {method}: done in {wall:.0f} s")
                 if method == "gguf":
                     chosen = presets(source, cache, tmp)
-                    sizes = [f"{size}B" for _, size in _preset_bytes(source, chosen)]
+                    sizes = [f"{size}B" for _, _, size in chosen]
                     front, _ = run_job(source, method, [4.5] + sizes, tmp / f"{model}-gguf-presets", cache)
                     _preset_table(console, model, front, measure_presets(source, cache, chosen))
             table.caption = ("(Nx): mixed KL over uniform RTN's: w3g64a's (3.5 bits) for @3.5, w4g64a's (4.5 bits) for "
                              "@4.0 and @4.5 (below 1 at @4.0: uniform 4-bit RTN's KL reached at 4.0 bits)")
             console.print(table)
-
-
-def _preset_bytes(source: str, chosen):
-    from bitalloc.formats import Format, weight_bytes
-    from bitalloc.model import list_layers, load_model, other_bytes, select_layers
-
-    model = load_model(source)
-    layers = select_layers(list_layers(model))
-    fixed = other_bytes(model, layers)
-    return [(preset, fixed + sum(weight_bytes(l.out_features, l.in_features, Format.of_ggml(types[l.name]))
-                                 for l in layers)) for preset, types in chosen]
 
 
 def _preset_table(console: Console, model: str, front: dict, measured: list[tuple[str, int, float]]) -> None:

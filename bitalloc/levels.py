@@ -87,8 +87,7 @@ class LevelStore:
             in_features = int(header["__metadata__"]["in_features"])
             if fmt.ggml:
                 return GgmlWeight(tensors["blocks"], fmt, in_features)
-            return PackedWeight(tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt,
-                                int(header["__metadata__"]["in_features"]))
+            return PackedWeight(tensors["qweight"], tensors["scales"], tensors.get("zeros"), fmt, in_features)
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             raise BitallocError("BITALLOC_CACHE", f"the level file {path} cannot be read ({type(exc).__name__}); "
                                                   f"delete it and run again to remake it") from None

@@ -129,10 +129,11 @@ def build_problem(model: LoadedModel, layers: list[QuantizableLayer], formats: t
     """The byte-exact cost model of the chosen layers (a format that does not fit a layer is not allowed there, and
     costs what stands in for it in a uniform config), the table's errors when given, the constraints' pins, ties,
     min/max bits and resource limits, and `ties` a runtime target imposes (merged with the constraints')."""
-    stand_in = np.array([[_substitute_index(f, l, formats) for f in formats] for l in layers], dtype=np.int64)
+    stand_in = np.array([[_substitute_index(f, l, formats) for f in formats] for l in layers],
+                        dtype=np.int64).reshape(len(layers), len(formats))
     cost = np.array([[weight_bytes(l.out_features, l.in_features, formats[k]) for k in row]
                      for l, row in zip(layers, stand_in)], dtype=np.int64)
-    fits = np.array([[f.fits(l.in_features) for f in formats] for l in layers], dtype=bool).reshape(cost.shape)
+    fits = stand_in == np.arange(len(formats))  # a format stands in for itself exactly where it fits
     return Problem(
         layers=tuple(l.name for l in layers),
         formats=formats,

@@ -20,6 +20,11 @@ LLAMACPP_IMATRIX_TYPES = ("iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s")
 FUSED = (r"self_attn\.[qkv]_proj$", r"mlp\.(gate|up)_proj$")  # vLLM's qkv_proj and gate_up_proj
 
 
+def hqq_tag(name: str) -> str:
+    """transformers' HQQ layer tag: the module name without `model`, `layers` and block indices."""
+    return ".".join(p for p in name.split(".") if p not in ("model", "layers") and not p.isnumeric())
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -42,8 +47,7 @@ class Target:
         groups: dict[str, list[int]] = {}
         for i, layer in enumerate(layers):
             if self.by_tag:
-                key = ".".join(p for p in layer.name.split(".") if p not in ("model", "layers") and not p.isnumeric())
-                groups.setdefault(key, []).append(i)
+                groups.setdefault(hqq_tag(layer.name), []).append(i)
                 continue
             for k, pattern in enumerate(self.fused):
                 if re.search(pattern, layer.name):

@@ -40,6 +40,7 @@ from bitalloc.formats import KEEP_BITS, Format
 from bitalloc.ggml_types import GGML_TYPES, stored_type
 from bitalloc.gguf_levels import tensor_names
 from bitalloc.registry import Registry
+from bitalloc.targets import hqq_tag
 
 
 @dataclass(frozen=True)
@@ -198,11 +199,6 @@ class LlamaCpp(Runtime):
 
 
 HQQ_BITS = (1, 2, 3, 4, 8)
-
-
-def hqq_tag(name: str) -> str:
-    """transformers' HQQ layer tag: the module name without `model`, `layers` and block indices."""
-    return ".".join(p for p in name.split(".") if p not in ("model", "layers") and not p.isnumeric())
 
 
 @RUNTIMES.register("hqq")
