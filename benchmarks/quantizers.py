@@ -4,8 +4,8 @@ uniform 3- and 4-bit RTN; and the llama.cpp target against llama.cpp's own prese
     .venv/bin/python benchmarks/quantizers.py [--models default,offgrid] [--methods rtn,clip,gptq,hqq,gguf] [--work DIR]
 
 Models: `default` is SmolLM2-135M, whose weights sit on a Q4_1 grid; `offgrid` is the same model with seeded Gaussian
-noise (0.3 x each row's standard deviation) added to every block weight, written as an F32 GGUF, so no 4-bit grid
-holds it. Each method is one `bitalloc run` in a child process with a fresh level store (every level is made):
+noise (0.1 x each row's standard deviation, about a third of a Q4_1 step: the weights' offsets from the grid are
+spread over the whole step) added to every block weight, written as an F32 GGUF, so no 4-bit grid holds it. Each method is one `bitalloc run` in a child process with a fresh level store (every level is made):
 formats w2-w8 at group 64 (hqq: w2/3/4/8) plus w3/w4 at group 128 (asymmetric; gguf: the llamacpp target's types), the default
 job's data (4 x 512 calibration and 4 x 512 held-out tokens), Fisher, DP, budgets 3.5 / 4.0 / 4.5 average bits
 (3.5 and 4.5 are the bytes of uniform w3g64a and w4g64a RTN); llama.cpp's types cannot go below 4.03 bits on
@@ -50,7 +50,7 @@ def offgrid(folder: Path) -> Path:
     def noisy(name: str, data: np.ndarray) -> np.ndarray:
         if not (name.startswith("blk.") and data.ndim == 2):
             return data
-        return data + rng.standard_normal(data.shape, dtype=np.float32) * 0.3 * data.std(1, keepdims=True)
+        return data + rng.standard_normal(data.shape, dtype=np.float32) * 0.1 * data.std(1, keepdims=True)
 
     path = folder / "smollm2-offgrid-f32.gguf"
     float_copy(source_files("smollm2-135m")[1], path, noisy)
