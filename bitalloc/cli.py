@@ -304,6 +304,46 @@ def export(
 
 
 @app.command()
+def verify(
+    target: Target,
+    avg_bits: AvgBits = None,
+    budget: Budget = None,
+    point: Point = None,
+    runtime: str = typer.Option(..., "--runtime", "-r", help="llamacpp"),
+    presets: bool = typer.Option(False, "--presets", help="also measure llama.cpp's presets (Q2_K ... Q8_0) the same "
+                                                          "way"),
+    tracking_uri: RunStore = None,
+):
+    """Build one measured point with its runtime's own code from the exported file, run it on the job's held-out
+    tokens, and compare what it gives with what the front measured and counted."""
+    from rich.table import Table
+
+    from bitalloc.jobs.verify import verify as run_verify
+
+    picked, points = run_verify(target, avg_bits, budget, point, runtime, presets, tracking_uri,
+                                Console(stderr=True))
+    m = picked.front.metric.metric()
+    table = Table("runtime", "point", "MiB", "stored / counted layer bytes", f"bitalloc {m.loss_label} (front)",
+                  f"bitalloc {m.loss_label} (same tokens)", f"runtime {m.loss_label}", "difference",
+                  f"runtime {m.quality_label}", "file MiB", title=f"{picked.front.model.source}: {picked.point.label} "
+                                                                  f"as {runtime} builds it")
+    for p in points:
+        ratio = (f"{p.stored_layer_bytes:,} / {p.counted_layer_bytes:,} ({p.stored_layer_bytes / p.counted_layer_bytes - 1:+.2%})"
+                 if p.counted_layer_bytes else f"{p.stored_layer_bytes:,}")
+        same = f"{p.bitalloc_loss:.4f}" if p.bitalloc_loss is not None else "-"
+        diff = f"{(p.loss - p.bitalloc_loss) / p.bitalloc_loss:+.1%}" if p.bitalloc_loss else "-"
+        front_kl = f"{picked.point.loss:.4f}" if p.kind == "point" else "-"
+        table.add_row(p.runtime, p.label, f"{p.mib:.2f}", ratio, front_kl, same, f"{p.loss:.4f}", diff,
+                      f"{p.quality:.4g}", f"{p.file_bytes / 2**20:.2f}")
+    _out().print(table)
+    for p in points:
+        if p.details and p.kind == "point":
+            _out().print(f"{p.label}: " + ", ".join(f"{k} {v:.3g}" for k, v in p.details.items()), markup=False)
+    _out().print(f"recorded in {picked.folder / 'front.json'}" if Path(target).is_dir()
+                 else f"logged to MLflow run {target}", markup=False)
+
+
+@app.command()
 def pack(
     target: Target,
     avg_bits: AvgBits = None,

@@ -157,6 +157,28 @@ class TrackingInfo(_Doc):
     run_id: str
 
 
+class RuntimePoint(_Doc):
+    """A point as a runtime built it from the exported file (`bitalloc verify`), or one of the runtime's own presets
+    (`kind: preset`, no bitalloc figures): the runtime's loss and quality on the job's held-out tokens, and the bytes
+    its file stores for the searched layers next to the bytes bitalloc counted."""
+
+    runtime: str
+    kind: Literal["point", "preset"] = "point"
+    label: str
+    config: Optional[str] = None  # the front point's config file (kind point)
+    bytes: int  # whole-model bytes as the front counts them: stored bytes of the searched layers + other bytes
+    mib: float
+    stored_layer_bytes: int  # what the runtime's file stores for the searched layers
+    counted_layer_bytes: Optional[int] = None  # what bitalloc counted for them (kind point)
+    file_bytes: int
+    file_sha256: str
+    loss: float  # as the runtime computes it on `tokens` (or bitalloc's evaluator on the runtime's weights)
+    quality: float
+    tokens: int
+    bitalloc_loss: Optional[float] = None  # bitalloc's own measurement of the point on the same tokens
+    details: dict[str, float] = {}
+
+
 class Front(_Doc):
     """A finished job's results: the measured mixed points, the uniform baselines, and how they were found."""
 
@@ -175,6 +197,7 @@ class Front(_Doc):
     timings_s: dict[str, float] = {}
     evaluations: EvaluationInfo = EvaluationInfo()
     tracking: Optional[TrackingInfo] = None
+    runtime_points: list[RuntimePoint] = []
 
     @property
     def mixed(self) -> list[Point]:

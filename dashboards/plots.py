@@ -57,6 +57,14 @@ def _proxy_mib(front: Front) -> list[float]:
     return [b / 2**20 for b in front.proxy_front.bytes]
 
 
+def _runtime_groups(front: Front) -> list[tuple[str, str, list]]:
+    """`bitalloc verify`'s points by (runtime, kind): what each runtime built from an export, and its presets."""
+    groups: dict[tuple[str, str], list] = {}
+    for r in sorted(front.runtime_points, key=lambda r: r.bytes):
+        groups.setdefault((r.runtime, r.kind), []).append(r)
+    return [(runtime, kind, shown) for (runtime, kind), shown in groups.items()]
+
+
 def front_png(front: Front, path: Path) -> None:
     import matplotlib
 
@@ -76,6 +84,16 @@ def front_png(front: Front, path: Path) -> None:
             label=f"uniform (measured {m.loss_label})")
     for u in uniform:
         ax.annotate(u.format, (u.mib, _kl(u.loss)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    runtimes = sorted({r.runtime for r in front.runtime_points})
+    for runtime, kind, shown in _runtime_groups(front):
+        marker, color = ("D" if kind == "point" else "^"), ("C2", "C4", "C5", "C6")[runtimes.index(runtime) % 4]
+        ax.plot([r.mib for r in shown], [_kl(r.loss) for r in shown], marker, color=color, mfc="none" if
+                kind == "preset" else color, ls="none", label=f"{runtime} {'presets' if kind == 'preset' else 'built'} "
+                                                              f"(its own {m.loss_label})")
+        if kind == "preset":
+            for r in shown:
+                ax.annotate(r.label.split()[-1], (r.mib, _kl(r.loss)), textcoords="offset points", xytext=(4, -8),
+                            fontsize=7, color=color)
     ax.set_yscale("log")
     ax.set_xlabel("model size (MiB, weights + scales + zero points + unquantized tensors)")
     ax.set_ylabel(m.loss_axis)
@@ -158,6 +176,12 @@ def dashboard_html(front: Front, table: SensitivityTable, configs: dict[str, Con
     fig.add_scatter(x=[u.mib for u in uniform], y=[_kl(u.loss) for u in uniform],
                     mode="lines+markers+text", line=dict(dash="dash"), name=f"uniform (measured {m.loss_label})",
                     text=[u.format for u in uniform], textposition="top right")
+    for runtime, kind, shown in _runtime_groups(front):
+        fig.add_scatter(x=[r.mib for r in shown], y=[_kl(r.loss) for r in shown], mode="markers",
+                        marker=dict(symbol="diamond" if kind == "point" else "triangle-up-open", size=9),
+                        name=f"{runtime} {'presets' if kind == 'preset' else 'built'} (its own {m.loss_label})",
+                        text=[r.label for r in shown], hovertemplate=f"%{{text}} ({runtime})<br>%{{x:.2f}} MiB<br>"
+                                                                     f"{m.loss_label} %{{y:.4g}}<extra></extra>")
     fig.update_layout(title=f"{front.model.source}: Pareto front", xaxis_title="model size (MiB)",
                       yaxis_title=m.loss_axis, yaxis_type="log", height=520)
 

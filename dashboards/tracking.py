@@ -199,3 +199,38 @@ class Tracker:
             return {}
         return {"uri": self.uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
 
+
+
+def log_runtime_points(front: Front, points: list, results: Path, console: Console) -> None:
+    """`bitalloc verify`'s results in the job's run: a child run per runtime point (the runtime's metrics, its file's
+    bytes and hash) and the updated front.json and front plot among the parent's results. A failing store warns."""
+    from mlflow.entities import Param, RunTag
+
+    info, m = front.tracking, front.metric.metric()
+    tracker = Tracker(info.uri, console)
+
+    def go():
+        tracker.client = client(info.uri)
+        for p in points:
+            values = {m.loss: p.loss, m.quality: p.quality, "mib": p.mib, "bytes": p.bytes,
+                      "stored_layer_bytes": p.stored_layer_bytes, "file_bytes": p.file_bytes,
+                      **{k: v for k, v in p.details.items()}}
+            if p.bitalloc_loss is not None:
+                values[f"bitalloc_{m.loss}"] = p.bitalloc_loss
+                values[f"{m.loss}_rel_diff"] = (p.loss - p.bitalloc_loss) / p.bitalloc_loss if p.bitalloc_loss else 0
+            if p.counted_layer_bytes is not None:
+                values["counted_layer_bytes"] = p.counted_layer_bytes
+            child = tracker.client.create_run(info.experiment_id, run_name=f"{p.runtime}: {p.label}",
+                                              tags={PARENT_TAG: info.run_id, KIND_TAG: "runtime",
+                                                    "bitalloc.runtime": p.runtime, "bitalloc.runtime_kind": p.kind})
+            tracker.client.log_batch(child.info.run_id, metrics=_metrics(values),
+                                     params=[Param("runtime", p.runtime), Param("label", p.label),
+                                             Param("file_sha256", p.file_sha256)] +
+                                            ([Param("config", p.config)] if p.config else []),
+                                     tags=[RunTag("bitalloc.config", p.config)] if p.config else [])
+            tracker.client.set_terminated(child.info.run_id, "FINISHED")
+        tracker.client.log_artifact(info.run_id, str(results / "front.json"), "results")
+        if (results / "plots" / "front.png").is_file():
+            tracker.client.log_artifact(info.run_id, str(results / "plots" / "front.png"), "results/plots")
+
+    tracker._guard("logging the runtime's results", go)

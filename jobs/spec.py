@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from bitalloc import configio
 from bitalloc.errors import BitallocError
@@ -94,6 +94,13 @@ class FormatsSpec(_Strict):
         if v not in SCALE_DTYPES:
             raise ValueError(f"{v!r} is not allowed; allowed: {', '.join(SCALE_DTYPES)}")
         return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """A target's entry is written as the user gives it (target, method, params): the formats it expands to are
+        the target's, and a saved spec must read back."""
+        doc = handler(self)
+        return {k: doc[k] for k in ("target", "method", "params")} if self.target else doc
 
     @model_validator(mode="after")
     def _method(self):

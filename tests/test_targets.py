@@ -88,3 +88,15 @@ def test_formats_from_several_quantizers_search_together():
                                                             {"types": ["q4_K", "q8_0"]}, {"bits": [16]}]})
     assert [f.name for f in spec.expand_formats()] == ["w2g64a-gptq", "w3g64a-gptq", "q4_K", "q8_0", "fp16"]
     assert sorted(spec.quantizers()) == ["gguf", "gptq", "rtn"]
+
+
+def test_a_saved_target_spec_reads_back_as_the_same_job():
+    """A job saves its spec (resume, verify read it back): a target entry is saved as the user wrote it, not as the
+    formats it expands to, which the target fixes and a spec may not set."""
+    from bitalloc import configio
+
+    spec = parse_spec({"model": {"source": "smollm2-135m"},
+                       "formats": [{"target": "llamacpp"}, {"bits": [4], "group_size": 64, "method": "clip"}]})
+    saved = configio.parse_yaml(configio.dumps(spec.model_dump(mode="json"), ".yaml"), "spec")
+    again = parse_spec(saved)
+    assert again.expand_formats() == spec.expand_formats() and again.spec_hash() == spec.spec_hash()

@@ -1,0 +1,215 @@
+"""`bitalloc verify`: build a measured point the way its runtime builds it from the exported file, with the runtime's
+own code, run it on the job's held-out tokens, and put what it gives (loss, quality, the bytes its file stores) beside
+what the front promised. Results go into front.json (`runtime_points`), the front plot, and the job's MLflow run (a
+child run per runtime and point).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from rich.console import Console
+
+from bitalloc import configio
+from bitalloc.errors import BitallocError
+from bitalloc.evaluate import Evaluator, model_output
+from bitalloc.pipeline import Workspace
+from bitalloc.progress import Stages
+from bitalloc.results import ConfigDoc, Front, Point, RuntimePoint, read_config, read_front
+from bitalloc.units import mib
+
+from . import verify_llamacpp as llama
+from .export import _RUN_ID, _check_front, _pick, layers_of, verified
+from .runtimes import export
+
+PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+
+
+@dataclass
+class Picked:
+    """The point to verify, its config, and the job it belongs to."""
+
+    folder: Path
+    front: Front
+    point: Point
+    config: ConfigDoc
+
+
+@contextmanager
+def job_folder(target: str, tracking_uri: Optional[str]) -> Iterator[tuple[Path, bool]]:
+    """The job's result folder: TARGET itself, or its MLflow run's `results` artifacts fetched to a temporary one.
+    Yields (folder, whether it is local)."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "front.json").is_file():
+            raise BitallocError("TARGET", f"{target!r} holds no front.json; give a job's output dir or run id")
+        yield path, True
+        return
+    if not _RUN_ID.match(target):
+        raise BitallocError("TARGET", f"{target!r} is neither a job's output dir nor an MLflow run id (32 hex digits)")
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from bitalloc.dashboards.tracking import KIND_TAG, client, resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    try:
+        run = client(uri).get_run(target)
+    except MlflowException:
+        raise BitallocError("TARGET", f"no MLflow run {target} in {uri}") from None
+    if run.data.tags.get(KIND_TAG) != "job":
+        raise BitallocError("TARGET", f"MLflow run {target} is not a bitalloc job's run; give the job's run id")
+    with tempfile.TemporaryDirectory(prefix="bitalloc-verify-") as tmp:
+        try:
+            folder = Path(download_artifacts(run_id=target, artifact_path="results", dst_path=tmp, tracking_uri=uri))
+        except (MlflowException, OSError):
+            raise BitallocError("TARGET", f"MLflow run {target} has no results (did the job finish?)") from None
+        yield folder, False
+
+
+def pick(folder: Path, avg_bits, budget, point) -> Picked:
+    front = read_front(folder / "front.json")
+    _check_front(front, str(folder))
+    chosen = _pick(front, avg_bits, budget, point)
+    doc = verified(read_config(folder / chosen.config), front.model, str(folder / chosen.config))
+    if not (folder / "spec.yaml").is_file():
+        raise BitallocError("TARGET", f"{folder} has no spec.yaml (an older result); rerun the job to verify it")
+    return Picked(folder, front, chosen, doc)
+
+
+class Measured:
+    """bitalloc's own log-probabilities on a set of windows: the float32 model's (kept) and a config's."""
+
+    def __init__(self, ws: Workspace, tokens: torch.Tensor):
+        self.ws, self.tokens = ws, tokens
+        self.evaluator = Evaluator(ws.model, ws.levels, tokens, ws.batch_size)
+        self.reference = [lp for batch in self.evaluator.reference for lp in batch]
+
+    @torch.no_grad()
+    def config(self, doc: ConfigDoc) -> list[torch.Tensor]:
+        with self.evaluator.streamed(doc.formats()):
+            return [lp for batch in self.evaluator.batches for lp in model_output(self.ws.model, batch)]
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """A runtime's round trip: `check` refuses a point it cannot build (before anything is loaded) and returns the
+    exported file's text; `build` builds and measures it."""
+
+    check: Callable[[Picked], str]
+    build: Callable[["Workspace", Picked, str, Path, bool, Stages], list[RuntimePoint]]
+
+
+RUNTIMES: dict[str, Verifier] = {}
+
+
+def check_llamacpp(picked: Picked) -> str:
+    layers = layers_of(picked.config)
+    text, changed = export("llamacpp", layers, picked.config.model.type, nearest=True)
+    if changed:
+        raise BitallocError("--runtime", f"llama.cpp cannot store {len(changed)} of {len(layers)} layers of this "
+                                         f"point as searched, e.g. {changed[0]}; verify a point of a job searched "
+                                         f"with formats.target: llamacpp")
+    return text
+
+
+def verify_llamacpp(ws: Workspace, picked: Picked, text: str, work: Path, presets: bool,
+                    stages: Stages) -> list[RuntimePoint]:
+    doc = picked.config
+    with stages.stage("float GGUF"):
+        float_file = llama.float_gguf(ws, llama.llamacpp.cache_base() / "verify")
+    tokens = llama.windows(ws, float_file)
+    n_ctx = tokens.shape[1]
+    with stages.stage("bitalloc's log-probabilities", 2):
+        measured = Measured(ws, tokens)
+        quantized = measured.config(doc)
+    base, ours = work / "base-fp.kld", work / "base-bitalloc.kld"
+    llama.write_base(base, tokens, measured.reference)
+    llama.write_base(ours, tokens, quantized)
+    bitalloc_kl, _ = llama.same_positions(measured.reference, quantized, tokens)
+    names = llama.tensor_names(doc.model.type, list(doc.layers), "--runtime")
+    other = picked.front.model.other_bytes
+    types_file = work / "types.txt"
+    types_file.write_text(text)
+    scored = tokens.shape[0] * (n_ctx - 1 - n_ctx // 2)
+    with stages.stage("llama.cpp: quantize and measure", 2 + (len(PRESETS) if presets else 0)) as advance:
+        fp_gap, _ = llama.perplexity(float_file, base, n_ctx)
+        advance(1)
+        gguf_file = work / "model.gguf"
+        tensors = llama.quantize(float_file, gguf_file, types_file, ws, doc.formats())
+        for name, fmt in doc.formats().items():
+            stored = tensors[names[name]].tensor_type.name.lower()
+            if stored != fmt.ggml.lower():
+                raise BitallocError("--runtime", f"llama-quantize stored {name} as {stored}, not {fmt.ggml}")
+        stored_bytes = sum(int(tensors[names[n]].n_bytes) for n in doc.layers)
+        kl, ppl = llama.perplexity(gguf_file, base, n_ctx)
+        vs_ours, _ = llama.perplexity(gguf_file, ours, n_ctx)
+        advance(1)
+        points = [RuntimePoint(
+            runtime="llamacpp", label=picked.point.label, config=picked.point.config, bytes=other + stored_bytes,
+            mib=round(mib(other + stored_bytes), 6), stored_layer_bytes=stored_bytes,
+            counted_layer_bytes=doc.totals.bytes - other, file_bytes=gguf_file.stat().st_size,
+            file_sha256=llama.sha256(gguf_file), loss=kl, quality=ppl, tokens=scored, bitalloc_loss=bitalloc_kl,
+            details={"fp_gap_kl": fp_gap, "vs_bitalloc_kl": vs_ours})]
+        gguf_file.unlink()
+        for preset in PRESETS if presets else ():
+            path = work / f"{preset}.gguf"
+            tensors = llama.quantize(float_file, path, types_file, ws, doc.formats(), preset=preset)
+            stored_bytes = sum(int(tensors[names[n]].n_bytes) for n in doc.layers)
+            kl, ppl = llama.perplexity(path, base, n_ctx)
+            points.append(RuntimePoint(
+                runtime="llamacpp", kind="preset", label=f"llama.cpp {preset}", bytes=other + stored_bytes,
+                mib=round(mib(other + stored_bytes), 6), stored_layer_bytes=stored_bytes,
+                file_bytes=path.stat().st_size, file_sha256=llama.sha256(path), loss=kl, quality=ppl, tokens=scored,
+                details={"fp_gap_kl": fp_gap}))
+            path.unlink()
+            advance(1)
+    return points
+
+
+RUNTIMES["llamacpp"] = Verifier(check_llamacpp, verify_llamacpp)
+
+
+def record(picked: Picked, points: list[RuntimePoint], local: bool, console: Console) -> None:
+    """Into front.json (a point verified again replaces its earlier record), the front plot, and MLflow."""
+    front = picked.front
+    kept = [r for r in front.runtime_points if (r.runtime, r.label) not in {(p.runtime, p.label) for p in points}]
+    front.runtime_points = kept + points
+    if local:
+        configio.write(front.document(), picked.folder / "front.json")
+        if (picked.folder / "plots").is_dir():
+            from bitalloc.dashboards.plots import front_png
+
+            front_png(front, picked.folder / "plots" / "front.png")
+    if front.tracking is not None:
+        from bitalloc.dashboards.tracking import log_runtime_points
+
+        log_runtime_points(front, points, picked.folder, console)
+
+
+def verify(target: str, avg_bits, budget, point, runtime_name: str, presets: bool, tracking_uri: Optional[str],
+           console: Console) -> tuple[Picked, list[RuntimePoint]]:
+    if runtime_name not in RUNTIMES:
+        raise BitallocError("--runtime", f"{runtime_name!r} is not a runtime bitalloc verifies; allowed: "
+                                         f"{', '.join(RUNTIMES)}")
+    if presets and runtime_name != "llamacpp":
+        raise BitallocError("--presets", f"presets are llama.cpp's; {runtime_name} has none")
+    from .runner import open_workspace
+    from .spec import load_spec
+
+    with job_folder(target, tracking_uri) as (folder, local):
+        picked = pick(folder, avg_bits, budget, point)
+        verifier = RUNTIMES[runtime_name]
+        text = verifier.check(picked)
+        spec = load_spec(folder / "spec.yaml")
+        with Stages(console) as stages, \
+                tempfile.TemporaryDirectory(prefix=f"bitalloc-verify-{runtime_name}-") as work:
+            ws = open_workspace(spec, stages)
+            points = verifier.build(ws, picked, text, Path(work), presets, stages)
+        record(picked, points, local, console)
+    return picked, points

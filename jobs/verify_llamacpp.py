@@ -1,0 +1,157 @@
+"""llama.cpp builds and measures a config itself: the model as a float GGUF, `llama-quantize --tensor-type-file` with
+the exported types, `llama-perplexity --kl-divergence` on the job's held-out tokens.
+
+llama-perplexity re-tokenizes text, so the job's tokens would not survive a round trip through it. Instead bitalloc
+writes the base file `--kl-divergence` reads (the format `--kl-divergence-base` writes: the tokens, then for the
+second half of each window the log-probabilities in 16 bits over the top 16 nats) from its float32 reference on the
+held-out windows. llama.cpp then runs its model on exactly those tokens, scoring the same positions. Three runs:
+
+- the float GGUF against that base: the two implementations' float arithmetic (`fp_gap_kl`, about 1e-4);
+- the quantized GGUF against it: the runtime's KL and perplexity, what the user gets;
+- the quantized GGUF against bitalloc's own quantized log-probabilities (`vs_bitalloc_kl`): what llama.cpp's
+  arithmetic adds to the same weights, mostly its 8-bit quantization of activations in quantized dot products.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from bitalloc import llamacpp
+from bitalloc.errors import BitallocError
+from bitalloc.gguf_levels import _float_gguf, tensor_names
+from bitalloc.pipeline import Workspace
+
+MAGIC = b"_logits_"
+GGUF_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def windows(ws: Workspace, float_gguf: Path) -> torch.Tensor:
+    """The held-out windows as llama.cpp will run them (its BOS in front where its tokenizer adds one), after
+    checking that the GGUF's vocabulary spells every token of them as the loaded tokenizer does."""
+    import gguf
+
+    reader = gguf.GGUFReader(float_gguf)
+    fields = reader.fields
+    vocab = fields["tokenizer.ggml.tokens"].contents()
+    tokens = ws.data.evaluation.clone()
+    ours = ws.model.tokenizer.convert_ids_to_tokens(sorted(set(tokens.flatten().tolist())))
+    for i, (tid, text) in enumerate(zip(sorted(set(tokens.flatten().tolist())), ours)):
+        if tid >= len(vocab) or vocab[tid] != text:
+            theirs = vocab[tid] if tid < len(vocab) else "nothing"
+            raise BitallocError("--runtime", f"tokenizer mismatch: token {tid} is {text!r} for bitalloc's tokenizer "
+                                             f"and {theirs!r} in the GGUF; llama.cpp would run other text")
+    add_bos = "tokenizer.ggml.add_bos_token" in fields and bool(fields["tokenizer.ggml.add_bos_token"].contents())
+    if add_bos:
+        tokens[:, 0] = int(fields["tokenizer.ggml.bos_token_id"].contents())
+    return tokens
+
+
+def encode(lp: torch.Tensor, n_vocab: int) -> np.ndarray:
+    """Rows of log-probabilities as llama-perplexity stores them: scale and minimum (two float32), then each entry
+    above max − 16 as round((lp − min) / scale) in uint16, the row padded to an even count plus four."""
+    lp = lp.float()
+    top = lp.max(-1, keepdim=True).values
+    low = torch.maximum(lp.min(-1, keepdim=True).values, top - 16)
+    lse = torch.log(torch.exp(lp - top).double().sum(-1, keepdim=True)).float()
+    scale = (top - low) / 65535.0
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = torch.where(lp > low, torch.round(inv * (lp - low)), torch.zeros_like(lp)).to(torch.int32)
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    out = np.zeros((lp.shape[0], nv), dtype=np.uint16)
+    head = torch.cat([scale, low - top - lse], -1).numpy().astype(np.float32)
+    out[:, :4] = head.view(np.uint16)
+    out[:, 4:4 + n_vocab] = q.numpy().astype(np.uint16)
+    return out
+
+
+def write_base(path: Path, tokens: torch.Tensor, logprobs: Iterable[torch.Tensor]) -> None:
+    """A `--kl-divergence` base file: the windows' tokens and, per window, its scored positions' log-probabilities
+    (positions n/2 … n−2, each predicting the next token)."""
+    n_chunk, n_ctx = tokens.shape
+    first = n_ctx // 2
+    with open(path, "wb") as fh:
+        fh.write(MAGIC)
+        fh.write(np.array([n_ctx], dtype=np.uint32).tobytes())
+        n_vocab = None
+        for i, lp in enumerate(logprobs):
+            if n_vocab is None:
+                n_vocab = lp.shape[-1]
+                fh.write(np.array([n_vocab, n_chunk], dtype=np.int32).tobytes())
+                fh.write(tokens.to(torch.int32).numpy().tobytes())
+            fh.write(encode(lp[first:n_ctx - 1], n_vocab).tobytes())
+
+
+def same_positions(ref: list[torch.Tensor], quant: list[torch.Tensor], tokens: torch.Tensor) -> tuple[float, float]:
+    """KL(ref ‖ quant) and perplexity over the positions llama-perplexity scores, from full log-probabilities."""
+    n_ctx = tokens.shape[1]
+    first = n_ctx // 2
+    kl, nll, n = 0.0, 0.0, 0
+    for lp, lq, seq in zip(ref, quant, tokens):
+        p, q = lp[first:n_ctx - 1].float(), lq[first:n_ctx - 1].float()
+        kl += float((p.exp() * (p - q)).sum(-1).double().sum())
+        nll += float(-q.gather(-1, seq[first + 1:].unsqueeze(-1)).double().sum())
+        n += p.shape[0]
+    return kl / n, float(np.exp(nll / n))
+
+
+_KLD = re.compile(r"Mean\s+KLD:\s*([-\d.eE+]+)")
+_PPL = re.compile(r"Mean PPL\(Q\)\s*:\s*([-\d.eE+]+)")
+
+
+def perplexity(model: Path, base: Path, n_ctx: int) -> tuple[float, float]:
+    """(mean KL, perplexity) as llama-perplexity --kl-divergence reports them against a base file."""
+    out = llamacpp.run("llama-perplexity", ["-m", str(model), "--kl-divergence-base", str(base), "--kl-divergence",
+                                            "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(os.cpu_count() or 1)],
+                       f"on {model.name}")
+    kld, ppl = _KLD.search(out), _PPL.search(out)
+    if not (kld and ppl):
+        raise BitallocError("llama.cpp", f"llama-perplexity on {model.name} printed no KL divergence statistics")
+    return float(kld[1]), float(ppl[1])
+
+
+def float_gguf(ws: Workspace, cache: Path) -> Path:
+    """The unquantized model as llama.cpp reads it: the gguf level store's copy, else one made for verification."""
+    store = ws.levels.stores.get("gguf")
+    return _float_gguf(ws.model, store.folder if store is not None else cache / ws.model_hash)
+
+
+def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, layers: Iterable[str],
+             preset: str | None = None) -> dict:
+    """llama-quantize: the exported tensor types (every other matrix kept at the model's own dtype, as the front counts
+    it), or one of llama.cpp's presets with its own mixture; the tensors of the written file by GGUF name."""
+    import gguf
+
+    keep = GGUF_DTYPES.get(next(ws.model.module.parameters()).dtype, "f32")
+    searched = set(tensor_names(ws.model.model_type, list(layers), "--runtime").values())
+    reader = gguf.GGUFReader(float_file)
+    others = [t.name for t in reader.tensors if len(t.shape) >= 2 and t.name not in searched
+              and not t.name.startswith("token_embd")]
+    args = ["--token-embedding-type", keep]
+    if "output.weight" not in searched:
+        args += ["--output-tensor-type", keep]
+    if preset is None:
+        lines = types_file.read_text() + "".join(f"^{re.escape(n)}$={keep}\n" for n in others if n != "output.weight")
+        full = types_file.with_suffix(".all.txt")
+        full.write_text(lines)
+        args = ["--pure", "--tensor-type-file", str(full)] + args
+        ftype = "Q8_0"  # every matrix is named in the file; llama-quantize needs a quantized base type to honour it
+    else:
+        ftype = preset
+    llamacpp.run("llama-quantize", [*args, str(float_file), str(out), ftype, str(os.cpu_count() or 1)],
+                 f"to {preset or 'the exported types'}")
+    return {t.name: t for t in gguf.GGUFReader(out).tensors}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

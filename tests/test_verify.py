@@ -1,0 +1,96 @@
+"""`bitalloc verify`: a point built by its runtime from the exported file and measured there agrees with what the front
+measured and counted; what cannot be verified is a one-line error that leaves the job's results as they were.
+(llama.cpp's tools are built on first use unless the cache has them: 3-5 minutes on 2 cores.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bitalloc.cli import main
+from conftest import front_of, tiny_job
+
+
+@pytest.fixture(scope="module")
+def tiny_smollm(tmp_path_factory) -> Path:
+    """A float32 Llama with rows llama.cpp's blocks take (64 and 256 wide) and SmolLM2's tokenizer, which llama.cpp's
+    converter knows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitalloc.model import load_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-smollm")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    load_model("smollm2-135m").tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llamacpp_job(tiny_smollm, text_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("verify") / "out"
+    spec = tiny_job(tiny_smollm, text_dir, out, data={"seq_len": 64, "calibration": 2, "evaluation": 4},
+                    search={"budgets": [5.0], "points": 2})
+    spec.update(formats={"target": "llamacpp"}, tracking={"enabled": False})
+    (out.parent / "job.yaml").write_text(yaml.safe_dump(spec))
+    main(["run", str(out.parent / "job.yaml")])
+    return out
+
+
+def test_llamacpp_builds_what_the_front_measured(llamacpp_job, capsys):
+    main(["verify", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp"])
+    said = capsys.readouterr().out
+    front = front_of(llamacpp_job)
+    (built,) = [r for r in front.runtime_points if r.runtime == "llamacpp"]
+    assert built.label == front.mixed[0].label and built.config == front.mixed[0].config
+    assert built.stored_layer_bytes == built.counted_layer_bytes  # llama.cpp stores exactly the bytes counted
+    assert built.bytes == front.mixed[0].bytes and built.file_bytes > built.stored_layer_bytes
+    assert built.details["fp_gap_kl"] < 1e-3  # the float GGUF runs the same model as bitalloc's float32
+    assert built.loss > 0 and abs(built.loss - built.bitalloc_loss) <= 0.25 * built.bitalloc_loss
+    assert len(built.file_sha256) == 64 and "recorded in" in said
+    assert (llamacpp_job / "plots" / "front.png").is_file()
+
+
+def test_presets_are_measured_the_same_way_and_a_point_verified_again_is_replaced(llamacpp_job):
+    main(["verify", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp", "--presets"])
+    front = front_of(llamacpp_job)
+    points = [r for r in front.runtime_points if r.kind == "point"]
+    presets = {r.label: r for r in front.runtime_points if r.kind == "preset"}
+    assert len(points) == 1 and "llama.cpp Q8_0" in presets and "llama.cpp Q2_K" in presets
+    assert presets["llama.cpp Q8_0"].loss < presets["llama.cpp Q2_K"].loss
+    assert presets["llama.cpp Q8_0"].stored_layer_bytes > presets["llama.cpp Q2_K"].stored_layer_bytes
+
+
+def _one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_what_cannot_be_verified_is_one_line_and_leaves_the_results(tiny_llama, text_dir, tmp_path, capsys,
+                                                                    llamacpp_job):
+    out = tmp_path / "rtn"
+    spec = tiny_job(tiny_llama, text_dir, out)
+    spec["tracking"] = {"enabled": False}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    main(["run", str(tmp_path / "job.yaml")])
+    capsys.readouterr()
+    before = (out / "front.json").read_text()
+    err = _one_line_error(capsys, ["verify", str(out), "--point", "1", "--runtime", "llamacpp"])
+    assert "--runtime" in err and "cannot store" in err and "formats.target: llamacpp" in err
+    err = _one_line_error(capsys, ["verify", str(out), "--point", "1", "--runtime", "tensorrt"])
+    assert "--runtime" in err and "llamacpp" in err
+    err = _one_line_error(capsys, ["verify", str(out), "--point", "99", "--runtime", "llamacpp"])
+    assert "--point" in err
+    err = _one_line_error(capsys, ["verify", str(tmp_path), "--point", "1", "--runtime", "llamacpp"])
+    assert "TARGET" in err
+    assert (out / "front.json").read_text() == before
+    assert json.loads(before).get("runtime_points", []) == []
