@@ -9,8 +9,8 @@ unless asked for the nearest (`--nearest`), so a file never silently differs fro
   (GPTQModel may reorder rules, so it names all but the quantized layers) so layers the config leaves
   in 16 bits, or never selected, stay unquantized. 5/6-bit layers make it GPTQModel's planar `gptq_p`
   format. GPTQ stores fp16 scales: bf16/fp32 scales map to fp16.
-- `llmcompressor`: an llm-compressor recipe (QuantizationModifier with compressed-tensors
-  `config_groups`): one group per distinct format, `re:`-anchored per-layer targets; 16-bit layers
+- `llmcompressor`: an llm-compressor recipe (compressed-tensors `config_groups`, in a GPTQModifier when the
+  levels were made by GPTQ, with bitalloc's GPTQ defaults, else a QuantizationModifier): one group per distinct format, `re:`-anchored per-layer targets; 16-bit layers
   and `lm_head` in `ignore`. Zero points are stored as int8 by compressed-tensors (bitalloc counts fp16).
 - `llamacpp`: a `llama-quantize --tensor-type-file` (one `regex=type` per line, no comments), module
   names mapped to GGUF tensor names by gguf-py's tensor name map. A ggml format (method gguf, e.g. from
@@ -154,8 +154,11 @@ class LLMCompressor(Runtime):
         config_groups = {f"group_{i}": {"targets": [f"re:{_anchored(names)}"], "weights": json.loads(key)}
                          for i, (key, names) in enumerate(groups.items())}
         ignore = ["lm_head"] + [f"re:{_anchored([l.name])}" for l in layers if placed[l.name].value is None]
-        recipe = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {
-            "targets": ["Linear"], "ignore": ignore, "config_groups": config_groups}}}}
+        modifier = {"targets": ["Linear"], "ignore": ignore, "config_groups": config_groups}
+        if any(l.fmt.method == "gptq" for l in layers):  # levels made by GPTQ: llm-compressor's GPTQ makes them too
+            modifier.update(dampening_frac=0.01, block_size=128, actorder=None)
+        name = "GPTQModifier" if "dampening_frac" in modifier else "QuantizationModifier"
+        recipe = {"quant_stage": {"quant_modifiers": {name: modifier}}}
         return yaml.safe_dump(recipe, sort_keys=False)
 
 

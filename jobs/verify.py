@@ -6,6 +6,10 @@ child run per runtime and point).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from rich.console import Console
 from bitalloc import configio
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import Evaluator, model_output
+from bitalloc.formats import weight_bytes
 from bitalloc.pipeline import Workspace
 from bitalloc.progress import Stages
 from bitalloc.results import ConfigDoc, Front, Point, RuntimePoint, read_config, read_front
@@ -173,6 +178,113 @@ def verify_llamacpp(ws: Workspace, picked: Picked, text: str, work: Path, preset
 
 
 RUNTIMES["llamacpp"] = Verifier(check_llamacpp, verify_llamacpp)
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME_MODULES = {"hqq": "hqq", "llmcompressor": "llmcompressor", "gptqmodel": "gptqmodel"}
+
+
+def runtimes_python(runtime_name: str) -> str:
+    """The Python of the runtimes' environment (`BITALLOC_RUNTIMES_PYTHON`, else the checkout's `.venv-runtimes`),
+    checked to import the runtime."""
+    python = os.environ.get("BITALLOC_RUNTIMES_PYTHON") or str(ROOT / ".venv-runtimes" / "bin" / "python")
+    module = RUNTIME_MODULES[runtime_name]
+    if not Path(python).is_file():
+        raise BitallocError("--runtime", f"{runtime_name} is not installed: no {python}; `./dev test` builds "
+                                         f".venv-runtimes once, or set BITALLOC_RUNTIMES_PYTHON to a Python with "
+                                         f"{module}")
+    done = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
+    if done.returncode:
+        raise BitallocError("--runtime", f"{runtime_name} is not installed in {python} (import {module} fails)")
+    return python
+
+
+def _check_exact(runtime_name: str) -> Callable[[Picked], str]:
+    def check(picked: Picked) -> str:
+        layers = layers_of(picked.config)
+        text, changed = export(runtime_name, layers, picked.config.model.type, nearest=True)
+        if changed:
+            raise BitallocError("--runtime", f"{runtime_name} cannot build {len(changed)} of {len(layers)} layers of "
+                                             f"this point as searched, e.g. {changed[0]}; verify a point of a job "
+                                             f"searched with formats.target: {runtime_name}")
+        runtimes_python(runtime_name)
+        return text
+    return check
+
+
+def as_folder(ws: Workspace, folder: Path) -> Path:
+    """The loaded model as a transformers checkpoint folder (a GGUF source is loaded dequantized, and transformers
+    will not save it as it is: its config without the GGUF quantization note, its weights as loaded)."""
+    import copy
+
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True)
+    config = copy.deepcopy(ws.model.module.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    save_model(ws.model.module, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    ws.model.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def verify_python(runtime_name: str):
+    """A Python runtime driven as a subprocess in its own environment (`jobs/runtime_build.py`): the model handed to
+    it as a transformers folder, the exported file applied by the runtime's own code, each quantized layer's weight
+    as the runtime dequantizes it measured by bitalloc's evaluator on the job's held-out tokens."""
+
+    def build(ws: Workspace, picked: Picked, text: str, work: Path, presets: bool,
+              stages: Stages) -> list[RuntimePoint]:
+        from safetensors.torch import load_file
+
+        doc = picked.config
+        exported = work / f"export-{runtime_name}.txt"
+        exported.write_text(text)
+        with stages.stage(f"{runtime_name}: build the model"):
+            model_dir = as_folder(ws, work / "model")
+            calibration = work / "calibration.safetensors"
+            from safetensors.torch import save_file
+
+            save_file({"input_ids": ws.data.calibration.contiguous()}, str(calibration))
+            out = work / "built"
+            out.mkdir()
+            done = subprocess.run([runtimes_python(runtime_name), str(ROOT / "jobs" / "runtime_build.py"), runtime_name,
+                                   str(model_dir), str(exported), str(out), str(calibration)],
+                                  capture_output=True, text=True)
+            said = (done.stdout.strip().splitlines() or ["no output"])[-1]
+            if done.returncode:
+                raise BitallocError("--runtime", f"{runtime_name} could not build the point: {said}")
+        weights = load_file(str(out / "weights.safetensors"))
+        stored = json.loads((out / "stored.json").read_text())
+        missing = sorted(set(n for n, f in doc.formats().items() if f.quantized) - set(weights))
+        if missing:
+            raise BitallocError("--runtime", f"{runtime_name} left {len(missing)} layers of the config unquantized, "
+                                             f"e.g. {missing[0]}")
+        dtype = next(ws.model.module.parameters()).dtype
+        with stages.stage(f"{runtime_name}: measure"):
+            measured = ws.local_runner().evaluator("evaluation").evaluate_tensors(
+                {n: w.to(dtype) for n, w in weights.items() if n in doc.layers})
+        other = picked.front.model.other_bytes
+        stored_bytes = sum(stored[n] for n in weights if n in doc.layers)
+        kept = sum(weight_bytes(*doc.shapes[n], f) for n, f in doc.formats().items() if n not in weights)
+        files = sorted(p for p in (out / "checkpoint").rglob("*") if p.is_file()) if (out / "checkpoint").is_dir() \
+            else [out / "weights.safetensors"]
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.read_bytes())
+        return [RuntimePoint(
+            runtime=runtime_name, label=picked.point.label, config=picked.point.config,
+            bytes=other + stored_bytes + kept, mib=round(mib(other + stored_bytes + kept), 6),
+            stored_layer_bytes=stored_bytes + kept, counted_layer_bytes=doc.totals.bytes - other,
+            file_bytes=sum(f.stat().st_size for f in files), file_sha256=digest.hexdigest(), loss=measured.loss,
+            quality=measured.quality, tokens=measured.tokens, bitalloc_loss=picked.point.loss,
+            details={})]
+
+    return build
+
+
+for _name in ("hqq", "llmcompressor", "gptqmodel"):
+    RUNTIMES[_name] = Verifier(_check_exact(_name), verify_python(_name))
 
 
 def record(picked: Picked, points: list[RuntimePoint], local: bool, console: Console) -> None:
