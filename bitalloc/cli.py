@@ -408,18 +408,19 @@ def ui(
                                                "else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"),
     port: int = typer.Option(5000, "--port", min=0, max=65535, help="loopback port; 0 picks a free one"),
 ):
-    """Start the MLflow UI on loopback for the job's store and print its experiment's URL (Ctrl-C stops it)."""
+    """Start the MLflow UI on loopback for the job's store and print the URL of the job's front figure (of a job YAML:
+    its experiment's runs) (Ctrl-C stops it)."""
     import time
 
-    from bitalloc.dashboards.ui import experiment_url, locate, serve
+    from bitalloc.dashboards.ui import landing_url, locate, serve
 
-    uri, exp_id = locate(target, tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        _out().print(experiment_url(uri.rstrip("/"), exp_id))
+    where = locate(target, tracking_uri)
+    if where.uri.startswith(("http://", "https://")):
+        _out().print(landing_url(where.uri.rstrip("/"), where))
         return
     try:
-        with serve(uri, port) as base:
-            _out().print(f"MLflow UI for {uri}: {experiment_url(base, exp_id)}  (Ctrl-C stops it)")
+        with serve(where.uri, port) as base:
+            _out().print(f"MLflow UI for {where.uri}: {landing_url(base, where)}  (Ctrl-C stops it)")
             while True:
                 time.sleep(3600)
     except Interrupted:

@@ -1,4 +1,6 @@
-"""`bitalloc ui`: the MLflow UI on loopback for a job's store, and the URL of the job's experiment."""
+"""`bitalloc ui`: the MLflow UI on loopback for a job's store, and the URL to open: for a job, its run's front figure
+(the run page's artifact view of results/plots/front.png, which MLflow keeps with the run; the figure shows the
+measured front, the uniform baselines and what runtimes built), else the experiment's or the store's runs."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 from bitalloc.errors import BitallocError
 from bitalloc.results import read_front
@@ -19,10 +21,17 @@ from .tracking import client, resolve_uri
 HOST = "127.0.0.1"
 
 
-def locate(target: Optional[str], tracking_uri: Optional[str]) -> tuple[str, Optional[str]]:
-    """(store URI, experiment id or None) for a job output dir, a job YAML, or nothing (the default store)."""
+class Located(NamedTuple):
+    uri: str
+    experiment_id: Optional[str] = None
+    run_id: Optional[str] = None
+
+
+def locate(target: Optional[str], tracking_uri: Optional[str]) -> Located:
+    """The store, and the experiment and job run to show, for a job output dir, a job YAML (its experiment), or
+    nothing (the default store)."""
     if target is None:
-        return resolve_uri(tracking_uri), None
+        return Located(resolve_uri(tracking_uri))
     path = Path(target)
     if path.is_dir():
         if not (path / "front.json").is_file():
@@ -33,7 +42,7 @@ def locate(target: Optional[str], tracking_uri: Optional[str]) -> tuple[str, Opt
         uri = tracking_uri or info.uri
         if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
             raise BitallocError("TARGET", f"the job was tracked in {uri}, which no longer exists")
-        return uri, info.experiment_id
+        return Located(uri, info.experiment_id, info.run_id)
     if path.suffix in (".yaml", ".yml"):
         from bitalloc.jobs.spec import load_spec
 
@@ -43,12 +52,18 @@ def locate(target: Optional[str], tracking_uri: Optional[str]) -> tuple[str, Opt
         if found is None:
             raise BitallocError("TARGET", f"no experiment {spec.tracking.experiment or spec.name!r} in {uri}; "
                                           f"run the job first")
-        return uri, found.experiment_id
+        return Located(uri, found.experiment_id)
     raise BitallocError("TARGET", f"{target!r} is neither a job's output dir nor a job YAML")
 
 
-def experiment_url(base: str, exp_id: Optional[str]) -> str:
-    return f"{base}/#/experiments/{exp_id}/runs" if exp_id else base
+FRONT_FIGURE = "results/plots/front.png"
+
+
+def landing_url(base: str, where: Located) -> str:
+    """The job run's front figure, else the experiment's runs, else the store's start page."""
+    if where.run_id:
+        return f"{base}/#/experiments/{where.experiment_id}/runs/{where.run_id}/artifacts/{FRONT_FIGURE}"
+    return f"{base}/#/experiments/{where.experiment_id}/runs" if where.experiment_id else base
 
 
 def _free_port() -> int:

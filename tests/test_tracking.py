@@ -207,8 +207,9 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
-def test_mlflow_ui_lists_the_child_runs_in_a_browser(tracked, tmp_path):
-    """`bitalloc ui OUT` serves the store; headless Chromium opens the experiment and sees every point's run."""
+def test_mlflow_ui_opens_on_the_front_and_lists_the_child_runs_in_a_browser(tracked, tmp_path):
+    """`bitalloc ui OUT` serves the store and prints the job run's front figure: headless Chromium sees the figure on
+    the first screen (the screenshot is kept), then the experiment's runs table lists every point's run."""
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.skip("Debian's chromium and chromium-driver are not installed (`./dev test` installs them)")
     from selenium import webdriver
@@ -222,7 +223,7 @@ def test_mlflow_ui_lists_the_child_runs_in_a_browser(tracked, tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         line = ui.stdout.readline()
-        assert "/#/experiments/" in line, line + ui.stderr.read()
+        assert "/artifacts/results/plots/front.png" in line, line + ui.stderr.read()
         url = line.split(": ", 1)[1].split()[0]
         options = Options()
         options.binary_location = CHROMIUM
@@ -234,13 +235,26 @@ def test_mlflow_ui_lists_the_child_runs_in_a_browser(tracked, tmp_path):
         try:
             browser.get(url)
             wait = WebDriverWait(browser, 60)
+            from PIL import Image
+
+            png = Image.open(out / "plots" / "front.png").size  # the figure MLflow serves (a blob URL in the page)
+            figure = wait.until(lambda b: [i for i in b.find_elements(By.TAG_NAME, "img") if i.is_displayed() and
+                                           b.execute_script("return [arguments[0].naturalWidth, "
+                                                            "arguments[0].naturalHeight]", i) == list(png)])[0]
+            assert figure.size["height"] > 200
+            height = browser.execute_script("return window.innerHeight")
+            assert 0 <= figure.location["y"] and figure.location["y"] + figure.size["height"] / 2 < height
+            shots = Path(os.environ.get("BITALLOC_SCREENSHOT_DIR", tmp_path))
+            browser.save_screenshot(str(shots / "mlflow-landing.png"))
+            assert (shots / "mlflow-landing.png").stat().st_size > 10000
+            browser.get(url.split("/runs/")[0] + "/runs")
             name = wait.until(lambda b: b.find_elements(
                 By.XPATH, "//div[@role='gridcell'][.//*[normalize-space(text())='tracked']]"))[0]
             name.find_element(By.TAG_NAME, "button").click()
             labels = [p.label for p in front.points]
             wait.until(lambda b: all(b.find_elements(By.XPATH, f"//*[normalize-space(text())='{label}']")
                                      for label in labels))
-            shot = Path(os.environ.get("BITALLOC_SCREENSHOT_DIR", tmp_path)) / "mlflow-ui.png"
+            shot = shots / "mlflow-ui.png"
             browser.save_screenshot(str(shot))
             assert shot.stat().st_size > 10000
         finally:
