@@ -312,6 +312,8 @@ def verify(
     runtime: str = typer.Option(..., "--runtime", "-r", help="llamacpp"),
     presets: bool = typer.Option(False, "--presets", help="also measure llama.cpp's presets (Q2_K ... Q8_0) the same "
                                                           "way"),
+    nearest: bool = typer.Option(False, "--nearest", help="where the runtime cannot express a layer's format, build "
+                                                          "the nearest it can (as `export --nearest` writes it)"),
     tracking_uri: RunStore = None,
 ):
     """Build one measured point with its runtime's own code from the exported file, run it on the job's held-out
@@ -320,7 +322,7 @@ def verify(
 
     from bitalloc.jobs.verify import verify as run_verify
 
-    picked, points = run_verify(target, avg_bits, budget, point, runtime, presets, tracking_uri,
+    picked, points = run_verify(target, avg_bits, budget, point, runtime, presets, nearest, tracking_uri,
                                 Console(stderr=True))
     m = picked.front.metric.metric()
     table = Table("runtime", "point", "MiB", "stored / counted layer bytes", f"bitalloc {m.loss_label} (front)",
@@ -337,6 +339,9 @@ def verify(
                       f"{p.quality:.4g}", f"{p.file_bytes / 2**20:.2f}")
     _out().print(table)
     for p in points:
+        if p.details.get("nearest_layers"):
+            _out().print(f"{p.label}: {p.details['nearest_layers']:.0f} layers built as the nearest the runtime "
+                         f"expresses, so the runtime measures another model than the front's point", markup=False)
         if p.details and p.kind == "point":
             _out().print(f"{p.label}: " + ", ".join(f"{k} {v:.3g}" for k, v in p.details.items()), markup=False)
     _out().print(f"recorded in {picked.folder / 'front.json'}" if Path(target).is_dir()

@@ -101,26 +101,8 @@ class Measured:
             return [lp for batch in self.evaluator.batches for lp in model_output(self.ws.model, batch)]
 
 
-@dataclass(frozen=True)
-class Verifier:
-    """A runtime's round trip: `check` refuses a point it cannot build (before anything is loaded) and returns the
-    exported file's text; `build` builds and measures it."""
-
-    check: Callable[[Picked], str]
-    build: Callable[["Workspace", Picked, str, Path, bool, Stages], list[RuntimePoint]]
-
-
-RUNTIMES: dict[str, Verifier] = {}
-
-
-def check_llamacpp(picked: Picked) -> str:
-    layers = layers_of(picked.config)
-    text, changed = export("llamacpp", layers, picked.config.model.type, nearest=True)
-    if changed:
-        raise BitallocError("--runtime", f"llama.cpp cannot store {len(changed)} of {len(layers)} layers of this "
-                                         f"point as searched, e.g. {changed[0]}; verify a point of a job searched "
-                                         f"with formats.target: llamacpp")
-    return text
+# runtime -> build(workspace, point, exported file text, work folder, presets, stages): the runtime's model measured
+RUNTIMES: dict[str, Callable[..., list[RuntimePoint]]] = {}
 
 
 def verify_llamacpp(ws: Workspace, picked: Picked, text: str, work: Path, presets: bool,
@@ -147,10 +129,12 @@ def verify_llamacpp(ws: Workspace, picked: Picked, text: str, work: Path, preset
         advance(1)
         gguf_file = work / "model.gguf"
         tensors = llama.quantize(float_file, gguf_file, types_file, ws, doc.formats())
-        for name, fmt in doc.formats().items():
+        wanted = {line.rpartition("=")[0].strip("^$").replace("\\", ""): line.rpartition("=")[2]
+                  for line in text.split()}
+        for name in doc.layers:
             stored = tensors[names[name]].tensor_type.name.lower()
-            if stored != fmt.ggml.lower():
-                raise BitallocError("--runtime", f"llama-quantize stored {name} as {stored}, not {fmt.ggml}")
+            if stored != wanted[names[name]].lower():
+                raise BitallocError("--runtime", f"llama-quantize stored {name} as {stored}, not {wanted[names[name]]}")
         stored_bytes = sum(int(tensors[names[n]].n_bytes) for n in doc.layers)
         kl, ppl = llama.perplexity(gguf_file, base, n_ctx)
         vs_ours, _ = llama.perplexity(gguf_file, ours, n_ctx)
@@ -177,7 +161,7 @@ def verify_llamacpp(ws: Workspace, picked: Picked, text: str, work: Path, preset
     return points
 
 
-RUNTIMES["llamacpp"] = Verifier(check_llamacpp, verify_llamacpp)
+RUNTIMES["llamacpp"] = verify_llamacpp
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_MODULES = {"hqq": "hqq", "llmcompressor": "llmcompressor", "gptqmodel": "gptqmodel"}
@@ -198,17 +182,19 @@ def runtimes_python(runtime_name: str) -> str:
     return python
 
 
-def _check_exact(runtime_name: str) -> Callable[[Picked], str]:
-    def check(picked: Picked) -> str:
-        layers = layers_of(picked.config)
-        text, changed = export(runtime_name, layers, picked.config.model.type, nearest=True)
-        if changed:
-            raise BitallocError("--runtime", f"{runtime_name} cannot build {len(changed)} of {len(layers)} layers of "
-                                             f"this point as searched, e.g. {changed[0]}; verify a point of a job "
-                                             f"searched with formats.target: {runtime_name}")
+def exported(runtime_name: str, picked: Picked, nearest: bool) -> tuple[str, int]:
+    """The runtime's file for the point, and how many layers it writes only as the nearest it can express; without
+    `nearest` such a point is refused (the runtime would build another model than the one measured)."""
+    layers = layers_of(picked.config)
+    text, changed = export(runtime_name, layers, picked.config.model.type, nearest=True)
+    if changed and not nearest:
+        raise BitallocError("--runtime", f"{runtime_name} cannot build {len(changed)} of {len(layers)} layers of this "
+                                         f"point as searched, e.g. {changed[0]}; verify a point of a job searched "
+                                         f"with formats.target: {runtime_name}, or pass --nearest to measure what "
+                                         f"the nearest export builds")
+    if runtime_name in RUNTIME_MODULES:
         runtimes_python(runtime_name)
-        return text
-    return check
+    return text, len(changed)
 
 
 def as_folder(ws: Workspace, folder: Path) -> Path:
@@ -284,7 +270,7 @@ def verify_python(runtime_name: str):
 
 
 for _name in ("hqq", "llmcompressor", "gptqmodel"):
-    RUNTIMES[_name] = Verifier(_check_exact(_name), verify_python(_name))
+    RUNTIMES[_name] = verify_python(_name)
 
 
 def record(picked: Picked, points: list[RuntimePoint], local: bool, console: Console) -> None:
@@ -304,8 +290,8 @@ def record(picked: Picked, points: list[RuntimePoint], local: bool, console: Con
         log_runtime_points(front, points, picked.folder, console)
 
 
-def verify(target: str, avg_bits, budget, point, runtime_name: str, presets: bool, tracking_uri: Optional[str],
-           console: Console) -> tuple[Picked, list[RuntimePoint]]:
+def verify(target: str, avg_bits, budget, point, runtime_name: str, presets: bool, nearest: bool,
+           tracking_uri: Optional[str], console: Console) -> tuple[Picked, list[RuntimePoint]]:
     if runtime_name not in RUNTIMES:
         raise BitallocError("--runtime", f"{runtime_name!r} is not a runtime bitalloc verifies; allowed: "
                                          f"{', '.join(RUNTIMES)}")
@@ -316,12 +302,15 @@ def verify(target: str, avg_bits, budget, point, runtime_name: str, presets: boo
 
     with job_folder(target, tracking_uri) as (folder, local):
         picked = pick(folder, avg_bits, budget, point)
-        verifier = RUNTIMES[runtime_name]
-        text = verifier.check(picked)
+        text, rewritten = exported(runtime_name, picked, nearest)
         spec = load_spec(folder / "spec.yaml")
         with Stages(console) as stages, \
                 tempfile.TemporaryDirectory(prefix=f"bitalloc-verify-{runtime_name}-") as work:
             ws = open_workspace(spec, stages)
-            points = verifier.build(ws, picked, text, Path(work), presets, stages)
+            points = RUNTIMES[runtime_name](ws, picked, text, Path(work), presets, stages)
+        for p in points:
+            if p.kind == "point" and rewritten:
+                p.details["nearest_layers"] = float(rewritten)
+                p.label = f"{p.label} (nearest)"
         record(picked, points, local, console)
     return picked, points

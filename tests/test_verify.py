@@ -5,6 +5,7 @@ measured and counted; what cannot be verified is a one-line error that leaves th
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ def test_what_cannot_be_verified_is_one_line_and_leaves_the_results(tiny_llama, 
     capsys.readouterr()
     before = (out / "front.json").read_text()
     err = _one_line_error(capsys, ["verify", str(out), "--point", "1", "--runtime", "llamacpp"])
-    assert "--runtime" in err and "cannot store" in err and "formats.target: llamacpp" in err
+    assert "--runtime" in err and "cannot build" in err and "formats.target: llamacpp" in err
     err = _one_line_error(capsys, ["verify", str(out), "--point", "1", "--runtime", "tensorrt"])
     assert "--runtime" in err and "llamacpp" in err
     err = _one_line_error(capsys, ["verify", str(out), "--point", "99", "--runtime", "llamacpp"])
@@ -94,3 +95,44 @@ def test_what_cannot_be_verified_is_one_line_and_leaves_the_results(tiny_llama, 
     assert "TARGET" in err
     assert (out / "front.json").read_text() == before
     assert json.loads(before).get("runtime_points", []) == []
+
+
+def _python_runtime_job(tiny_smollm, text_dir, root: Path, target: str) -> Path:
+    from bitalloc.jobs.verify import ROOT
+
+    if not (os.environ.get("BITALLOC_RUNTIMES_PYTHON") or (ROOT / ".venv-runtimes" / "bin" / "python").exists()):
+        pytest.skip("no .venv-runtimes (`./dev test` builds it): the Python runtimes are not installed")
+    out = root / "out"
+    spec = tiny_job(tiny_smollm, text_dir, out, data={"seq_len": 64, "calibration": 2, "evaluation": 4},
+                    search={"budgets": [5.0], "points": 1})
+    spec.update(formats={"target": target}, tracking={"enabled": False})
+    (root / "job.yaml").write_text(yaml.safe_dump(spec))
+    main(["run", str(root / "job.yaml")])
+    return out
+
+
+def test_hqq_builds_the_point_with_the_bytes_counted(tiny_smollm, text_dir, tmp_path):
+    """HQQ's own code applies the exported per-tag config; its packed weights, scales and zeros are the bytes counted,
+    and the model it builds measures as the front's point did (bitalloc's levels come from the same package)."""
+    out = _python_runtime_job(tiny_smollm, text_dir, tmp_path, "hqq")
+    main(["verify", str(out), "--point", "1", "--runtime", "hqq"])
+    (built,) = front_of(out).runtime_points
+    assert built.stored_layer_bytes == built.counted_layer_bytes
+    assert built.loss > 0 and abs(built.loss - built.bitalloc_loss) <= 0.25 * built.bitalloc_loss
+
+
+def test_llmcompressor_builds_the_point_with_its_gptq(tiny_smollm, text_dir, tmp_path):
+    """llm-compressor's oneshot (its GPTQModifier, as the export writes for GPTQ levels) saves a compressed-tensors
+    checkpoint that transformers loads back: it stores packed codes, float16 scales and the shape per layer, no zero
+    points (symmetric) or g_idx, so fewer bytes than GPTQModel's layout bitalloc counts for GPTQ formats."""
+    from bitalloc.results import read_config
+
+    out = _python_runtime_job(tiny_smollm, text_dir, tmp_path, "llmcompressor")
+    main(["verify", str(out), "--point", "1", "--runtime", "llmcompressor"])
+    front = front_of(out)
+    (built,) = front.runtime_points
+    doc = read_config(out / built.config)
+    layout = sum(o * i * f.bits // 8 + o * -(-i // f.group_size) * 2 + 16
+                 for f, (o, i) in ((doc.formats()[n], doc.shapes[n]) for n in doc.layers))
+    assert built.stored_layer_bytes == layout < built.counted_layer_bytes
+    assert built.loss > 0 and abs(built.loss - built.bitalloc_loss) <= 0.5 * built.bitalloc_loss

@@ -1,0 +1,98 @@
+"""Round trips through the runtimes: every mixed point of a job built by the runtime that can build it and measured
+there, against bitalloc's measured KL and counted bytes; llama.cpp's presets measured the same way. Prints two tables.
+
+    .venv/bin/python benchmarks/verify.py [--work DIR]
+
+Jobs (run into --work unless already there, with a store in --work/mlflow.db): `jobs/examples/smollm2-llamacpp.yaml`
+(the llama.cpp target, with budgets just under each preset's average bits: every point verified with
+`--runtime llamacpp`, presets once) and the default job
+`jobs/examples/smollm2.yaml` (min-max RTN, which no runtime stores: its budget points verified with
+`--runtime llamacpp --nearest`, to show what the nearest export builds instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "bitalloc.cli", *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"bitalloc {' '.join(args)}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
+# just under the average bits of llama.cpp's presets on SmolLM2-135M (Q2_K and Q3_K_S coincide: most rows are 576
+# wide and fall back to 32-blocks), so the front has a point at no more bytes than each
+PRESET_BITS = "[4.233, 4.5, 4.633, 5.533, 6.034, 8.015, 8.499]"
+
+
+def job(example: str, out: Path, store: str, *overrides: str) -> dict:
+    if not (out / "front.json").is_file():
+        cli("run", str(ROOT / "jobs" / "examples" / example), "--out", str(out), "--workers", "0",
+            "--tracking-uri", store, *[arg for o in overrides for arg in ("--set", o)])
+    return json.loads((out / "front.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="runs/verify-benchmark")
+    work = Path(ap.parse_args().work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    store = f"sqlite:///{work / 'mlflow.db'}"
+    plans = [("smollm2-llamacpp.yaml", work / "llamacpp", False, (f"search.budgets={PRESET_BITS}", "search.points=2")),
+             ("smollm2.yaml", work / "default", True, ())]
+    console = Console(width=200)
+    table = Table(title=f"bitalloc verify on SmolLM2-135M (held-out 4 x 512 tokens, KL over the positions "
+                        f"llama-perplexity scores; {os.cpu_count()} CPUs)")
+    for col in ("job", "point", "runtime", "avg bits", "bitalloc KL", "runtime KL", "difference", "counted layer B",
+                "stored layer B", "bytes diff", "llama.cpp's own arithmetic KL"):
+        table.add_column(col, justify="left" if col in ("job", "point", "runtime") else "right")
+    presets = Table(title="llama.cpp's presets measured by llama.cpp on the same tokens, against the llama.cpp-target "
+                          "front as llama.cpp builds it")
+    for col in ("preset", "MiB", "preset KL", "front point at no more bytes", "its MiB", "its KL (llama.cpp)",
+                "dominated"):
+        presets.add_column(col, justify="left" if col in ("preset", "front point at no more bytes") else "right")
+    for example, out, nearest, overrides in plans:
+        front = job(example, out, store, *overrides)
+        mixed = sorted((p for p in front["points"] if p["kind"] == "mixed"), key=lambda p: p["bytes"])
+        chosen = [i + 1 for i, p in enumerate(mixed) if "@" in p["label"]] if nearest else range(1, len(mixed) + 1)
+        done = {r["label"] for r in front.get("runtime_points", [])}
+        for n in chosen:
+            label = mixed[n - 1]["label"] + (" (nearest)" if nearest else "")
+            if label not in done:
+                cli("verify", str(out), "--point", str(n), "--runtime", "llamacpp",
+                    *(["--nearest"] if nearest else []),
+                    *(["--presets"] if n == chosen[-1] and not nearest and not any(
+                        r["kind"] == "preset" for r in front.get("runtime_points", [])) else []))
+        front = json.loads((out / "front.json").read_text())
+        bits = {p["config"]: p["avg_bits"] for p in mixed}
+        built = [r for r in front["runtime_points"] if r["kind"] == "point"]
+        for r in sorted(built, key=lambda r: r["bytes"]):
+            diff = (r["loss"] - r["bitalloc_loss"]) / r["bitalloc_loss"]
+            bdiff = r["stored_layer_bytes"] / r["counted_layer_bytes"] - 1
+            table.add_row(front["job"]["name"], r["label"], r["runtime"], f"{bits[r['config']]:.3f}",
+                          f"{r['bitalloc_loss']:.4f}", f"{r['loss']:.4f}", f"{diff:+.1%}",
+                          f"{r['counted_layer_bytes']:,}", f"{r['stored_layer_bytes']:,}", f"{bdiff:+.2%}",
+                          f"{r['details'].get('vs_bitalloc_kl', float('nan')):.4f}")
+        for r in sorted((r for r in front["runtime_points"] if r["kind"] == "preset"), key=lambda r: r["bytes"]):
+            within = [b for b in built if b["bytes"] <= r["bytes"]]
+            best = min(within, key=lambda b: b["loss"], default=None)
+            presets.add_row(r["label"], f"{r['mib']:.2f}", f"{r['loss']:.4f}", best["label"] if best else "-",
+                            f"{best['mib']:.2f}" if best else "-", f"{best['loss']:.4f}" if best else "-",
+                            "yes" if best and best["loss"] < r["loss"] else "NO")
+    console.print(table)
+    console.print(presets)
+
+
+if __name__ == "__main__":
+    main()
