@@ -105,7 +105,9 @@ class FormatsSpec(_Strict):
     @model_validator(mode="after")
     def _method(self):
         if self.target:
-            fixed = sorted(self.model_fields_set & {"bits", "group_size", "symmetric", "scale_dtype", "types"})
+            # a value equal to the default is what specs saved before targets were written as given hold
+            fixed = sorted(k for k in self.model_fields_set & {"bits", "group_size", "symmetric", "scale_dtype", "types"}
+                           if getattr(self, k) != type(self).model_fields[k].default)
             if fixed:
                 raise BitallocError(f"formats.{fixed[0]}", f"set by target {self.target}: remove it, or drop the "
                                                            f"target to list formats yourself")

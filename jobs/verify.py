@@ -46,14 +46,13 @@ class Picked:
 
 
 @contextmanager
-def job_folder(target: str, tracking_uri: Optional[str]) -> Iterator[tuple[Path, bool]]:
-    """The job's result folder: TARGET itself, or its MLflow run's `results` artifacts fetched to a temporary one.
-    Yields (folder, whether it is local)."""
+def job_folder(target: str, tracking_uri: Optional[str]) -> Iterator[Path]:
+    """The job's result folder: TARGET itself, or its MLflow run's `results` artifacts fetched to a temporary one."""
     path = Path(target)
     if path.is_dir():
         if not (path / "front.json").is_file():
             raise BitallocError("TARGET", f"{target!r} holds no front.json; give a job's output dir or run id")
-        yield path, True
+        yield path
         return
     if not _RUN_ID.match(target):
         raise BitallocError("TARGET", f"{target!r} is neither a job's output dir nor an MLflow run id (32 hex digits)")
@@ -74,7 +73,7 @@ def job_folder(target: str, tracking_uri: Optional[str]) -> Iterator[tuple[Path,
             folder = Path(download_artifacts(run_id=target, artifact_path="results", dst_path=tmp, tracking_uri=uri))
         except (MlflowException, OSError):
             raise BitallocError("TARGET", f"MLflow run {target} has no results (did the job finish?)") from None
-        yield folder, False
+        yield folder
 
 
 def pick(folder: Path, avg_bits, budget, point) -> Picked:
@@ -273,17 +272,16 @@ for _name in ("hqq", "llmcompressor", "gptqmodel"):
     RUNTIMES[_name] = verify_python(_name)
 
 
-def record(picked: Picked, points: list[RuntimePoint], local: bool, console: Console) -> None:
+def record(picked: Picked, points: list[RuntimePoint], console: Console) -> None:
     """Into front.json (a point verified again replaces its earlier record), the front plot, and MLflow."""
     front = picked.front
     kept = [r for r in front.runtime_points if (r.runtime, r.label) not in {(p.runtime, p.label) for p in points}]
     front.runtime_points = kept + points
-    if local:
-        configio.write(front.document(), picked.folder / "front.json")
-        if (picked.folder / "plots").is_dir():
-            from bitalloc.dashboards.plots import front_png
+    configio.write(front.document(), picked.folder / "front.json")  # a run's results: fetched, then logged back
+    if (picked.folder / "plots").is_dir():
+        from bitalloc.dashboards.plots import front_png
 
-            front_png(front, picked.folder / "plots" / "front.png")
+        front_png(front, picked.folder / "plots" / "front.png")
     if front.tracking is not None:
         from bitalloc.dashboards.tracking import log_runtime_points
 
@@ -300,7 +298,7 @@ def verify(target: str, avg_bits, budget, point, runtime_name: str, presets: boo
     from .runner import open_workspace
     from .spec import load_spec
 
-    with job_folder(target, tracking_uri) as (folder, local):
+    with job_folder(target, tracking_uri) as folder:
         picked = pick(folder, avg_bits, budget, point)
         text, rewritten = exported(runtime_name, picked, nearest)
         spec = load_spec(folder / "spec.yaml")
@@ -312,5 +310,5 @@ def verify(target: str, avg_bits, budget, point, runtime_name: str, presets: boo
             if p.kind == "point" and rewritten:
                 p.details["nearest_layers"] = float(rewritten)
                 p.label = f"{p.label} (nearest)"
-        record(picked, points, local, console)
+        record(picked, points, console)
     return picked, points
