@@ -90,7 +90,7 @@ class Measured:
     """bitalloc's own log-probabilities on a set of windows: the float32 model's (kept) and a config's."""
 
     def __init__(self, ws: Workspace, tokens: torch.Tensor):
-        self.ws, self.tokens = ws, tokens
+        self.ws = ws
         self.evaluator = Evaluator(ws.model, ws.levels, tokens, ws.batch_size)
         self.reference = [lp for batch in self.evaluator.reference for lp in batch]
 
@@ -220,21 +220,19 @@ def verify_python(runtime_name: str):
 
     def build(ws: Workspace, picked: Picked, text: str, work: Path, presets: bool,
               stages: Stages) -> list[RuntimePoint]:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file, save_file
 
         doc = picked.config
-        exported = work / f"export-{runtime_name}.txt"
-        exported.write_text(text)
+        file = work / f"export-{runtime_name}.txt"
+        file.write_text(text)
         with stages.stage(f"{runtime_name}: build the model"):
             model_dir = as_folder(ws, work / "model")
             calibration = work / "calibration.safetensors"
-            from safetensors.torch import save_file
-
             save_file({"input_ids": ws.data.calibration.contiguous()}, str(calibration))
             out = work / "built"
             out.mkdir()
             done = subprocess.run([runtimes_python(runtime_name), str(ROOT / "jobs" / "runtime_build.py"), runtime_name,
-                                   str(model_dir), str(exported), str(out), str(calibration)],
+                                   str(model_dir), str(file), str(out), str(calibration)],
                                   capture_output=True, text=True)
             said = (done.stdout.strip().splitlines() or ["no output"])[-1]
             if done.returncode:
