@@ -61,11 +61,11 @@ class Format:
         return cls(t.bits, t.block, t.symmetric, "float16", "gguf", name)
 
     def fits(self, in_features: int) -> bool:
-        """Whether a row of this width can be stored in this format: ggml types need whole blocks, GPTQ and HQQ
-        checkpoints whole groups; bitalloc's layout takes any width."""
+        """Whether a row of this width can be stored in this format: ggml types need whole blocks, GPTQ, HQQ and
+        compressed-tensors checkpoints whole groups; bitalloc's layout takes any width."""
         if self.ggml:
             return GGML_TYPES[self.ggml].fits(in_features)
-        if self.quantized and self.method in ("gptq", "hqq"):
+        if self.quantized and self.method in ("gptq", "hqq", "rtn-int"):
             return in_features % self.group_size == 0
         return True
 

@@ -75,13 +75,32 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp: float =
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return _level(codes, scales, zeros, fmt), zeros
+
+
+def _level(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, fmt: Format) -> QuantizedWeight:
+    """Unsigned codes over integer zero points as a level in the format's layout: symmetric codes shifted to signed,
+    asymmetric ones with the float zero term -zero*scale."""
     sdt = _DTYPES[fmt.scale_dtype]
     if fmt.symmetric:
-        q = QuantizedWeight((codes - zeros.repeat_interleave(gs, 1)[:, :cols]).to(torch.int8), scales.to(sdt), None,
-                            fmt)
-    else:
-        q = QuantizedWeight(codes.to(torch.uint8), scales.to(sdt), (-zeros * scales).to(sdt), fmt)
-    return q, zeros
+        shift = zeros.repeat_interleave(fmt.group_size, 1)[:, :codes.shape[1]]
+        return QuantizedWeight((codes - shift).to(torch.int8), scales.to(sdt), None, fmt)
+    return QuantizedWeight(codes.to(torch.uint8), scales.to(sdt), (-zeros * scales).to(sdt), fmt)
+
+
+def round_to_grid(weight: torch.Tensor, fmt: Format) -> QuantizedWeight:
+    """Round-to-nearest on GPTQ's integer grid (each group's range widened to hold 0; symmetric: scale
+    max|w| / (2^(b-1) - 1/2) and zero point 2^(b-1); asymmetric: integer zero point), which is also
+    compressed-tensors' grid: what llm-compressor's QuantizationModifier makes."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    gs = fmt.group_size
+    parts = [_grid(w[:, g:g + gs], fmt) for g in range(0, cols, gs)]
+    scales = torch.stack([s for s, _ in parts], 1)
+    zeros = torch.stack([z for _, z in parts], 1)
+    expand = lambda t: t.repeat_interleave(gs, 1)[:, :cols]  # noqa: E731
+    codes = torch.clamp(torch.round(w / expand(scales)) + expand(zeros), 0, 2**fmt.bits - 1)
+    return _level(codes, scales, zeros, fmt)
 
 
 def checkpoint_tensors(q: QuantizedWeight, zeros: torch.Tensor) -> dict[str, torch.Tensor]:

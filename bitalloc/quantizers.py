@@ -7,6 +7,8 @@ store keeps, and every consumer reads, one form whatever made it. `version` and 
 (with the calibration data, for quantizers that read it): raise `version` when a change alters the levels made.
 
     rtn   min-max round-to-nearest per group: bitalloc's packed kernels' reference
+    rtn-int  round-to-nearest on GPTQ's integer grid (0 in range, integer zero points), which compressed-tensors
+          uses too: what llm-compressor's QuantizationModifier makes
     clip  round-to-nearest over the per-group range (shrunk from min-max) of least squared error, each input column
           weighted by its mean squared input on the calibration tokens (AWQ's and llama.cpp's clip searches)
     gptq  GPTQ from each layer's input Hessian on the calibration tokens, FP inputs, each layer on its own
@@ -111,6 +113,16 @@ class RoundToNearest(QuantizerBase):
 
     def quantize(self, weight, fmt, inputs=None) -> PackedWeight:
         return pack_weight(weight, fmt)
+
+
+@register("rtn-int")
+class IntegerGrid(QuantizerBase):
+    summary = "round-to-nearest on the integer grid of GPTQ and compressed-tensors (llm-compressor's RTN)"
+
+    def quantize(self, weight, fmt, inputs=None) -> PackedWeight:
+        from .gptq import round_to_grid
+
+        return pack(round_to_grid(weight, fmt))
 
 
 @register("clip")

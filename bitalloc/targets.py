@@ -61,9 +61,9 @@ TARGETS = {t.name: t for t in (
     Target("gptqmodel", ("gptq",), "GPTQ 2/3/4/8-bit, groups 64/128, symmetric (GPTQModel's gptq format; "
                                          "vLLM fuses q/k/v and gate/up, so they share one)", (2, 3, 4, 8), (64, 128),
            True, FUSED),
-    Target("llmcompressor", ("gptq",), "GPTQ W4A16/W8A16, groups 64/128, symmetric (compressed-tensors "
-                                             "pack-quantized; q/k/v and gate/up share one)", (4, 8), (64, 128), True,
-           FUSED),
+    Target("llmcompressor", ("gptq", "rtn-int"), "GPTQ or RTN W4A16/W8A16, groups 64/128, symmetric "
+                                                  "(compressed-tensors pack-quantized; q/k/v and gate/up share one)",
+           (4, 8), (64, 128), True, FUSED),
     Target("hqq", ("hqq",), "HQQ 2/3/4/8-bit, groups 64/128, asymmetric; one format per layer tag (transformers' "
                             "HqqConfig)", (2, 3, 4, 8), (64, 128), False, by_tag=True),
     Target("bitalloc", ("clip", "rtn"), "bitalloc's packed kernels: 2-8 bits, group 64, asymmetric",

@@ -53,9 +53,9 @@ def build_hqq(model_dir: str, exported: str, out: Path, calibration: str | None)
 
 
 def build_llmcompressor(model_dir: str, exported: str, out: Path, calibration: str | None) -> str:
-    """llm-compressor's `oneshot` with the exported recipe on the calibration sequences, on the model in float16 (the
-    checkpoint keeps scales in the model's dtype; the recipe's are float16), saved as a compressed-tensors checkpoint,
-    loaded back by transformers (which decompresses it); bytes are the checkpoint's tensors per layer."""
+    """llm-compressor's `oneshot` with the exported recipe on the calibration sequences (float32), saved as a
+    compressed-tensors checkpoint with the scales in the recipe's float16 (llm-compressor keeps them in the model's
+    dtype), loaded back by transformers (which decompresses it); bytes are the checkpoint's tensors per layer."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from safetensors import safe_open
@@ -64,10 +64,15 @@ def build_llmcompressor(model_dir: str, exported: str, out: Path, calibration: s
 
     ids = load_file(calibration)["input_ids"]
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float16)  # scales stored in this dtype
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     checkpoint = out / "checkpoint"
     oneshot(model=model, dataset=data, recipe=exported, max_seq_length=ids.shape[1],
-            num_calibration_samples=ids.shape[0], output_dir=str(checkpoint), save_compressed=True)
+            num_calibration_samples=ids.shape[0])
+    for module in model.modules():  # scales are kept in the model's dtype: stored as the recipe's float16
+        scale = getattr(module, "weight_scale", None)
+        if isinstance(scale, torch.nn.Parameter):
+            scale.data = scale.data.to(torch.float16)
+    model.save_pretrained(str(checkpoint), save_compressed=True)
     stored: dict[str, int] = {}
     for file in checkpoint.glob("*.safetensors"):
         with safe_open(str(file), "pt") as fh:

@@ -65,12 +65,13 @@ RUNTIMES: Registry["Runtime"] = Registry("an export format", "--format", "--form
 
 class Runtime:
     name = ""
-    quantizer = ""  # the method whose levels are what this runtime runs
+    quantizers: tuple[str, ...] = ()  # the methods whose levels are what this runtime makes and runs
 
     def notes(self, layers: list[Layer]) -> list[str]:
         """What differs from the front although the file expresses every format: levels another quantizer made."""
-        other = Counter(l.fmt.method for l in layers if l.fmt.quantized and l.fmt.method != self.quantizer)
-        return [f"{n} layers were measured with {method} levels; {self.name} quantizes them with {self.quantizer}, "
+        other = Counter(l.fmt.method for l in layers if l.fmt.quantized and l.fmt.method not in self.quantizers)
+        return [f"{n} layers were measured with {method} levels; {self.name} quantizes them with "
+                f"{' or '.join(self.quantizers)}, "
                 f"so its quality will differ from the front's (search with formats.target: {self.name} to measure "
                 f"what it runs)" for method, n in other.items()]
 
@@ -107,7 +108,7 @@ def _from_ggml(layer: Layer, runtime: str, bits: tuple[int, ...], group: int) ->
 
 @RUNTIMES.register("gptqmodel")
 class GPTQModel(Runtime):
-    quantizer = "gptq"
+    quantizers = ("gptq",)
 
     def place_one(self, layer: Layer) -> Placement:
         f = layer.fmt
@@ -135,7 +136,7 @@ class GPTQModel(Runtime):
 
 @RUNTIMES.register("llmcompressor")
 class LLMCompressor(Runtime):
-    quantizer = "gptq"
+    quantizers = ("gptq", "rtn-int")
 
     def place_one(self, layer: Layer) -> Placement:
         f = layer.fmt
@@ -191,7 +192,7 @@ def ggml_type(fmt: Format, in_features: int) -> Placement:
 
 @RUNTIMES.register("llamacpp")
 class LlamaCpp(Runtime):
-    quantizer = "gguf"
+    quantizers = ("gguf",)
 
     def place_one(self, layer: Layer) -> Placement:
         return ggml_type(layer.fmt, layer.in_features)
@@ -206,7 +207,7 @@ HQQ_BITS = (1, 2, 3, 4, 8)
 
 @RUNTIMES.register("hqq")
 class HQQ(Runtime):
-    quantizer = "hqq"
+    quantizers = ("hqq",)
 
     def place(self, layers, model_type) -> dict[str, Placement]:
         by_tag: dict[str, list[Layer]] = {}
