@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from bitalloc.errors import BitallocError
 from bitalloc.formats import Format, weight_bytes
 from bitalloc.gptq import checkpoint_tensors, gptq
-from bitalloc.kernels.packed import dequantize_packed
+from bitalloc.kernels.packed import dequantize_packed, pack
 from bitalloc.quantizers import get_quantizer
 
 
@@ -30,7 +30,7 @@ def _output_error(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> float:
     return float((x @ (w - q).t()).pow(2).sum() / (x @ w.t()).pow(2).sum())
 
 
-@pytest.mark.parametrize("method", ["rtn", "clip", "gptq", "hqq"])
+@pytest.mark.parametrize("method", ["rtn", "rtn-int", "clip", "gptq", "hqq"])
 def test_error_falls_with_bits_and_bytes_are_the_stored_size(method):
     w, x, h = _correlated(48, 256)
     quantizer = get_quantizer(method)
@@ -40,7 +40,7 @@ def test_error_falls_with_bits_and_bytes_are_the_stored_size(method):
         fmt = Format(bits, 64, False, "float16", method)
         level = quantizer.quantize(w, fmt, inputs)
         errors.append(_output_error(x, w, dequantize_packed(level)))
-        if method in ("rtn", "clip"):  # bitalloc's layout is the stored form itself
+        if method in ("rtn", "rtn-int", "clip"):  # bitalloc's layout is the stored form itself
             assert level.nbytes == weight_bytes(*w.shape, fmt)
     assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3, errors
 
@@ -65,6 +65,18 @@ def test_hqq_bytes_are_what_hqq_packs(bits):
                                 device="cpu")
     stored = packed.numel() * packed.element_size() + 2 * meta["scale"].numel() * 2
     assert stored == weight_bytes(96, 192, Format(bits, 64, False, "float16", "hqq"))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_int_is_gptq_without_correlations(bits, symmetric):
+    """On uncorrelated inputs (identity Hessian) GPTQ has no error to spread: it rounds to nearest on its grid, which
+    is what rtn-int (llm-compressor's RTN grid) makes."""
+    w, _, _ = _correlated(32, 128, seed=bits)
+    fmt = Format(bits, 64, symmetric, "float16", "gptq")
+    q, _ = gptq(w, torch.eye(128), fmt)
+    ours = get_quantizer("rtn-int").quantize(w, Format(bits, 64, symmetric, "float16", "rtn-int"))
+    assert torch.equal(dequantize_packed(ours), dequantize_packed(pack(q)))
 
 
 def test_gptq_beats_round_to_nearest_on_correlated_inputs():
