@@ -78,10 +78,11 @@ def main() -> None:
         bits = {p["config"]: p["avg_bits"] for p in mixed}
         built = [r for r in front["runtime_points"] if r["kind"] == "point"]
         for r in sorted(built, key=lambda r: r["bytes"]):
-            diff = (r["loss"] - r["bitalloc_loss"]) / r["bitalloc_loss"]
+            diff = (f"{(r['loss'] - r['bitalloc_loss']) / r['bitalloc_loss']:+.1%}" if r["bitalloc_loss"]
+                    else f"{r['loss'] - r['bitalloc_loss']:+.1e} (abs)")
             bdiff = r["stored_layer_bytes"] / r["counted_layer_bytes"] - 1
             table.add_row(front["job"]["name"], r["label"], r["runtime"], f"{bits[r['config']]:.3f}",
-                          f"{r['bitalloc_loss']:.4f}", f"{r['loss']:.4f}", f"{diff:+.1%}",
+                          f"{r['bitalloc_loss']:.4f}", f"{r['loss']:.4f}", diff,
                           f"{r['counted_layer_bytes']:,}", f"{r['stored_layer_bytes']:,}", f"{bdiff:+.2%}",
                           f"{r['details'].get('vs_bitalloc_kl', float('nan')):.4f}")
         for r in sorted((r for r in front["runtime_points"] if r["kind"] == "preset"), key=lambda r: r["bytes"]):
