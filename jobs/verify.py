@@ -216,7 +216,8 @@ def as_folder(ws: Workspace, folder: Path) -> Path:
 def verify_python(runtime_name: str):
     """A Python runtime driven as a subprocess in its own environment (`jobs/runtime_build.py`): the model handed to
     it as a transformers folder, the exported file applied by the runtime's own code, each quantized layer's weight
-    as the runtime dequantizes it measured by bitalloc's evaluator on the job's held-out tokens."""
+    as the runtime dequantizes it measured by bitalloc's evaluator on the job's held-out tokens, and compared with
+    bitalloc's level (`weight_max_rel_diff`: the largest difference over the layer's largest weight)."""
 
     def build(ws: Workspace, picked: Picked, text: str, work: Path, presets: bool,
               stages: Stages) -> list[RuntimePoint]:
@@ -244,6 +245,9 @@ def verify_python(runtime_name: str):
             raise BitallocError("--runtime", f"{runtime_name} left {len(missing)} layers of the config unquantized, "
                                              f"e.g. {missing[0]}")
         dtype = next(ws.model.module.parameters()).dtype
+        drift = max(float((weights[n] - ws.levels.weight(n, f).float()).abs().max() /
+                          ws.levels.weight(n, f).float().abs().max().clamp(min=1e-30))
+                    for n, f in doc.formats().items() if f.quantized)
         with stages.stage(f"{runtime_name}: measure"):
             measured = ws.local_runner().evaluator("evaluation").evaluate_tensors(
                 {n: w.to(dtype) for n, w in weights.items() if n in doc.layers})
@@ -261,7 +265,7 @@ def verify_python(runtime_name: str):
             stored_layer_bytes=stored_bytes + kept, counted_layer_bytes=doc.totals.bytes - other,
             file_bytes=sum(f.stat().st_size for f in files), file_sha256=digest.hexdigest(), loss=measured.loss,
             quality=measured.quality, tokens=measured.tokens, bitalloc_loss=picked.point.loss,
-            details={})]
+            details={"weight_max_rel_diff": drift})]
 
     return build
 
