@@ -65,7 +65,7 @@ class Format:
         compressed-tensors checkpoints whole groups; bitalloc's layout takes any width."""
         if self.ggml:
             return GGML_TYPES[self.ggml].fits(in_features)
-        if self.quantized and self.method in ("gptq", "hqq", "rtn-int"):
+        if self.quantized and self.method in ("gptq", "gptq-ct", "hqq", "rtn-int"):
             return in_features % self.group_size == 0
         return True
 

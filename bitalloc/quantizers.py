@@ -12,6 +12,7 @@ store keeps, and every consumer reads, one form whatever made it. `version` and 
     clip  round-to-nearest over the per-group range (shrunk from min-max) of least squared error, each input column
           weighted by its mean squared input on the calibration tokens (AWQ's and llama.cpp's clip searches)
     gptq  GPTQ from each layer's input Hessian on the calibration tokens, FP inputs, each layer on its own
+    gptq-ct  the same GPTQ, its bytes counted as compressed-tensors stores them (llm-compressor)
     hqq   HQQ's half-quadratic optimisation of zero points (the `hqq` package), no calibration data
     gguf  llama.cpp's ggml types, made by the built llama-quantize (optionally with llama-imatrix's matrix)
 """
@@ -173,6 +174,14 @@ class GPTQ(QuantizerBase):
 
         q, _ = gptq(weight, inputs, fmt, self.damp, self.act_order, self.block)
         return pack(q)
+
+
+@register("gptq-ct")
+class GPTQCompressedTensors(GPTQ):
+    """GPTQ's levels as llm-compressor stores them: compressed-tensors' pack-quantized checkpoint keeps packed codes
+    and scales (symmetric: no zero points, no g_idx), which is bitalloc's packed layout (`weight_bytes`)."""
+
+    summary = "GPTQ as gptq, stored as compressed-tensors does (llm-compressor's GPTQModifier)"
 
 
 @register("hqq")

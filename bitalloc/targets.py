@@ -61,7 +61,7 @@ TARGETS = {t.name: t for t in (
     Target("gptqmodel", ("gptq",), "GPTQ 2/3/4/8-bit, groups 64/128, symmetric (GPTQModel's gptq format; "
                                          "vLLM fuses q/k/v and gate/up, so they share one)", (2, 3, 4, 8), (64, 128),
            True, FUSED),
-    Target("llmcompressor", ("gptq", "rtn-int"), "GPTQ or RTN W4A16/W8A16, groups 64/128, symmetric "
+    Target("llmcompressor", ("gptq-ct", "rtn-int"), "GPTQ or RTN W4A16/W8A16, groups 64/128, symmetric "
                                                   "(compressed-tensors pack-quantized; q/k/v and gate/up share one)",
            (4, 8), (64, 128), True, FUSED),
     Target("hqq", ("hqq",), "HQQ 2/3/4/8-bit, groups 64/128, asymmetric; one format per layer tag (transformers' "

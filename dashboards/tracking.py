@@ -230,7 +230,8 @@ def log_runtime_points(front: Front, points: list, results: Path, console: Conso
                                      tags=[RunTag("bitalloc.config", p.config)] if p.config else [])
             tracker.client.set_terminated(child.info.run_id, "FINISHED")
         tracker.client.log_artifact(info.run_id, str(results / "front.json"), "results")
-        if (results / "plots" / "front.png").is_file():
-            tracker.client.log_artifact(info.run_id, str(results / "plots" / "front.png"), "results/plots")
+        for figure in ("front.png", "dashboard.html"):
+            if (results / "plots" / figure).is_file():
+                tracker.client.log_artifact(info.run_id, str(results / "plots" / figure), "results/plots")
 
     tracker._guard("logging the runtime's results", go)

@@ -136,7 +136,7 @@ class GPTQModel(Runtime):
 
 @RUNTIMES.register("llmcompressor")
 class LLMCompressor(Runtime):
-    quantizers = ("gptq", "rtn-int")
+    quantizers = ("gptq-ct", "rtn-int")
 
     def place_one(self, layer: Layer) -> Placement:
         f = layer.fmt
@@ -156,7 +156,7 @@ class LLMCompressor(Runtime):
                          for i, (key, names) in enumerate(groups.items())}
         ignore = ["lm_head"] + [f"re:{_anchored([l.name])}" for l in layers if placed[l.name].value is None]
         modifier = {"targets": ["Linear"], "ignore": ignore, "config_groups": config_groups}
-        if any(l.fmt.method == "gptq" for l in layers):  # levels made by GPTQ: llm-compressor's GPTQ makes them too
+        if any(l.fmt.method in ("gptq", "gptq-ct") for l in layers):  # GPTQ levels: llm-compressor's GPTQ too
             modifier.update(dampening_frac=0.01, block_size=128, actorder=None)
         name = "GPTQModifier" if "dampening_frac" in modifier else "QuantizationModifier"
         recipe = {"quant_stage": {"quant_modifiers": {name: modifier}}}

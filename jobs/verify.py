@@ -280,10 +280,16 @@ def record(picked: Picked, points: list[RuntimePoint], console: Console) -> None
     kept = [r for r in front.runtime_points if (r.runtime, r.label) not in {(p.runtime, p.label) for p in points}]
     front.runtime_points = kept + points
     configio.write(front.document(), picked.folder / "front.json")  # a run's results: fetched, then logged back
-    if (picked.folder / "plots").is_dir():
-        from bitalloc.dashboards.plots import front_png
+    plots = picked.folder / "plots"
+    if plots.is_dir():
+        from bitalloc.dashboards.plots import dashboard_html, front_png
+        from bitalloc.sensitivity.cache import load
 
-        front_png(front, picked.folder / "plots" / "front.png")
+        front_png(front, plots / "front.png")
+        table = load(picked.folder / "sensitivity.json")
+        if table is not None:
+            configs = {p.config: read_config(picked.folder / p.config) for p in front.points}
+            (plots / "dashboard.html").write_text(dashboard_html(front, table, configs))
     if front.tracking is not None:
         from bitalloc.dashboards.tracking import log_runtime_points
 
