@@ -242,7 +242,6 @@ def quantizers():
     from rich.table import Table
 
     from .quantizers import QUANTIZERS
-    from .registry import declared_parameters
     from .targets import TARGETS
 
     table = Table("method", "version", "params (default)", "calibration", "what it does", title="quantizers")
