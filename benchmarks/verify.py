@@ -22,6 +22,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bitalloc.results import read_front
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -74,23 +76,20 @@ def main() -> None:
                     *(["--nearest"] if nearest else []),
                     *(["--presets"] if n == chosen[-1] and not nearest and not any(
                         r["kind"] == "preset" for r in front.get("runtime_points", [])) else []))
-        front = json.loads((out / "front.json").read_text())
+        points = read_front(out / "front.json").runtime_points
         bits = {p["config"]: p["avg_bits"] for p in mixed}
-        built = [r for r in front["runtime_points"] if r["kind"] == "point"]
-        for r in sorted(built, key=lambda r: r["bytes"]):
-            diff = (f"{(r['loss'] - r['bitalloc_loss']) / r['bitalloc_loss']:+.1%}" if r["bitalloc_loss"]
-                    else f"{r['loss'] - r['bitalloc_loss']:+.1e} (abs)")
-            bdiff = r["stored_layer_bytes"] / r["counted_layer_bytes"] - 1
-            table.add_row(front["job"]["name"], r["label"], r["runtime"], f"{bits[r['config']]:.3f}",
-                          f"{r['bitalloc_loss']:.4f}", f"{r['loss']:.4f}", diff,
-                          f"{r['counted_layer_bytes']:,}", f"{r['stored_layer_bytes']:,}", f"{bdiff:+.2%}",
-                          f"{r['details'].get('vs_bitalloc_kl', float('nan')):.4f}")
-        for r in sorted((r for r in front["runtime_points"] if r["kind"] == "preset"), key=lambda r: r["bytes"]):
-            within = [b for b in built if b["bytes"] <= r["bytes"]]
-            best = min(within, key=lambda b: b["loss"], default=None)
-            presets.add_row(r["label"], f"{r['mib']:.2f}", f"{r['loss']:.4f}", best["label"] if best else "-",
-                            f"{best['mib']:.2f}" if best else "-", f"{best['loss']:.4f}" if best else "-",
-                            "yes" if best and best["loss"] < r["loss"] else "NO")
+        built = sorted((r for r in points if r.kind == "point"), key=lambda r: r.bytes)
+        for r in built:
+            diff = (f"{r.loss_rel_diff:+.1%}" if r.loss_rel_diff is not None
+                    else f"{r.loss - r.bitalloc_loss:+.1e} (abs)")
+            table.add_row(front["job"]["name"], r.label, r.runtime, f"{bits[r.config]:.3f}", f"{r.bitalloc_loss:.4f}",
+                          f"{r.loss:.4f}", diff, f"{r.counted_layer_bytes:,}", f"{r.stored_layer_bytes:,}",
+                          f"{r.bytes_rel_diff:+.2%}", f"{r.details.get('vs_bitalloc_kl', float('nan')):.4f}")
+        for r in sorted((r for r in points if r.kind == "preset"), key=lambda r: r.bytes):
+            best = min((b for b in built if b.bytes <= r.bytes), key=lambda b: b.loss, default=None)
+            presets.add_row(r.label, f"{r.mib:.2f}", f"{r.loss:.4f}", best.label if best else "-",
+                            f"{best.mib:.2f}" if best else "-", f"{best.loss:.4f}" if best else "-",
+                            "yes" if best and best.loss < r.loss else "NO")
     console.print(table)
     console.print(presets)
 

@@ -329,10 +329,10 @@ def verify(
                   f"runtime {m.quality_label}", "file MiB", title=f"{picked.front.model.source}: {picked.point.label} "
                                                                   f"as {runtime} builds it")
     for p in points:
-        ratio = (f"{p.stored_layer_bytes:,} / {p.counted_layer_bytes:,} ({p.stored_layer_bytes / p.counted_layer_bytes - 1:+.2%})"
+        ratio = (f"{p.stored_layer_bytes:,} / {p.counted_layer_bytes:,} ({p.bytes_rel_diff:+.2%})"
                  if p.counted_layer_bytes else f"{p.stored_layer_bytes:,}")
         same = f"{p.bitalloc_loss:.4f}" if p.bitalloc_loss is not None else "-"
-        diff = f"{(p.loss - p.bitalloc_loss) / p.bitalloc_loss:+.1%}" if p.bitalloc_loss else "-"
+        diff = f"{p.loss_rel_diff:+.1%}" if p.loss_rel_diff is not None else "-"
         front_kl = f"{picked.point.loss:.4f}" if p.kind == "point" else "-"
         table.add_row(p.runtime, p.label, f"{p.mib:.2f}", ratio, front_kl, same, f"{p.loss:.4f}", diff,
                       f"{p.quality:.4g}", f"{p.file_bytes / 2**20:.2f}")

@@ -178,6 +178,16 @@ class RuntimePoint(_Doc):
     bitalloc_loss: Optional[float] = None  # bitalloc's own measurement of the point on the same tokens
     details: dict[str, float] = {}
 
+    @property
+    def loss_rel_diff(self) -> Optional[float]:
+        """(runtime − bitalloc) / bitalloc loss; None without a (non-zero) bitalloc loss."""
+        return (self.loss - self.bitalloc_loss) / self.bitalloc_loss if self.bitalloc_loss else None
+
+    @property
+    def bytes_rel_diff(self) -> Optional[float]:
+        """stored / counted layer bytes − 1; None for a preset."""
+        return self.stored_layer_bytes / self.counted_layer_bytes - 1 if self.counted_layer_bytes else None
+
 
 class Front(_Doc):
     """A finished job's results: the measured mixed points, the uniform baselines, and how they were found."""

@@ -217,7 +217,7 @@ def log_runtime_points(front: Front, points: list, results: Path, console: Conso
                       **{k: v for k, v in p.details.items()}}
             if p.bitalloc_loss is not None:
                 values[f"bitalloc_{m.loss}"] = p.bitalloc_loss
-                values[f"{m.loss}_rel_diff"] = (p.loss - p.bitalloc_loss) / p.bitalloc_loss if p.bitalloc_loss else 0
+                values[f"{m.loss}_rel_diff"] = p.loss_rel_diff or 0
             if p.counted_layer_bytes is not None:
                 values["counted_layer_bytes"] = p.counted_layer_bytes
             child = tracker.client.create_run(info.experiment_id, run_name=f"{p.runtime}: {p.label}",

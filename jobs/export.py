@@ -140,22 +140,32 @@ def from_run(run_id: str, uri: str, avg_bits, budget, point) -> Chosen:
     return Chosen(verified(doc, front.model, f"run {run_id}"), f"run {run_id}")
 
 
+def check_avg_bits(avg_bits: Optional[float]) -> None:
+    if avg_bits is not None and not (math.isfinite(avg_bits) and avg_bits > 0):
+        raise BitallocError("--avg-bits", f"{avg_bits} is not a positive number of bits")
+
+
+def run_store(target: str, tracking_uri: Optional[str]) -> str:
+    """The MLflow store to find run TARGET in; an MLflow run id is required (a sqlite store that is not there is
+    refused: opening it would create an empty one)."""
+    if not _RUN_ID.match(target):
+        raise BitallocError("TARGET", f"{target!r} is neither a job's output dir nor an MLflow run id (32 hex digits)")
+    from bitalloc.dashboards.tracking import resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise BitallocError("TARGET", f"no MLflow store at {uri} to find run {target} in; give --tracking-uri")
+    return uri
+
+
 def choose(target: str, avg_bits, budget, point, tracking_uri: Optional[str]) -> Chosen:
     """The config one selector names (a point's run needs none), from a result folder or an MLflow run, verified
     (see `verified`)."""
-    if avg_bits is not None and not (math.isfinite(avg_bits) and avg_bits > 0):
-        raise BitallocError("--avg-bits", f"{avg_bits} is not a positive number of bits")
+    check_avg_bits(avg_bits)
     path = Path(target)
     if path.is_dir():
         return from_dir(path, avg_bits, budget, point)
-    if _RUN_ID.match(target):
-        from bitalloc.dashboards.tracking import resolve_uri
-
-        uri = resolve_uri(tracking_uri)
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-            raise BitallocError("TARGET", f"no MLflow store at {uri} to find run {target} in; give --tracking-uri")
-        return from_run(target, uri, avg_bits, budget, point)
-    raise BitallocError("TARGET", f"{target!r} is neither a job's output dir nor an MLflow run id (32 hex digits)")
+    return from_run(target, run_store(target, tracking_uri), avg_bits, budget, point)
 
 
 def layers_of(doc: ConfigDoc) -> list[Layer]:

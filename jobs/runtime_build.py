@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,6 +26,21 @@ def _save(out: Path, weights: dict[str, torch.Tensor], stored: dict[str, int]) -
 
     save_file({k: v.float().contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
     (out / "stored.json").write_text(json.dumps(stored))
+
+
+def _stored(checkpoint: Path, counts: Callable[[str], bool]) -> dict[str, int]:
+    """Bytes per layer of the checkpoint's safetensors tensors named LAYER.PART, for the parts `counts` takes."""
+    from safetensors import safe_open
+
+    stored: dict[str, int] = {}
+    for file in checkpoint.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as fh:
+            for key in fh.keys():
+                layer, _, part = key.rpartition(".")
+                if counts(part):
+                    t = fh.get_tensor(key)
+                    stored[layer] = stored.get(layer, 0) + t.numel() * t.element_size()
+    return stored
 
 
 def build_hqq(model_dir: str, exported: str, out: Path, calibration: str | None) -> str:
@@ -58,7 +74,6 @@ def build_llmcompressor(model_dir: str, exported: str, out: Path, calibration: s
     dtype), loaded back by transformers (which decompresses it); bytes are the checkpoint's tensors per layer."""
     from datasets import Dataset
     from llmcompressor import oneshot
-    from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -73,14 +88,7 @@ def build_llmcompressor(model_dir: str, exported: str, out: Path, calibration: s
         if isinstance(scale, torch.nn.Parameter):
             scale.data = scale.data.to(torch.float16)
     model.save_pretrained(str(checkpoint), save_compressed=True)
-    stored: dict[str, int] = {}
-    for file in checkpoint.glob("*.safetensors"):
-        with safe_open(str(file), "pt") as fh:
-            for key in fh.keys():
-                layer, _, part = key.rpartition(".")
-                if part.startswith("weight_"):
-                    t = fh.get_tensor(key)
-                    stored[layer] = stored.get(layer, 0) + t.numel() * t.element_size()
+    stored = _stored(checkpoint, lambda part: part.startswith("weight_"))  # compressed-tensors' weight_packed, ...
     loaded = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
                                                   quantization_config=CompressedTensorsConfig(run_compressed=False))
     modules = dict(loaded.named_modules())
@@ -98,7 +106,6 @@ def build_gptqmodel(model_dir: str, exported: str, out: Path, calibration: str |
     # GPTQModel sizes its CPU thread pools from the core count and refuses its own default on 2 cores
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
     from gptqmodel import GPTQModel, QuantizeConfig
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     config = QuantizeConfig.from_quant_config(json.loads(Path(exported).read_text()))
@@ -111,14 +118,7 @@ def build_gptqmodel(model_dir: str, exported: str, out: Path, calibration: str |
                            f"CPU: {type(exc).__name__}: {exc}") from None
     checkpoint = out / "checkpoint"
     model.save(str(checkpoint))
-    stored: dict[str, int] = {}
-    for file in checkpoint.glob("*.safetensors"):
-        with safe_open(str(file), "pt") as fh:
-            for key in fh.keys():
-                layer, _, part = key.rpartition(".")
-                if part in ("qweight", "qzeros", "scales", "g_idx"):
-                    t = fh.get_tensor(key)
-                    stored[layer] = stored.get(layer, 0) + t.numel() * t.element_size()
+    stored = _stored(checkpoint, lambda part: part in ("qweight", "qzeros", "scales", "g_idx"))
     weights = {}
     for name, module in model.model.named_modules():
         if name in stored and hasattr(module, "dequantize_weight"):

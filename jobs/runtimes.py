@@ -156,9 +156,10 @@ class LLMCompressor(Runtime):
                          for i, (key, names) in enumerate(groups.items())}
         ignore = ["lm_head"] + [f"re:{_anchored([l.name])}" for l in layers if placed[l.name].value is None]
         modifier = {"targets": ["Linear"], "ignore": ignore, "config_groups": config_groups}
-        if any(l.fmt.method in ("gptq", "gptq-ct") for l in layers):  # GPTQ levels: llm-compressor's GPTQ too
+        gptq = any(l.fmt.method in ("gptq", "gptq-ct") for l in layers)  # GPTQ levels: llm-compressor's GPTQ too
+        if gptq:
             modifier.update(dampening_frac=0.01, block_size=128, actorder=None)
-        name = "GPTQModifier" if "dampening_frac" in modifier else "QuantizationModifier"
+        name = "GPTQModifier" if gptq else "QuantizationModifier"
         recipe = {"quant_stage": {"quant_modifiers": {name: modifier}}}
         return yaml.safe_dump(recipe, sort_keys=False)
 

@@ -23,14 +23,15 @@ from bitalloc import configio
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import Evaluator, model_output
 from bitalloc.formats import weight_bytes
+from bitalloc.gguf_levels import tensor_names
 from bitalloc.pipeline import Workspace
 from bitalloc.progress import Stages
 from bitalloc.results import ConfigDoc, Front, Point, RuntimePoint, read_config, read_front
 from bitalloc.units import mib
 
 from . import verify_llamacpp as llama
-from .export import _RUN_ID, _check_front, _pick, layers_of, verified
-from .runtimes import export
+from .export import _check_front, _pick, check_avg_bits, layers_of, run_store, verified
+from .runtimes import export, ggml_type
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 
@@ -54,14 +55,12 @@ def job_folder(target: str, tracking_uri: Optional[str]) -> Iterator[Path]:
             raise BitallocError("TARGET", f"{target!r} holds no front.json; give a job's output dir or run id")
         yield path
         return
-    if not _RUN_ID.match(target):
-        raise BitallocError("TARGET", f"{target!r} is neither a job's output dir nor an MLflow run id (32 hex digits)")
+    uri = run_store(target, tracking_uri)
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from bitalloc.dashboards.tracking import KIND_TAG, client, resolve_uri
+    from bitalloc.dashboards.tracking import KIND_TAG, client
 
-    uri = resolve_uri(tracking_uri)
     try:
         run = client(uri).get_run(target)
     except MlflowException:
@@ -100,6 +99,16 @@ class Measured:
             return [lp for batch in self.evaluator.batches for lp in model_output(self.ws.model, batch)]
 
 
+def files_sha256(files: list[Path]) -> str:
+    """sha256 over the files' bytes in order (a runtime's checkpoint may be several files), read in chunks."""
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 # runtime -> build(workspace, point, exported file text, work folder, presets, stages): the runtime's model measured
 RUNTIMES: dict[str, Callable[..., list[RuntimePoint]]] = {}
 
@@ -118,7 +127,7 @@ def verify_llamacpp(ws: Workspace, picked: Picked, text: str, work: Path, preset
     llama.write_base(base, tokens, measured.reference)
     llama.write_base(ours, tokens, quantized)
     bitalloc_kl, _ = llama.same_positions(measured.reference, quantized, tokens)
-    names = llama.tensor_names(doc.model.type, list(doc.layers), "--runtime")
+    names = tensor_names(doc.model.type, list(doc.layers), "--runtime")
     other = picked.front.model.other_bytes
     types_file = work / "types.txt"
     types_file.write_text(text)
@@ -127,13 +136,12 @@ def verify_llamacpp(ws: Workspace, picked: Picked, text: str, work: Path, preset
         fp_gap, _ = llama.perplexity(float_file, base, n_ctx)
         advance(1)
         gguf_file = work / "model.gguf"
-        tensors = llama.quantize(float_file, gguf_file, types_file, ws, doc.formats())
-        wanted = {line.rpartition("=")[0].strip("^$").replace("\\", ""): line.rpartition("=")[2]
-                  for line in text.split()}
-        for name in doc.layers:
-            stored = tensors[names[name]].tensor_type.name.lower()
-            if stored != wanted[names[name]].lower():
-                raise BitallocError("--runtime", f"llama-quantize stored {name} as {stored}, not {wanted[names[name]]}")
+        tensors = llama.quantize(float_file, gguf_file, types_file, ws, set(names.values()))
+        for layer in layers_of(doc):
+            wanted = ggml_type(layer.fmt, layer.in_features).value  # what the exported file asks for
+            stored = tensors[names[layer.name]].tensor_type.name.lower()
+            if stored != wanted.lower():
+                raise BitallocError("--runtime", f"llama-quantize stored {layer.name} as {stored}, not {wanted}")
         stored_bytes = sum(int(tensors[names[n]].n_bytes) for n in doc.layers)
         kl, ppl = llama.perplexity(gguf_file, base, n_ctx)
         vs_ours, _ = llama.perplexity(gguf_file, ours, n_ctx)
@@ -142,18 +150,18 @@ def verify_llamacpp(ws: Workspace, picked: Picked, text: str, work: Path, preset
             runtime="llamacpp", label=picked.point.label, config=picked.point.config, bytes=other + stored_bytes,
             mib=round(mib(other + stored_bytes), 6), stored_layer_bytes=stored_bytes,
             counted_layer_bytes=doc.totals.bytes - other, file_bytes=gguf_file.stat().st_size,
-            file_sha256=llama.sha256(gguf_file), loss=kl, quality=ppl, tokens=scored, bitalloc_loss=bitalloc_kl,
+            file_sha256=files_sha256([gguf_file]), loss=kl, quality=ppl, tokens=scored, bitalloc_loss=bitalloc_kl,
             details={"fp_gap_kl": fp_gap, "vs_bitalloc_kl": vs_ours})]
         gguf_file.unlink()
         for preset in PRESETS if presets else ():
             path = work / f"{preset}.gguf"
-            tensors = llama.quantize(float_file, path, types_file, ws, doc.formats(), preset=preset)
+            tensors = llama.quantize(float_file, path, types_file, ws, set(names.values()), preset=preset)
             stored_bytes = sum(int(tensors[names[n]].n_bytes) for n in doc.layers)
             kl, ppl = llama.perplexity(path, base, n_ctx)
             points.append(RuntimePoint(
                 runtime="llamacpp", kind="preset", label=f"llama.cpp {preset}", bytes=other + stored_bytes,
                 mib=round(mib(other + stored_bytes), 6), stored_layer_bytes=stored_bytes,
-                file_bytes=path.stat().st_size, file_sha256=llama.sha256(path), loss=kl, quality=ppl, tokens=scored,
+                file_bytes=path.stat().st_size, file_sha256=files_sha256([path]), loss=kl, quality=ppl, tokens=scored,
                 details={"fp_gap_kl": fp_gap}))
             path.unlink()
             advance(1)
@@ -213,6 +221,11 @@ def as_folder(ws: Workspace, folder: Path) -> Path:
     return folder
 
 
+def _rel_diff(theirs: torch.Tensor, ours: torch.Tensor) -> float:
+    """The largest difference over the largest weight of ours."""
+    return float((theirs - ours).abs().max() / ours.abs().max().clamp(min=1e-30))
+
+
 def verify_python(runtime_name: str):
     """A Python runtime driven as a subprocess in its own environment (`jobs/runtime_build.py`): the model handed to
     it as a transformers folder, the exported file applied by the runtime's own code, each quantized layer's weight
@@ -245,9 +258,8 @@ def verify_python(runtime_name: str):
             raise BitallocError("--runtime", f"{runtime_name} left {len(missing)} layers of the config unquantized, "
                                              f"e.g. {missing[0]}")
         dtype = next(ws.model.module.parameters()).dtype
-        drift = max(float((weights[n] - ws.levels.weight(n, f).float()).abs().max() /
-                          ws.levels.weight(n, f).float().abs().max().clamp(min=1e-30))
-                    for n, f in doc.formats().items() if f.quantized)
+        drift = max(_rel_diff(weights[n], ws.levels.weight(n, f).float()) for n, f in doc.formats().items()
+                    if f.quantized)
         with stages.stage(f"{runtime_name}: measure"):
             measured = ws.local_runner().evaluator("evaluation").evaluate_tensors(
                 {n: w.to(dtype) for n, w in weights.items() if n in doc.layers})
@@ -256,14 +268,11 @@ def verify_python(runtime_name: str):
         kept = sum(weight_bytes(*doc.shapes[n], f) for n, f in doc.formats().items() if n not in weights)
         files = sorted(p for p in (out / "checkpoint").rglob("*") if p.is_file()) if (out / "checkpoint").is_dir() \
             else [out / "weights.safetensors"]
-        digest = hashlib.sha256()
-        for f in files:
-            digest.update(f.read_bytes())
         return [RuntimePoint(
             runtime=runtime_name, label=picked.point.label, config=picked.point.config,
             bytes=other + stored_bytes + kept, mib=round(mib(other + stored_bytes + kept), 6),
             stored_layer_bytes=stored_bytes + kept, counted_layer_bytes=doc.totals.bytes - other,
-            file_bytes=sum(f.stat().st_size for f in files), file_sha256=digest.hexdigest(), loss=measured.loss,
+            file_bytes=sum(f.stat().st_size for f in files), file_sha256=files_sha256(files), loss=measured.loss,
             quality=measured.quality, tokens=measured.tokens, bitalloc_loss=picked.point.loss,
             details={"weight_max_rel_diff": drift})]
 
@@ -303,6 +312,7 @@ def verify(target: str, avg_bits, budget, point, runtime_name: str, presets: boo
                                          f"{', '.join(RUNTIMES)}")
     if presets and runtime_name != "llamacpp":
         raise BitallocError("--presets", f"presets are llama.cpp's; {runtime_name} has none")
+    check_avg_bits(avg_bits)
     from .runner import open_workspace
     from .spec import load_spec
 

@@ -14,7 +14,6 @@ held-out windows. llama.cpp then runs its model on exactly those tokens, scoring
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from bitalloc import llamacpp
 from bitalloc.errors import BitallocError
-from bitalloc.gguf_levels import _float_gguf, tensor_names
+from bitalloc.gguf_levels import _float_gguf
 from bitalloc.pipeline import Workspace
 
 MAGIC = b"_logits_"
@@ -122,22 +121,21 @@ def float_gguf(ws: Workspace, cache: Path) -> Path:
     return _float_gguf(ws.model, store.folder if store is not None else cache / ws.model_hash)
 
 
-def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, layers: Iterable[str],
+def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searched: set[str],
              preset: str | None = None) -> dict:
     """llama-quantize: the exported tensor types (every other matrix kept at the model's own dtype, as the front counts
-    it), or one of llama.cpp's presets with its own mixture; the tensors of the written file by GGUF name."""
+    it), or one of llama.cpp's presets with its own mixture; the tensors of the written file by GGUF name. `searched`
+    are the GGUF names of the job's layers."""
     import gguf
 
     keep = GGUF_DTYPES.get(next(ws.model.module.parameters()).dtype, "f32")
-    searched = set(tensor_names(ws.model.model_type, list(layers), "--runtime").values())
-    reader = gguf.GGUFReader(float_file)
-    others = [t.name for t in reader.tensors if len(t.shape) >= 2 and t.name not in searched
-              and not t.name.startswith("token_embd")]
     args = ["--token-embedding-type", keep]
     if "output.weight" not in searched:
         args += ["--output-tensor-type", keep]
     if preset is None:
-        lines = types_file.read_text() + "".join(f"^{re.escape(n)}$={keep}\n" for n in others if n != "output.weight")
+        others = [t.name for t in gguf.GGUFReader(float_file).tensors if len(t.shape) >= 2 and t.name not in searched
+                  and not t.name.startswith("token_embd") and t.name != "output.weight"]
+        lines = types_file.read_text() + "".join(f"^{re.escape(n)}$={keep}\n" for n in others)
         full = types_file.with_suffix(".all.txt")
         full.write_text(lines)
         args = ["--pure", "--tensor-type-file", str(full)] + args
@@ -147,11 +145,3 @@ def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, layer
     llamacpp.run("llama-quantize", [*args, str(float_file), str(out), ftype, str(os.cpu_count() or 1)],
                  f"to {preset or 'the exported types'}")
     return {t.name: t for t in gguf.GGUFReader(out).tensors}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
