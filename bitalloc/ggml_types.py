@@ -34,8 +34,9 @@ class GgmlType:
 
     @property
     def ftype(self) -> str:
-        """llama-quantize's name for a file of mostly this type."""
-        return self.name.upper()
+        """llama-quantize's name for a file whose default type (what `--pure` writes for every matrix) is this type:
+        its own name, except iq2_s, the default of IQ2_M files (IQ2_S files default to iq2_xs)."""
+        return {"iq2_s": "IQ2_M"}.get(self.name, self.name.upper())
 
     def row_bytes(self, in_features: int) -> int:
         return in_features // self.block * self.block_bytes

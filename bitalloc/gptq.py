@@ -6,7 +6,9 @@ that contains 0, an integer zero point z = round(-min / scale), w = (q - z) * sc
 scale = 2 max|w| / (2^b - 1). Scales are rounded to the format's scale dtype before codes are taken. Group
 parameters come from the weights as updated so far when the group's first column is reached (GPTQModel's default);
 with `act_order` (columns by decreasing Hessian diagonal) they come from the original weights instead ("static
-groups"), so every group stays a run of consecutive input columns — the grouped layout every kernel reads.
+groups"), so every group stays a run of consecutive input columns — the grouped layout every kernel reads. A caller
+may fix them beforehand (`grid`): llm-compressor takes them from its observer on the original weights, whatever the
+order.
 """
 
 from __future__ import annotations
@@ -32,8 +34,15 @@ def _grid(w: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, zero
 
 
+def static_grid(weight: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every group's scale and integer zero point [rows, groups] from the weights as they are."""
+    w = weight.detach().float()
+    parts = [_grid(w[:, g:g + fmt.group_size], fmt) for g in range(0, w.shape[1], fmt.group_size)]
+    return torch.stack([s for s, _ in parts], 1), torch.stack([z for _, z in parts], 1)
+
+
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp: float = 0.01, act_order: bool = False,
-         block: int = 128) -> tuple[QuantizedWeight, torch.Tensor]:
+         block: int = 128, grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[QuantizedWeight, torch.Tensor]:
     """(codes with scales and float zero terms -z*scale in the format's layout, the integer zero points)."""
     w = weight.detach().float().clone()
     rows, cols = w.shape
@@ -43,16 +52,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp: float =
     w[:, dead] = 0
     gs = fmt.group_size
     n_groups = -(-cols // gs)
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups)
-    known = torch.zeros(n_groups, dtype=torch.bool)
-    if act_order:
-        for g in range(n_groups):
-            scales[:, g], zeros[:, g] = _grid(w[:, g * gs:(g + 1) * gs], fmt)
-        known[:] = True
-        perm = torch.argsort(torch.diag(h), descending=True)
-    else:
-        perm = torch.arange(cols)
+    if grid is None and act_order:
+        grid = static_grid(w, fmt)
+    known = torch.full((n_groups,), grid is not None)
+    scales, zeros = ((grid[0].float().clone(), grid[1].float().clone()) if grid is not None
+                     else (torch.zeros(rows, n_groups), torch.zeros(rows, n_groups)))
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(cols)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -93,12 +98,8 @@ def round_to_grid(weight: torch.Tensor, fmt: Format) -> QuantizedWeight:
     max|w| / (2^(b-1) - 1/2) and zero point 2^(b-1); asymmetric: integer zero point), which is also
     compressed-tensors' grid: what llm-compressor's QuantizationModifier makes."""
     w = weight.detach().float()
-    rows, cols = w.shape
-    gs = fmt.group_size
-    parts = [_grid(w[:, g:g + gs], fmt) for g in range(0, cols, gs)]
-    scales = torch.stack([s for s, _ in parts], 1)
-    zeros = torch.stack([z for _, z in parts], 1)
-    expand = lambda t: t.repeat_interleave(gs, 1)[:, :cols]  # noqa: E731
+    scales, zeros = static_grid(w, fmt)
+    expand = lambda t: t.repeat_interleave(fmt.group_size, 1)[:, :w.shape[1]]  # noqa: E731
     codes = torch.clamp(torch.round(w / expand(scales)) + expand(zeros), 0, 2**fmt.bits - 1)
     return _level(codes, scales, zeros, fmt)
 

@@ -255,7 +255,8 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
     model, layers, metric = ws.model, ws.layers, METRICS[ws.model.metric]
     meta = dict(model_source=ws.source, model_hash=ws.model_hash, spec_hash=job.spec_hash,
                 model_type=model.model_type, shapes={l.name: [l.out_features, l.in_features] for l in layers},
-                metric=metric, other_bytes=problem.fixed_bytes)
+                metric=metric, other_bytes=problem.fixed_bytes,
+                quantizers={m: s.quantizer.params() for m, s in ws.levels.stores.items()})
     pairs, reference = measured.points, measured.reference
     mixed = sorted(((c, m) for c, m in pairs if c.kind == "mixed"), key=lambda cm: cm[0].config.bytes)
     configs, points = {}, []

@@ -178,10 +178,19 @@ class GPTQ(QuantizerBase):
 
 @register("gptq-ct")
 class GPTQCompressedTensors(GPTQ):
-    """GPTQ's levels as llm-compressor stores them: compressed-tensors' pack-quantized checkpoint keeps packed codes
-    and scales (symmetric: no zero points, no g_idx), which is bitalloc's packed layout (`weight_bytes`)."""
+    """GPTQ as llm-compressor's GPTQModifier runs it: every group's scale and zero point fixed beforehand from the
+    original weights (its observer), `act_order` its `actorder: weight`; stored as compressed-tensors'
+    pack-quantized checkpoint keeps it: packed codes and scales (symmetric: no zero points, no g_idx), which is
+    bitalloc's packed layout (`weight_bytes`)."""
 
-    summary = "GPTQ as gptq, stored as compressed-tensors does (llm-compressor's GPTQModifier)"
+    version = 2  # 1 took each group's grid from the GPTQ-updated weights, as GPTQModel does
+    summary = "GPTQ as llm-compressor's GPTQModifier runs it (grid from the original weights), compressed-tensors' bytes"
+
+    def quantize(self, weight, fmt, inputs=None) -> PackedWeight:
+        from .gptq import gptq, static_grid
+
+        q, _ = gptq(weight, inputs, fmt, self.damp, self.act_order, self.block, grid=static_grid(weight, fmt))
+        return pack(q)
 
 
 @register("hqq")

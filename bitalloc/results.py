@@ -10,7 +10,7 @@ uniform rows in their own list) is read into the same object.
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -249,7 +249,9 @@ class Totals(_Doc):
 
 class ConfigDoc(_Doc):
     """One format per layer, with the shapes and totals that make its bytes checkable, and what it measured
-    (`metrics`: predicted, and the metric's loss and quality by their names, e.g. kl and ppl, with tokens)."""
+    (`metrics`: predicted, and the metric's loss and quality by their names, e.g. kl and ppl, with tokens), and the
+    parameters of the quantizers that made its levels (`quantizers`: method -> params), which an export hands to
+    the runtime's own quantizer (empty in configs written before: their methods' defaults)."""
 
     schema_: Literal["bitalloc.config/1"] = Field(CONFIG_SCHEMA, alias="schema")
     bitalloc_version: str = __version__
@@ -260,11 +262,12 @@ class ConfigDoc(_Doc):
     shapes: dict[str, list[int]] = {}
     totals: Totals
     metrics: dict[str, Number] = {}
+    quantizers: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def of(cls, config: BitConfig, measurement: Measurement | None, *, model_source: str, model_hash: str,
            spec_hash: str, model_type: str | None, shapes: dict[str, list[int]], metric: Metric,
-           other_bytes: int) -> "ConfigDoc":
+           other_bytes: int, quantizers: dict[str, dict[str, Any]]) -> "ConfigDoc":
         metrics: dict[str, Number] = {"predicted": config.predicted}
         if measurement is not None:
             metrics.update({metric.loss: measurement.loss, metric.quality: measurement.quality,
@@ -277,6 +280,8 @@ class ConfigDoc(_Doc):
             shapes=shapes,
             totals=Totals(bytes=config.bytes, mib=round(mib(config.bytes), 6), avg_bits=round(config.avg_bits, 6)),
             metrics=metrics,
+            quantizers={m: p for m, p in quantizers.items()
+                        if any(f.quantized and f.method == m for f in config.assignment().values())},
         )
 
     def formats(self) -> dict[str, Format]:

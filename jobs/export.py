@@ -183,7 +183,8 @@ def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool
             raise BitallocError("--output", f"{output.name!r} must end in .{fmt} for --format {fmt}")
         configio.write(chosen.config.document(), output)
         return [], f"canonical {chosen.config.schema_}", []
-    text, changed = export(fmt, layers_of(chosen.config), chosen.config.model.type, nearest)
+    layers, quantizers = layers_of(chosen.config), chosen.config.quantizers
+    text, changed = export(fmt, layers, chosen.config.model.type, nearest, quantizers)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
         staged = Path(tmp) / output.name
@@ -195,4 +196,4 @@ def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool
             except Exception as exc:
                 raise BitallocError("--format", f"{fmt} rejected the export: {exc}") from None
         staged.replace(output)
-    return changed, checked, notes(fmt, layers_of(chosen.config))
+    return changed, checked, notes(fmt, layers, quantizers)

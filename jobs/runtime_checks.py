@@ -6,7 +6,8 @@ environment that has the runtime but not bitalloc (the test suite keeps one: `.v
     python jobs/runtime_checks.py FORMAT FILE [BITALLOC_CONFIG.json]
 
 With a bitalloc config it also checks, layer by layer, that the runtime resolves each quantized
-layer to the config's bits and group size. Prints one line; exits 1 on a mismatch.
+layer to the config's bits and group size, and that the runtime's GPTQ runs with the parameters of the GPTQ that
+made the config's levels. Prints one line; exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -27,6 +28,20 @@ def _quantized(config: dict | None) -> dict[str, dict]:
     return {n: f for n, f in (config or {}).get("layers", {}).items() if f["bits"] != 16}
 
 
+def _gptq(config: dict | None) -> dict | None:
+    """The parameters of the config's GPTQ (method gptq or gptq-ct), as it records them."""
+    for method, params in (config or {}).get("quantizers", {}).items():
+        if method in ("gptq", "gptq-ct"):
+            return params
+    return None
+
+
+def _same(runtime: str, read: dict, wanted: dict) -> None:
+    for key, value in wanted.items():
+        if read[key] != value:
+            raise ValueError(f"{runtime} reads {key} {read[key]!r}, the levels were made with {value!r}")
+
+
 def check_gptqmodel(path: str, config: dict | None) -> str:
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization.config import dynamic_get
@@ -41,6 +56,12 @@ def check_gptqmodel(path: str, config: dict | None) -> str:
     for name, f in (config or {}).get("layers", {}).items():
         if f["bits"] == 16 and dynamic_get(cfg.dynamic, name) is not False:
             raise ValueError(f"{name}: kept in 16 bits by the config but not skipped by GPTQModel")
+    gptq = _gptq(config)
+    if gptq:
+        _same("GPTQModel", {"damp_percent": cfg.damp_percent, "desc_act": cfg.desc_act,
+                            "static_groups": cfg.static_groups, "act_group_aware": cfg.act_group_aware},
+              {"damp_percent": gptq["damp"], "desc_act": gptq["act_order"], "static_groups": gptq["act_order"],
+               "act_group_aware": False})
     return f"GPTQModel QuantizeConfig: bits {cfg.bits}, {len(cfg.dynamic or {})} dynamic rules, format {cfg.format}"
 
 
@@ -54,6 +75,14 @@ def check_llmcompressor(path: str, config: dict | None) -> str:
         hits = [g for g in modifier.config_groups.values() if any(match_name(name, t) for t in g.targets)]
         if len(hits) != 1 or (hits[0].weights.num_bits, hits[0].weights.group_size) != (f["bits"], f["group_size"]):
             raise ValueError(f"{name}: matched by {len(hits)} groups, or with other bits than {f['bits']}")
+    gptq = _gptq(config)
+    if gptq:
+        actorder = getattr(modifier, "actorder", None)
+        _same("llm-compressor", {"dampening_frac": getattr(modifier, "dampening_frac", None),
+                                 "block_size": getattr(modifier, "block_size", None),
+                                 "actorder": None if actorder is None else str(getattr(actorder, "value", actorder))},
+              {"dampening_frac": gptq["damp"], "block_size": gptq["block"],
+               "actorder": "weight" if gptq["act_order"] else None})
     return f"llm-compressor recipe: {type(modifier).__name__} with {len(modifier.config_groups)} config groups"
 
 

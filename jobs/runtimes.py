@@ -8,9 +8,11 @@ unless asked for the nearest (`--nearest`), so a file never silently differs fro
   one anchored module-name regex per distinct format, and one negative rule for every other module
   (GPTQModel may reorder rules, so it names all but the quantized layers) so layers the config leaves
   in 16 bits, or never selected, stay unquantized. 5/6-bit layers make it GPTQModel's planar `gptq_p`
-  format. GPTQ stores fp16 scales: bf16/fp32 scales map to fp16.
-- `llmcompressor`: an llm-compressor recipe (compressed-tensors `config_groups`, in a GPTQModifier when the
-  levels were made by GPTQ, with bitalloc's GPTQ defaults, else a QuantizationModifier): one group per distinct format, `re:`-anchored per-layer targets; 16-bit layers
+  format. GPTQ stores fp16 scales: bf16/fp32 scales map to fp16. The GPTQ is the job's: its damping
+  (`damp_percent`), `act_order` as static groups, and GPTQModel's own group-aware reordering off.
+- `llmcompressor`: an llm-compressor recipe (compressed-tensors `config_groups`, in a GPTQModifier with the job's
+  GPTQ parameters when the levels were made by GPTQ — damping, block, `act_order` as `actorder: weight` — else a
+  QuantizationModifier): one group per distinct format, `re:`-anchored per-layer targets; 16-bit layers
   and `lm_head` in `ignore`. Zero points are stored as int8 by compressed-tensors (bitalloc counts fp16).
 - `llamacpp`: a `llama-quantize --tensor-type-file` (one `regex=type` per line, no comments), module
   names mapped to GGUF tensor names by gguf-py's tensor name map. A ggml format (method gguf, e.g. from
@@ -39,6 +41,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats import KEEP_BITS, Format
 from bitalloc.ggml_types import GGML_TYPES, stored_type
 from bitalloc.gguf_levels import tensor_names
+from bitalloc.quantizers import get_quantizer
 from bitalloc.registry import Registry
 from bitalloc.targets import hqq_tag
 
@@ -67,7 +70,7 @@ class Runtime:
     name = ""
     quantizers: tuple[str, ...] = ()  # the methods whose levels are what this runtime makes and runs
 
-    def notes(self, layers: list[Layer]) -> list[str]:
+    def notes(self, layers: list[Layer], quantizers: dict[str, dict]) -> list[str]:
         """What differs from the front although the file expresses every format: levels another quantizer made."""
         other = Counter(l.fmt.method for l in layers if l.fmt.quantized and l.fmt.method not in self.quantizers)
         return [f"{n} layers were measured with {method} levels; {self.name} quantizes them with "
@@ -81,7 +84,9 @@ class Runtime:
     def place_one(self, layer: Layer) -> Placement:
         raise NotImplementedError
 
-    def render(self, layers: list[Layer], placed: dict[str, Placement], model_type: str | None) -> str:
+    def render(self, layers: list[Layer], placed: dict[str, Placement], model_type: str | None,
+               quantizers: dict[str, dict]) -> str:
+        """The file; `quantizers` are the parameters of the quantizers that made the levels (method -> params)."""
         raise NotImplementedError
 
 
@@ -97,6 +102,17 @@ def _by_value(layers: list[Layer], placed: dict[str, Placement], keep: Callable[
         if keep(value):
             groups.setdefault(json.dumps(value, sort_keys=True), []).append(l.name)
     return groups
+
+
+def gptq_params(layers: list[Layer], quantizers: dict[str, dict]) -> dict | None:
+    """The parameters of the GPTQ that made the config's GPTQ levels (bitalloc's defaults for a config that does not
+    record them); None without GPTQ levels. One file holds one GPTQ setting."""
+    methods = sorted({l.fmt.method for l in layers if l.fmt.quantized and l.fmt.method in ("gptq", "gptq-ct")})
+    found = {json.dumps(quantizers.get(m) or get_quantizer(m).params(), sort_keys=True) for m in methods}
+    if len(found) > 1:
+        raise BitallocError("--format", f"the config's levels come from GPTQ with {len(found)} different settings "
+                                        f"({', '.join(methods)}); a runtime's file runs one")
+    return json.loads(found.pop()) if found else None
 
 
 def _from_ggml(layer: Layer, runtime: str, bits: tuple[int, ...], group: int) -> Placement:
@@ -121,7 +137,7 @@ class GPTQModel(Runtime):
             return Placement(value, False, f"GPTQ stores float16 scales, not {f.scale_dtype}")
         return Placement(value)
 
-    def render(self, layers, placed, model_type) -> str:
+    def render(self, layers, placed, model_type, quantizers) -> str:
         groups = _by_value(layers, placed, lambda v: v is not None)
         counts = Counter({k: len(v) for k, v in groups.items()})
         base = json.loads(counts.most_common(1)[0][0]) if counts else {"bits": 4, "group_size": 128, "sym": True}
@@ -129,7 +145,10 @@ class GPTQModel(Runtime):
         quantized = [n for names in groups.values() for n in names]
         dynamic[f"-:^(?!{_anchored(quantized).removeprefix('^')})"] = {}
         planar = any(json.loads(k)["bits"] in (5, 6) for k in groups)
-        doc = {**base, "desc_act": False, "lm_head": False, "quant_method": "gptq",
+        gptq = gptq_params(layers, quantizers) or get_quantizer("gptq").params()
+        # bitalloc's GPTQ: its damping, its order (act_order: static groups), no group-aware reordering
+        doc = {**base, "desc_act": gptq["act_order"], "static_groups": gptq["act_order"], "act_group_aware": False,
+               "damp_percent": gptq["damp"], "lm_head": False, "quant_method": "gptq",
                "format": "gptq_p" if planar else "gptq", "dynamic": dynamic}
         return json.dumps(doc, indent=2) + "\n"
 
@@ -150,15 +169,16 @@ class LLMCompressor(Runtime):
         return Placement({"num_bits": f.bits, "type": "int", "symmetric": f.symmetric, "strategy": "group",
                           "group_size": f.group_size, "scale_dtype": f.scale_dtype})
 
-    def render(self, layers, placed, model_type) -> str:
+    def render(self, layers, placed, model_type, quantizers) -> str:
         groups = _by_value(layers, placed, lambda v: v is not None)
         config_groups = {f"group_{i}": {"targets": [f"re:{_anchored(names)}"], "weights": json.loads(key)}
                          for i, (key, names) in enumerate(groups.items())}
         ignore = ["lm_head"] + [f"re:{_anchored([l.name])}" for l in layers if placed[l.name].value is None]
         modifier = {"targets": ["Linear"], "ignore": ignore, "config_groups": config_groups}
-        gptq = any(l.fmt.method in ("gptq", "gptq-ct") for l in layers)  # GPTQ levels: llm-compressor's GPTQ too
+        gptq = gptq_params(layers, quantizers)  # GPTQ levels: llm-compressor's GPTQ too, with their parameters
         if gptq:
-            modifier.update(dampening_frac=0.01, block_size=128, actorder=None)
+            modifier.update(dampening_frac=gptq["damp"], block_size=gptq["block"],
+                            actorder="weight" if gptq["act_order"] else None)
         name = "GPTQModifier" if gptq else "QuantizationModifier"
         recipe = {"quant_stage": {"quant_modifiers": {name: modifier}}}
         return yaml.safe_dump(recipe, sort_keys=False)
@@ -198,7 +218,15 @@ class LlamaCpp(Runtime):
     def place_one(self, layer: Layer) -> Placement:
         return ggml_type(layer.fmt, layer.in_features)
 
-    def render(self, layers, placed, model_type) -> str:
+    def notes(self, layers: list[Layer], quantizers: dict[str, dict]) -> list[str]:
+        made = super().notes(layers, quantizers)
+        if quantizers.get("gguf", {}).get("imatrix"):
+            made.append("the levels were made with an importance matrix (llama-imatrix over the job's calibration "
+                        "text, in the job's gguf level store as imatrix.gguf): pass it to llama-quantize with "
+                        "--imatrix, or llama.cpp makes other levels")
+        return made
+
+    def render(self, layers, placed, model_type, quantizers) -> str:
         names = tensor_names(model_type, [l.name for l in layers], "--format")
         return "".join(f"^{re.escape(names[l.name])}$={placed[l.name].value}\n" for l in layers)
 
@@ -250,7 +278,7 @@ class HQQ(Runtime):
                                      f.scale_dtype == "float32")) if bad]
         return Placement(value, not reasons, "; ".join(reasons))
 
-    def render(self, layers, placed, model_type) -> str:
+    def render(self, layers, placed, model_type, quantizers) -> str:
         dynamic, skip = {}, ["lm_head"]
         for l in layers:
             tag = hqq_tag(l.name)
@@ -262,11 +290,12 @@ class HQQ(Runtime):
         return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
-def notes(runtime_name: str, layers: list[Layer]) -> list[str]:
-    return RUNTIMES.create(runtime_name).notes(layers)
+def notes(runtime_name: str, layers: list[Layer], quantizers: dict[str, dict]) -> list[str]:
+    return RUNTIMES.create(runtime_name).notes(layers, quantizers)
 
 
-def export(runtime_name: str, layers: list[Layer], model_type: str | None, nearest: bool) -> tuple[str, list[str]]:
+def export(runtime_name: str, layers: list[Layer], model_type: str | None, nearest: bool,
+           quantizers: dict[str, dict] | None = None) -> tuple[str, list[str]]:
     """The runtime's file text, and one line per layer written only as the nearest it can express.
 
     Without `nearest`, a config the runtime cannot express is an error that names the nearest."""
@@ -278,7 +307,7 @@ def export(runtime_name: str, layers: list[Layer], model_type: str | None, neare
         raise BitallocError("--format", f"{runtime_name} cannot express {len(changed)} of {len(layers)} layers "
                                         f"exactly, e.g. {changed[0]}; the nearest it can write raises those; "
                                         f"pass --nearest to write it")
-    return runtime.render(layers, placed, model_type), changed
+    return runtime.render(layers, placed, model_type, quantizers or {}), changed
 
 
 def _show(value: Any) -> str:

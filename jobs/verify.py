@@ -131,18 +131,21 @@ def verify_llamacpp(ws: Workspace, picked: Picked, text: str, work: Path, preset
     other = picked.front.model.other_bytes
     types_file = work / "types.txt"
     types_file.write_text(text)
+    matrix = llama.importance_matrix(ws, doc.quantizers)
     scored = tokens.shape[0] * (n_ctx - 1 - n_ctx // 2)
     with stages.stage("llama.cpp: quantize and measure", 2 + (len(PRESETS) if presets else 0)) as advance:
         fp_gap, _ = llama.perplexity(float_file, base, n_ctx)
         advance(1)
         gguf_file = work / "model.gguf"
-        tensors = llama.quantize(float_file, gguf_file, types_file, ws, set(names.values()))
+        tensors = llama.quantize(float_file, gguf_file, types_file, ws, set(names.values()), imatrix=matrix)
         for layer in layers_of(doc):
             wanted = ggml_type(layer.fmt, layer.in_features).value  # what the exported file asks for
             stored = tensors[names[layer.name]].tensor_type.name.lower()
             if stored != wanted.lower():
                 raise BitallocError("--runtime", f"llama-quantize stored {layer.name} as {stored}, not {wanted}")
         stored_bytes = sum(int(tensors[names[n]].n_bytes) for n in doc.layers)
+        matching = sum(llama.same_blocks(tensors[names[n]], ws.levels.read(n, f))
+                       for n, f in doc.formats().items() if f.ggml)
         kl, ppl = llama.perplexity(gguf_file, base, n_ctx)
         vs_ours, _ = llama.perplexity(gguf_file, ours, n_ctx)
         advance(1)
@@ -151,11 +154,12 @@ def verify_llamacpp(ws: Workspace, picked: Picked, text: str, work: Path, preset
             mib=round(mib(other + stored_bytes), 6), stored_layer_bytes=stored_bytes,
             counted_layer_bytes=doc.totals.bytes - other, file_bytes=gguf_file.stat().st_size,
             file_sha256=files_sha256([gguf_file]), loss=kl, quality=ppl, tokens=scored, bitalloc_loss=bitalloc_kl,
-            details={"fp_gap_kl": fp_gap, "vs_bitalloc_kl": vs_ours})]
+            details={"fp_gap_kl": fp_gap, "vs_bitalloc_kl": vs_ours, "layers_matching": float(matching)})]
         gguf_file.unlink()
         for preset in PRESETS if presets else ():
             path = work / f"{preset}.gguf"
-            tensors = llama.quantize(float_file, path, types_file, ws, set(names.values()), preset=preset)
+            tensors = llama.quantize(float_file, path, types_file, ws, set(names.values()), preset=preset,
+                                     imatrix=matrix)  # the presets get the job's importance matrix too
             stored_bytes = sum(int(tensors[names[n]].n_bytes) for n in doc.layers)
             kl, ppl = llama.perplexity(path, base, n_ctx)
             points.append(RuntimePoint(
@@ -193,7 +197,8 @@ def exported(runtime_name: str, picked: Picked, nearest: bool) -> tuple[str, int
     """The runtime's file for the point, and how many layers it writes only as the nearest it can express; without
     `nearest` such a point is refused (the runtime would build another model than the one measured)."""
     layers = layers_of(picked.config)
-    text, changed = export(runtime_name, layers, picked.config.model.type, nearest=True)
+    text, changed = export(runtime_name, layers, picked.config.model.type, nearest=True,
+                           quantizers=picked.config.quantizers)
     if changed and not nearest:
         raise BitallocError("--runtime", f"{runtime_name} cannot build {len(changed)} of {len(layers)} layers of this "
                                          f"point as searched, e.g. {changed[0]}; verify a point of a job searched "
@@ -221,16 +226,27 @@ def as_folder(ws: Workspace, folder: Path) -> Path:
     return folder
 
 
+SAME_WEIGHT = 2**-10  # a difference below this share of the layer's largest weight is float16 rounding
+MATCHING = 0.99  # a layer whose weights are this share the same is bitalloc's level: the rest round the other way
+#                  on float differences (e.g. a Hessian summed in another order)
+
+
 def _rel_diff(theirs: torch.Tensor, ours: torch.Tensor) -> float:
     """The largest difference over the largest weight of ours."""
     return float((theirs - ours).abs().max() / ours.abs().max().clamp(min=1e-30))
+
+
+def _same_share(theirs: torch.Tensor, ours: torch.Tensor) -> float:
+    """The share of weights equal to ours up to float16 rounding."""
+    return float(((theirs - ours).abs() <= SAME_WEIGHT * ours.abs().max()).float().mean())
 
 
 def verify_python(runtime_name: str):
     """A Python runtime driven as a subprocess in its own environment (`jobs/runtime_build.py`): the model handed to
     it as a transformers folder, the exported file applied by the runtime's own code, each quantized layer's weight
     as the runtime dequantizes it measured by bitalloc's evaluator on the job's held-out tokens, and compared with
-    bitalloc's level (`weight_max_rel_diff`: the largest difference over the layer's largest weight)."""
+    bitalloc's level (`weight_max_rel_diff`: the largest difference over the layer's largest weight;
+    `layers_matching`: the layers whose weights are bitalloc's levels, at least 99 % of them up to float16 rounding)."""
 
     def build(ws: Workspace, picked: Picked, text: str, work: Path, presets: bool,
               stages: Stages) -> list[RuntimePoint]:
@@ -258,8 +274,7 @@ def verify_python(runtime_name: str):
             raise BitallocError("--runtime", f"{runtime_name} left {len(missing)} layers of the config unquantized, "
                                              f"e.g. {missing[0]}")
         dtype = next(ws.model.module.parameters()).dtype
-        drift = max(_rel_diff(weights[n], ws.levels.weight(n, f).float()) for n, f in doc.formats().items()
-                    if f.quantized)
+        pairs = [(weights[n], ws.levels.weight(n, f).float()) for n, f in doc.formats().items() if f.quantized]
         with stages.stage(f"{runtime_name}: measure"):
             measured = ws.local_runner().evaluator("evaluation").evaluate_tensors(
                 {n: w.to(dtype) for n, w in weights.items() if n in doc.layers})
@@ -274,7 +289,8 @@ def verify_python(runtime_name: str):
             stored_layer_bytes=stored_bytes + kept, counted_layer_bytes=doc.totals.bytes - other,
             file_bytes=sum(f.stat().st_size for f in files), file_sha256=files_sha256(files), loss=measured.loss,
             quality=measured.quality, tokens=measured.tokens, bitalloc_loss=picked.point.loss,
-            details={"weight_max_rel_diff": drift})]
+            details={"weight_max_rel_diff": max(_rel_diff(*p) for p in pairs),
+                     "layers_matching": float(sum(_same_share(*p) >= MATCHING for p in pairs))})]
 
     return build
 

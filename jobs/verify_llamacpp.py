@@ -24,7 +24,7 @@ import torch
 
 from bitalloc import llamacpp
 from bitalloc.errors import BitallocError
-from bitalloc.gguf_levels import _float_gguf
+from bitalloc.gguf_levels import _float_gguf, imatrix
 from bitalloc.pipeline import Workspace
 
 MAGIC = b"_logits_"
@@ -41,7 +41,7 @@ def windows(ws: Workspace, float_gguf: Path) -> torch.Tensor:
     vocab = fields["tokenizer.ggml.tokens"].contents()
     tokens = ws.data.evaluation.clone()
     ours = ws.model.tokenizer.convert_ids_to_tokens(sorted(set(tokens.flatten().tolist())))
-    for i, (tid, text) in enumerate(zip(sorted(set(tokens.flatten().tolist())), ours)):
+    for tid, text in zip(sorted(set(tokens.flatten().tolist())), ours):
         if tid >= len(vocab) or vocab[tid] != text:
             theirs = vocab[tid] if tid < len(vocab) else "nothing"
             raise BitallocError("--runtime", f"tokenizer mismatch: token {tid} is {text!r} for bitalloc's tokenizer "
@@ -115,6 +115,23 @@ def perplexity(model: Path, base: Path, n_ctx: int) -> tuple[float, float]:
     return float(kld[1]), float(ppl[1])
 
 
+def same_blocks(tensor, level) -> bool:
+    """Whether a GGUF tensor holds a gguf level's blocks byte for byte (rows compared as a multiset: llama.cpp's
+    converter reorders the rows of some tensors, e.g. Llama's q/k heads)."""
+    rows = np.asarray(tensor.data).reshape(level.out_features, -1)
+    ours = level.blocks.cpu().numpy()
+    return rows.shape == ours.shape and sorted(map(bytes, rows)) == sorted(map(bytes, ours))
+
+
+def importance_matrix(ws: Workspace, quantizers: dict[str, dict]) -> Path | None:
+    """The importance matrix the job's gguf levels were made with (`imatrix: true`): the level store's, made again
+    from the job's calibration sequences if the store lost it; None for levels made without one."""
+    store = ws.levels.stores.get("gguf")
+    if store is None or not quantizers.get("gguf", {}).get("imatrix"):
+        return None
+    return imatrix(ws.model, ws.data.calibration, store.folder)
+
+
 def float_gguf(ws: Workspace, cache: Path) -> Path:
     """The unquantized model as llama.cpp reads it: the gguf level store's copy, else one made for verification."""
     store = ws.levels.stores.get("gguf")
@@ -122,14 +139,14 @@ def float_gguf(ws: Workspace, cache: Path) -> Path:
 
 
 def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searched: set[str],
-             preset: str | None = None) -> dict:
+             preset: str | None = None, imatrix: Path | None = None) -> dict:
     """llama-quantize: the exported tensor types (every other matrix kept at the model's own dtype, as the front counts
-    it), or one of llama.cpp's presets with its own mixture; the tensors of the written file by GGUF name. `searched`
-    are the GGUF names of the job's layers."""
+    it), or one of llama.cpp's presets with its own mixture, with the job's importance matrix if its levels were made
+    with one; the tensors of the written file by GGUF name. `searched` are the GGUF names of the job's layers."""
     import gguf
 
     keep = GGUF_DTYPES.get(next(ws.model.module.parameters()).dtype, "f32")
-    args = ["--token-embedding-type", keep]
+    args = ["--token-embedding-type", keep] + (["--imatrix", str(imatrix)] if imatrix else [])
     if "output.weight" not in searched:
         args += ["--output-tensor-type", keep]
     if preset is None:

@@ -87,6 +87,17 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
         assert _output_error(x, w, ours) < 0.7 * _output_error(x, w, rtn), bits
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_ct_takes_every_groups_grid_from_the_original_weights(act_order):
+    """llm-compressor's GPTQ fixes each group's scale and zero point from the original weights (its observer) before
+    spreading errors: gptq-ct's scales and zero points are rtn-int's whatever the order, while the codes differ."""
+    w, _, h = _correlated(32, 256, seed=7)
+    ct = get_quantizer("gptq-ct", act_order=act_order).quantize(w, Format(3, 64, False, "float16", "gptq-ct"), h)
+    rtn = get_quantizer("rtn-int").quantize(w, Format(3, 64, False, "float16", "rtn-int"))
+    assert torch.equal(ct.scales, rtn.scales) and torch.equal(ct.zeros, rtn.zeros)
+    assert not torch.equal(ct.qweight, rtn.qweight)
+
+
 def test_gptq_act_order_keeps_groups_of_consecutive_columns():
     w, x, h = _correlated(32, 256, seed=5)
     fmt = Format(3, 64, False, "float16", "gptq")

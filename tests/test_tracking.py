@@ -190,6 +190,30 @@ def test_runtime_exports_parse_in_the_runtime(fmt, tmp_path):
         assert r"^blk\.0\.attn_q\.weight$=q3_K" in lines and r"^blk\.1\.ffn_up\.weight$=f16" in lines
 
 
+@pytest.mark.parametrize("fmt,method", [("gptqmodel", "gptq"), ("llmcompressor", "gptq-ct")])
+def test_gptq_exports_make_the_runtime_run_the_jobs_gptq(fmt, method, tmp_path):
+    """The runtime reads the damping, block and order of the GPTQ that made the levels from the export (GPTQModel's
+    own defaults differ: damping 0.05 and group-aware reordering); a file that says otherwise is rejected."""
+    python = _runtime_python()
+    from bitalloc.jobs.export import Chosen, write_export
+
+    config = _wide_config(tmp_path)
+    doc = configio.load(config)
+    for fmt_doc in doc["layers"].values():
+        fmt_doc["method"] = method
+    doc["quantizers"] = {method: {"damp": 0.03, "act_order": True, "block": 64}}
+    configio.write(doc, config)
+    target = tmp_path / f"export.{fmt}"
+    write_export(Chosen(read_config(config), "test"), fmt, target, nearest=False)
+    run = lambda: subprocess.run([python, str(ROOT / "jobs" / "runtime_checks.py"), fmt, str(target), str(config)],  # noqa: E731
+                                 capture_output=True, text=True)
+    check = run()
+    assert check.returncode == 0, check.stdout + check.stderr
+    target.write_text(target.read_text().replace("0.03", "0.01"))
+    check = run()
+    assert check.returncode == 1 and "0.01" in check.stdout and "0.03" in check.stdout, check.stdout + check.stderr
+
+
 @pytest.mark.parametrize("fmt", ["gptqmodel", "llmcompressor", "llamacpp", "hqq"])
 def test_exports_of_a_real_job_parse_in_the_runtime(tracked, fmt, tmp_path):
     """Where the runtime cannot express the tiny model's rows exactly, --nearest writes what it can."""

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from bitalloc.cli import main
+from bitalloc.results import read_config
 from conftest import front_of, tiny_job
 
 
@@ -38,19 +39,23 @@ def llamacpp_job(tiny_smollm, text_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("verify") / "out"
     spec = tiny_job(tiny_smollm, text_dir, out, data={"seq_len": 64, "calibration": 2, "evaluation": 4},
                     search={"budgets": [5.0], "points": 2})
-    spec.update(formats={"target": "llamacpp"}, tracking={"enabled": False})
+    spec.update(formats={"target": "llamacpp", "params": {"imatrix": True}}, tracking={"enabled": False})
     (out.parent / "job.yaml").write_text(yaml.safe_dump(spec))
     main(["run", str(out.parent / "job.yaml")])
     return out
 
 
 def test_llamacpp_builds_what_the_front_measured(llamacpp_job, capsys):
+    """llama-quantize, given the exported types and the job's importance matrix, writes bitalloc's levels byte for
+    byte, at the bytes counted; llama.cpp measures their KL close to the front's."""
     main(["verify", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp"])
     said = capsys.readouterr().out
     front = front_of(llamacpp_job)
     (built,) = [r for r in front.runtime_points if r.runtime == "llamacpp"]
     assert built.label == front.mixed[0].label and built.config == front.mixed[0].config
     assert built.stored_layer_bytes == built.counted_layer_bytes  # llama.cpp stores exactly the bytes counted
+    quantized = [f for f in read_config(llamacpp_job / built.config).formats().values() if f.quantized]
+    assert quantized and built.details["layers_matching"] == len(quantized)
     assert built.bytes == front.mixed[0].bytes and built.file_bytes > built.stored_layer_bytes
     assert built.details["fp_gap_kl"] < 1e-3  # the float GGUF runs the same model as bitalloc's float32
     assert built.loss > 0 and abs(built.loss - built.bitalloc_loss) <= 0.25 * built.bitalloc_loss
@@ -97,7 +102,27 @@ def test_what_cannot_be_verified_is_one_line_and_leaves_the_results(tiny_llama, 
     assert json.loads(before).get("runtime_points", []) == []
 
 
-def _python_runtime_job(tiny_smollm, text_dir, root: Path, target: str, method: str | None = None) -> Path:
+def test_a_gguf_that_spells_a_held_out_token_otherwise_is_refused(tiny_smollm, tiny_llama, text_dir, tmp_path):
+    """llama-perplexity reads token ids through the GGUF's vocabulary: where it spells a held-out token otherwise than
+    the job's tokenizer, it would score other text, so verify stops before measuring."""
+    from bitalloc.errors import BitallocError
+    from bitalloc.formats import Format
+    from bitalloc.gguf_levels import _float_gguf
+    from bitalloc.jobs.verify_llamacpp import windows
+    from bitalloc.model import load_model
+    from bitalloc.pipeline import Workspace
+
+    gguf_file = _float_gguf(load_model(str(tiny_smollm)), tmp_path)
+    opened = {m: Workspace.open(str(m), (Format(4, 32),), text=[str(text_dir / "*.txt")], seq_len=32, calibration=1,
+                                evaluation=2) for m in (tiny_smollm, tiny_llama)}
+    assert windows(opened[tiny_smollm], gguf_file).shape == opened[tiny_smollm].data.evaluation.shape
+    with pytest.raises(BitallocError) as exc:
+        windows(opened[tiny_llama], gguf_file)
+    assert exc.value.field == "--runtime" and "tokenizer mismatch" in exc.value.message
+
+
+def _python_runtime_job(tiny_smollm, text_dir, root: Path, target: str, method: str | None = None,
+                        params: dict | None = None) -> Path:
     from bitalloc.jobs.verify import ROOT
 
     if not (os.environ.get("BITALLOC_RUNTIMES_PYTHON") or (ROOT / ".venv-runtimes" / "bin" / "python").exists()):
@@ -105,7 +130,8 @@ def _python_runtime_job(tiny_smollm, text_dir, root: Path, target: str, method: 
     out = root / "out"
     spec = tiny_job(tiny_smollm, text_dir, out, data={"seq_len": 64, "calibration": 2, "evaluation": 4},
                     search={"budgets": [5.0], "points": 1})
-    spec.update(formats={"target": target, **({"method": method} if method else {})}, tracking={"enabled": False})
+    spec.update(formats={"target": target, **({"method": method} if method else {}),
+                         **({"params": params} if params else {})}, tracking={"enabled": False})
     (root / "job.yaml").write_text(yaml.safe_dump(spec))
     main(["run", str(root / "job.yaml")])
     return out
@@ -122,17 +148,19 @@ def test_hqq_builds_the_point_with_the_bytes_counted(tiny_smollm, text_dir, tmp_
 
 
 def test_llmcompressor_builds_the_point_with_its_gptq(tiny_smollm, text_dir, tmp_path):
-    """llm-compressor's oneshot (its GPTQModifier, as the export writes for GPTQ levels) saves a compressed-tensors
-    checkpoint that transformers loads back: packed codes and float16 scales, the bytes counted for gptq-ct (plus the
-    16-byte shape per layer); its GPTQ is its own (inputs through the already quantized layers), so the KL is
-    close to the front's, not equal."""
-    from bitalloc.results import read_config
-
-    out = _python_runtime_job(tiny_smollm, text_dir, tmp_path, "llmcompressor")
+    """llm-compressor's oneshot (its GPTQModifier, with the job's GPTQ parameters as the export writes them) saves a
+    compressed-tensors checkpoint that transformers loads back: packed codes and float16 scales, the bytes counted for
+    gptq-ct (plus the 16-byte shape per layer). The first block's layers see the same (unquantized) inputs in both,
+    so llm-compressor's GPTQ makes bitalloc's levels there; later layers get inputs through the already quantized
+    ones in llm-compressor, so the KL is close to the front's, not equal."""
+    gptq = {"damp": 0.05, "act_order": True, "block": 32}
+    out = _python_runtime_job(tiny_smollm, text_dir, tmp_path, "llmcompressor", params=gptq)
     main(["verify", str(out), "--point", "1", "--runtime", "llmcompressor"])
     (built,) = front_of(out).runtime_points
     doc = read_config(out / built.config)
-    assert {f.method for f in doc.formats().values()} == {"gptq-ct"}
+    assert {f.method for f in doc.formats().values()} == {"gptq-ct"} and doc.quantizers == {"gptq-ct": gptq}
+    first_block = [n for n, f in doc.formats().items() if f.quantized and n.startswith("model.layers.0.")]
+    assert first_block and built.details["layers_matching"] >= len(first_block)
     assert built.stored_layer_bytes == built.counted_layer_bytes + 16 * len(doc.layers)
     assert built.loss > 0 and abs(built.loss - built.bitalloc_loss) <= 0.5 * built.bitalloc_loss
 
@@ -142,8 +170,6 @@ def test_an_llmcompressor_rtn_recipe_reproduces_bitalloc_levels(tiny_smollm, tex
     QuantizationModifier recipe and run through llm-compressor: the weights transformers loads back from the
     compressed-tensors checkpoint are bitalloc's levels up to float16 rounding, at the bytes counted (plus the
     16-byte shape tensor compressed-tensors keeps per layer), and measure the same KL."""
-    from bitalloc.results import read_config
-
     out = _python_runtime_job(tiny_smollm, text_dir, tmp_path, "llmcompressor", "rtn-int")
     main(["export", str(out), "--point", "1", "--format", "llmcompressor", "-o", str(tmp_path / "recipe.yaml")])
     assert "QuantizationModifier" in (tmp_path / "recipe.yaml").read_text()
