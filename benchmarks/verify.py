@@ -7,7 +7,8 @@ Jobs (run into --work unless already there, with a store in --work/mlflow.db): `
 (the llama.cpp target, with budgets just under each preset's average bits: every point verified with
 `--runtime llamacpp`, presets once); the same with an importance matrix (`imatrix: true`, which adds the i-quants
 below 4 bits: two points); the default job's model and data searched for llm-compressor (its GPTQ, `gptq-ct`, with
-`act_order`: two points, verified with `--runtime llmcompressor`); and the default job
+`act_order`: two points, verified with `--runtime llmcompressor`) and for HQQ (two points, `--runtime hqq`); and the
+default job
 `jobs/examples/smollm2.yaml` (min-max RTN, which no runtime stores: its budget points verified with
 `--runtime llamacpp --nearest`, to show what the nearest export builds instead).
 """
@@ -62,6 +63,8 @@ def main() -> None:
              ("smollm2.yaml", work / "llmcompressor", "llmcompressor", False, False,
               ("name=smollm2-llmcompressor", "formats={target: llmcompressor, params: {act_order: true}}",
                "search.budgets=[4.5, 5.0]", "search.points=0")),
+             ("smollm2.yaml", work / "hqq", "hqq", False, False,
+              ("name=smollm2-hqq", "formats={target: hqq}", "search.budgets=[3.5, 4.5]", "search.points=0")),
              ("smollm2.yaml", work / "default", "llamacpp", True, False, ())]
     console = Console(width=200)
     table = Table(title=f"bitalloc verify on SmolLM2-135M (held-out 4 x 512 tokens, KL over the positions "

@@ -196,19 +196,23 @@ class GPTQCompressedTensors(GPTQ):
 @register("hqq")
 class HalfQuadratic(QuantizerBase):
     """HQQ (Badri & Shaji, 2023) by its own package: zero points (and codes) by half-quadratic splitting under an
-    l_p<1 error norm, from min-max. Stored in bitalloc's layout w = q * scale + m with m = -zero * scale in the
+    l_p<1 error norm, from min-max, started as HQQ's runtime config starts them (`BaseQuantizeConfig`: rounded at
+    4 bits), on the weights as HQQ holds them, in its compute dtype (the format's scale dtype). Stored in bitalloc's layout w = q * scale + m with m = -zero * scale in the
     scale dtype, which HQQ stores as (q - zero) * scale: the two differ by the rounding of m (a float16 ulp)."""
 
     summary = "HQQ's half-quadratic zero-point optimisation (the hqq package, its defaults), calibration-free"
+    version = 2  # 1 started 4-bit zero points unrounded and read float32 weights, unlike HQQ's runtime
 
     def quantize(self, weight, fmt, inputs=None) -> PackedWeight:
-        from hqq.core.quantize import Quantizer as HQQ
+        from hqq.core.quantize import Quantizer as HQQ, hqq_base_quant_config
 
         if fmt.symmetric:
             raise BitallocError("formats.symmetric", "hqq quantizes asymmetrically; use symmetric: false")
-        codes, meta = HQQ.quantize(weight.detach().float(), nbits=fmt.bits, channel_wise=True,
-                                   group_size=fmt.group_size, optimize=True, axis=1, bitpack=False,
-                                   compute_dtype=torch.float32, device="cpu")
+        runtime = hqq_base_quant_config(nbits=fmt.bits, group_size=fmt.group_size)["weight_quant_params"]
+        held = weight.detach().to(_DTYPES[fmt.scale_dtype]).float()  # the weights as HQQ holds them: compute dtype
+        codes, meta = HQQ.quantize(held, nbits=fmt.bits, channel_wise=True,
+                                   group_size=fmt.group_size, optimize=True, round_zero=runtime["round_zero"], axis=1,
+                                   bitpack=False, compute_dtype=torch.float32, device="cpu")
         rows, cols = weight.shape
         sdt = _DTYPES[fmt.scale_dtype]
         scale = meta["scale"].reshape(rows, -1).to(sdt)

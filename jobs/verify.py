@@ -137,7 +137,7 @@ def verify_llamacpp(ws: Workspace, picked: Picked, text: str, work: Path, preset
         fp_gap, _ = llama.perplexity(float_file, base, n_ctx)
         advance(1)
         gguf_file = work / "model.gguf"
-        tensors = llama.quantize(float_file, gguf_file, types_file, ws, set(names.values()), imatrix=matrix)
+        tensors = llama.quantize(float_file, gguf_file, types_file, ws, set(names.values()), matrix=matrix)
         for layer in layers_of(doc):
             wanted = ggml_type(layer.fmt, layer.in_features).value  # what the exported file asks for
             stored = tensors[names[layer.name]].tensor_type.name.lower()
@@ -159,7 +159,7 @@ def verify_llamacpp(ws: Workspace, picked: Picked, text: str, work: Path, preset
         for preset in PRESETS if presets else ():
             path = work / f"{preset}.gguf"
             tensors = llama.quantize(float_file, path, types_file, ws, set(names.values()), preset=preset,
-                                     imatrix=matrix)  # the presets get the job's importance matrix too
+                                     matrix=matrix)  # the presets get the job's importance matrix too
             stored_bytes = sum(int(tensors[names[n]].n_bytes) for n in doc.layers)
             kl, ppl = llama.perplexity(path, base, n_ctx)
             points.append(RuntimePoint(

@@ -139,14 +139,14 @@ def float_gguf(ws: Workspace, cache: Path) -> Path:
 
 
 def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searched: set[str],
-             preset: str | None = None, imatrix: Path | None = None) -> dict:
+             preset: str | None = None, matrix: Path | None = None) -> dict:
     """llama-quantize: the exported tensor types (every other matrix kept at the model's own dtype, as the front counts
     it), or one of llama.cpp's presets with its own mixture, with the job's importance matrix if its levels were made
     with one; the tensors of the written file by GGUF name. `searched` are the GGUF names of the job's layers."""
     import gguf
 
     keep = GGUF_DTYPES.get(next(ws.model.module.parameters()).dtype, "f32")
-    args = ["--token-embedding-type", keep] + (["--imatrix", str(imatrix)] if imatrix else [])
+    args = ["--token-embedding-type", keep] + (["--imatrix", str(matrix)] if matrix else [])
     if "output.weight" not in searched:
         args += ["--output-tensor-type", keep]
     if preset is None:

@@ -57,6 +57,23 @@ def test_gptq_bytes_are_the_checkpoint_gptqmodel_stores(bits, symmetric):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_hqq_levels_are_what_hqqs_runtime_makes(bits):
+    """HQQLinear with HQQ's BaseQuantizeConfig on the float16 layer (as its runtime quantizes a model) dequantizes to
+    bitalloc's hqq level, every weight up to float16 arithmetic (2^-10 of the largest)."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    layer = torch.nn.Linear(192, 96, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(96, 192, generator=torch.Generator().manual_seed(bits)) * 0.02)
+    ours = dequantize_packed(get_quantizer("hqq").quantize(layer.weight.detach(), Format(bits, 64, False, "float16",
+                                                                                              "hqq")))
+    runtime = HQQLinear(layer.half(), BaseQuantizeConfig(nbits=bits, group_size=64), compute_dtype=torch.float16,
+                        device="cpu")
+    theirs = runtime.dequantize().reshape(96, 192).float()
+    assert float((theirs - ours).abs().max()) <= 2**-10 * float(ours.abs().max())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_hqq_bytes_are_what_hqq_packs(bits):
     from hqq.core.quantize import Quantizer as HQQ
 
