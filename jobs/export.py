@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ class Chosen:
 
     config: ConfigDoc
     where: str
+    data_hash: Optional[str] = None  # the job's token sets: keys the level store, where the levels' companions are
 
 
 def _check_front(front: Front, where: str) -> None:
@@ -101,7 +103,7 @@ def from_dir(run_dir: Path, avg_bits, budget, point) -> Chosen:
     _check_front(front, str(run_dir))
     picked = _pick(front, avg_bits, budget, point)
     doc = read_config(run_dir / picked.config)
-    return Chosen(verified(doc, front.model, str(run_dir / picked.config)), str(run_dir))
+    return Chosen(verified(doc, front.model, str(run_dir / picked.config)), str(run_dir), front.data.hash)
 
 
 def from_run(run_id: str, uri: str, avg_bits, budget, point) -> Chosen:
@@ -131,13 +133,13 @@ def from_run(run_id: str, uri: str, avg_bits, budget, point) -> Chosen:
                                                                    f"give its job's run to choose among points")
             doc = read_config(fetch(f"config/{Path(run.data.tags['bitalloc.config']).name}"))
             front = read_front(fetch("results/front.json", run.data.tags.get(PARENT_TAG, "")))
-            return Chosen(verified(doc, front.model, f"run {run_id}"), f"run {run_id}")
+            return Chosen(verified(doc, front.model, f"run {run_id}"), f"run {run_id}", front.data.hash)
         if kind != "job":
             raise BitallocError("TARGET", f"MLflow run {run_id} is not a bitalloc job or front point")
         front = read_front(fetch("results/front.json"))
         _check_front(front, f"run {run_id}")
         doc = read_config(fetch(f"results/{_pick(front, avg_bits, budget, point).config}"))
-    return Chosen(verified(doc, front.model, f"run {run_id}"), f"run {run_id}")
+    return Chosen(verified(doc, front.model, f"run {run_id}"), f"run {run_id}", front.data.hash)
 
 
 def check_avg_bits(avg_bits: Optional[float]) -> None:
@@ -175,8 +177,8 @@ def layers_of(doc: ConfigDoc) -> list[Layer]:
 
 
 def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool) -> tuple[list[str], str, list[str]]:
-    """Write the file atomically; returns (layers written as nearest, what the runtime's parser said, what else
-    differs from the front: levels another quantizer made)."""
+    """Write the file atomically (for llama.cpp levels made with an importance matrix, the matrix beside it); returns
+    (layers written as nearest, what the runtime's parser said, notes: levels another quantizer made, the matrix)."""
     fmt = resolve_export_format(export_format, output)
     if fmt in CANONICAL:
         if output.suffix not in ({".json"} if fmt == "json" else {".yaml", ".yml"}):
@@ -186,9 +188,12 @@ def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool
     layers, quantizers = layers_of(chosen.config), chosen.config.quantizers
     text, changed = export(fmt, layers, chosen.config.model.type, nearest, quantizers)
     output.parent.mkdir(parents=True, exist_ok=True)
+    matrix, said = importance_matrix(chosen, output) if fmt == "llamacpp" else (None, [])
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
         staged = Path(tmp) / output.name
         staged.write_text(text)
+        if matrix:
+            shutil.copyfile(matrix, Path(tmp) / "imatrix")
         checked = f"not checked: {runtime_checks.LIBRARIES[fmt]} is not installed here"
         if runtime_checks.available(fmt):
             try:
@@ -196,4 +201,32 @@ def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool
             except Exception as exc:
                 raise BitallocError("--format", f"{fmt} rejected the export: {exc}") from None
         staged.replace(output)
-    return changed, checked, notes(fmt, layers, quantizers)
+        if matrix:
+            (Path(tmp) / "imatrix").replace(imatrix_path(output))
+    return changed, checked, notes(fmt, layers) + said
+
+
+def imatrix_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}.imatrix.gguf")
+
+
+def importance_matrix(chosen: Chosen, output: Path) -> tuple[Optional[Path], list[str]]:
+    """For llama.cpp levels made with an importance matrix: the job's matrix in this machine's level store (written
+    beside the export: llama-quantize makes other levels without it), and what to tell the user."""
+    import torch
+
+    from bitalloc.levels import LevelStore
+    from bitalloc.quantizers import Calibration, get_quantizer
+
+    params = chosen.config.quantizers.get("gguf", {})
+    if not params.get("imatrix"):
+        return None, []
+    store = LevelStore(chosen.config.model.content_hash, get_quantizer("gguf", **params),
+                       calibration=Calibration(torch.empty(0), chosen.data_hash or ""))
+    found = store.folder / "imatrix.gguf"
+    if chosen.data_hash and found.is_file():
+        return found, [f"the levels were made with the job's importance matrix, written to {imatrix_path(output)}: "
+                       f"pass it to llama-quantize with --imatrix, or it makes other levels"]
+    return None, ["the levels were made with an importance matrix (llama-imatrix over the job's calibration text) "
+                  "that this machine's level store does not hold: run the job here to make it, and export again; "
+                  "llama-quantize without it makes other levels"]

@@ -70,7 +70,7 @@ class Runtime:
     name = ""
     quantizers: tuple[str, ...] = ()  # the methods whose levels are what this runtime makes and runs
 
-    def notes(self, layers: list[Layer], quantizers: dict[str, dict]) -> list[str]:
+    def notes(self, layers: list[Layer]) -> list[str]:
         """What differs from the front although the file expresses every format: levels another quantizer made."""
         other = Counter(l.fmt.method for l in layers if l.fmt.quantized and l.fmt.method not in self.quantizers)
         return [f"{n} layers were measured with {method} levels; {self.name} quantizes them with "
@@ -218,14 +218,6 @@ class LlamaCpp(Runtime):
     def place_one(self, layer: Layer) -> Placement:
         return ggml_type(layer.fmt, layer.in_features)
 
-    def notes(self, layers: list[Layer], quantizers: dict[str, dict]) -> list[str]:
-        made = super().notes(layers, quantizers)
-        if quantizers.get("gguf", {}).get("imatrix"):
-            made.append("the levels were made with an importance matrix (llama-imatrix over the job's calibration "
-                        "text, in the job's gguf level store as imatrix.gguf): pass it to llama-quantize with "
-                        "--imatrix, or llama.cpp makes other levels")
-        return made
-
     def render(self, layers, placed, model_type, quantizers) -> str:
         names = tensor_names(model_type, [l.name for l in layers], "--format")
         return "".join(f"^{re.escape(names[l.name])}$={placed[l.name].value}\n" for l in layers)
@@ -290,8 +282,8 @@ class HQQ(Runtime):
         return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
-def notes(runtime_name: str, layers: list[Layer], quantizers: dict[str, dict]) -> list[str]:
-    return RUNTIMES.create(runtime_name).notes(layers, quantizers)
+def notes(runtime_name: str, layers: list[Layer]) -> list[str]:
+    return RUNTIMES.create(runtime_name).notes(layers)
 
 
 def export(runtime_name: str, layers: list[Layer], model_type: str | None, nearest: bool,

@@ -63,6 +63,21 @@ def test_llamacpp_builds_what_the_front_measured(llamacpp_job, capsys):
     assert (llamacpp_job / "plots" / "front.png").is_file()
 
 
+def test_an_export_of_imatrix_levels_brings_the_importance_matrix(llamacpp_job, tmp_path, capsys):
+    """llama-quantize makes other levels without the job's importance matrix: export writes it beside the types
+    file (the one verify hands llama-quantize to reproduce the levels byte for byte) and says how to pass it."""
+    from bitalloc.jobs.runner import open_workspace
+    from bitalloc.jobs.spec import load_spec
+    from bitalloc.progress import Stages
+
+    main(["export", str(llamacpp_job), "--point", "1", "--format", "llamacpp", "-o", str(tmp_path / "types.txt")])
+    said = capsys.readouterr().out
+    written = tmp_path / "types.imatrix.gguf"
+    assert written.is_file() and "--imatrix" in said and str(written) in said
+    store = open_workspace(load_spec(llamacpp_job / "spec.yaml"), Stages()).levels.stores["gguf"]
+    assert written.read_bytes() == (store.folder / "imatrix.gguf").read_bytes()
+
+
 def test_presets_are_measured_the_same_way_and_a_point_verified_again_is_replaced(llamacpp_job):
     main(["verify", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp", "--presets"])
     front = front_of(llamacpp_job)
