@@ -58,7 +58,7 @@ def main() -> None:
     plans = [("smollm2-llamacpp.yaml", work / "llamacpp", "llamacpp", False, True,
               (f"search.budgets={PRESET_BITS}", "search.points=2")),
              ("smollm2-llamacpp.yaml", work / "llamacpp-imatrix", "llamacpp", False, False,
-              ("name=smollm2-llamacpp-imatrix", "formats.params.imatrix=true", "search.budgets=[3.5, 4.5]",
+              ("name=smollm2-llamacpp-imatrix", "formats.params.imatrix=true", "search.budgets=[3.9, 4.5]",
                "search.points=0")),
              ("smollm2.yaml", work / "llmcompressor", "llmcompressor", False, False,
               ("name=smollm2-llmcompressor", "formats={target: llmcompressor, params: {act_order: true}}",
