@@ -161,9 +161,14 @@ def _head_counts(rows: int) -> list[int]:
     return [h for h in range(1, rows // 2 + 1) if rows % (2 * h) == 0]
 
 
+def imatrix_file(folder: Path) -> Path:
+    """Where a gguf level store keeps its importance matrix."""
+    return folder / "imatrix.gguf"
+
+
 def imatrix(model: LoadedModel, tokens: torch.Tensor, folder: Path) -> Path:
     """llama-imatrix's importance matrix over the calibration sequences (their text, re-tokenized by llama.cpp)."""
-    path = folder / "imatrix.gguf"
+    path = imatrix_file(folder)
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)

@@ -169,10 +169,14 @@ class GPTQ(QuantizerBase):
             raise BitallocError("formats.params.block", f"{block} is not allowed; use 1 to 4096 columns")
         self.damp, self.act_order, self.block = damp, act_order, block
 
+    def grid(self, weight, fmt):
+        """Group scales and zero points fixed before GPTQ runs; None: GPTQModel's way (see `gptq`)."""
+        return None
+
     def quantize(self, weight, fmt, inputs=None) -> PackedWeight:
         from .gptq import gptq
 
-        q, _ = gptq(weight, inputs, fmt, self.damp, self.act_order, self.block)
+        q, _ = gptq(weight, inputs, fmt, self.damp, self.act_order, self.block, grid=self.grid(weight, fmt))
         return pack(q)
 
 
@@ -186,11 +190,10 @@ class GPTQCompressedTensors(GPTQ):
     version = 2  # 1 took each group's grid from the GPTQ-updated weights, as GPTQModel does
     summary = "GPTQ as llm-compressor's GPTQModifier runs it (grid from the original weights), compressed-tensors' bytes"
 
-    def quantize(self, weight, fmt, inputs=None) -> PackedWeight:
-        from .gptq import gptq, static_grid
+    def grid(self, weight, fmt):
+        from .gptq import static_grid
 
-        q, _ = gptq(weight, inputs, fmt, self.damp, self.act_order, self.block, grid=static_grid(weight, fmt))
-        return pack(q)
+        return static_grid(weight, fmt)
 
 
 @register("hqq")
@@ -209,12 +212,12 @@ class HalfQuadratic(QuantizerBase):
         if fmt.symmetric:
             raise BitallocError("formats.symmetric", "hqq quantizes asymmetrically; use symmetric: false")
         runtime = hqq_base_quant_config(nbits=fmt.bits, group_size=fmt.group_size)["weight_quant_params"]
-        held = weight.detach().to(_DTYPES[fmt.scale_dtype]).float()  # the weights as HQQ holds them: compute dtype
+        sdt = _DTYPES[fmt.scale_dtype]
+        held = weight.detach().to(sdt).float()  # the weights as HQQ holds them: in its compute dtype
         codes, meta = HQQ.quantize(held, nbits=fmt.bits, channel_wise=True,
                                    group_size=fmt.group_size, optimize=True, round_zero=runtime["round_zero"], axis=1,
                                    bitpack=False, compute_dtype=torch.float32, device="cpu")
         rows, cols = weight.shape
-        sdt = _DTYPES[fmt.scale_dtype]
         scale = meta["scale"].reshape(rows, -1).to(sdt)
         zero = meta["zero"].reshape(rows, -1).to(sdt)
         m = (-zero.float() * scale.float()).to(sdt)

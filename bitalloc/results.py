@@ -269,6 +269,7 @@ class ConfigDoc(_Doc):
            spec_hash: str, model_type: str | None, shapes: dict[str, list[int]], metric: Metric,
            other_bytes: int, quantizers: dict[str, dict[str, Any]]) -> "ConfigDoc":
         metrics: dict[str, Number] = {"predicted": config.predicted}
+        used = {f.method for f in config.assignment().values() if f.quantized}
         if measurement is not None:
             metrics.update({metric.loss: measurement.loss, metric.quality: measurement.quality,
                             "tokens": measurement.tokens})
@@ -280,8 +281,7 @@ class ConfigDoc(_Doc):
             shapes=shapes,
             totals=Totals(bytes=config.bytes, mib=round(mib(config.bytes), 6), avg_bits=round(config.avg_bits, 6)),
             metrics=metrics,
-            quantizers={m: p for m, p in quantizers.items()
-                        if any(f.quantized and f.method == m for f in config.assignment().values())},
+            quantizers={m: p for m, p in quantizers.items() if m in used},
         )
 
     def formats(self) -> dict[str, Format]:

@@ -215,6 +215,7 @@ def importance_matrix(chosen: Chosen, output: Path) -> tuple[Optional[Path], lis
     beside the export: llama-quantize makes other levels without it), and what to tell the user."""
     import torch
 
+    from bitalloc.gguf_levels import imatrix_file
     from bitalloc.levels import LevelStore
     from bitalloc.quantizers import Calibration, get_quantizer
 
@@ -223,7 +224,7 @@ def importance_matrix(chosen: Chosen, output: Path) -> tuple[Optional[Path], lis
         return None, []
     store = LevelStore(chosen.config.model.content_hash, get_quantizer("gguf", **params),
                        calibration=Calibration(torch.empty(0), chosen.data_hash or ""))
-    found = store.folder / "imatrix.gguf"
+    found = imatrix_file(store.folder)
     if chosen.data_hash and found.is_file():
         return found, [f"the levels were made with the job's importance matrix, written to {imatrix_path(output)}: "
                        f"pass it to llama-quantize with --imatrix, or it makes other levels"]
