@@ -42,7 +42,7 @@ DATA = {"source": "shakespeare", "seq_len": 512, "calibration": 4, "evaluation":
 
 def offgrid(folder: Path) -> Path:
     """The default GGUF with every block weight moved off its grid by seeded noise, as an F32 GGUF."""
-    from bitalloc.gguf_levels import float_copy
+    from bitalloc.quantizers.gguf.files import float_copy
     from bitalloc.model import source_files
 
     rng = np.random.default_rng(0)
@@ -88,9 +88,9 @@ def presets(source: str, cache: Path, folder: Path) -> list[tuple[str, dict[str,
     preset from the job's float GGUF."""
     import gguf
 
-    from bitalloc import llamacpp
+    from bitalloc.quantizers.gguf import tools as llamacpp
     from bitalloc.formats import Format, weight_bytes
-    from bitalloc.gguf_levels import tensor_names
+    from bitalloc.quantizers.gguf.files import tensor_names
     from bitalloc.model import list_layers, load_model, other_bytes, select_layers
 
     model = load_model(source)

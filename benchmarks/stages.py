@@ -24,7 +24,7 @@ from rich.table import Table  # noqa: E402
 from bitalloc import pipeline  # noqa: E402
 from bitalloc.evaluate import Evaluator  # noqa: E402
 from bitalloc.formats import Format  # noqa: E402
-from bitalloc.levels import Levels  # noqa: E402
+from bitalloc.quantizers.store import Levels  # noqa: E402
 from bitalloc.progress import Stages  # noqa: E402
 from bitalloc.search import get_solver  # noqa: E402
 from bitalloc.sensitivity import get_estimator  # noqa: E402

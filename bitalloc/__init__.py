@@ -14,7 +14,7 @@ from .types import BitConfig, Measurement, Problem, SensitivityTable, SolveResul
 
 def load_packed(path):
     """A packed checkpoint (`bitalloc pack`) as a LoadedModel whose chosen layers are QuantLinears."""
-    from bitalloc.kernels.checkpoint import load_packed as load
+    from bitalloc.runtimes.bitalloc.checkpoint import load_packed as load
 
     return load(path)
 

@@ -242,7 +242,7 @@ def quantizers():
     from rich.table import Table
 
     from .quantizers import QUANTIZERS
-    from .targets import TARGETS
+    from .runtimes import RUNTIMES
 
     table = Table("method", "version", "params (default)", "calibration", "what it does", title="quantizers")
     for name, cls in sorted(QUANTIZERS.items()):
@@ -253,11 +253,15 @@ def quantizers():
         table.add_row(name, str(cls.version), params, reads, cls.summary)
     _out().print(table)
     targets = Table("target", "methods (default first)", "formats", title="runtime targets")
-    for t in TARGETS.values():
+    for t in (cls() for cls in RUNTIMES.values()):
         names = [f.name for f in t.formats(t.methods[0], {})]
         targets.add_row(t.name, ", ".join(t.methods), f"{len(names)}: {' '.join(names)}\n{t.summary}")
     _out().print(targets)
 
+
+# the runtimes (bitalloc.runtimes: a test keeps these in step with the registry, which imports torch to list)
+RUNTIME_NAMES = ("llamacpp", "gptqmodel", "llmcompressor", "hqq", "bitalloc")
+RECIPES = tuple(n for n in RUNTIME_NAMES if n != "bitalloc")  # those with a recipe file (bitalloc's is `pack`)
 
 # what `export` and `pack` both take to name one measured config
 Target = Annotated[str, typer.Argument(help="a job's output dir or MLflow run id (the job's, or one point's)")]
@@ -276,8 +280,8 @@ def export(
     avg_bits: AvgBits = None,
     budget: Budget = None,
     point: Point = None,
-    export_format: Optional[str] = typer.Option(None, "--format", "-f", help="json, yaml, gptqmodel, llmcompressor, "
-                                      "llamacpp, hqq (default: json or yaml by the output's suffix)"),
+    export_format: Optional[str] = typer.Option(None, "--format", "-f", help=f"json, yaml, {', '.join(RECIPES)} "
+                                                "(default: json or yaml by the output's suffix)"),
     output: Path = typer.Option(..., "-o", "--output", help="file to write"),
     nearest: bool = typer.Option(False, "--nearest", help="where the runtime cannot express a layer's format, "
                                                           "write the nearest it can"),
@@ -308,7 +312,7 @@ def verify(
     avg_bits: AvgBits = None,
     budget: Budget = None,
     point: Point = None,
-    runtime: str = typer.Option(..., "--runtime", "-r", help="llamacpp"),
+    runtime: str = typer.Option(..., "--runtime", "-r", help=", ".join(RUNTIME_NAMES)),
     presets: bool = typer.Option(False, "--presets", help="also measure llama.cpp's presets (Q2_K ... Q8_0) the same "
                                                           "way"),
     nearest: bool = typer.Option(False, "--nearest", help="where the runtime cannot express a layer's format, build "
@@ -358,7 +362,7 @@ def pack(
 ):
     """Write a packed checkpoint (safetensors + config) of one measured config; load it with bitalloc.load_packed."""
     from bitalloc.jobs.export import choose
-    from bitalloc.kernels.checkpoint import check_output, pack as pack_config
+    from bitalloc.runtimes.bitalloc.checkpoint import check_output, pack as pack_config
 
     check_output(output, "--output")
     config = choose(target, avg_bits, budget, point, tracking_uri).config

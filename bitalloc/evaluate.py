@@ -18,7 +18,7 @@ from bitalloc.kernels.packed import PackedWeight
 from bitalloc.kernels.quant_linear import QuantLinear
 
 from .formats import Format
-from .levels import Levels
+from .quantizers.store import Levels
 from .model import HIDDEN_STATE, LoadedModel
 from .types import Measurement
 
@@ -36,6 +36,19 @@ def model_output(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
 
 
 REFERENCE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def output_width(model: LoadedModel) -> int:
+    """Floats per token the metric reads: the vocabulary (next-token) or the hidden size (hidden state)."""
+    if model.metric == HIDDEN_STATE:
+        return model.module.config.hidden_size
+    head = model.module.get_output_embeddings() if hasattr(model.module, "get_output_embeddings") else None
+    return head.out_features if head is not None else 0
+
+
+def reference_bytes(model: LoadedModel, tokens: int, precision: str = "float32") -> int:
+    """What an evaluator's FP reference holds for `tokens` tokens: the metric's floats per token, at `precision`."""
+    return tokens * output_width(model) * (2 if precision == "float16" else 4)
 
 
 def rounding_bound(lp_stored: torch.Tensor, lq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

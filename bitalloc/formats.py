@@ -3,35 +3,22 @@
 A format is grouped quantization along a layer's input dimension: `bits` per weight, one scale per group (and
 one zero point per group when asymmetric), both stored in `scale_dtype`, made by the quantizer named `method`
 (`bitalloc.quantizers`). `bits == 16` keeps the weight unquantized, stored in a 16-bit float (`scale_dtype` names
-which: float16 or bfloat16). A `ggml` format is one of llama.cpp's types (`bitalloc.ggml_types`), made by
+which: float16 or bfloat16). A `ggml` format is one of llama.cpp's types (`bitalloc.quantizers.gguf.ggml`), made by
 llama.cpp itself (method `gguf`); its bits, group size and symmetry are the type's, for display and constraints.
 
-Bytes are counted as the runtime that loads the method's levels stores them (`weight_bytes`):
-
-- bitalloc's packed layout (`rtn`, `clip`; `bitalloc.kernels`): each row of `in_features` codes is packed into
-  32-bit words, ceil(in_features * bits / 32) words per row, so 3-bit packs 32 codes into 3 words with no wasted
-  bits. A group size that does not divide `in_features` leaves a shorter last group in every row, with its own
-  scale and zero point: ceil(in_features / group_size) groups per row.
-- `gptq`: GPTQ checkpoints (GPTQModel, vLLM): the same packed codes, scale_dtype scales, zero points packed at
-  `bits` bits into int32 words per group row (stored for symmetric formats too), and an int32 group index per
-  input column (`g_idx`).
-- `hqq`: HQQ's bit-packing of [groups, group_size] codes (8/4/2 bits in bytes, 3 bits as 10 codes per int32) and
-  a float16 scale and zero per group.
-- `gguf`: the ggml type's blocks, in_features / block_size per row.
+Bytes, and which row widths a format can store, are those of the byte layout its method's quantizer registers
+(`bitalloc.quantizers.layouts`): the runtime that loads the levels stores exactly that.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .errors import BitallocError
-from .ggml_types import GGML_TYPES
 
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 KEEP_BITS = 16
-HQQ_BITS = (2, 3, 4, 8)  # what HQQ packs that bitalloc's codes also hold (it has 1-bit too)
-SCALE_DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4}
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
 MAX_GROUP_SIZE = 1 << 16  # wider than any row: a group of at least a row's width is one group per row
 
 
@@ -54,6 +41,8 @@ class Format:
     @classmethod
     def of_ggml(cls, name: str) -> "Format":
         """llama.cpp's type `name` (e.g. q4_K) as a format made by llama-quantize."""
+        from .quantizers.gguf.ggml import GGML_TYPES
+
         if name not in GGML_TYPES:
             raise BitallocError("format.ggml", f"{name!r} is not a llama.cpp type bitalloc reads; allowed: "
                                                f"{', '.join(GGML_TYPES)}")
@@ -61,13 +50,9 @@ class Format:
         return cls(t.bits, t.block, t.symmetric, "float16", "gguf", name)
 
     def fits(self, in_features: int) -> bool:
-        """Whether a row of this width can be stored in this format: ggml types need whole blocks, GPTQ, HQQ and
-        compressed-tensors checkpoints whole groups; bitalloc's layout takes any width."""
-        if self.ggml:
-            return GGML_TYPES[self.ggml].fits(in_features)
-        if self.quantized and self.method in ("gptq", "gptq-ct", "hqq", "rtn-int"):
-            return in_features % self.group_size == 0
-        return True
+        """Whether a row of this width can be stored in this format (its method's byte layout: ggml types need whole
+        blocks, GPTQ, HQQ and compressed-tensors checkpoints whole groups; bitalloc's layout takes any width)."""
+        return not self.quantized or layout(self).fits(self, in_features)
 
     @property
     def quantized(self) -> bool:
@@ -114,19 +99,24 @@ def _allowed_bits() -> str:
     return ", ".join(map(str, QUANT_BITS + (KEEP_BITS,)))
 
 
+def layout(fmt: Format, field: str = "format"):
+    """The byte layout of the format's method (`bitalloc.quantizers.layouts`)."""
+    from .quantizers import layout_of
+
+    return layout_of(fmt.method, f"{field}.method")
+
+
 def validate_format(fmt: Format, field: str) -> None:
-    if fmt.ggml:
-        if fmt.ggml not in GGML_TYPES or fmt.method != "gguf":
-            raise BitallocError(f"{field}.ggml", f"{fmt.ggml!r} is not a llama.cpp type bitalloc reads (method gguf); "
-                                                 f"allowed: {', '.join(GGML_TYPES)}")
+    if fmt.ggml or fmt.method == "gguf":
+        if fmt.method != "gguf":
+            raise BitallocError(f"{field}.ggml", f"{fmt.ggml!r}: llama.cpp's types are made by method gguf")
+        if not fmt.ggml:
+            raise BitallocError(f"{field}.method", "gguf makes llama.cpp's types: name them in formats.types, "
+                                                   "e.g. [q4_K]")
+        layout(fmt, field).check(fmt, field)
         return
-    if fmt.method == "gguf":
-        raise BitallocError(f"{field}.method", "gguf makes llama.cpp's types: name them in formats.types, e.g. [q4_K]")
     if fmt.bits not in QUANT_BITS and fmt.bits != KEEP_BITS:
         raise BitallocError(f"{field}.bits", f"{fmt.bits} is not allowed; allowed: {_allowed_bits()}")
-    if fmt.method == "hqq" and fmt.bits not in HQQ_BITS:
-        raise BitallocError(f"{field}.bits", f"hqq has no {fmt.bits}-bit format; allowed: "
-                                             f"{', '.join(map(str, HQQ_BITS))}")
     if not fmt.quantized:
         if fmt.scale_dtype not in ("float16", "bfloat16"):
             raise BitallocError(f"{field}.scale_dtype", "16-bit weights are stored as float16 or bfloat16")
@@ -137,28 +127,15 @@ def validate_format(fmt: Format, field: str) -> None:
                                                    f"{MAX_GROUP_SIZE}, e.g. 32, 64, 128")
     if fmt.scale_dtype not in SCALE_DTYPES:
         raise BitallocError(f"{field}.scale_dtype", f"{fmt.scale_dtype!r} is not allowed; allowed: {', '.join(SCALE_DTYPES)}")
-
-
-_HQQ_CODES_PER_WORD = {8: (1, 1), 4: (2, 1), 2: (4, 1), 1: (8, 1), 3: (10, 4)}  # codes per unit, bytes per unit
+    layout(fmt, field).check(fmt, field)
 
 
 def weight_bytes(out_features: int, in_features: int, fmt: Format) -> int:
     """Exact bytes to store one [out, in] weight as its runtime stores it: codes + scales + zero points (+ the
-    layout's own extras), by the rules in the module docstring."""
+    layout's own extras), by its method's byte layout."""
     if not fmt.quantized:
         return out_features * in_features * 2
-    if fmt.ggml:
-        return out_features * GGML_TYPES[fmt.ggml].row_bytes(in_features)
-    codes = out_features * math.ceil(in_features * fmt.bits / 32) * 4
-    groups = math.ceil(in_features / fmt.group_size)
-    scale = SCALE_DTYPES[fmt.scale_dtype]
-    if fmt.method == "gptq":
-        return codes + groups * (out_features * scale + math.ceil(out_features * fmt.bits / 32) * 4) + in_features * 4
-    if fmt.method == "hqq":
-        n = out_features * in_features // fmt.group_size
-        per, unit = _HQQ_CODES_PER_WORD[fmt.bits]
-        return math.ceil(n / per) * fmt.group_size * unit + n * 2 * 2
-    return codes + out_features * groups * scale * (1 if fmt.symmetric else 2)
+    return layout(fmt).weight_bytes(out_features, in_features, fmt)
 
 
 def substitute(fmt: Format, in_features: int, formats: tuple[Format, ...]) -> Format | None:
@@ -169,7 +146,7 @@ def substitute(fmt: Format, in_features: int, formats: tuple[Format, ...]) -> Fo
         return fmt
     fitting = [f for f in formats if f.fits(in_features)]
     if fmt.ggml:
-        from .ggml_types import stored_type
+        from .quantizers.gguf.ggml import stored_type
 
         stored = stored_type(fmt.ggml, in_features)
         match = [f for f in fitting if f.ggml == stored] if stored else [f for f in fitting if not f.quantized]

@@ -17,15 +17,16 @@ from typing import Callable, Literal, NamedTuple
 import numpy as np
 import torch
 
-from . import configio, memory_plan
+from . import configio
 from .data import TokenSets, make_token_sets, text_files, tokenize_files
 from .errors import BitallocError
+from .evaluate import reference_bytes
 from .formats import Format, substitute, weight_bytes
-from .levels import Levels, dense_bytes, open_stores
 from .metrics import METRICS
 from .model import HIDDEN_STATE, LoadedModel, QuantizableLayer, check_context, list_layers, load_model, other_bytes, select_layers
 from .progress import Stages
 from .quantizers import Calibration, Quantizer
+from .quantizers.store import Levels, dense_bytes, open_stores
 from .results import (ConfigDoc, DataInfo, Evaluations, Front, JobInfo, MetricDoc, ModelInfo, Point, ProxyFront,
                       Reference, SensitivityInfo, SolverInfo, MemoryInfo)
 from .search import SearchContext, best_within, spread
@@ -288,7 +289,7 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
         points=points,
         proxy_front=ProxyFront(bytes=[c.bytes for c in solved.configs], predicted=[c.predicted for c in solved.configs]),
         memory=MemoryInfo(level_store_bytes=ws.levels.nbytes, working_set_bytes=ws.levels.working_set,
-                          reference_bytes=memory_plan.reference_bytes(model, ws.data.evaluation.numel(),
+                          reference_bytes=reference_bytes(model, ws.data.evaluation.numel(),
                                                                       ws.reference)),
     )
     return Results(front, configs, t)

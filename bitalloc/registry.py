@@ -1,12 +1,17 @@
-"""Components chosen by name in the job spec (estimators, solvers): one registry type for all.
+"""Components chosen by name in the job spec (estimators, solvers, quantizers, runtimes): one registry type for all,
+and `discover`, which imports every module of a package so that each component registers itself where it is
+defined (a new one is one file).
 
-A component's parameters are its constructor's keyword arguments: their names and annotations are
-what a spec may set, their defaults what it gets otherwise. A parameter that was renamed stays known
-under its old name in the class's `renamed` mapping, so an old spec gets a one-line error naming the new one."""
+A component's parameters are the fields of its pydantic `Params` model when it has one (types, ranges, defaults),
+else its constructor's keyword arguments: their names and annotations are what a spec may set, their defaults what
+it gets otherwise. A parameter that was renamed stays known under its old name in the class's `renamed` mapping, so
+an old spec gets a one-line error naming the new one."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 import typing
 from typing import Any, Callable, Generic, TypeVar
 
@@ -17,9 +22,20 @@ from .errors import BitallocError
 T = TypeVar("T")
 
 
+def discover(package: str, path, skip: tuple[str, ...] = ()) -> None:
+    """Import every module under a package (its `__path__`), subpackages included, but those named in `skip`: each
+    registers what it defines."""
+    for info in pkgutil.walk_packages(path, prefix=f"{package}."):
+        if info.name.rsplit(".", 1)[-1] not in skip:
+            importlib.import_module(info.name)
+
+
 def declared_parameters(cls) -> tuple[list[str], dict[str, Any]]:
     """The keyword parameters a component declares and their annotations (a class forwarding **kwargs names the
-    class it forwards to in `params_of`)."""
+    class it forwards to in `params_of`; a class with a `Params` model declares its fields)."""
+    model = getattr(cls, "Params", None)
+    if model is not None:
+        return list(model.model_fields), {k: f.annotation for k, f in model.model_fields.items()}
     target = getattr(cls, "params_of", cls)
     names = [name for name, p in inspect.signature(target).parameters.items()
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
@@ -44,15 +60,26 @@ class Registry(Generic[T]):
         parameters are user errors naming the field and what is allowed."""
         if name not in self.classes:
             raise BitallocError(self.field, f"{name!r} is not {self.kind}; allowed: {', '.join(sorted(self.classes))}")
-        declared, hints = declared_parameters(self.classes[name])
-        out = {}
-        for key, value in params.items():
-            new = getattr(self.classes[name], "renamed", {}).get(key)
+        cls = self.classes[name]
+        declared, hints = declared_parameters(cls)
+        for key in params:
+            new = getattr(cls, "renamed", {}).get(key)
             if new is not None:
                 raise BitallocError(f"{self.params_field}.{key}", f"renamed to {new!r} (same meaning)")
             if key not in declared:
                 allowed = ", ".join(declared) or "none"
                 raise BitallocError(f"{self.params_field}.{key}", f"not a parameter of {name}; allowed: {allowed}")
+        if getattr(cls, "Params", None) is not None:
+            try:
+                checked = cls.Params(**params)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                key = err["loc"][0] if err["loc"] else ""
+                raise BitallocError(f"{self.params_field}.{key}",
+                                    f"{err['msg']} for {name} (got {params.get(key)!r:.60})") from None
+            return {key: getattr(checked, key) for key in params}
+        out = {}
+        for key, value in params.items():
             try:
                 out[key] = TypeAdapter(hints[key]).validate_python(value) if key in hints else value
             except ValidationError as exc:

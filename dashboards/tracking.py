@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from rich.console import Console
 
-from bitalloc.errors import first_line
+from bitalloc.errors import BitallocError, first_line
 from bitalloc.results import Front
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -75,6 +75,40 @@ def client(uri: str):
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return mlflow.MlflowClient(uri)
+
+
+def sqlite_missing(uri: str) -> bool:
+    """A sqlite store whose file is not there (opening it would create an empty one)."""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
+
+
+def existing_store(tracking_uri: Optional[str], run_id: str) -> str:
+    """The MLflow store to find run `run_id` in, refused in one line where it is an absent sqlite store."""
+    uri = resolve_uri(tracking_uri)
+    if sqlite_missing(uri):
+        raise BitallocError("TARGET", f"no MLflow store at {uri} to find run {run_id} in; give --tracking-uri")
+    return uri
+
+
+def get_run(run_id: str, uri: str):
+    """The MLflow run, or one line saying it is not in the store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(uri).get_run(run_id)
+    except MlflowException:
+        raise BitallocError("TARGET", f"no MLflow run {run_id} in {uri}") from None
+
+
+def fetch_artifact(run_id: str, path: str, into: Path, uri: str, missing: str) -> Path:
+    """One artifact (file or folder) of a run downloaded into `into`; `missing` is the one-line error otherwise."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(into), tracking_uri=uri))
+    except (MlflowException, OSError):
+        raise BitallocError("TARGET", missing) from None
 
 
 def _artifact_root(uri: str, experiment: str) -> Optional[str]:

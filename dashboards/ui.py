@@ -16,7 +16,7 @@ from typing import Iterator, NamedTuple, Optional
 from bitalloc.errors import BitallocError
 from bitalloc.results import read_front
 
-from .tracking import client, resolve_uri
+from .tracking import client, resolve_uri, sqlite_missing
 
 HOST = "127.0.0.1"
 
@@ -40,7 +40,7 @@ def locate(target: Optional[str], tracking_uri: Optional[str]) -> Located:
         if info is None:
             raise BitallocError("TARGET", f"the job in {target!r} was not tracked (tracking off, or the store failed)")
         uri = tracking_uri or info.uri
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        if sqlite_missing(uri):
             raise BitallocError("TARGET", f"the job was tracked in {uri}, which no longer exists")
         return Located(uri, info.experiment_id, info.run_id)
     if path.suffix in (".yaml", ".yml"):

@@ -1,5 +1,5 @@
 """`bitalloc export`: pick one measured config of a job (a result dir or an MLflow run) and write it
-in a runtime's format (see `runtimes`), checked by that runtime's own parser where it is installed."""
+in a runtime's format (`bitalloc.runtimes`), checked by that runtime's own parser where it is installed."""
 
 from __future__ import annotations
 
@@ -15,17 +15,17 @@ from bitalloc import configio
 from bitalloc.errors import BitallocError
 from bitalloc.formats import weight_bytes
 from bitalloc.results import ConfigDoc, Front, ModelInfo, Point, read_config, read_front
+from bitalloc.runtimes import RUNTIMES, get_runtime, layers_of
+from bitalloc.runtimes import venv as runtime_code
 from bitalloc.units import parse_bytes
-
-from . import runtime_checks
-from .runtimes import RUNTIMES, Layer, export, notes
 
 CANONICAL = ("json", "yaml")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def export_formats() -> list[str]:
-    return list(CANONICAL) + sorted(RUNTIMES.classes)
+    """The canonical formats and every runtime that reads a recipe file."""
+    return list(CANONICAL) + sorted(name for name, cls in RUNTIMES.items() if cls.export_file)
 
 
 def resolve_export_format(export_format: Optional[str], output: Path) -> str:
@@ -50,7 +50,7 @@ class Chosen:
     data_hash: Optional[str] = None  # the job's token sets: keys the level store, where the levels' companions are
 
 
-def _check_front(front: Front, where: str) -> None:
+def check_front(front: Front, where: str) -> None:
     if not front.mixed:
         raise BitallocError("TARGET", f"{where}: front.json has no measured points")
 
@@ -75,7 +75,7 @@ def verified(doc: ConfigDoc, model: ModelInfo, where: str) -> ConfigDoc:
     return doc
 
 
-def _pick(front: Front, avg_bits: Optional[float], budget: Optional[str], point: Optional[int]) -> Point:
+def pick_point(front: Front, avg_bits: Optional[float], budget: Optional[str], point: Optional[int]) -> Point:
     """The point a selector names: the lowest-loss measured config within a budget, or mixed point N."""
     if sum(x is not None for x in (avg_bits, budget, point)) != 1:
         raise BitallocError("--avg-bits/--budget/--point", "give exactly one of them")
@@ -100,32 +100,22 @@ def from_dir(run_dir: Path, avg_bits, budget, point) -> Chosen:
     if not (run_dir / "front.json").is_file():
         raise BitallocError("TARGET", f"{str(run_dir)!r} holds no front.json; give a job's output dir or run id")
     front = read_front(run_dir / "front.json")
-    _check_front(front, str(run_dir))
-    picked = _pick(front, avg_bits, budget, point)
+    check_front(front, str(run_dir))
+    picked = pick_point(front, avg_bits, budget, point)
     doc = read_config(run_dir / picked.config)
     return Chosen(verified(doc, front.model, str(run_dir / picked.config)), str(run_dir), front.data.hash)
 
 
 def from_run(run_id: str, uri: str, avg_bits, budget, point) -> Chosen:
     """A job's parent run (pick from its front) or one point's child run (its config)."""
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
+    from bitalloc.dashboards.tracking import KIND_TAG, PARENT_TAG, fetch_artifact, get_run
 
-    from bitalloc.dashboards.tracking import KIND_TAG, PARENT_TAG, client
-
-    try:
-        run = client(uri).get_run(run_id)
-    except MlflowException:
-        raise BitallocError("TARGET", f"no MLflow run {run_id} in {uri}") from None
+    run = get_run(run_id, uri)
     kind = run.data.tags.get(KIND_TAG)
     with tempfile.TemporaryDirectory() as tmp:
         def fetch(path: str, rid: str = run_id) -> Path:
-            try:
-                return Path(download_artifacts(run_id=rid, artifact_path=path, dst_path=f"{tmp}/{rid}",
-                                               tracking_uri=uri))
-            except (MlflowException, OSError):
-                raise BitallocError("TARGET", f"MLflow run {run_id} has no front (no {path}; did the job finish?)"
-                                    ) from None
+            return fetch_artifact(rid, path, Path(tmp) / rid, uri,
+                                  f"MLflow run {run_id} has no front (no {path}; did the job finish?)")
 
         if kind in ("mixed", "uniform"):
             if any(x is not None for x in (avg_bits, budget, point)):
@@ -137,8 +127,8 @@ def from_run(run_id: str, uri: str, avg_bits, budget, point) -> Chosen:
         if kind != "job":
             raise BitallocError("TARGET", f"MLflow run {run_id} is not a bitalloc job or front point")
         front = read_front(fetch("results/front.json"))
-        _check_front(front, f"run {run_id}")
-        doc = read_config(fetch(f"results/{_pick(front, avg_bits, budget, point).config}"))
+        check_front(front, f"run {run_id}")
+        doc = read_config(fetch(f"results/{pick_point(front, avg_bits, budget, point).config}"))
     return Chosen(verified(doc, front.model, f"run {run_id}"), f"run {run_id}", front.data.hash)
 
 
@@ -152,12 +142,9 @@ def run_store(target: str, tracking_uri: Optional[str]) -> str:
     refused: opening it would create an empty one)."""
     if not _RUN_ID.match(target):
         raise BitallocError("TARGET", f"{target!r} is neither a job's output dir nor an MLflow run id (32 hex digits)")
-    from bitalloc.dashboards.tracking import resolve_uri
+    from bitalloc.dashboards.tracking import existing_store
 
-    uri = resolve_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise BitallocError("TARGET", f"no MLflow store at {uri} to find run {target} in; give --tracking-uri")
-    return uri
+    return existing_store(tracking_uri, target)
 
 
 def choose(target: str, avg_bits, budget, point, tracking_uri: Optional[str]) -> Chosen:
@@ -170,12 +157,6 @@ def choose(target: str, avg_bits, budget, point, tracking_uri: Optional[str]) ->
     return from_run(target, run_store(target, tracking_uri), avg_bits, budget, point)
 
 
-def layers_of(doc: ConfigDoc) -> list[Layer]:
-    if not doc.shapes:
-        raise BitallocError("TARGET", "the config records no layer shapes (an older result); rerun the job")
-    return [Layer(name, fmt, *doc.shapes[name]) for name, fmt in doc.formats().items()]
-
-
 def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool) -> tuple[list[str], str, list[str]]:
     """Write the file atomically (for llama.cpp levels made with an importance matrix, the matrix beside it); returns
     (layers written as nearest, what the runtime's parser said, notes: levels another quantizer made, the matrix)."""
@@ -185,8 +166,8 @@ def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool
             raise BitallocError("--output", f"{output.name!r} must end in .{fmt} for --format {fmt}")
         configio.write(chosen.config.document(), output)
         return [], f"canonical {chosen.config.schema_}", []
-    layers, quantizers = layers_of(chosen.config), chosen.config.quantizers
-    text, changed = export(fmt, layers, chosen.config.model.type, nearest, quantizers)
+    layers, quantizers, runtime = layers_of(chosen.config), chosen.config.quantizers, get_runtime(fmt, "--format")
+    text, changed = runtime.export(layers, chosen.config.model.type, nearest, quantizers)
     output.parent.mkdir(parents=True, exist_ok=True)
     matrix, said = importance_matrix(chosen, output) if fmt == "llamacpp" else (None, [])
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
@@ -194,16 +175,16 @@ def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool
         staged.write_text(text)
         if matrix:
             shutil.copyfile(matrix, Path(tmp) / "imatrix")
-        checked = f"not checked: {runtime_checks.LIBRARIES[fmt]} is not installed here"
-        if runtime_checks.available(fmt):
+        checked = f"not checked: {runtime.library} is not installed here"
+        if runtime_code.available(fmt):
             try:
-                checked = runtime_checks.check(fmt, str(staged), None if changed else chosen.config.document())
+                checked = runtime_code.check(fmt, str(staged), None if changed else chosen.config.document())
             except Exception as exc:
                 raise BitallocError("--format", f"{fmt} rejected the export: {exc}") from None
         staged.replace(output)
         if matrix:
             (Path(tmp) / "imatrix").replace(imatrix_path(output))
-    return changed, checked, notes(fmt, layers) + said
+    return changed, checked, runtime.notes(layers) + said
 
 
 def imatrix_path(output: Path) -> Path:
@@ -215,9 +196,9 @@ def importance_matrix(chosen: Chosen, output: Path) -> tuple[Optional[Path], lis
     beside the export: llama-quantize makes other levels without it), and what to tell the user."""
     import torch
 
-    from bitalloc.gguf_levels import imatrix_file
-    from bitalloc.levels import LevelStore
     from bitalloc.quantizers import Calibration, get_quantizer
+    from bitalloc.quantizers.gguf.files import imatrix_file
+    from bitalloc.quantizers.store import LevelStore
 
     params = chosen.config.quantizers.get("gguf", {})
     if not params.get("imatrix"):

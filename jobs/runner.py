@@ -17,11 +17,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bitalloc import configio, memory_plan, pipeline
+from bitalloc import configio, pipeline
 from bitalloc.dashboards.plots import write_plots
 from bitalloc.dashboards.tracking import Tracker, resolve_uri
 from bitalloc.data import text_files
 from bitalloc.errors import BitallocError
+from bitalloc.paths import publish, staging_dir
 from bitalloc.model import LoadedModel, QuantizableLayer
 from bitalloc.pipeline import Budget, Workspace
 from bitalloc.progress import Stages
@@ -29,10 +30,12 @@ from bitalloc.results import EvaluationInfo, Front, JobInfo, TrackingInfo
 from bitalloc.search import get_solver
 from bitalloc.sensitivity import get_estimator
 from bitalloc.sensitivity.base import Estimator
-from bitalloc.tasks import CandidateEvaluator, Checkpointed
+from bitalloc.tasks import CandidateEvaluator
 from bitalloc.types import Problem
 from bitalloc.units import parse_bytes
 
+from . import memory_plan
+from .checkpoint import Checkpointed
 from .spec import JobSpec
 
 
@@ -44,11 +47,6 @@ def open_workspace(spec: JobSpec, stages: Stages, before_quantize=None) -> Works
                           seq_len=d.seq_len, calibration=d.calibration, evaluation=d.evaluation,
                           batch_size=d.batch_size, seed=spec.seed, reference=d.reference,
                           quantizers=spec.quantizers(), stages=stages, before_quantize=before_quantize)
-
-
-def staging_dir(out: Path) -> Path:
-    """Where a job keeps its spec and checkpoint while it runs; it becomes OUT when the job succeeds."""
-    return out.parent / f".{out.name}.partial"
 
 
 def resume_spec(out: Path) -> JobSpec:
@@ -194,7 +192,7 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
             if not resume and not (staging / "checkpoint.jsonl").is_file():
                 shutil.rmtree(staging, ignore_errors=True)
             raise
-        _publish(staging, out)
+        publish(staging, out)
     return front
 
 
@@ -269,16 +267,3 @@ def check_output(out: Path, field: str) -> None:
     if out.exists() and (not out.is_dir() or (not (out / "front.json").is_file() and any(out.iterdir()))):
         raise BitallocError(field, f"{str(out)!r} exists and holds something other than bitalloc results")
     configio.check_writable(out, field)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished results into place, replacing an earlier run's."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out)

@@ -17,7 +17,8 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats import KEEP_BITS, MAX_GROUP_SIZE, QUANT_BITS, SCALE_DTYPES, Format
 from bitalloc.model import DEFAULT_MODEL
 from bitalloc.quantizers import Quantizer, get_quantizer
-from bitalloc.targets import TARGETS, check_types
+from bitalloc.runtimes import RUNTIMES, get_runtime
+from bitalloc.runtimes.llamacpp import check_types
 from bitalloc.search.constraints import Constraints
 from bitalloc.units import parse_bytes
 
@@ -56,8 +57,8 @@ class FormatsSpec(_Strict):
     @field_validator("target")
     @classmethod
     def _target(cls, v):
-        if v is not None and v not in TARGETS:
-            raise ValueError(f"{v!r} is not a runtime target; allowed: {', '.join(TARGETS)}")
+        if v is not None and v not in RUNTIMES:
+            raise ValueError(f"{v!r} is not a runtime target; allowed: {', '.join(RUNTIMES)}")
         return v
 
     @field_validator("bits")
@@ -111,7 +112,7 @@ class FormatsSpec(_Strict):
             if fixed:
                 raise BitallocError(f"formats.{fixed[0]}", f"set by target {self.target}: remove it, or drop the "
                                                            f"target to list formats yourself")
-            allowed = TARGETS[self.target].methods
+            allowed = get_runtime(self.target).methods
             if self.method is not None and self.method not in allowed:
                 raise BitallocError("formats.method", f"{self.method!r} is not what {self.target} loads; allowed: "
                                                       f"{', '.join(allowed)}")
@@ -134,7 +135,7 @@ class FormatsSpec(_Strict):
         if self.method:
             return self.method
         if self.target:
-            return TARGETS[self.target].methods[0]
+            return get_runtime(self.target).methods[0]
         return "gguf" if self.types else "rtn"
 
     def quantizer(self) -> Quantizer:
@@ -143,7 +144,7 @@ class FormatsSpec(_Strict):
     def expand(self) -> tuple[Format, ...]:
         method = self.resolved_method()
         if self.target:
-            return TARGETS[self.target].formats(method, self.params)
+            return get_runtime(self.target).formats(method, self.params)
         if method == "gguf":
             return tuple(Format.of_ggml(t) for t in dict.fromkeys(self.types))
         groups = self.group_size if isinstance(self.group_size, list) else [self.group_size]
@@ -316,7 +317,7 @@ class JobSpec(_Strict):
 
     def target_ties(self, layers: list) -> list[tuple[int, ...]]:
         """Layers the targets' runtimes make share a format."""
-        return [g for part in self.formats if part.target for g in TARGETS[part.target].ties(layers)]
+        return [g for part in self.formats if part.target for g in get_runtime(part.target).ties(layers)]
 
     def target(self) -> Optional[str]:
         """The runtime target, when every entry names the same one."""

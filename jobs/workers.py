@@ -24,7 +24,7 @@ import torch
 from ray.util import ActorPool
 
 from bitalloc.formats import Format
-from bitalloc.levels import LevelStore, Levels
+from bitalloc.quantizers.store import LevelStore, Levels
 from bitalloc.model import NEXT_TOKEN, QuantizableLayer, from_module
 from bitalloc.tasks import EvalTask, LocalRunner, OnResult
 from bitalloc.types import Measurement

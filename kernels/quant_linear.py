@@ -16,7 +16,7 @@ from torch import nn
 from bitalloc.formats import Format
 
 from .packed import PackedWeight, dequantize_packed, words_per_row
-from .rtn import _DTYPES
+from .rtn import TORCH_DTYPES
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -37,7 +37,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         n_groups = -(-in_features // fmt.group_size)
-        sdt = _DTYPES[fmt.scale_dtype]
+        sdt = TORCH_DTYPES[fmt.scale_dtype]
         self.register_buffer("qweight", torch.zeros(out_features, words_per_row(in_features, fmt.bits),
                                                     dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=sdt, device=device))

@@ -18,7 +18,7 @@ import torch
 
 from bitalloc.formats import Format
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -47,7 +47,7 @@ def _quantize_block(x: torch.Tensor, fmt: Format, shrink: torch.Tensor | None = 
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Codes, scales and zeros of [out, n, group] blocks over their min-max range, or that range multiplied by
     `shrink` ([out, n, 1]: a clipped range, whose outliers saturate)."""
-    sdt = _DTYPES[fmt.scale_dtype]
+    sdt = TORCH_DTYPES[fmt.scale_dtype]
     if fmt.symmetric:
         qmax = 2 ** (fmt.bits - 1) - 1
         top = x.abs().amax(-1, keepdim=True)
@@ -83,8 +83,8 @@ def quantize(weight: torch.Tensor, fmt: Format, shrink: torch.Tensor | None = No
     code_dtype = torch.int8 if fmt.symmetric else torch.uint8
     return QuantizedWeight(
         codes=torch.cat(codes, 1).to(code_dtype),
-        scales=torch.cat(scales, 1).to(_DTYPES[fmt.scale_dtype]),
-        zeros=torch.cat(zeros, 1).to(_DTYPES[fmt.scale_dtype]) if zeros else None,
+        scales=torch.cat(scales, 1).to(TORCH_DTYPES[fmt.scale_dtype]),
+        zeros=torch.cat(zeros, 1).to(TORCH_DTYPES[fmt.scale_dtype]) if zeros else None,
         fmt=fmt,
     )
 
@@ -144,7 +144,7 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.
 def fake_quantize(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Quantize then dequantize, returned in the weight's dtype; the fast path used by the evaluator."""
     if not fmt.quantized:
-        return weight.detach().to(_DTYPES[fmt.scale_dtype]).to(weight.dtype)
+        return weight.detach().to(TORCH_DTYPES[fmt.scale_dtype]).to(weight.dtype)
     w = weight.detach().float()
     blocks = []
     for block in _split(w, fmt.group_size):

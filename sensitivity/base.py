@@ -14,7 +14,7 @@ import torch
 
 from bitalloc.errors import BitallocError
 from bitalloc.formats import Format
-from bitalloc.levels import Levels
+from bitalloc.quantizers.store import Levels
 from bitalloc.model import LoadedModel, QuantizableLayer
 from bitalloc.profiling import PeakRSS
 from bitalloc.registry import Registry, declared_parameters

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+
 from pathlib import Path
 
 from bitalloc import configio
 from bitalloc.formats import Format
+from bitalloc.paths import cache_dir
 from bitalloc.types import SensitivityTable
 
 SCHEMA = "bitalloc.sensitivity/1"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("BITALLOC_CACHE") or Path.home() / ".cache" / "bitalloc") / "sensitivity"
 
 
 def table_key(estimator, model_hash: str, formats, layers, data_hash: str, seed: int,
@@ -74,7 +71,7 @@ def table_from_document(doc: dict) -> SensitivityTable:
 
 
 def path_for(key: str, estimator_name: str) -> Path:
-    return cache_root() / f"{estimator_name}-{key}.json"
+    return cache_dir("sensitivity") / f"{estimator_name}-{key}.json"
 
 
 def load(path: Path) -> SensitivityTable | None:

@@ -21,7 +21,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 def _table_cache(tmp_path_factory):
     """Sensitivity tables and levels go to a fresh cache per test session, never the user's; llama.cpp's tools
     (built binaries, keyed by version) are shared with the user's cache, so they are built once, not per session."""
-    from bitalloc import llamacpp
+    from bitalloc.quantizers.gguf import tools as llamacpp
 
     os.environ.setdefault("BITALLOC_LLAMA_CPP", str(llamacpp.build_dir()))
     os.environ["BITALLOC_CACHE"] = str(tmp_path_factory.mktemp("cache"))

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from bitalloc.cli import main
-from bitalloc.levels import Levels
+from helpers import filled_levels
 from bitalloc.formats import Format
 from bitalloc.model import list_layers, load_model, select_layers
 from bitalloc.tasks import EvalTask, LocalRunner
@@ -48,7 +48,7 @@ def test_a_killed_worker_changes_nothing(tiny_llama):
     model = load_model(str(tiny_llama))
     layers = select_layers(list_layers(model))
     formats = (Format(2, 16), Format(4, 16), Format(8, 16))
-    levels = Levels.build(model, layers, formats)
+    levels = filled_levels(model, layers, formats)
     tokens = {"evaluation": torch.randint(0, 90, (2, 32), generator=torch.Generator().manual_seed(0))}
     tasks = [EvalTask.config({l.name: formats[i % 3] for l in layers[: 1 + i % len(layers)]}, "evaluation")
              for i in range(24)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bitalloc.evaluate import Evaluator
-from bitalloc.levels import Levels
+from helpers import filled_levels
 from bitalloc.kernels import fake_quantize
 from bitalloc.formats import Format
 from bitalloc.model import list_layers, load_model, select_layers
@@ -16,7 +16,7 @@ def setup(request):
     layers = select_layers(list_layers(model))
     formats = (Format(2, 32), Format(4, 32), Format(8, 32), Format(16))
     tokens = torch.randint(0, 90, (4, 32), generator=torch.Generator().manual_seed(0))
-    levels = Levels.build(model, layers, formats)
+    levels = filled_levels(model, layers, formats)
     return model, layers, formats, levels, Evaluator(model, levels, tokens, batch_size=3)
 
 
@@ -64,7 +64,7 @@ def test_plain_torch_module():
     layers = select_layers(list_layers(model))
     assert [l.name for l in layers] == ["1", "3"]
     formats = (Format(2, 16), Format(8, 16))
-    ev = Evaluator(model, Levels.build(model, layers, formats), torch.randint(0, 50, (2, 10)), batch_size=2)
+    ev = Evaluator(model, filled_levels(model, layers, formats), torch.randint(0, 50, (2, 10)), batch_size=2)
     assert ev.evaluate(_uniform(layers, formats[0])).loss > ev.evaluate(_uniform(layers, formats[1])).loss > 0
 
 

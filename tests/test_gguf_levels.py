@@ -9,10 +9,11 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from bitalloc import llamacpp
+from bitalloc.quantizers.gguf import tools as llamacpp
 from bitalloc.formats import Format, weight_bytes
-from bitalloc.gguf_levels import tensor_names
-from bitalloc.levels import Levels
+from bitalloc.quantizers.gguf.files import tensor_names
+from helpers import filled_levels
+from bitalloc.quantizers.store import Levels
 from bitalloc.model import list_layers, load_model, select_layers
 
 
@@ -21,7 +22,7 @@ def block0():
     model = load_model("smollm2-135m")
     layers = [l for l in select_layers(list_layers(model)) if ".layers.0." in l.name]
     formats = (Format.of_ggml("q8_0"), Format.of_ggml("q4_K"), Format.of_ggml("q5_0"))
-    return model, layers, formats, Levels.build(model, layers, formats)
+    return model, layers, formats, filled_levels(model, layers, formats)
 
 
 def _file_tensors(levels: Levels, tmp_path, ftype: str) -> dict:
@@ -74,7 +75,7 @@ def test_a_llamacpp_target_job_exports_to_llama_cpp_as_it_is(text_dir, tmp_path,
     import yaml
 
     from bitalloc.cli import main
-    from bitalloc.ggml_types import GGML_TYPES
+    from bitalloc.quantizers.gguf.ggml import GGML_TYPES
     from conftest import front_of
 
     out = tmp_path / "out"
@@ -117,7 +118,7 @@ def test_a_model_folder_is_converted_by_llama_cpps_own_script(tmp_path):
     model = load_model(str(tmp_path / "m"))
     layers = select_layers(list_layers(model))
     q8 = Format.of_ggml("q8_0")
-    levels = Levels.build(model, layers, [q8])
+    levels = filled_levels(model, layers, [q8])
     for layer in layers:
         w = model.weight(layer).float()
         assert float((levels.weight(layer.name, q8).float() - w).pow(2).sum() / w.pow(2).sum()) < 1e-4, layer.name

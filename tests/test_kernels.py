@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from bitalloc import load_packed
 from bitalloc.results import read_config
 from bitalloc.evaluate import Evaluator
-from bitalloc.levels import Levels
+from helpers import filled_levels
+from bitalloc.quantizers.store import Levels
 from bitalloc.formats import QUANT_BITS, Format, weight_bytes
 from bitalloc.kernels.packed import dequantize_packed, pack, pack_codes, unpack, unpack_codes
 from bitalloc.kernels.quant_linear import QuantLinear
@@ -150,7 +151,7 @@ def test_packed_checkpoint_equals_the_evaluators_model(tiny_front, tiny_llama, t
     model = load_model(str(tiny_llama))
     chosen = [l for l in list_layers(model) if l.name in formats]
     tokens = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(0))
-    levels = Levels.build(model, chosen, sorted(set(formats.values())))
+    levels = filled_levels(model, chosen, sorted(set(formats.values())))
     evaluator = Evaluator(model, levels, tokens, 2)
     with evaluator.streamed(formats), torch.no_grad():
         expected = model.module(tokens).logits
@@ -169,7 +170,7 @@ def test_packed_evaluation_measures_what_the_dequantized_evaluation_does(tiny_ll
     layers = [l for l in list_layers(model) if l.tied_to is None]
     fmts = (Format(3, 32), Format(8, 32, True))
     tokens = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(0))
-    plain = Levels.build(model, layers, fmts)
+    plain = filled_levels(model, layers, fmts)
     packed = Levels(model, layers, fmts, plain.stores, device="cpu")  # a GPU worker's levels, on the CPU
     evaluator = Evaluator(model, plain, tokens, 2)
     assignment = {l.name: fmts[i % 2] for i, l in enumerate(layers)}

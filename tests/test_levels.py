@@ -11,7 +11,8 @@ from bitalloc.errors import BitallocError
 from bitalloc.evaluate import Evaluator
 from bitalloc.formats import Format
 from bitalloc.kernels import fake_quantize
-from bitalloc.levels import LevelStore, Levels, dense_bytes
+from helpers import filled_levels
+from bitalloc.quantizers.store import LevelStore, Levels, dense_bytes
 from bitalloc.model import list_layers, load_model, select_layers
 from bitalloc.quantizers import get_quantizer
 
@@ -76,7 +77,7 @@ def test_streamed_evaluation_equals_weights_quantized_in_memory(model_layers):
 def test_the_working_set_never_holds_more_than_its_bound(tiny_llama, accesses, bound):
     model = load_model(str(tiny_llama))
     layers = select_layers(list_layers(model))[:6]
-    levels = Levels.build(model, layers, FORMATS, working_set=bound)
+    levels = filled_levels(model, layers, FORMATS, working_set=bound)
     for i, j in accesses:
         w = levels.weight(layers[i % len(layers)].name, FORMATS[j])
         assert w.dtype == model.layer_module(layers[i % len(layers)].name).weight.dtype

@@ -8,7 +8,7 @@ import yaml
 
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
-from bitalloc.levels import Levels
+from helpers import filled_levels
 from bitalloc.tasks import CandidateEvaluator, LocalRunner
 from bitalloc.formats import Format
 from bitalloc.model import list_layers, load_model, select_layers
@@ -24,7 +24,7 @@ FORMATS = (Format(2, 16), Format(3, 16), Format(4, 16), Format(8, 16))
 def setup(tiny_llama):
     model = load_model(str(tiny_llama))
     layers = select_layers(list_layers(model))
-    levels = Levels.build(model, layers, FORMATS)
+    levels = filled_levels(model, layers, FORMATS)
     calib = torch.randint(0, 90, (2, 32), generator=torch.Generator().manual_seed(0))
     table = get_estimator("sqnr").estimate(EstimatorContext(model, layers, FORMATS, levels, calib, "h", 0))
     problem = build_problem(model, layers, FORMATS, table)

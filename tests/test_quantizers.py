@@ -4,6 +4,11 @@ are what its own llama-quantize writes; a runtime target offers only what the ru
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +17,7 @@ from hypothesis import strategies as st
 
 from bitalloc.errors import BitallocError
 from bitalloc.formats import Format, weight_bytes
-from bitalloc.gptq import checkpoint_tensors, gptq
+from bitalloc.quantizers.gptq import gptq
 from bitalloc.kernels.packed import dequantize_packed, pack
 from bitalloc.quantizers import get_quantizer
 
@@ -45,15 +50,35 @@ def test_error_falls_with_bits_and_bytes_are_the_stored_size(method):
     assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3, errors
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_gptq_bytes_are_the_checkpoint_gptqmodel_stores(bits, symmetric):
-    w, _, h = _correlated(64, 256)
-    fmt = Format(bits, 64, symmetric, "float16", "gptq")
-    q, zeros = gptq(w, h, fmt)
-    tensors = checkpoint_tensors(q, zeros)
-    assert set(tensors) == {"qweight", "qzeros", "scales", "g_idx"}
-    assert sum(t.numel() * t.element_size() for t in tensors.values()) == weight_bytes(*w.shape, fmt)
+GPTQMODEL_BYTES = """
+import json, sys
+from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+out = {}
+for bits, sym, rows, cols in json.loads(sys.argv[1]):
+    layer = TorchLinear(bits=bits, group_size=64, sym=sym, desc_act=False, in_features=cols, out_features=rows,
+                        bias=False)
+    parts = {n: b for n, b in layer.named_buffers() if n in ("qweight", "qzeros", "scales", "g_idx")}
+    out[f"{bits},{sym},{rows},{cols}"] = [sorted(parts), sum(b.numel() * b.element_size() for b in parts.values())]
+print(json.dumps(out))
+"""
+
+
+def test_gptq_bytes_are_what_gptqmodels_layer_stores():
+    """GPTQModel's own quantized layer holds exactly the bytes bitalloc counts for method gptq: its checkpoint's
+    qweight, qzeros, scales and g_idx, for every bit width GPTQ packs, both symmetries and rows of several widths."""
+    from bitalloc.runtimes.python import ROOT
+
+    python = os.environ.get("BITALLOC_RUNTIMES_PYTHON") or str(ROOT / ".venv-runtimes" / "bin" / "python")
+    if not Path(python).exists():
+        pytest.skip("no .venv-runtimes (`./dev test` builds it): GPTQModel is not installed")
+    cases = [(b, s, rows, cols) for b in (2, 3, 4, 8) for s in (True, False) for rows, cols in ((64, 256), (96, 576))]
+    done = subprocess.run([python, "-c", GPTQMODEL_BYTES, json.dumps(cases)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stored = json.loads(done.stdout.strip().splitlines()[-1])
+    for b, s, rows, cols in cases:
+        names, nbytes = stored[f"{b},{s},{rows},{cols}"]
+        assert names == ["g_idx", "qweight", "qzeros", "scales"]
+        assert nbytes == weight_bytes(rows, cols, Format(b, 64, s, "float16", "gptq")), (b, s, rows, cols)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

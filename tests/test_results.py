@@ -15,7 +15,8 @@ from bitalloc import pipeline
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
 from bitalloc.formats import Format
-from bitalloc.jobs.runtimes import Layer, export, ggml_type
+from bitalloc.runtimes import Layer, get_runtime
+from bitalloc.runtimes.llamacpp import ggml_type
 from bitalloc.results import SCHEMA_DIR, json_schema, read_config, read_front
 from conftest import front_of, tiny_job
 
@@ -76,7 +77,7 @@ def _layers(fmt: Format, names=("model.layers.0.self_attn.q_proj", "model.layers
 def test_gptqmodel_rules_anchor_each_format_and_leave_the_rest_unquantized():
     layers = _layers(Format(4, 128)) + [Layer("model.layers.0.mlp.down_proj", Format(8, 64), 512, 256),
                                          Layer("model.layers.0.mlp.up_proj", Format(16), 256, 512)]
-    text, changed = export("gptqmodel", layers, "llama", nearest=False)
+    text, changed = get_runtime("gptqmodel").export(layers, "llama", nearest=False)
     doc = json.loads(text)
     assert changed == [] and (doc["bits"], doc["group_size"], doc["format"]) == (4, 128, "gptq")
     rules = {k: v for k, v in doc["dynamic"].items()}
@@ -89,13 +90,13 @@ def test_gptqmodel_rules_anchor_each_format_and_leave_the_rest_unquantized():
     assert by_module["model.layers.1.self_attn.q_proj"] == [("+", {"bits": 4, "group_size": 128, "sym": False})]
     assert by_module["model.layers.0.mlp.down_proj"] == [("+", {"bits": 8, "group_size": 64, "sym": False})]
     assert by_module["model.layers.0.mlp.up_proj"] == [("-", {})]  # kept in 16 bits
-    planar, _ = export("gptqmodel", _layers(Format(5, 64)), "llama", nearest=False)
+    planar, _ = get_runtime("gptqmodel").export(_layers(Format(5, 64)), "llama", nearest=False)
     assert json.loads(planar)["format"] == "gptq_p"
 
 
 def test_llmcompressor_recipe_groups_formats_and_ignores_sixteen_bit():
     layers = _layers(Format(3, 64, symmetric=True)) + [Layer("model.layers.0.mlp.up_proj", Format(16), 256, 512)]
-    recipe = yaml.safe_load(export("llmcompressor", layers, "llama", nearest=False)[0])
+    recipe = yaml.safe_load(get_runtime("llmcompressor").export(layers, "llama", nearest=False)[0])
     modifier = recipe["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
     (group,) = modifier["config_groups"].values()
     assert group["weights"] == {"num_bits": 3, "type": "int", "symmetric": True, "strategy": "group",
@@ -110,10 +111,10 @@ def test_llamacpp_types_follow_the_row_rule_and_refuse_what_they_cannot_hold():
     up = ggml_type(Format(3, 32), 96)
     assert up.value == "q4_1" and not up.exact  # no 3-bit 32-block type: the nearest never has fewer bits
     assert ggml_type(Format(4, 32), 100).value == "f16" and ggml_type(Format(16), 100).exact
-    text, _ = export("llamacpp", _layers(Format(6, 64)), "llama", nearest=False)
+    text, _ = get_runtime("llamacpp").export(_layers(Format(6, 64)), "llama", nearest=False)
     assert text.split() == [r"^blk\.0\.attn_q\.weight$=q6_K", r"^blk\.1\.attn_q\.weight$=q6_K"]
     with pytest.raises(BitallocError) as exc:
-        export("llamacpp", _layers(Format(3, 32), width=96), "llama", nearest=False)
+        get_runtime("llamacpp").export(_layers(Format(3, 32), width=96), "llama", nearest=False)
     assert exc.value.field == "--format" and "--nearest" in exc.value.message
 
 
@@ -121,15 +122,15 @@ def test_hqq_sets_one_format_per_tag_and_names_what_it_raised():
     layers = [Layer("model.layers.0.self_attn.q_proj", Format(3, 64), 256, 512),
               Layer("model.layers.1.self_attn.q_proj", Format(4, 64), 256, 512)]
     with pytest.raises(BitallocError):
-        export("hqq", layers, "llama", nearest=False)
-    text, changed = export("hqq", layers, "llama", nearest=True)
+        get_runtime("hqq").export(layers, "llama", nearest=False)
+    text, changed = get_runtime("hqq").export(layers, "llama", nearest=True)
     assert json.loads(text)["dynamic_config"] == {"self_attn.q_proj": {"nbits": 4, "group_size": 64}}
     assert len(changed) == 1 and changed[0].startswith("model.layers.0.self_attn.q_proj: w3g64a -> nbits=4")
 
 
 def test_a_failed_job_leaves_no_output_and_keeps_an_earlier_one(tiny_llama, text_dir, tmp_path, capsys):
     """A job that fails after loading (here: a measuring solver given no evaluations) writes nothing new and
-    leaves an earlier result in OUT as it was; a successful rerun replaces it (`_publish`)."""
+    leaves an earlier result in OUT as it was; a successful rerun replaces it (`publish`)."""
     out = tmp_path / "out"
     main(["run", _write(tmp_path, tiny_job(tiny_llama, text_dir, out))])
     before = (out / "front.json").read_bytes()
@@ -145,7 +146,7 @@ def test_a_failed_job_leaves_no_output_and_keeps_an_earlier_one(tiny_llama, text
 
 @pytest.mark.edits_results
 def test_publish_replaces_an_earlier_result_whole(tmp_path):
-    from bitalloc.jobs.runner import _publish, staging_dir
+    from bitalloc.paths import publish, staging_dir
 
     out = tmp_path / "out"
     (out / "configs").mkdir(parents=True)
@@ -153,7 +154,7 @@ def test_publish_replaces_an_earlier_result_whole(tmp_path):
     staging = staging_dir(out)
     (staging / "configs").mkdir(parents=True)
     (staging / "front.json").write_text("new")
-    _publish(staging, out)
+    publish(staging, out)
     assert (out / "front.json").read_text() == "new" and not (out / "configs" / "stale.json").exists()
     assert not staging.exists() and not (tmp_path / ".out.old").exists()
 

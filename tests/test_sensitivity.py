@@ -8,7 +8,7 @@ from torch.func import functional_call, hessian
 
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import Evaluator
-from bitalloc.levels import Levels
+from helpers import filled_levels
 from bitalloc.formats import Format
 from bitalloc.model import from_module, list_layers, select_layers
 from bitalloc.sensitivity import EstimatorContext, get_estimator, run_estimator
@@ -33,7 +33,7 @@ def ctx():
     model = _micro_llama()
     layers = select_layers(list_layers(model))
     tokens = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(1))
-    return EstimatorContext(model, layers, FORMATS, Levels.build(model, layers, FORMATS), tokens, "sha256:test", seed=0)
+    return EstimatorContext(model, layers, FORMATS, filled_levels(model, layers, FORMATS), tokens, "sha256:test", seed=0)
 
 
 def _mean_loss(model, params, tokens):
@@ -212,7 +212,7 @@ def test_model_without_gradients_is_refused():
 
     model = from_module(Frozen())
     layers = select_layers(list_layers(model))
-    ctx = EstimatorContext(model, layers, FORMATS, Levels.build(model, layers, FORMATS),
+    ctx = EstimatorContext(model, layers, FORMATS, filled_levels(model, layers, FORMATS),
                            torch.randint(0, 20, (2, 6)), "h", 0)
     with pytest.raises(BitallocError) as exc:
         get_estimator("hawq").estimate(ctx)

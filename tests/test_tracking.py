@@ -182,7 +182,7 @@ def test_runtime_exports_parse_in_the_runtime(fmt, tmp_path):
     target = tmp_path / f"export.{fmt}"
     changed, _, _ = write_export(Chosen(read_config(config), "test"), fmt, target, nearest=False)
     assert changed == []
-    check = subprocess.run([python, str(ROOT / "jobs" / "runtime_checks.py"), fmt, str(target), str(config)],
+    check = subprocess.run([python, str(ROOT / "runtimes" / "venv.py"), "check", fmt, str(target), str(config)],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     if fmt == "llamacpp":
@@ -205,7 +205,7 @@ def test_gptq_exports_make_the_runtime_run_the_jobs_gptq(fmt, method, tmp_path):
     configio.write(doc, config)
     target = tmp_path / f"export.{fmt}"
     write_export(Chosen(read_config(config), "test"), fmt, target, nearest=False)
-    run = lambda: subprocess.run([python, str(ROOT / "jobs" / "runtime_checks.py"), fmt, str(target), str(config)],  # noqa: E731
+    run = lambda: subprocess.run([python, str(ROOT / "runtimes" / "venv.py"), "check", fmt, str(target), str(config)],  # noqa: E731
                                  capture_output=True, text=True)
     check = run()
     assert check.returncode == 0, check.stdout + check.stderr
@@ -222,7 +222,7 @@ def test_exports_of_a_real_job_parse_in_the_runtime(tracked, fmt, tmp_path):
     target = tmp_path / f"export.{fmt}"
     done = bitalloc("export", str(out), "--avg-bits", "5", "--format", fmt, "-o", str(target), "--nearest")
     assert done.returncode == 0, done.stderr
-    check = subprocess.run([python, str(ROOT / "jobs" / "runtime_checks.py"), fmt, str(target)],
+    check = subprocess.run([python, str(ROOT / "runtimes" / "venv.py"), "check", fmt, str(target)],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 

@@ -122,12 +122,12 @@ def test_a_gguf_that_spells_a_held_out_token_otherwise_is_refused(tiny_smollm, t
     the job's tokenizer, it would score other text, so verify stops before measuring."""
     from bitalloc.errors import BitallocError
     from bitalloc.formats import Format
-    from bitalloc.gguf_levels import _float_gguf
-    from bitalloc.jobs.verify_llamacpp import windows
+    from bitalloc.quantizers.gguf.files import float_gguf
+    from bitalloc.runtimes.llamacpp.measure import windows
     from bitalloc.model import load_model
     from bitalloc.pipeline import Workspace
 
-    gguf_file = _float_gguf(load_model(str(tiny_smollm)), tmp_path)
+    gguf_file = float_gguf(load_model(str(tiny_smollm)), tmp_path)
     opened = {m: Workspace.open(str(m), (Format(4, 32),), text=[str(text_dir / "*.txt")], seq_len=32, calibration=1,
                                 evaluation=2) for m in (tiny_smollm, tiny_llama)}
     assert windows(opened[tiny_smollm], gguf_file).shape == opened[tiny_smollm].data.evaluation.shape
@@ -138,7 +138,7 @@ def test_a_gguf_that_spells_a_held_out_token_otherwise_is_refused(tiny_smollm, t
 
 def _python_runtime_job(tiny_smollm, text_dir, root: Path, target: str, method: str | None = None,
                         params: dict | None = None) -> Path:
-    from bitalloc.jobs.verify import ROOT
+    from bitalloc.runtimes.python import ROOT
 
     if not (os.environ.get("BITALLOC_RUNTIMES_PYTHON") or (ROOT / ".venv-runtimes" / "bin" / "python").exists()):
         pytest.skip("no .venv-runtimes (`./dev test` builds it): the Python runtimes are not installed")

@@ -1,12 +1,6 @@
-"""Levels made by llama.cpp itself: the model written as a float GGUF, quantized uniformly once per ggml type by the
-built `llama-quantize` (`--pure`, with an importance matrix from the calibration text when asked), and each layer's
-blocks read back with gguf-py. A level is those blocks, byte for byte what the GGUF file stores.
-
-The float GGUF is a copy of a GGUF source with every tensor dequantized to F32, or llama.cpp's own
-`convert_hf_to_gguf.py` run on a model folder. GGUF may store a layer's rows in another order than transformers
-does (llama.cpp permutes Q and K rows for rotary embeddings); each layer's order is found by matching the float
-file's rows against the loaded weight, and the blocks are put in the loaded model's order.
-"""
+"""GGUF files: a layer's ggml blocks (`GgmlWeight`), GGUF tensor names, the model as a float GGUF llama.cpp's tools
+read (a copy of a GGUF source with every tensor dequantized to F32, or llama.cpp's own `convert_hf_to_gguf.py` run
+on a model folder), and llama-imatrix's importance matrix."""
 
 from __future__ import annotations
 
@@ -21,11 +15,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import llamacpp
-from .errors import BitallocError
-from .formats import Format
-from .ggml_types import GGML_TYPES
-from .model import LoadedModel, QuantizableLayer, source_files
+from bitalloc.errors import BitallocError
+from bitalloc.formats import Format
+from bitalloc.model import LoadedModel, source_files
+
+from . import tools
+from .ggml import GGML_TYPES
 
 
 @dataclass
@@ -82,7 +77,7 @@ def tensor_names(model_type: str | None, layers: list[str], field: str = "format
     return out
 
 
-def _float_gguf(model: LoadedModel, folder: Path) -> Path:
+def float_gguf(model: LoadedModel, folder: Path) -> Path:
     """The model as a float GGUF llama-quantize reads (made once per level store)."""
     path = folder / "model-float.gguf"
     if path.is_file():
@@ -99,8 +94,8 @@ def _float_gguf(model: LoadedModel, folder: Path) -> Path:
     if gguf_file is not None:
         float_copy(gguf_file, tmp)
     else:
-        build = llamacpp.build_dir()
-        llamacpp.tool("llama-quantize")  # the converter is cached with the tools
+        build = tools.build_dir()
+        tools.tool("llama-quantize")  # the converter is cached with the tools
         env = dict(os.environ, PYTHONPATH=f"{build / 'gguf-py'}{os.pathsep}{build}")
         outtype = "f32" if next(model.module.parameters()).dtype == torch.float32 else "auto"
         done = subprocess.run([sys.executable, str(build / "convert_hf_to_gguf.py"), str(model_dir), "--outtype",
@@ -143,24 +138,6 @@ def float_copy(source: Path, target: Path,
     writer.close()
 
 
-def _row_order(float_rows: np.ndarray, weight: torch.Tensor, name: str) -> np.ndarray | None:
-    """Index such that float_rows[index] equals the loaded weight's rows (None: the same order)."""
-    w = weight.detach().float().cpu().numpy()
-    if float_rows.shape == w.shape and np.array_equal(float_rows.astype(np.float32), w):
-        return None
-    rows = w.shape[0]
-    for heads in _head_counts(rows):
-        # transformers' reverse of llama.cpp's rotary permutation, on row indices
-        index = np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(rows)
-        if np.array_equal(float_rows[index].astype(np.float32), w):
-            return index
-    raise BitallocError("formats", f"llama.cpp: the GGUF tensor of {name!r} does not hold the loaded weight's rows")
-
-
-def _head_counts(rows: int) -> list[int]:
-    return [h for h in range(1, rows // 2 + 1) if rows % (2 * h) == 0]
-
-
 def imatrix_file(folder: Path) -> Path:
     """Where a gguf level store keeps its importance matrix."""
     return folder / "imatrix.gguf"
@@ -175,52 +152,8 @@ def imatrix(model: LoadedModel, tokens: torch.Tensor, folder: Path) -> Path:
     text = folder / "calibration.txt"
     text.write_text("\n".join(model.tokenizer.decode(seq, skip_special_tokens=True) for seq in tokens))
     tmp = folder / f".imatrix.{os.getpid()}.gguf"
-    llamacpp.run("llama-imatrix", ["-m", str(_float_gguf(model, folder)), "-f", str(text), "-o", str(tmp),
+    tools.run("llama-imatrix", ["-m", str(float_gguf(model, folder)), "-f", str(text), "-o", str(tmp),
                                    "-c", str(tokens.shape[1]), "-t", str(os.cpu_count() or 1), "--no-ppl"],
                  "on the calibration text")
     os.replace(tmp, path)
     return path
-
-
-def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dict[str, list[Format]],
-                folder: Path, write: Callable[[str, Format, GgmlWeight], None], imatrix_file: Path | None,
-                progress: Callable[[int], None] | None = None) -> int:
-    """Quantize the float GGUF once per ggml type that some layer lacks, and write those layers' levels."""
-    import gguf
-    from gguf.quants import dequantize
-
-    types = sorted({f.ggml for fmts in missing.values() for f in fmts})
-    if not types:
-        return 0
-    source = _float_gguf(model, folder)
-    by_name = {l.name: l for l in layers}
-    names = tensor_names(model.model_type, list(missing))
-    floats = {t.name: t for t in gguf.GGUFReader(source).tensors}
-    orders = {name: _row_order(dequantize(floats[names[name]].data, floats[names[name]].tensor_type),
-                               model.weight(by_name[name]), name)
-              for name, fmts in missing.items() if fmts}
-    made = 0
-    for ggml in types:
-        out = folder / f".{ggml}.{os.getpid()}.gguf"
-        args = ["--pure"] + (["--imatrix", str(imatrix_file)] if imatrix_file else [])
-        llamacpp.run("llama-quantize", [*args, str(source), str(out), GGML_TYPES[ggml].ftype,
-                                        str(os.cpu_count() or 1)], f"to {ggml}")
-        try:
-            quantized = {t.name: t for t in gguf.GGUFReader(out).tensors}
-            for name, fmts in missing.items():
-                for fmt in (f for f in fmts if f.ggml == ggml):
-                    tensor = quantized[names[name]]
-                    if tensor.tensor_type != GGML_TYPES[ggml].qtype:
-                        raise BitallocError("formats", f"llama-quantize stored {name!r} as {tensor.tensor_type.name}, "
-                                                       f"not {ggml} (rows of {by_name[name].in_features})")
-                    blocks = np.asarray(tensor.data).reshape(by_name[name].out_features, -1)
-                    if orders[name] is not None:
-                        blocks = blocks[orders[name]]
-                    write(name, fmt, GgmlWeight(torch.from_numpy(np.array(blocks)), fmt,
-                                                by_name[name].in_features))
-                    made += 1
-        finally:
-            out.unlink(missing_ok=True)
-        if progress:
-            progress(1)
-    return made

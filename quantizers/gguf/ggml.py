@@ -69,10 +69,6 @@ _TYPES = [
 GGML_TYPES: dict[str, GgmlType] = {t.name: t for t in _TYPES}
 
 
-def ggml_type(name: str) -> GgmlType:
-    return GGML_TYPES[name]
-
-
 def stored_type(name: str, in_features: int) -> str | None:
     """The type llama-quantize stores for a row of this width when asked for `name` (None: it keeps F16)."""
     t = GGML_TYPES[name]

@@ -24,10 +24,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BitallocError
-from .layer_inputs import input_bytes
-from .levels import dense_bytes, level_bytes
-from .model import HIDDEN_STATE, LoadedModel, QuantizableLayer
+from bitalloc.errors import BitallocError
+from bitalloc.evaluate import output_width, reference_bytes
+from bitalloc.model import LoadedModel, QuantizableLayer
+from bitalloc.quantizers.inputs import input_bytes
+from bitalloc.quantizers.store import dense_bytes, level_bytes
 
 PROCESS_OVERHEAD = 600 * 2**20  # a process with torch and transformers imported, before it holds anything of the job
 HEADROOM = 0.9  # plan to use at most this share of what is available
@@ -92,19 +93,6 @@ class MemoryPlan:
                                              f"(fewer layers, fewer workers, fewer or shorter sequences, "
                                              f"data.reference: float16, the sqnr estimator) or set "
                                              f"run.memory_limit if more is free")
-
-
-def output_width(model: LoadedModel) -> int:
-    """Floats per token the metric reads: the vocabulary (next-token) or the hidden size (hidden state)."""
-    if model.metric == HIDDEN_STATE:
-        return model.module.config.hidden_size
-    head = model.module.get_output_embeddings() if hasattr(model.module, "get_output_embeddings") else None
-    return head.out_features if head is not None else 0
-
-
-def reference_bytes(model: LoadedModel, tokens: int, precision: str = "float32") -> int:
-    """What an evaluator's FP reference holds for `tokens` tokens: the metric's floats per token, at `precision`."""
-    return tokens * output_width(model) * (2 if precision == "float16" else 4)
 
 
 def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, estimator,

@@ -17,7 +17,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .errors import BitallocError
+from bitalloc.errors import BitallocError
+from bitalloc.paths import cache_dir
 
 LLAMA_CPP_PYTHON = "0.3.36"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
@@ -26,14 +27,10 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX2=O
                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF")
 
 
-def cache_base() -> Path:
-    return Path(os.environ.get("BITALLOC_CACHE") or Path.home() / ".cache" / "bitalloc")
-
-
 def build_dir() -> Path:
     """Where this version's tools and converter live (`BITALLOC_LLAMA_CPP` overrides, e.g. a shared build)."""
     override = os.environ.get("BITALLOC_LLAMA_CPP")
-    return Path(override) if override else cache_base() / "llama.cpp" / LLAMA_CPP_PYTHON
+    return Path(override) if override else cache_dir("llama.cpp", LLAMA_CPP_PYTHON)
 
 
 def _built(folder: Path) -> bool:

@@ -18,9 +18,10 @@ from bitalloc.formats import Format
 from bitalloc.model import LoadedModel, list_layers, load_model
 from bitalloc.results import ConfigDoc, read_config
 
-from .packed import pack_weight
-from .quant_linear import QuantLinear
-from .rtn import fake_quantize
+from bitalloc.kernels.packed import pack_weight
+from bitalloc.kernels.quant_linear import QuantLinear
+from bitalloc.kernels.rtn import fake_quantize
+from bitalloc.paths import publish, staging_dir
 
 CONFIG_FILE = "bitalloc_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -76,7 +77,7 @@ def save_packed(model: LoadedModel, config: ConfigDoc, out: Path) -> None:
     """Write the (already quantized) model into OUT, atomically: a staging folder renamed when complete."""
     from safetensors.torch import save_model
 
-    staging = out.parent / f".{out.name}.partial"
+    staging = staging_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_model(model.module, str(staging / WEIGHTS_FILE))
@@ -84,9 +85,7 @@ def save_packed(model: LoadedModel, config: ConfigDoc, out: Path) -> None:
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(staging)
     configio.write(config.document(), staging / CONFIG_FILE)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    publish(staging, out)
 
 
 def load_packed(path: str | Path) -> LoadedModel:

@@ -22,10 +22,10 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from bitalloc import llamacpp
 from bitalloc.errors import BitallocError
-from bitalloc.gguf_levels import _float_gguf, imatrix
 from bitalloc.pipeline import Workspace
+from bitalloc.quantizers.gguf import tools
+from bitalloc.quantizers.gguf.files import float_gguf as model_gguf, imatrix
 
 MAGIC = b"_logits_"
 GGUF_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -106,7 +106,7 @@ _PPL = re.compile(r"Mean PPL\(Q\)\s*:\s*([-\d.eE+]+)")
 
 def perplexity(model: Path, base: Path, n_ctx: int) -> tuple[float, float]:
     """(mean KL, perplexity) as llama-perplexity --kl-divergence reports them against a base file."""
-    out = llamacpp.run("llama-perplexity", ["-m", str(model), "--kl-divergence-base", str(base), "--kl-divergence",
+    out = tools.run("llama-perplexity", ["-m", str(model), "--kl-divergence-base", str(base), "--kl-divergence",
                                             "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(os.cpu_count() or 1)],
                        f"on {model.name}")
     kld, ppl = _KLD.search(out), _PPL.search(out)
@@ -135,7 +135,7 @@ def importance_matrix(ws: Workspace, quantizers: dict[str, dict]) -> Path | None
 def float_gguf(ws: Workspace, cache: Path) -> Path:
     """The unquantized model as llama.cpp reads it: the gguf level store's copy, else one made for verification."""
     store = ws.levels.stores.get("gguf")
-    return _float_gguf(ws.model, store.folder if store is not None else cache / ws.model_hash)
+    return model_gguf(ws.model, store.folder if store is not None else cache / ws.model_hash)
 
 
 def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searched: set[str],
@@ -159,6 +159,68 @@ def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searc
         ftype = "Q8_0"  # every matrix is named in the file; llama-quantize needs a quantized base type to honour it
     else:
         ftype = preset
-    llamacpp.run("llama-quantize", [*args, str(float_file), str(out), ftype, str(os.cpu_count() or 1)],
+    tools.run("llama-quantize", [*args, str(float_file), str(out), ftype, str(os.cpu_count() or 1)],
                  f"to {preset or 'the exported types'}")
     return {t.name: t for t in gguf.GGUFReader(out).tensors}
+
+
+def verify(ws: Workspace, picked, text: str, work: Path, presets: bool, stages) -> list:
+    """The point quantized by llama-quantize from the exported types, measured by llama-perplexity on the job's
+    held-out windows beside bitalloc's KL on the same positions; with `presets`, llama.cpp's presets too (with the
+    job's importance matrix where its levels were made with one)."""
+    from bitalloc.quantizers.gguf.files import tensor_names
+    from bitalloc.paths import cache_dir
+
+    from ..base import layers_of
+    from ..points import LogProbs, runtime_point
+    from . import PRESETS, ggml_type
+
+    doc = picked.config
+    with stages.stage("float GGUF"):
+        float_file = float_gguf(ws, cache_dir("verify"))
+    tokens = windows(ws, float_file)
+    n_ctx = tokens.shape[1]
+    with stages.stage("bitalloc's log-probabilities", 2):
+        measured = LogProbs(ws, tokens)
+        quantized = measured.config(doc)
+    base, ours = work / "base-fp.kld", work / "base-bitalloc.kld"
+    write_base(base, tokens, measured.reference)
+    write_base(ours, tokens, quantized)
+    bitalloc_kl, _ = same_positions(measured.reference, quantized, tokens)
+    names = tensor_names(doc.model.type, list(doc.layers), "--runtime")
+    other = picked.front.model.other_bytes
+    types_file = work / "types.txt"
+    types_file.write_text(text)
+    matrix = importance_matrix(ws, doc.quantizers)
+    scored = tokens.shape[0] * (n_ctx - 1 - n_ctx // 2)
+    with stages.stage("llama.cpp: quantize and measure", 2 + (len(PRESETS) if presets else 0)) as advance:
+        fp_gap, _ = perplexity(float_file, base, n_ctx)
+        advance(1)
+        gguf_file = work / "model.gguf"
+        tensors = quantize(float_file, gguf_file, types_file, ws, set(names.values()), matrix=matrix)
+        for layer in layers_of(doc):
+            wanted = ggml_type(layer.fmt, layer.in_features).value  # what the exported file asks for
+            stored = tensors[names[layer.name]].tensor_type.name.lower()
+            if stored != wanted.lower():
+                raise BitallocError("--runtime", f"llama-quantize stored {layer.name} as {stored}, not {wanted}")
+        stored_bytes = sum(int(tensors[names[n]].n_bytes) for n in doc.layers)
+        matching = sum(same_blocks(tensors[names[n]], ws.levels.read(n, f)) for n, f in doc.formats().items() if f.ggml)
+        kl, ppl = perplexity(gguf_file, base, n_ctx)
+        vs_ours, _ = perplexity(gguf_file, ours, n_ctx)
+        advance(1)
+        points = [runtime_point("llamacpp", picked.point.label, other, stored_bytes, [gguf_file], kl, ppl, scored,
+                                picked, bitalloc_loss=bitalloc_kl,
+                                details={"fp_gap_kl": fp_gap, "vs_bitalloc_kl": vs_ours,
+                                         "layers_matching": float(matching)})]
+        gguf_file.unlink()
+        for preset in PRESETS if presets else ():
+            path = work / f"{preset}.gguf"
+            tensors = quantize(float_file, path, types_file, ws, set(names.values()), preset=preset,
+                               matrix=matrix)  # the presets get the job's importance matrix too
+            stored_bytes = sum(int(tensors[names[n]].n_bytes) for n in doc.layers)
+            kl, ppl = perplexity(path, base, n_ctx)
+            points.append(runtime_point("llamacpp", f"llama.cpp {preset}", other, stored_bytes, [path], kl, ppl,
+                                        scored, kind="preset", details={"fp_gap_kl": fp_gap}))
+            path.unlink()
+            advance(1)
+    return points

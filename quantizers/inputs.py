@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from .model import LoadedModel, QuantizableLayer
+from bitalloc.model import LoadedModel, QuantizableLayer
 
 Kind = Literal["diagonal", "hessian"]
 

@@ -30,16 +30,14 @@ from safetensors.torch import load, save_file
 from bitalloc.kernels.packed import PackedWeight, dequantize_packed
 from bitalloc.kernels.rtn import fake_quantize
 
-from .errors import BitallocError
-from .formats import Format, substitute, weight_bytes
-from .gguf_levels import GgmlWeight
-from .model import LoadedModel, QuantizableLayer
-from .profiling import release_freed_memory
-from .quantizers import Calibration, Quantizer, get_quantizer
+from bitalloc.errors import BitallocError
+from bitalloc.formats import Format, substitute, weight_bytes
+from bitalloc.model import LoadedModel, QuantizableLayer
+from bitalloc.paths import cache_dir
+from bitalloc.profiling import release_freed_memory
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("BITALLOC_CACHE") or Path.home() / ".cache" / "bitalloc") / "levels"
+from .base import Calibration, Quantizer, get_quantizer
+from .gguf.files import GgmlWeight
 
 
 class LevelStore:
@@ -52,7 +50,7 @@ class LevelStore:
         self.calibration = calibration if quantizer.reads_calibration() else None
         self.key = quantizer.key() | ({"calibration": self.calibration.data_hash} if self.calibration else {})
         key = hashlib.sha256(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        self.folder = (root or cache_root()) / model_hash.removeprefix("sha256:")[:24] / f"{quantizer.name}-{key}"
+        self.folder = (root or cache_dir("levels")) / model_hash.removeprefix("sha256:")[:24] / f"{quantizer.name}-{key}"
 
     def path(self, layer: str, fmt: Format) -> Path:
         return self.folder / fmt.name / f"{layer}.safetensors"
@@ -159,17 +157,6 @@ class Levels:
         self._packed = ({(name, f): self.read(name, f).to(device) for name, layer in self.layers.items()
                          for f in self.formats if f.quantized and f.fits(layer.in_features)}
                         if device is not None else {})
-
-    @classmethod
-    def build(cls, model: LoadedModel, layers: list[QuantizableLayer], formats: Iterable[Format],
-              quantizers: dict[str, Quantizer] | None = None, model_hash: str | None = None,
-              calibration: Calibration | None = None, **kwargs) -> "Levels":
-        """Fill the stores for these layers and formats (each method with its defaults unless given) and open them."""
-        formats = tuple(formats)
-        stores = open_stores(model_hash or model.content_hash(), formats, quantizers, calibration)
-        for store in stores.values():
-            store.fill(model, layers, formats)
-        return cls(model, layers, formats, stores, **kwargs)
 
     def format_named(self, name: str) -> Format:
         return self._by_name[name]

@@ -14,9 +14,14 @@ order.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from bitalloc.formats import Format
-from bitalloc.kernels.rtn import _DTYPES, QuantizedWeight
+from bitalloc.kernels.packed import PackedWeight, pack
+from bitalloc.kernels.rtn import TORCH_DTYPES, QuantizedWeight
+
+from .base import Params, QuantizerBase, register
+from .layouts import CompressedTensors, GPTQCheckpoint
 
 
 def _grid(w: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +33,7 @@ def _grid(w: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
         hi = torch.maximum(-lo, hi)
         lo = -hi
     span = hi - lo
-    scale = torch.where(span == 0, torch.ones_like(span), span / maxq).to(_DTYPES[fmt.scale_dtype]).float()
+    scale = torch.where(span == 0, torch.ones_like(span), span / maxq).to(TORCH_DTYPES[fmt.scale_dtype]).float()
     zero = (torch.full_like(scale, (maxq + 1) // 2) if fmt.symmetric
             else torch.round(-lo / scale).clamp(0, maxq))
     return scale, zero
@@ -86,7 +91,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp: float =
 def _level(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, fmt: Format) -> QuantizedWeight:
     """Unsigned codes over integer zero points as a level in the format's layout: symmetric codes shifted to signed,
     asymmetric ones with the float zero term -zero*scale."""
-    sdt = _DTYPES[fmt.scale_dtype]
+    sdt = TORCH_DTYPES[fmt.scale_dtype]
     if fmt.symmetric:
         shift = zeros.repeat_interleave(fmt.group_size, 1)[:, :codes.shape[1]]
         return QuantizedWeight((codes - shift).to(torch.int8), scales.to(sdt), None, fmt)
@@ -104,18 +109,38 @@ def round_to_grid(weight: torch.Tensor, fmt: Format) -> QuantizedWeight:
     return _level(codes, scales, zeros, fmt)
 
 
-def checkpoint_tensors(q: QuantizedWeight, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The level as a GPTQ checkpoint holds it (GPTQModel's `gptq` format): codes packed along the input dimension
-    into int32 `qweight` [in * bits / 32, out], integer zero points packed the same way into `qzeros`
-    [groups, out * bits / 32], `scales` [groups, out] and the group of every input column `g_idx` [in]. Their bytes
-    are what `weight_bytes` counts for method gptq."""
-    from bitalloc.kernels.packed import offset, pack_codes
+@register("gptq")
+class GPTQ(QuantizerBase):
+    """GPTQ from each layer's input Hessian on the calibration tokens, FP inputs, each layer on its own; stored as
+    GPTQModel's checkpoint keeps it."""
 
-    bits, cols = q.fmt.bits, q.codes.shape[1]
-    unsigned = q.codes.to(torch.int64) + offset(q.fmt)
-    return {
-        "qweight": pack_codes(unsigned, bits).t().contiguous(),
-        "qzeros": pack_codes(zeros.t().to(torch.int64), bits),
-        "scales": q.scales.t().contiguous(),
-        "g_idx": (torch.arange(cols) // q.fmt.group_size).to(torch.int32),
-    }
+    summary = "GPTQ against each layer's input Hessian (FP inputs, layer by layer), GPTQModel's grid"
+    inputs = "hessian"
+    layout = GPTQCheckpoint()
+
+    class Params(Params):
+        damp: float = Field(0.01, gt=0, lt=1, description="damping, a fraction of the mean Hessian diagonal")
+        act_order: bool = False
+        block: int = Field(128, ge=1, le=4096, description="columns updated together")
+
+    def grid(self, weight, fmt):
+        """Group scales and zero points fixed before GPTQ runs; None: GPTQModel's way (see `gptq`)."""
+        return None
+
+    def quantize(self, weight, fmt, inputs=None) -> PackedWeight:
+        q, _ = gptq(weight, inputs, fmt, self.damp, self.act_order, self.block, grid=self.grid(weight, fmt))
+        return pack(q)
+
+
+@register("gptq-ct")
+class GPTQCompressedTensors(GPTQ):
+    """GPTQ as llm-compressor's GPTQModifier runs it: every group's scale and zero point fixed beforehand from the
+    original weights (its observer), `act_order` its `actorder: weight`; stored as compressed-tensors'
+    pack-quantized checkpoint keeps it: packed codes and scales (symmetric: no zero points, no g_idx)."""
+
+    version = 2  # 1 took each group's grid from the GPTQ-updated weights, as GPTQModel does
+    summary = "GPTQ as llm-compressor's GPTQModifier runs it (grid from the original weights), compressed-tensors' bytes"
+    layout = CompressedTensors()
+
+    def grid(self, weight, fmt):
+        return static_grid(weight, fmt)

@@ -1,0 +1,113 @@
+"""Levels made by llama.cpp itself: the model written as a float GGUF, quantized uniformly once per ggml type by the
+built `llama-quantize` (`--pure`, with an importance matrix from the calibration text when asked), and each layer's
+blocks read back with gguf-py. A level is those blocks, byte for byte what the GGUF file stores.
+
+GGUF may store a layer's rows in another order than transformers does (llama.cpp permutes Q and K rows for rotary
+embeddings); each layer's order is found by matching the float file's rows against the loaded weight, and the blocks
+are put in the loaded model's order.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from pydantic import StrictBool
+
+from bitalloc.errors import BitallocError
+from bitalloc.formats import Format
+from bitalloc.model import LoadedModel, QuantizableLayer
+
+from ..base import Params, QuantizerBase, register
+from ..layouts import GgmlBlocks
+from . import tools
+from .files import GgmlWeight, float_gguf, imatrix, tensor_names
+from .ggml import GGML_TYPES
+
+
+@register("gguf")
+class LlamaCppQuantize(QuantizerBase):
+    """llama.cpp's types by its own llama-quantize; `imatrix: true` first runs llama-imatrix on the calibration text
+    (the i-quants below 4 bits need it)."""
+
+    summary = "llama.cpp's ggml types made by the built llama-quantize (--pure), optionally with an imatrix"
+    layout = GgmlBlocks()
+
+    class Params(Params):
+        imatrix: StrictBool = False
+
+    def reads_calibration(self) -> bool:
+        return self.imatrix
+
+    def make(self, model, layers, missing, calibration, folder, write, progress=None) -> int:
+        matrix = None
+        if self.imatrix and any(missing.values()):
+            if calibration is None or not len(calibration.tokens):
+                raise BitallocError("data.calibration", "gguf with imatrix: true needs calibration sequences")
+            matrix = imatrix(model, calibration.tokens, folder)
+        return make_levels(model, layers, missing, folder, write, matrix, progress)
+
+
+def _row_order(float_rows: np.ndarray, weight: torch.Tensor, name: str) -> np.ndarray | None:
+    """Index such that float_rows[index] equals the loaded weight's rows (None: the same order)."""
+    w = weight.detach().float().cpu().numpy()
+    if float_rows.shape == w.shape and np.array_equal(float_rows.astype(np.float32), w):
+        return None
+    rows = w.shape[0]
+    for heads in _head_counts(rows):
+        # transformers' reverse of llama.cpp's rotary permutation, on row indices
+        index = np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(rows)
+        if np.array_equal(float_rows[index].astype(np.float32), w):
+            return index
+    raise BitallocError("formats", f"llama.cpp: the GGUF tensor of {name!r} does not hold the loaded weight's rows")
+
+
+def _head_counts(rows: int) -> list[int]:
+    return [h for h in range(1, rows // 2 + 1) if rows % (2 * h) == 0]
+
+
+def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dict[str, list[Format]],
+                folder: Path, write: Callable[[str, Format, GgmlWeight], None], matrix: Path | None,
+                progress: Callable[[int], None] | None = None) -> int:
+    """Quantize the float GGUF once per ggml type that some layer lacks, and write those layers' levels."""
+    import gguf
+    from gguf.quants import dequantize
+
+    types = sorted({f.ggml for fmts in missing.values() for f in fmts})
+    if not types:
+        return 0
+    source = float_gguf(model, folder)
+    by_name = {l.name: l for l in layers}
+    names = tensor_names(model.model_type, list(missing))
+    floats = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    orders = {name: _row_order(dequantize(floats[names[name]].data, floats[names[name]].tensor_type),
+                               model.weight(by_name[name]), name)
+              for name, fmts in missing.items() if fmts}
+    made = 0
+    for ggml in types:
+        out = folder / f".{ggml}.{os.getpid()}.gguf"
+        args = ["--pure"] + (["--imatrix", str(matrix)] if matrix else [])
+        tools.run("llama-quantize", [*args, str(source), str(out), GGML_TYPES[ggml].ftype,
+                                        str(os.cpu_count() or 1)], f"to {ggml}")
+        try:
+            quantized = {t.name: t for t in gguf.GGUFReader(out).tensors}
+            for name, fmts in missing.items():
+                for fmt in (f for f in fmts if f.ggml == ggml):
+                    tensor = quantized[names[name]]
+                    if tensor.tensor_type != GGML_TYPES[ggml].qtype:
+                        raise BitallocError("formats", f"llama-quantize stored {name!r} as {tensor.tensor_type.name}, "
+                                                       f"not {ggml} (rows of {by_name[name].in_features})")
+                    blocks = np.asarray(tensor.data).reshape(by_name[name].out_features, -1)
+                    if orders[name] is not None:
+                        blocks = blocks[orders[name]]
+                    write(name, fmt, GgmlWeight(torch.from_numpy(np.array(blocks)), fmt,
+                                                by_name[name].in_features))
+                    made += 1
+        finally:
+            out.unlink(missing_ok=True)
+        if progress:
+            progress(1)
+    return made

@@ -1,0 +1,21 @@
+"""bitalloc's own runtime: its packed Triton kernels (`bitalloc.kernels`) run a packed checkpoint (`bitalloc pack`,
+`bitalloc.load_packed`): grouped 2-8 bit codes, asymmetric, group 64, from the `clip` or `rtn` quantizers."""
+
+from __future__ import annotations
+
+from ..base import Runtime, register
+
+
+@register("bitalloc")
+class Packed(Runtime):
+    summary = "bitalloc's packed kernels: 2-8 bits, group 64, asymmetric"
+    methods = ("clip", "rtn")
+    bits = (2, 3, 4, 5, 6, 8)
+    group_sizes = (64,)
+    symmetric = False
+    export_file = None  # its artifact is the packed checkpoint `bitalloc pack` writes
+
+    def verify(self, ws, picked, text, work, presets, stages):
+        from .measure import verify
+
+        return verify(ws, picked, work, stages)

@@ -1,0 +1,54 @@
+"""GPTQModel (and vLLM, which loads its checkpoints): a `quantize_config.json` with base bits/group/sym plus `dynamic`
+overrides, one anchored module-name regex per distinct format, and one negative rule for every other module
+(GPTQModel may reorder rules, so it names all but the quantized layers) so layers the config leaves in 16 bits, or
+never selected, stay unquantized. 5/6-bit layers make it GPTQModel's planar `gptq_p` format. GPTQ stores fp16
+scales: bf16/fp32 scales map to fp16. The GPTQ is the job's: its damping (`damp_percent`), `act_order` as static
+groups, and GPTQModel's own group-aware reordering off.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from bitalloc.quantizers import get_quantizer
+
+from ..base import FUSED, Layer, Placement, anchored, by_value, from_ggml, gptq_params, register
+from ..python import PythonRuntime
+
+
+@register("gptqmodel")
+class GPTQModel(PythonRuntime):
+    summary = ("GPTQ 2/3/4/8-bit, groups 64/128, symmetric (GPTQModel's gptq format; vLLM fuses q/k/v and gate/up, "
+               "so they share one)")
+    methods = ("gptq",)
+    bits = (2, 3, 4, 8)
+    fused = FUSED
+    library = "gptqmodel"
+    export_file = "quantize_config.json"
+
+    def place_one(self, layer: Layer) -> Placement:
+        f = layer.fmt
+        if not f.quantized:
+            return Placement(None)
+        if f.ggml:
+            return from_ggml(layer, "GPTQ", (2, 3, 4, 8), 32)
+        value = {"bits": f.bits, "group_size": f.group_size, "sym": f.symmetric}
+        if f.scale_dtype != "float16":
+            return Placement(value, False, f"GPTQ stores float16 scales, not {f.scale_dtype}")
+        return Placement(value)
+
+    def render(self, layers, placed, model_type, quantizers) -> str:
+        groups = by_value(layers, placed, lambda v: v is not None)
+        counts = Counter({k: len(v) for k, v in groups.items()})
+        base = json.loads(counts.most_common(1)[0][0]) if counts else {"bits": 4, "group_size": 128, "sym": True}
+        dynamic = {f"+:{anchored(names)}": json.loads(key) for key, names in groups.items()}
+        quantized = [n for names in groups.values() for n in names]
+        dynamic[f"-:^(?!{anchored(quantized).removeprefix('^')})"] = {}
+        planar = any(json.loads(k)["bits"] in (5, 6) for k in groups)
+        gptq = gptq_params(layers, quantizers) or get_quantizer("gptq").params()
+        # bitalloc's GPTQ: its damping, its order (act_order: static groups), no group-aware reordering
+        doc = {**base, "desc_act": gptq["act_order"], "static_groups": gptq["act_order"], "act_group_aware": False,
+               "damp_percent": gptq["damp"], "lm_head": False, "quant_method": "gptq",
+               "format": "gptq_p" if planar else "gptq", "dynamic": dynamic}
+        return json.dumps(doc, indent=2) + "\n"

@@ -1,0 +1,81 @@
+"""HQQ: transformers' `HqqConfig` arguments. HQQ configures per layer *tag* (`self_attn.q_proj`, shared by all
+blocks), is always asymmetric and packs 2/3/4/8 bits (the `hqq` layout's); a config whose blocks differ per tag maps
+each tag to its most precise format."""
+
+from __future__ import annotations
+
+import json
+
+from bitalloc.quantizers.layouts import HQQ_BITS
+
+from ..base import Layer, Placement, from_ggml, register
+from ..python import PythonRuntime
+
+
+def hqq_tag(name: str) -> str:
+    """transformers' HQQ layer tag: the module name without `model`, `layers` and block indices."""
+    return ".".join(p for p in name.split(".") if p not in ("model", "layers") and not p.isnumeric())
+
+
+@register("hqq")
+class HQQ(PythonRuntime):
+    summary = "HQQ 2/3/4/8-bit, groups 64/128, asymmetric; one format per layer tag (transformers' HqqConfig)"
+    methods = ("hqq",)
+    bits = HQQ_BITS
+    symmetric = False
+    library = "hqq"
+    export_file = "HqqConfig arguments (JSON)"
+
+    def tie_key(self, name: str) -> str:
+        return hqq_tag(name)  # one format per layer tag across blocks
+
+    def place(self, layers, model_type) -> dict[str, Placement]:
+        by_tag: dict[str, list[Layer]] = {}
+        for l in layers:
+            by_tag.setdefault(hqq_tag(l.name), []).append(l)
+        placed = {}
+        for tag, members in by_tag.items():
+            own = [self._one(l) for l in members]
+            quantized = [p for p in own if p.value is not None]
+            if not quantized:
+                placed.update({l.name: Placement(None) for l in members})
+                continue
+            bits = max(p.value["nbits"] for p in quantized)
+            group = min(p.value["group_size"] for p in quantized)
+            shared = {"nbits": bits, "group_size": group}
+            for l, p in zip(members, own):
+                if p.value == shared:
+                    placed[l.name] = p
+                else:
+                    why = p.why or (f"HQQ sets one format per layer tag; {tag} differs across blocks" if p.value
+                                    else f"HQQ cannot keep one {tag} in 16 bits while quantizing the others")
+                    placed[l.name] = Placement(shared, False, why)
+        return placed
+
+    def _one(self, layer: Layer) -> Placement:
+        f = layer.fmt
+        if not f.quantized:
+            return Placement(None)
+        if f.ggml:
+            near = from_ggml(layer, "HQQ", HQQ_BITS, 32).value
+            return Placement({"nbits": near["bits"], "group_size": 32}, False, f"llama.cpp's {f.ggml} has no HQQ form")
+        bits = min(b for b in HQQ_BITS if b >= f.bits)
+        group = max(d for d in range(1, f.group_size + 1) if layer.in_features % d == 0)
+        value = {"nbits": bits, "group_size": group}
+        reasons = [r for r, bad in ((f"HQQ has no {f.bits}-bit", bits != f.bits),
+                                    (f"HQQ groups must divide the row ({layer.in_features})", group != f.group_size),
+                                    ("HQQ is asymmetric (scale and zero point)", f.symmetric),
+                                    (f"HQQ keeps scales in the compute dtype, not {f.scale_dtype}",
+                                     f.scale_dtype == "float32")) if bad]
+        return Placement(value, not reasons, "; ".join(reasons))
+
+    def render(self, layers, placed, model_type, quantizers) -> str:
+        dynamic, skip = {}, ["lm_head"]
+        for l in layers:
+            tag = hqq_tag(l.name)
+            if placed[l.name].value is None:
+                skip.append(tag)
+            else:
+                dynamic[tag] = placed[l.name].value
+        doc = {"dynamic_config": dynamic, "skip_modules": sorted(set(skip) - set(dynamic))}
+        return json.dumps(doc, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,51 @@
+"""llm-compressor (vLLM through compressed-tensors): an llm-compressor recipe (compressed-tensors `config_groups`, in a
+GPTQModifier with the job's GPTQ parameters when the levels were made by GPTQ — damping, block, `act_order` as
+`actorder: weight` — else a QuantizationModifier): one group per distinct format, `re:`-anchored per-layer targets;
+16-bit layers and `lm_head` in `ignore`. Zero points are stored as int8 by compressed-tensors (bitalloc counts fp16).
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from ..base import FUSED, Layer, Placement, anchored, by_value, from_ggml, gptq_params, register
+from ..python import PythonRuntime
+
+
+@register("llmcompressor")
+class LLMCompressor(PythonRuntime):
+    summary = ("GPTQ or RTN W4A16/W8A16, groups 64/128, symmetric (compressed-tensors pack-quantized; q/k/v and "
+               "gate/up share one)")
+    methods = ("gptq-ct", "rtn-int")
+    bits = (4, 8)
+    fused = FUSED
+    library = "llmcompressor"
+    export_file = "llm-compressor recipe"
+
+    def place_one(self, layer: Layer) -> Placement:
+        f = layer.fmt
+        if not f.quantized:
+            return Placement(None)
+        if f.ggml:
+            near = from_ggml(layer, "compressed-tensors", (4, 8), 32).value
+            return Placement({"num_bits": near["bits"], "type": "int", "symmetric": True, "strategy": "group",
+                              "group_size": 32, "scale_dtype": "float16"}, False,
+                             f"llama.cpp's {f.ggml} has no compressed-tensors form")
+        return Placement({"num_bits": f.bits, "type": "int", "symmetric": f.symmetric, "strategy": "group",
+                          "group_size": f.group_size, "scale_dtype": f.scale_dtype})
+
+    def render(self, layers, placed, model_type, quantizers) -> str:
+        groups = by_value(layers, placed, lambda v: v is not None)
+        config_groups = {f"group_{i}": {"targets": [f"re:{anchored(names)}"], "weights": json.loads(key)}
+                         for i, (key, names) in enumerate(groups.items())}
+        ignore = ["lm_head"] + [f"re:{anchored([l.name])}" for l in layers if placed[l.name].value is None]
+        modifier = {"targets": ["Linear"], "ignore": ignore, "config_groups": config_groups}
+        gptq = gptq_params(layers, quantizers)  # GPTQ levels: llm-compressor's GPTQ too, with their parameters
+        if gptq:
+            modifier.update(dampening_frac=gptq["damp"], block_size=gptq["block"],
+                            actorder="weight" if gptq["act_order"] else None)
+        name = "GPTQModifier" if gptq else "QuantizationModifier"
+        recipe = {"quant_stage": {"quant_modifiers": {name: modifier}}}
+        return yaml.safe_dump(recipe, sort_keys=False)
