@@ -18,13 +18,10 @@ from bitalloc.kernels.packed import PackedWeight
 from bitalloc.kernels.quant_linear import QuantLinear
 
 from .formats import Format
+from .hooks import logits, module_hooks
 from .quantizers.store import Levels
 from .model import HIDDEN_STATE, LoadedModel
 from .types import Measurement
-
-
-def _logits(output) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
 
 
 def model_output(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
@@ -32,7 +29,7 @@ def model_output(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
     out = model.module(batch)
     if model.metric == HIDDEN_STATE:
         return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out).float()
-    return torch.log_softmax(_logits(out).float(), -1)
+    return torch.log_softmax(logits(out).float(), -1)
 
 
 REFERENCE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -152,23 +149,22 @@ class Evaluator:
         layer is entered, the original weight put back as it returns. A weight shared with another module (a tied
         output head) is replaced for the whole block instead, as a runtime stores it once for both uses."""
         with ExitStack() as stack:
-            whole = {}
+            whole, streamed = {}, {}
             for name, fmt in assignment.items():
                 if self.levels.layers[name].tied_to:
                     whole[name] = self.levels.weight(name, fmt)
                     continue
                 module = self.model.layer_module(name)
-                original = module.weight.data
+                streamed[name] = (fmt, module.weight.data)
+                stack.callback(setattr, module.weight, "data", module.weight.data)
 
-                def enter(mod, _args, name=name, fmt=fmt):
-                    mod.weight.data = self.levels.weight(name, fmt)
+            def enter(name, mod, _args):
+                mod.weight.data = self.levels.weight(name, streamed[name][0])
 
-                def leave(mod, _args, _output, original=original):
-                    mod.weight.data = original
+            def leave(name, mod, _args, _output):
+                mod.weight.data = streamed[name][1]
 
-                stack.callback(setattr, module.weight, "data", original)
-                stack.callback(module.register_forward_pre_hook(enter).remove)
-                stack.callback(module.register_forward_hook(leave).remove)
+            stack.enter_context(module_hooks(self.model, streamed, pre=enter, post=leave))
             stack.enter_context(self.applied(whole))
             yield
 

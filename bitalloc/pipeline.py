@@ -225,19 +225,19 @@ def candidates(front: SolveResult, problem: Problem, budgets: list[Budget], poin
 
 
 @dataclass(frozen=True)
-class Measured:
+class MeasuredPoints:
     """The FP model's measurement on the held-out tokens, and each candidate's."""
 
     reference: Measurement
     points: list[tuple[Candidate, Measurement]]
 
 
-def measure(backend: Backend, chosen: list[Candidate], stages: Stages | None = None) -> Measured:
+def measure(backend: Backend, chosen: list[Candidate], stages: Stages | None = None) -> MeasuredPoints:
     stages = stages or Stages()
     with stages.stage("measure configs", len(chosen) + 1) as advance:
         tasks = [EvalTask("evaluation")] + [EvalTask.config(c.config.assignment(), "evaluation") for c in chosen]
         reference, *results = backend.map(tasks, advance)
-    return Measured(reference, list(zip(chosen, results)))
+    return MeasuredPoints(reference, list(zip(chosen, results)))
 
 
 @dataclass
@@ -251,7 +251,7 @@ class Results:
 
 
 def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, solved: SolveResult,
-            measured: Measured) -> Results:
+            measured: MeasuredPoints) -> Results:
     """The typed results of a measured search; mixed points numbered by size."""
     model, layers, metric = ws.model, ws.layers, METRICS[ws.model.metric]
     meta = dict(model_source=ws.source, model_hash=ws.model_hash, spec_hash=job.spec_hash,

@@ -17,7 +17,7 @@ def release_freed_memory() -> None:
         pass  # not glibc: nothing to trim
 
 
-def _rss() -> int:
+def resident_bytes() -> int:
     try:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -35,10 +35,10 @@ class PeakRSS:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
-            self.bytes = max(self.bytes, _rss())
+            self.bytes = max(self.bytes, resident_bytes())
 
     def __enter__(self) -> "PeakRSS":
-        self.bytes = _rss()
+        self.bytes = resident_bytes()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
         return self
@@ -46,4 +46,4 @@ class PeakRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.bytes = max(self.bytes, _rss())
+        self.bytes = max(self.bytes, resident_bytes())

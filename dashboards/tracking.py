@@ -155,7 +155,7 @@ class Tracker:
         self.experiment_id: Optional[str] = None
         self.failed = False
 
-    def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
+    def guard(self, what: str, fn: Callable[[], Any]) -> Any:
         if self.failed:
             return None
         try:
@@ -187,7 +187,7 @@ class Tracker:
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in _flatten(params).items()])
             return self.run_id
 
-        return self._guard("starting the run", go)
+        return self.guard("starting the run", go)
 
     def finish(self, front: Front, results: Path) -> None:
         """Log the job's metrics, one child run per measured point, the result folder; mark the run finished."""
@@ -221,11 +221,11 @@ class Tracker:
             self.client.set_terminated(self.run_id, "FINISHED")
 
         if self.run_id is not None:
-            self._guard("logging the results", go)
+            self.guard("logging the results", go)
 
     def fail(self) -> None:
         if self.run_id is not None:
-            self._guard("marking the run failed", lambda: self.client.set_terminated(self.run_id, "FAILED"))
+            self.guard("marking the run failed", lambda: self.client.set_terminated(self.run_id, "FAILED"))
 
     def info(self) -> dict:
         """What the front document records, so `export` and `ui` can find the run again."""
@@ -268,4 +268,4 @@ def log_runtime_points(front: Front, points: list, results: Path, console: Conso
             if (results / "plots" / figure).is_file():
                 tracker.client.log_artifact(info.run_id, str(results / "plots" / figure), "results/plots")
 
-    tracker._guard("logging the runtime's results", go)
+    tracker.guard("logging the runtime's results", go)

@@ -104,7 +104,7 @@ def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, esti
     evaluation = reference_bytes(model, data.evaluation * data.seq_len, data.reference)
     calibration = (reference_bytes(model, min(data.calibration * data.seq_len, spec.search.screen_tokens),
                                    data.reference)
-                   if spec.search.evaluations or estimator.name in ("measured", "linearity") else 0)
+                   if spec.search.evaluations or estimator.measures_calibration else 0)
     forward = 3 * reference_bytes(model, data.batch_size * data.seq_len)
     evaluating = max(workers, 1)  # the Ray workers, or this process
     model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
@@ -115,7 +115,7 @@ def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, esti
              "run.workers" if workers else "model.exclude"),
         Part("FP references", evaluating * (evaluation + calibration), "data.evaluation"),
         Part("forward passes", evaluating * forward, "data.batch_size"),
-        Part("estimator", _estimator_bytes(model, layers, spec, estimator, numel), "sensitivity.estimator"),
+        Part("estimator", estimator.memory_bytes(model, layers, data.seq_len), "sensitivity.estimator"),
     ]
     kinds = {q.inputs for q in spec.quantizers().values() if q.inputs}
     if kinds:  # the accumulators live while levels are made, before estimation: counted apart as an upper bound
@@ -125,24 +125,3 @@ def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, esti
         parts.append(Part("Ray object store (model)", model_bytes, "run.workers"))
         parts.append(Part("Ray worker processes", workers * PROCESS_OVERHEAD, "run.workers"))
     return MemoryPlan(parts, available, level_bytes(layers, formats), working_set + evaluation + calibration + forward)
-
-
-def _estimator_bytes(model: LoadedModel, layers, spec, estimator, numel: int) -> int:
-    """Peak the estimator adds beyond the working set: the autograd graph of one sequence and the largest layer's
-    ΔW and error terms in float32."""
-    name, params = estimator.name, estimator.params()
-    config = getattr(model.module, "config", None)
-    hidden = getattr(config, "hidden_size", 0) or 0
-    blocks = getattr(config, "num_hidden_layers", 0) or 0
-    inter = getattr(config, "intermediate_size", 0) or 4 * hidden
-    seq = min(spec.data.seq_len, params.get("max_tokens", spec.data.seq_len))
-    graph = seq * (blocks * (12 * hidden + 4 * inter) + 4 * output_width(model)) * 4  # saved activations of one sequence
-    largest = max((l.numel for l in layers), default=0)
-    if name == "fisher":
-        weight_side = params.get("side") == "weight"
-        return graph + 3 * largest * 4 + (2 * numel * 4 if weight_side else 0)
-    if name == "hawq":
-        return 3 * graph + 4 * numel * 4
-    if name == "sqnr" and params.get("activations"):
-        return sum(l.in_features ** 2 * 4 for l in layers) + numel * 4
-    return 2 * max((l.numel for l in layers), default=0) * 4

@@ -116,8 +116,7 @@ def _before_quantize(spec: JobSpec, estimator: Estimator, console: Console, plan
     `planned`) and the memory plan (printed; a job that cannot fit is refused)."""
     def check(model: LoadedModel, layers: list[QuantizableLayer]) -> None:
         formats = spec.expand_formats()
-        planned.problem = pipeline.build_problem(model, layers, formats, constraints=spec.search.constraints(),
-                                                 ties=spec.target_ties(layers))
+        planned.problem = spec.problem(model, layers)
         planned.budgets = pipeline.resolve_budgets(planned.problem, spec.search.budgets)
         limit = spec.run.memory_limit
         available = parse_bytes(limit, "run.memory_limit") if limit else memory_plan.available_bytes()

@@ -129,7 +129,7 @@ def score_estimators(spec: JobSpec, estimators: list[str], n_configs: int, lo_bi
     instances = [(text, get_estimator(name, **params)) for text, name, params in parsed]
     with Stages(console) as stages:
         ws = open_workspace(spec, stages)
-        base = pipeline.build_problem(ws.model, ws.layers, ws.formats, constraints=spec.search.constraints())
+        base = spec.problem(ws.model, ws.layers)
         choices = random_choices(base, n_configs, lo_bits, hi_bits, spec.seed)
         backend = ws.local_runner()
         with stages.stage(f"measure {n_configs} random configs", n_configs) as advance:

@@ -319,6 +319,14 @@ class JobSpec(_Strict):
         """Layers the targets' runtimes make share a format."""
         return [g for part in self.formats if part.target for g in get_runtime(part.target).ties(layers)]
 
+    def problem(self, model, layers: list, table=None):
+        """The job's problem (byte costs, the table's errors when given, the search's constraints and the targets'
+        ties), built in this one place for every command that searches or scores the job."""
+        from bitalloc.pipeline import build_problem
+
+        return build_problem(model, layers, self.expand_formats(), table, self.search.constraints(),
+                             self.target_ties(layers))
+
     def target(self) -> Optional[str]:
         """The runtime target, when every entry names the same one."""
         names = {part.target for part in self.formats}

@@ -8,11 +8,11 @@ and up) share one accumulator.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from typing import Literal
 
 import torch
 
+from bitalloc.hooks import module_hooks
 from bitalloc.model import LoadedModel, QuantizableLayer
 
 Kind = Literal["diagonal", "hessian"]
@@ -44,11 +44,7 @@ def collect(model: LoadedModel, layers: list[QuantizableLayer], tokens: torch.Te
         sums[name] = sums[name] + part if name in sums else part
         counts[name] = counts.get(name, 0) + flat.shape[0]
 
-    with ExitStack() as stack:
-        for layer in layers:
-            module = model.layer_module(layer.name)
-            stack.callback(module.register_forward_pre_hook(
-                lambda _m, args, name=layer.name: hook(name, args[0])).remove)
+    with module_hooks(model, [l.name for l in layers], pre=lambda name, _m, args: hook(name, args[0])):
         for seq in tokens:
             model.module(seq.unsqueeze(0))
             last[0] = last[1] = None

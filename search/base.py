@@ -22,6 +22,40 @@ class Evaluate(Protocol):
 
 
 @dataclass(frozen=True)
+class Termination:
+    """When a measuring solver stops: after `evaluations` screening evaluations in all (pymoo's Termination)."""
+
+    evaluations: int
+
+    def remaining(self, done: int) -> int:
+        return max(self.evaluations - done, 0)
+
+    def generations(self, first: int, per: int) -> int:
+        """Generations of a population search whose first costs `first` evaluations and each next `per`."""
+        return 1 + max(self.evaluations - first, 0) // per
+
+
+class Measure:
+    """What a measuring solver evaluates through (pymoo's Evaluator): the loss of configs at a fidelity, each
+    (config, fidelity) measured once — repeats and duplicates come from the cache — and counted by fidelity."""
+
+    def __init__(self, evaluate: Evaluate):
+        self.evaluate = evaluate
+        self.cache: dict[tuple, float] = {}
+        self.counts = {"screen": 0, "full": 0}
+
+    def __call__(self, configs: list[BitConfig], fidelity: str) -> list[float]:
+        todo = [c for c in {c.key(): c for c in configs}.values() if (c.key(), fidelity) not in self.cache]
+        for c, loss in zip(todo, self.evaluate(todo, fidelity) if todo else []):
+            self.cache[(c.key(), fidelity)] = loss
+        self.counts[fidelity] += len(todo)
+        return [self.cache[(c.key(), fidelity)] for c in configs]
+
+    def known(self, config: BitConfig, fidelity: str) -> bool:
+        return (config.key(), fidelity) in self.cache
+
+
+@dataclass(frozen=True)
 class SearchContext:
     """What a solver may use beyond the Problem.
 
@@ -34,6 +68,10 @@ class SearchContext:
     seed: int = 0
     evaluator: Evaluate | None = None
     evaluations: int = 0
+
+    @property
+    def termination(self) -> Termination:
+        return Termination(self.evaluations)
 
 
 class Solver(Protocol):
@@ -71,10 +109,11 @@ class MeasuringSolver:
     full fidelity."""
 
     @staticmethod
-    def evaluator(ctx: SearchContext | None, name: str, least: int) -> Evaluate:
+    def measure(ctx: SearchContext | None, name: str, least: int) -> Measure:
+        """The counting, caching evaluator of this run (refused where the job allows fewer than `least`)."""
         if ctx is None or ctx.evaluator is None or ctx.evaluations < least:
             raise BitallocError("search.evaluations", f"{name!r} measures candidates; set it to at least {least}")
-        return ctx.evaluator
+        return Measure(ctx.evaluator)
 
     @staticmethod
     def exact_seeds(problem: Problem, ctx: SearchContext, lo: int, hi: int, k: int

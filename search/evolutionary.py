@@ -12,8 +12,8 @@ being the rank of an allowed format by cost, so every gene value is allowed.
 - Fidelity is staged: every candidate is screened on a few calibration tokens; the final population's
   non-dominated configs (and the anchors) are measured on all calibration tokens, and the front is
   taken on those full-fidelity values. The result counts evaluations of both fidelities.
-- Every evaluation is cached by (config, fidelity); the evaluation itself is the context's evaluator, a
-  plain function of (configs, fidelity), so it can fan out over workers.
+- Every evaluation is cached and counted by (config, fidelity) (`base.Measure`); the evaluation itself is the
+  context's evaluator, a plain function of (configs, fidelity), so it can fan out over workers.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .base import MeasuringSolver, SearchContext, Stopwatch, register
 from .pareto import nondominated
 
 
-class _Genome:
+class Genome:
     """Level vectors <-> configs for one problem."""
 
     def __init__(self, problem: Problem):
@@ -80,20 +80,10 @@ class Evolutionary(MeasuringSolver):
 
     def front(self, problem: Problem, ctx: SearchContext | None = None) -> SolveResult:
         watch = Stopwatch()
-        evaluate = self.evaluator(ctx, self.name, self.population)
-        genome = _Genome(problem)
+        measure = self.measure(ctx, self.name, self.population)
+        genome = Genome(problem)
         lo, hi = problem.cheapest(), problem.dearest()
         anchors, seeds = self.exact_seeds(problem, ctx, lo, hi, self.population - len(ctx.anchors))
-        cache: dict[tuple, float] = {}
-        counts = {"screen": 0, "full": 0}
-
-        def measure(configs: list[BitConfig], fidelity: str) -> list[float]:
-            todo = [c for c in {c.key(): c for c in configs}.values() if (c.key(), fidelity) not in cache]
-            for c, loss in zip(todo, evaluate(todo, fidelity) if todo else []):
-                cache[(c.key(), fidelity)] = loss
-            counts[fidelity] += len(todo)
-            return [cache[(c.key(), fidelity)] for c in configs]
-
         search = _Search(genome, measure, lo, hi)
         algorithm = NSGA2(
             pop_size=self.population,
@@ -103,17 +93,17 @@ class Evolutionary(MeasuringSolver):
             mutation=_KeepBytes(genome, self.p_shift),
             eliminate_duplicates=True,
         )
-        generations = 1 + (ctx.evaluations - self.population) // self.offspring
+        generations = ctx.termination.generations(self.population, self.offspring)
         result = minimize(search, algorithm, ("n_gen", generations), seed=ctx.seed, verbose=False)
         finals = [genome.config(x) for x in np.atleast_2d(result.pop.get("X")).astype(int)]
-        finals = [c for c in finals if (c.key(), "screen") in cache]
-        screened = nondominated(finals, loss=lambda c: cache[(c.key(), "screen")])
+        finals = [c for c in finals if measure.known(c, "screen")]
+        screened = nondominated(finals, loss=lambda c: measure([c], "screen")[0])
         front = self.validated(anchors, screened, self.validate, lambda configs: measure(configs, "full"))
-        return watch.result(self.name, front, evaluations=counts)
+        return watch.result(self.name, front, evaluations=measure.counts)
 
 
 class _Search(PymooProblem):
-    def __init__(self, genome: _Genome, measure, lo: int, hi: int):
+    def __init__(self, genome: Genome, measure, lo: int, hi: int):
         super().__init__(n_var=len(genome.levels), n_obj=2, n_ieq_constr=2, xl=0, xu=genome.top, vtype=int)
         self.genome, self.measure, self.lo, self.hi = genome, measure, lo, hi
 
@@ -131,7 +121,7 @@ class _Search(PymooProblem):
 
 
 class _Seeded(Sampling):
-    def __init__(self, genome: _Genome, seeds: list[np.ndarray], p_shift: float):
+    def __init__(self, genome: Genome, seeds: list[np.ndarray], p_shift: float):
         super().__init__()
         self.genome, self.seeds, self.p_shift = genome, seeds, p_shift
 
@@ -143,7 +133,7 @@ class _Seeded(Sampling):
 
 
 class _KeepBytes(Mutation):
-    def __init__(self, genome: _Genome, p_shift: float):
+    def __init__(self, genome: Genome, p_shift: float):
         super().__init__(prob=1.0)
         self.genome, self.p_shift = genome, p_shift
 

@@ -14,10 +14,10 @@ import hashlib
 
 import numpy as np
 
-from bitalloc.types import BitConfig, Problem, SolveResult
+from bitalloc.types import Problem, SolveResult
 
 from .base import MeasuringSolver, SearchContext, Stopwatch, register
-from .evolutionary import _Genome
+from .evolutionary import Genome
 
 
 def problem_key(problem: Problem) -> str:
@@ -54,9 +54,8 @@ class OptunaStudy(MeasuringSolver):
         import optuna
 
         watch = Stopwatch()
-        evaluate = self.evaluator(ctx, self.name, 1)
-        counts = {"screen": 0, "full": 0}
-        genome = _Genome(problem)
+        measure = self.measure(ctx, self.name, 1)
+        genome = Genome(problem)
         anchors, seeds = self.exact_seeds(problem, ctx, problem.cheapest(), problem.dearest(), self.seeds)
         study = self.study(problem, ctx.seed)
         if not study.trials:
@@ -68,18 +67,13 @@ class OptunaStudy(MeasuringSolver):
             config = genome.config(genes)
             if not problem.feasible(problem.choice(config)):
                 raise optuna.TrialPruned()
-            counts["screen"] += 1
-            return config.bytes, evaluate([config], "screen")[0]
+            return config.bytes, measure([config], "screen")[0]
 
-        done = sum(t.state.is_finished() for t in study.trials)
-        if ctx.evaluations > done:
-            study.optimize(objective, n_trials=ctx.evaluations - done)
+        todo = ctx.termination.remaining(sum(t.state.is_finished() for t in study.trials))
+        if todo:
+            study.optimize(objective, n_trials=todo)
         best = [genome.config(np.array([t.params[f"l{i}"] for i in range(len(genome.top))])) for t in study.best_trials]
         pareto = sorted({c.key(): c for c in best}.values(), key=lambda c: c.bytes)
 
-        def measure_full(configs: list[BitConfig]) -> list[float]:
-            counts["full"] += len(configs)
-            return evaluate(configs, "full")
-
-        front = self.validated(anchors, pareto, self.validate, measure_full)
-        return watch.result(self.name, front, evaluations=counts)
+        front = self.validated(anchors, pareto, self.validate, lambda configs: measure(configs, "full"))
+        return watch.result(self.name, front, evaluations=measure.counts)

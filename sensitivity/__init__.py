@@ -1,6 +1,10 @@
-"""Sensitivity estimators: each turns a model and its candidate formats into a `SensitivityTable`."""
+"""Sensitivity estimators: each turns a model and its candidate formats into a `SensitivityTable`; a new estimator
+is one module here defining an `EstimatorBase` subclass under `@register` (found by discovery)."""
 
-from . import fisher, hawq, linearity, measured, sqnr  # noqa: F401  (each registers its estimator)
+from bitalloc.registry import discover
+
 from .base import ESTIMATORS, EstimatorContext, get_estimator, run_estimator
+
+discover(__name__, __path__)
 
 __all__ = ["ESTIMATORS", "EstimatorContext", "get_estimator", "run_estimator"]

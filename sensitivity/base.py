@@ -89,6 +89,7 @@ class EstimatorBase:
     version: ClassVar[int] = 1
     uses_data = True
     random = False
+    measures_calibration = False  # evaluates configs on calibration tokens (their FP reference is held)
 
     def params(self) -> dict:
         """The declared parameters' values, and nothing else an instance may hold."""
@@ -98,12 +99,28 @@ class EstimatorBase:
         """Progress units the estimate reports through ctx.advance()."""
         return len(ctx.layers)
 
+    def memory_bytes(self, model: LoadedModel, layers: list[QuantizableLayer], seq_len: int) -> int:
+        """Peak this estimator adds beyond the working set (for the job's memory plan): by default one layer's ΔW
+        and its error term in float32."""
+        return 2 * max((l.numel for l in layers), default=0) * 4
+
 
 _REGISTRY: Registry[Estimator] = Registry("an estimator", "sensitivity.estimator", "sensitivity.params")
 ESTIMATORS = _REGISTRY.classes
 register = _REGISTRY.register
 get_estimator = _REGISTRY.create
 check_estimator = _REGISTRY.check
+
+
+def graph_bytes(model: LoadedModel, tokens: int) -> int:
+    """The autograd graph's saved activations for one sequence of `tokens` tokens, in float32."""
+    from bitalloc.evaluate import output_width
+
+    config = getattr(model.module, "config", None)
+    hidden = getattr(config, "hidden_size", 0) or 0
+    blocks = getattr(config, "num_hidden_layers", 0) or 0
+    inter = getattr(config, "intermediate_size", 0) or 4 * hidden
+    return tokens * (blocks * (12 * hidden + 4 * inter) + 4 * output_width(model)) * 4
 
 
 def run_estimator(estimator: Estimator, ctx: EstimatorContext) -> SensitivityTable:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from bitalloc.errors import BitallocError
+from bitalloc.hooks import module_hooks
 
-from .base import EstimatorBase, EstimatorContext, register
+from .base import EstimatorBase, EstimatorContext, graph_bytes, register
 from .gradients import differentiable, lm_loss
 
 
@@ -37,6 +38,14 @@ class Fisher(EstimatorBase):
     @property
     def random(self) -> bool:
         return self.labels == "model"
+
+    def memory_bytes(self, model, layers, seq_len: int) -> int:
+        """One sequence's backward graph and the largest layer's ΔW and error terms (the weight side also a float32
+        Fisher per weight and the gradients)."""
+        numel = sum(l.numel for l in layers)
+        largest = max((l.numel for l in layers), default=0)
+        graph = graph_bytes(model, min(seq_len, self.max_tokens))
+        return graph + 3 * largest * 4 + (2 * numel * 4 if self.side == "weight" else 0)
 
     def steps(self, ctx: EstimatorContext) -> int:
         return len(ctx.calibration_tokens(self.max_tokens, self.name))
@@ -68,33 +77,27 @@ class Fisher(EstimatorBase):
         values = np.zeros((len(ctx.layers), len(ctx.formats)))
         inputs: dict[str, torch.Tensor] = {}
 
-        def forward_hook(i, layer):
-            def fn(_module, args, output):
-                inputs[layer.name] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        index = {layer.name: (i, layer) for i, layer in enumerate(ctx.layers)}
 
-                def backward(grad):
-                    g2 = grad.detach().reshape(-1, grad.shape[-1]).float().pow(2)
-                    x = inputs.pop(layer.name)
-                    for j, fmt in enumerate(ctx.formats):  # ΔW made per use: never every layer's at once
-                        d = ctx.delta(layer, fmt)
-                        err = x @ (d if layer.transposed else d.t())
-                        values[i, j] += float((g2 * err.pow(2)).sum())
+        def forward(name, _module, args, output):
+            i, layer = index[name]
+            inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
 
-                output.register_hook(backward)
+            def backward(grad):
+                g2 = grad.detach().reshape(-1, grad.shape[-1]).float().pow(2)
+                x = inputs.pop(name)
+                for j, fmt in enumerate(ctx.formats):  # ΔW made per use: never every layer's at once
+                    d = ctx.delta(layer, fmt)
+                    err = x @ (d if layer.transposed else d.t())
+                    values[i, j] += float((g2 * err.pow(2)).sum())
 
-            return fn
+            output.register_hook(backward)
 
         count = 0
-        with differentiable(ctx.model, ctx.layers, self.name):
-            handles = [ctx.model.layer_module(l.name).register_forward_hook(forward_hook(i, l))
-                       for i, l in enumerate(ctx.layers)]
-            try:
-                for seq in tokens.split(1):
-                    loss, n = lm_loss(ctx.model, seq, self.labels, gen, self.name)
-                    loss.backward()
-                    count += n
-                    ctx.advance()
-            finally:
-                for h in handles:
-                    h.remove()
+        with differentiable(ctx.model, ctx.layers, self.name), module_hooks(ctx.model, index, post=forward):
+            for seq in tokens.split(1):
+                loss, n = lm_loss(ctx.model, seq, self.labels, gen, self.name)
+                loss.backward()
+                count += n
+                ctx.advance()
         return values, count

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bitalloc.errors import BitallocError
+from bitalloc.hooks import logits as lm_logits
 from bitalloc.model import HIDDEN_STATE, LoadedModel, QuantizableLayer
 
 
@@ -55,7 +56,7 @@ def lm_loss(model: LoadedModel, batch: torch.Tensor, labels: str = "data",
         loss = (h - target).pow(2).sum() / (2 * sigma2)
         count = batch.numel()
     else:
-        logits = (out.logits if hasattr(out, "logits") else out)[:, :-1].float()
+        logits = lm_logits(out)[:, :-1].float()
         if labels == "data":
             target = batch[:, 1:]
         else:

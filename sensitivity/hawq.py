@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from bitalloc.errors import BitallocError
+from bitalloc.hooks import logits as lm_logits
 from bitalloc.model import HIDDEN_STATE
 
-from .base import EstimatorBase, EstimatorContext, register
+from .base import EstimatorBase, EstimatorContext, graph_bytes, register
 from .gradients import differentiable, lm_loss
 
 
@@ -46,6 +47,10 @@ class HAWQ(EstimatorBase):
         self.max_tokens = max_tokens
         self.top_eigenvalue = top_eigenvalue
         self.power_iters = power_iters
+
+    def memory_bytes(self, model, layers, seq_len: int) -> int:
+        """One double-backward graph (three sequences' worth) and second-order gradients of every weight."""
+        return 3 * graph_bytes(model, min(seq_len, self.max_tokens)) + 4 * sum(l.numel for l in layers) * 4
 
     def steps(self, ctx: EstimatorContext) -> int:
         return len(ctx.layers) if self.top_eigenvalue else self.max_probes
@@ -103,7 +108,7 @@ class HAWQ(EstimatorBase):
         torch.manual_seed(ctx.seed)
         with differentiable(ctx.model, [layer], self.name, eager=True):
             def criterion(out, batch):
-                logits = (out.logits if hasattr(out, "logits") else out)[:, :-1].float()
+                logits = lm_logits(out)[:, :-1].float()
                 return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
             h = hessian(ctx.model.module, criterion, data=(tokens, tokens), cuda=tokens.is_cuda)

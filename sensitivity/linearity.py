@@ -36,6 +36,7 @@ def fit_through_origin(t: np.ndarray, y: np.ndarray) -> tuple[float, float, floa
 
 @register("linearity")
 class Linearity(EstimatorBase):
+    measures_calibration = True
     random = True
 
     def __init__(self, levels: int = 2, max_tokens: int = 256):

@@ -15,7 +15,8 @@ from .base import EstimatorBase, EstimatorContext, register
 
 
 @register("measured")
-class Measured(EstimatorBase):
+class ExactDelta(EstimatorBase):
+    measures_calibration = True
     def __init__(self, max_tokens: int = 256):
         self.max_tokens = max_tokens
 

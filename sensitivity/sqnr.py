@@ -12,32 +12,10 @@ as tr(ΔW Σ ΔWᵀ) / tr(W Σ Wᵀ), so no per-format forward pass is needed.
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from bitalloc.quantizers.inputs import collect
 
 from .base import EstimatorBase, EstimatorContext, register
-
-
-def _second_moments(ctx: EstimatorContext, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    moments: dict[str, torch.Tensor] = {}
-    count = 0
-
-    def hook(name):
-        def fn(_module, inputs, _output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            moments[name] = moments.get(name, 0) + x.t() @ x
-
-        return fn
-
-    handles = [ctx.model.layer_module(l.name).register_forward_hook(hook(l.name)) for l in ctx.layers]
-    try:
-        with torch.no_grad():
-            for seq in tokens.split(1):
-                ctx.model.module(seq)
-                count += seq.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: m / count for name, m in moments.items()}
 
 
 @register("sqnr")
@@ -46,12 +24,21 @@ class SQNR(EstimatorBase):
         self.activations = activations
         self.max_tokens = max_tokens
 
+    def memory_bytes(self, model, layers, seq_len: int) -> int:
+        """With activations, every layer's input second moments; data-free, one layer's ΔW."""
+        if not self.activations:
+            return super().memory_bytes(model, layers, seq_len)
+        return sum(l.in_features ** 2 * 4 for l in layers) + sum(l.numel for l in layers) * 4
+
     @property
     def uses_data(self) -> bool:
         return self.activations
 
     def estimate(self, ctx: EstimatorContext):
-        sigma = _second_moments(ctx, ctx.calibration_tokens(self.max_tokens, "sqnr")) if self.activations else None
+        sigma = None
+        if self.activations:  # XᵀX / N: half the Hessian GPTQ reads
+            moments = collect(ctx.model, ctx.layers, ctx.calibration_tokens(self.max_tokens, "sqnr"), "hessian")
+            sigma = {name: h / 2 for name, h in moments.items()}
         values = np.zeros((len(ctx.layers), len(ctx.formats)))
         for i, layer in enumerate(ctx.layers):
             w = ctx.model.weight(layer).detach().float()

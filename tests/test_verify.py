@@ -59,7 +59,7 @@ def test_llamacpp_builds_what_the_front_measured(llamacpp_job, capsys):
     assert built.bytes == front.mixed[0].bytes and built.file_bytes > built.stored_layer_bytes
     assert built.details["fp_gap_kl"] < 1e-3  # the float GGUF runs the same model as bitalloc's float32
     assert built.loss > 0 and abs(built.loss - built.bitalloc_loss) <= 0.25 * built.bitalloc_loss
-    assert len(built.file_sha256) == 64 and "recorded in" in said
+    assert "recorded in" in said
     assert (llamacpp_job / "plots" / "front.png").is_file()
 
 

@@ -23,7 +23,7 @@ def verify(ws, picked, work: Path, stages) -> list:
         pack(doc, folder)
         loaded = load_packed(folder)
     dtype = next(ws.model.module.parameters()).dtype
-    packed = {name: m.packed() for name, m in loaded.module.named_modules() if isinstance(m, QuantLinear)}
+    packed = {name: m.packed for name, m in loaded.module.named_modules() if isinstance(m, QuantLinear)}
     weights = {name: dequantize_packed(p, dtype) for name, p in packed.items()}
     pairs = [(weights[n].float(), ws.levels.weight(n, f).float()) for n, f in doc.formats().items() if f.quantized]
     with stages.stage("bitalloc: measure"):
