@@ -365,8 +365,9 @@ def pack(
     from bitalloc.runtimes.bitalloc.checkpoint import check_output, pack as pack_config
 
     check_output(output, "--output")
-    config = choose(target, avg_bits, budget, point, tracking_uri).config
-    packed = pack_config(config, output)
+    chosen = choose(target, avg_bits, budget, point, tracking_uri)
+    config = chosen.config
+    packed = pack_config(config, output, chosen.data_hash)
     size = sum(f.stat().st_size for f in output.iterdir())
     _out().print(f"wrote {output}/: {config.totals.avg_bits:.3f} avg bits; packed layers {packed:,} bytes, "
                  f"checkpoint files {size / 2**20:.2f} MiB (the config counts {config.totals.mib:.2f} MiB)",

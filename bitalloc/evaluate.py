@@ -100,12 +100,10 @@ class Evaluator:
         saved, swapped = {}, {}
         try:
             for name, tensor in tensors.items():
-                module = self.model.layer_module(name)
                 if isinstance(tensor, PackedWeight):
-                    swapped[name] = module
-                    self.model.module.set_submodule(name, QuantLinear.from_packed(tensor, module.bias,
-                                                                                  module.weight.dtype))
+                    swapped[name] = QuantLinear.swap_in(self.model.module, name, tensor)
                     continue
+                module = self.model.layer_module(name)
                 saved[name] = module.weight.data
                 module.weight.data = tensor
             yield

@@ -55,6 +55,14 @@ class QuantLinear(nn.Module):
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer
 
+    @classmethod
+    def swap_in(cls, root: nn.Module, name: str, packed: PackedWeight) -> nn.Module:
+        """Replace the Linear `name` under `root` by a QuantLinear over `packed` (its bias and dtype kept); returns
+        the module replaced, to put back."""
+        module = root.get_submodule(name)
+        root.set_submodule(name, cls.from_packed(packed, module.bias, module.weight.dtype))
+        return module
+
     @property
     def packed(self) -> PackedWeight:
         return PackedWeight(self.qweight, self.scales, self.zeros, self.fmt, self.in_features)

@@ -110,4 +110,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    # run as a script, this folder is first on the path, and its runtime packages (hqq/, gptqmodel/, ...) would
+    # shadow the runtimes' own packages of the same names
+    if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
+        sys.path.pop(0)
     raise SystemExit(main(sys.argv[1:]))

@@ -4,6 +4,7 @@ every room of the pipeline and the runtimes' own-code modules; a job runs from t
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,8 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """The wheel `pip install .` builds, unpacked where an installed package would be."""
+    source = tmp_path_factory.mktemp("source") / "bitalloc"  # a copy: setuptools builds in the source tree
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "runs", "*.egg-info",
+                                                                "__pycache__", ".pytest_cache", ".hypothesis"))
     wheels = tmp_path_factory.mktemp("wheel")
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)],
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "would be ignored" not in done.stderr  # every data folder is declared: no setuptools warnings

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,7 +19,7 @@ from bitalloc.formats import Format
 from bitalloc.model import LoadedModel, list_layers, load_model
 from bitalloc.results import ConfigDoc, read_config
 
-from bitalloc.kernels.packed import pack_weight
+from bitalloc.kernels.packed import PackedWeight
 from bitalloc.kernels.quant_linear import QuantLinear
 from bitalloc.kernels.rtn import fake_quantize
 from bitalloc.paths import publish, staging_dir
@@ -27,19 +28,49 @@ CONFIG_FILE = "bitalloc_config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def quantize_model(model: LoadedModel, assignment: dict[str, Format]) -> int:
-    """Swap each quantized layer for a QuantLinear (16-bit layers are rounded to their 16-bit dtype, as the
-    evaluator does); returns the packed bytes of the quantized layers."""
+def job_levels(config: ConfigDoc, model: LoadedModel, data_hash: str | None) -> Callable[[str, Format], PackedWeight]:
+    """Each layer's level as the job measured it: read from this machine's level store (the config's quantizers with
+    their parameters, keyed by the job's data hash where they read calibration data). A level the store lost is made
+    again where its quantizer reads no data; one that needs the job's calibration data is refused in one line."""
+    import torch
+
+    from bitalloc.quantizers import Calibration, get_quantizer
+    from bitalloc.quantizers.store import LevelStore
+
     layers = {l.name: l for l in list_layers(model)}
+    stores = {m: LevelStore(config.model.content_hash, get_quantizer(m, **config.quantizers.get(m, {})),
+                            calibration=Calibration(torch.empty(0, dtype=torch.long), data_hash or ""))
+              for m in {f.method for f in config.formats().values() if f.quantized}}
+
+    def read(name: str, fmt: Format) -> PackedWeight:
+        store = stores[fmt.method]
+        if fmt.ggml:
+            raise BitallocError("TARGET", f"{name} is at llama.cpp's {fmt.ggml}, which bitalloc's kernels do not run; "
+                                          f"export it with --format llamacpp")
+        if store.has(name, fmt):
+            return store.read(name, fmt)
+        if store.quantizer.reads_calibration():
+            raise BitallocError("TARGET", f"the level of {name} at {fmt.name} ({fmt.method}, made from the job's "
+                                          f"calibration data) is not in this machine's level store {store.folder}; "
+                                          f"run the job here first")
+        return store.quantizer.quantize(model.weight(layers[name]), fmt)
+
+    return read
+
+
+def quantize_model(model: LoadedModel, assignment: dict[str, Format],
+                   level: Callable[[str, Format], PackedWeight]) -> int:
+    """Swap each quantized layer for a QuantLinear over its level (16-bit layers are rounded to their 16-bit dtype,
+    as the evaluator does); returns the packed bytes of the quantized layers."""
     total = 0
     for name, fmt in assignment.items():
         module = model.layer_module(name)
         if not fmt.quantized:
             module.weight.data = fake_quantize(module.weight.data, fmt)
             continue
-        packed = pack_weight(model.weight(layers[name]), fmt)
+        packed = level(name, fmt)
         total += packed.nbytes
-        model.module.set_submodule(name, QuantLinear.from_packed(packed, module.bias, module.weight.dtype))
+        QuantLinear.swap_in(model.module, name, packed)
     return total
 
 
@@ -60,15 +91,16 @@ def check_output(out: Path, field: str) -> None:
     configio.check_writable(out, field)
 
 
-def pack(config: ConfigDoc, out: Path) -> int:
-    """Quantize the config's model to its formats and save it packed into OUT; returns the packed layers' bytes.
-    The model is the one the config names, refused if its content differs from the one searched (and never
-    loaded with its own code: a config file names the model, it does not vouch for it)."""
+def pack(config: ConfigDoc, out: Path, data_hash: str | None = None) -> int:
+    """The config's model with every layer at its level as the job measured it (`job_levels`; `data_hash` is the
+    job's token sets), saved packed into OUT; returns the packed layers' bytes. The model is the one the config
+    names, refused if its content differs from the one searched (and never loaded with its own code: a config file
+    names the model, it does not vouch for it)."""
     model = load_model(config.model.source)
     if model.content_hash() != config.model.content_hash:
         raise BitallocError("TARGET", f"the model at {config.model.source!r} is not the one searched (content hash "
                                       f"differs); rerun the job")
-    packed = quantize_model(model, config.formats())
+    packed = quantize_model(model, config.formats(), job_levels(config, model, data_hash))
     save_packed(model, config, out)
     return packed
 

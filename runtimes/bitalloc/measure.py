@@ -20,7 +20,7 @@ def verify(ws, picked, work: Path, stages) -> list:
     doc = picked.config
     with stages.stage("bitalloc: pack and load the checkpoint"):
         folder = work / "packed"
-        pack(doc, folder)
+        pack(doc, folder, picked.front.data.hash)
         loaded = load_packed(folder)
     dtype = next(ws.model.module.parameters()).dtype
     packed = {name: m.packed for name, m in loaded.module.named_modules() if isinstance(m, QuantLinear)}
