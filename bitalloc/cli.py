@@ -71,6 +71,8 @@ def run(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: "
                                                "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"),
     verbose: bool = typer.Option(False, "--verbose", help="show Ray's own log lines here (default: OUT/job.log)"),
+    fresh: bool = typer.Option(False, "--fresh", help="discard an interrupted job's results in the output dir "
+                                                      "instead of refusing (see --resume)"),
 ):
     """Run a search job: sensitivity, the whole proxy front, measured points and uniform baselines."""
     from bitalloc.dashboards.table import front_table
@@ -85,8 +87,9 @@ def run(
                  + ([f"run.workers={workers}"] if workers else [])
                  + ([f"tracking.uri={tracking_uri}"] if tracking_uri else []))
     if resume is not None:
-        if job is not None:
-            raise BitallocError("--resume", "takes the job's output dir alone; its spec is read from there")
+        if job is not None or fresh:
+            raise BitallocError("--resume", "takes the job's output dir alone (no JOB, no --fresh); its spec is read "
+                                            "from there")
         spec = resume_spec(resume)
         target = resume
     elif job is None:
@@ -95,7 +98,7 @@ def run(
         spec = load_spec(job, overrides)
         target = out or spec.output_dir()
     try:
-        front = run_job(spec, target, resume=resume is not None, verbose=verbose)
+        front = run_job(spec, target, resume=resume is not None, verbose=verbose, fresh=fresh)
     except Interrupted as exc:
         exc.hint = interrupted_hint(target)
         raise
@@ -286,14 +289,13 @@ def export(
     nearest: bool = typer.Option(False, "--nearest", help="where the runtime cannot express a layer's format, "
                                                           "write the nearest it can"),
     tracking_uri: RunStore = None,
+    force: bool = typer.Option(False, "--force", help="replace OUTPUT if it exists"),
 ):
     """Write one measured config for a runtime: canonical JSON/YAML, GPTQModel, llm-compressor, llama.cpp, HQQ."""
-    from bitalloc.jobs.export import choose, resolve_export_format, write_export
-
-    from . import configio
+    from bitalloc.jobs.export import check_new_file, choose, resolve_export_format, write_export
 
     export_format = resolve_export_format(export_format, output)
-    configio.check_writable(output, "--output")
+    check_new_file(output, force)
     chosen = choose(target, avg_bits, budget, point, tracking_uri)
     changed, checked, notes = write_export(chosen, export_format, output, nearest)
     config, m, measured = chosen.config, chosen.config.metric.metric(), chosen.config.measured()

@@ -74,9 +74,11 @@ class Registry(Generic[T]):
                 checked = cls.Params(**params)
             except ValidationError as exc:
                 err = exc.errors()[0]
-                key = err["loc"][0] if err["loc"] else ""
+                if not err["loc"]:  # a rule between parameters
+                    raise BitallocError(self.params_field, f"{name}: {err['msg']}") from None
+                key = err["loc"][0]
                 raise BitallocError(f"{self.params_field}.{key}",
-                                    f"{err['msg']} for {name} (got {params.get(key)!r:.60})") from None
+                                    f"{params.get(key)!r:.60} is not allowed for {name}: {err['msg']}") from None
             return {key: getattr(checked, key) for key in params}
         out = {}
         for key, value in params.items():

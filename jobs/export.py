@@ -132,9 +132,12 @@ def from_run(run_id: str, uri: str, avg_bits, budget, point) -> Chosen:
     return Chosen(verified(doc, front.model, f"run {run_id}"), f"run {run_id}", front.data.hash)
 
 
+MAX_AVG_BITS = 32  # no weight is stored in more than float32's bits
+
+
 def check_avg_bits(avg_bits: Optional[float]) -> None:
-    if avg_bits is not None and not (math.isfinite(avg_bits) and avg_bits > 0):
-        raise BitallocError("--avg-bits", f"{avg_bits} is not a positive number of bits")
+    if avg_bits is not None and not (math.isfinite(avg_bits) and 0 < avg_bits <= MAX_AVG_BITS):
+        raise BitallocError("--avg-bits", f"{avg_bits} is not a number of bits from 0 to {MAX_AVG_BITS}")
 
 
 def run_store(target: str, tracking_uri: Optional[str]) -> str:
@@ -157,6 +160,19 @@ def choose(target: str, avg_bits, budget, point, tracking_uri: Optional[str]) ->
     return from_run(target, run_store(target, tracking_uri), avg_bits, budget, point)
 
 
+def check_new_file(output: Path, force: bool, field: str = "--output") -> None:
+    """Refuse, before any work, an output that is a folder, one that exists (unless `force`), or one whose folder does
+    not exist or cannot be written: an export never replaces a file or makes folders unasked."""
+    if output.is_dir():
+        raise BitallocError(field, f"{str(output)!r} is a folder; give a file path")
+    if output.exists() and not force:
+        raise BitallocError(field, f"{str(output)!r} exists; pass --force to replace it")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.exists():
+        raise BitallocError(field, f"the folder {str(parent)!r} does not exist; create it first")
+    configio.check_writable(output, field)
+
+
 def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool) -> tuple[list[str], str, list[str]]:
     """Write the file atomically (for llama.cpp levels made with an importance matrix, the matrix beside it); returns
     (layers written as nearest, what the runtime's parser said, notes: levels another quantizer made, the matrix)."""
@@ -168,7 +184,6 @@ def write_export(chosen: Chosen, export_format: str, output: Path, nearest: bool
         return [], f"canonical {chosen.config.schema_}", []
     layers, quantizers, runtime = layers_of(chosen.config), chosen.config.quantizers, get_runtime(fmt, "--format")
     text, changed = runtime.export(layers, chosen.config.model.type, nearest, quantizers)
-    output.parent.mkdir(parents=True, exist_ok=True)
     matrix, said = importance_matrix(chosen, output) if fmt == "llamacpp" else (None, [])
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
         staged = Path(tmp) / output.name

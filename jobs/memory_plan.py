@@ -12,9 +12,9 @@ Each part is counted from the model's shapes and the job's settings, the way the
 - one forward pass's outputs (logits, log-softmax and their product for a batch);
 - this process's own footprint (Python, torch, transformers); Ray: the object store's copy of the model, and each
   worker process's own footprint;
-- the estimator: Fisher one sequence's backward graph and one layer's ΔW at a time (the weight side also a
-  float32 Fisher per weight and the gradients); HAWQ one double-backward graph and second-order gradients; SQNR
-  with activations the input second moments.
+- the estimator, as it counts itself (`memory_bytes`): e.g. Fisher one sequence's backward graph and one layer's
+  ΔW at a time, HAWQ one double-backward graph and second-order gradients, SQNR with activations the input second
+  moments.
 A job whose plan does not fit is refused with one line naming the setting to change, instead of being killed.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bitalloc.errors import BitallocError
-from bitalloc.evaluate import output_width, reference_bytes
+from bitalloc.evaluate import reference_bytes
 from bitalloc.model import LoadedModel, QuantizableLayer
 from bitalloc.quantizers.inputs import input_bytes
 from bitalloc.quantizers.store import dense_bytes, level_bytes
@@ -99,7 +99,6 @@ def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, esti
          workers: int, available: int) -> MemoryPlan:
     """The plan of a job on this model, against `available` bytes measured after it loaded."""
     data = spec.data
-    numel = sum(l.numel for l in layers)
     working_set = dense_bytes(model, layers)
     evaluation = reference_bytes(model, data.evaluation * data.seq_len, data.reference)
     calibration = (reference_bytes(model, min(data.calibration * data.seq_len, spec.search.screen_tokens),

@@ -165,14 +165,17 @@ def interrupted_hint(out: Path) -> str:
 
 
 def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = None, resume: bool = False,
-            verbose: bool = False) -> Front:
+            verbose: bool = False, fresh: bool = False) -> Front:
     """Run the whole job and return its front (also written to OUT/front.json).
 
     Measurements are checkpointed in OUT's staging dir as they arrive; with `resume`, a job whose
     driver died continues from there and re-runs only what had not finished. The job is tracked as
     an MLflow run (a resumed job reopens its run); plots go to OUT/plots; Ray's own log lines go to
     OUT/job.log unless `verbose`. A job that fails on bad input leaves nothing behind; one that is
-    interrupted keeps its staging dir for --resume."""
+    interrupted keeps its staging dir for --resume.
+
+    The staging dir is owned: a new job into OUT while an interrupted job's staging is there refuses (pointing at
+    `--resume`, or `fresh` to discard it), and a failure removes only staging this job created."""
     console = console or Console(stderr=True)
     out = Path(out) if out is not None else spec.output_dir()
     check_output(out, "--out")
@@ -181,14 +184,18 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
     preflight(spec, estimator)
     with output_lock(out):
         staging = staging_dir(out)
-        if not resume:
-            shutil.rmtree(staging, ignore_errors=True)
+        if not resume and staging.exists():
+            if not fresh:
+                raise BitallocError("--out", f"an interrupted job's results are in {staging}: continue it with "
+                                             f"`bitalloc run --resume {out}`, or discard them with --fresh")
+            shutil.rmtree(staging)
+        created = not staging.exists()
         staging.mkdir(parents=True, exist_ok=True)
-        (staging / "spec.yaml").write_text(configio.dumps(spec.model_dump(mode="json"), ".yaml"))
         try:
+            (staging / "spec.yaml").write_text(configio.dumps(spec.model_dump(mode="json"), ".yaml"))
             front = _run(spec, out, staging, estimator, solver, console, None if verbose else staging / "job.log")
         except BitallocError:
-            if not resume and not (staging / "checkpoint.jsonl").is_file():
+            if created and not (staging / "checkpoint.jsonl").is_file():
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         publish(staging, out)

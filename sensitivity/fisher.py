@@ -14,26 +14,24 @@ model's own prediction (the true Fisher, which is the Hessian of KL(FP ‖ Q) at
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
+from pydantic import Field
 
-from bitalloc.errors import BitallocError
 from bitalloc.hooks import module_hooks
 
-from .base import EstimatorBase, EstimatorContext, graph_bytes, register
+from .base import EstimatorBase, EstimatorContext, Params, graph_bytes, register
 from .gradients import differentiable, lm_loss
 
 
 @register("fisher")
 class Fisher(EstimatorBase):
-    def __init__(self, side: str = "output", labels: str = "data", max_tokens: int = 2048):
-        if side not in ("weight", "output"):
-            raise BitallocError("sensitivity.params.side", f"{side!r} is not allowed; allowed: weight, output")
-        if labels not in ("data", "model"):
-            raise BitallocError("sensitivity.params.labels", f"{labels!r} is not allowed; allowed: data, model")
-        self.side = side
-        self.labels = labels
-        self.max_tokens = max_tokens
+    class Params(Params):
+        side: Literal["output", "weight"] = "output"
+        labels: Literal["data", "model"] = "data"
+        max_tokens: int = Field(2048, ge=1)
 
     @property
     def random(self) -> bool:

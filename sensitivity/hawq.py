@@ -25,12 +25,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
 from bitalloc.errors import BitallocError
 from bitalloc.hooks import logits as lm_logits
 from bitalloc.model import HIDDEN_STATE
 
-from .base import EstimatorBase, EstimatorContext, graph_bytes, register
+from .base import EstimatorBase, EstimatorContext, Params, graph_bytes, register
 from .gradients import differentiable, lm_loss
 
 
@@ -38,15 +39,20 @@ from .gradients import differentiable, lm_loss
 class HAWQ(EstimatorBase):
     random = True
 
-    def __init__(self, tol: float = 0.1, min_probes: int = 8, max_probes: int = 32, probes_per_batch: int = 4,
-                 max_tokens: int = 512, top_eigenvalue: bool = False, power_iters: int = 20):
-        self.tol = tol
-        self.min_probes = min_probes
-        self.max_probes = max_probes
-        self.probes_per_batch = probes_per_batch
-        self.max_tokens = max_tokens
-        self.top_eigenvalue = top_eigenvalue
-        self.power_iters = power_iters
+    class Params(Params):
+        tol: float = Field(0.1, ge=0, description="stop at this relative standard error of the predicted loss")
+        min_probes: int = Field(8, ge=2)
+        max_probes: int = Field(32, ge=2)
+        probes_per_batch: int = Field(4, ge=1)
+        max_tokens: int = Field(512, ge=1)
+        top_eigenvalue: bool = False
+        power_iters: int = Field(20, ge=1)
+
+        @model_validator(mode="after")
+        def _probes(self):
+            if self.max_probes < self.min_probes:
+                raise ValueError(f"max_probes ({self.max_probes}) is below min_probes ({self.min_probes})")
+            return self
 
     def memory_bytes(self, model, layers, seq_len: int) -> int:
         """One double-backward graph (three sequences' worth) and second-order gradients of every weight."""

@@ -19,9 +19,11 @@ on the order of measurement.
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
+
 from bitalloc.tasks import EvalTask
 
-from .base import EstimatorBase, EstimatorContext, register
+from .base import EstimatorBase, EstimatorContext, Params, register
 
 
 def fit_through_origin(t: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -39,9 +41,9 @@ class Linearity(EstimatorBase):
     measures_calibration = True
     random = True
 
-    def __init__(self, levels: int = 2, max_tokens: int = 256):
-        self.levels = levels
-        self.max_tokens = max_tokens
+    class Params(Params):
+        levels: int = Field(2, ge=1, description="noise levels fitted per layer")
+        max_tokens: int = Field(256, ge=1)
 
     def steps(self, ctx: EstimatorContext) -> int:
         return len(ctx.layers) * len(self.level_indices(np.zeros(len(ctx.formats))))

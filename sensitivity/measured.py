@@ -8,17 +8,19 @@ over the job's workers as they do.
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
+
 
 from bitalloc.tasks import EvalTask
 
-from .base import EstimatorBase, EstimatorContext, register
+from .base import EstimatorBase, EstimatorContext, Params, register
 
 
 @register("measured")
 class ExactDelta(EstimatorBase):
     measures_calibration = True
-    def __init__(self, max_tokens: int = 256):
-        self.max_tokens = max_tokens
+    class Params(Params):
+        max_tokens: int = Field(256, ge=1)
 
     def steps(self, ctx: EstimatorContext) -> int:
         return len(ctx.layers) * len(ctx.formats)

@@ -12,17 +12,18 @@ as tr(ΔW Σ ΔWᵀ) / tr(W Σ Wᵀ), so no per-format forward pass is needed.
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
 from bitalloc.quantizers.inputs import collect
 
-from .base import EstimatorBase, EstimatorContext, register
+from .base import EstimatorBase, EstimatorContext, Params, register
 
 
 @register("sqnr")
 class SQNR(EstimatorBase):
-    def __init__(self, activations: bool = False, max_tokens: int = 2048):
-        self.activations = activations
-        self.max_tokens = max_tokens
+    class Params(Params):
+        activations: bool = False
+        max_tokens: int = Field(2048, ge=1)
 
     def memory_bytes(self, model, layers, seq_len: int) -> int:
         """With activations, every layer's input second moments; data-free, one layer's ΔW."""

@@ -120,6 +120,11 @@ CALLS = [
     (["export", "DIR", "--avg-bits", "inf", "-o", "x.json"], "--avg-bits"),
     (["export", "DIR", "--point", "1", "-o", "FILE/x.json"], "--output"),
     (["export", "0123456789abcdef0123456789abcdef", "--point", "1", "-o", "x.json"], "TARGET"),
+    (["export", "DIR", "--avg-bits", "1e308", "-o", "x.json"], "--avg-bits"),
+    (["export", "DIR", "--point", "1", "--format", "json", "-o", "FILE"], "--output"),  # exists: --force replaces
+    (["export", "DIR", "--point", "1", "--format", "json", "-o", "DIR"], "--output"),
+    (["export", "DIR", "--point", "1", "-o", "missing/x.json"], "--output"),
+    (["pack", "DIR", "--avg-bits", "1e308", "-o", "packed"], "--avg-bits"),
     (["pack", "DIR", "--point", "1", "-o", "/proc/packed"], "--output"),
     (["layers", "some-org/not-on-disk"], "model.source"),
     (["sensitivity", "score", "JOB", "-e", "fisher:side=!!python/name:os.system"], "--estimator"),
@@ -260,6 +265,31 @@ def test_interrupt_exits_130_and_resumes(signum, tiny_llama, text_dir, tmp_path)
     assert done.returncode == 0, done.stderr
     front = json.loads((out / "front.json").read_text())
     assert front["evaluations"]["from_checkpoint"] > 0
+
+
+def test_a_new_job_never_deletes_an_interrupted_jobs_results(tiny_llama, text_dir, tmp_path):
+    """A second job into the output dir of an interrupted one (here one that would fail anyway) refuses in one line
+    pointing at --resume, and the interrupted job's checkpoint is left as it was; --fresh discards it on request."""
+    out = tmp_path / "out"
+    path = _write(tmp_path, tiny_job(tiny_llama, text_dir, out, sensitivity={"estimator": "measured"},
+                                     data={"evaluation": 24}, search={"points": 40}))
+    proc = _job_process(path)
+    checkpoint = tmp_path / ".out.partial" / "checkpoint.jsonl"
+    deadline = time.monotonic() + 120
+    while not (checkpoint.is_file() and checkpoint.stat().st_size) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    saved = checkpoint.read_bytes()
+    again = subprocess.run(CLI + ["run", path, "--set", "run.memory_limit=1KiB"], capture_output=True, text=True)
+    lines = again.stderr.strip().splitlines()
+    assert again.returncode == 2 and len(lines) == 1 and f"--resume {out}" in lines[0] and "--fresh" in lines[0]
+    assert checkpoint.read_bytes() == saved
+    fresh = subprocess.run(CLI + ["run", path, "--fresh"], capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    assert json.loads((out / "front.json").read_text())["evaluations"]["from_checkpoint"] == 0
+    assert not checkpoint.parent.exists()
 
 
 def test_ray_internals_stay_out_of_the_terminal(tiny_llama, text_dir, tmp_path):

@@ -69,6 +69,11 @@ def test_export_picks_the_best_config_that_fits(finished, tmp_path):
     assert doc["metrics"]["kl"] == min(p.loss for p in fitting)
     main(["export", str(finished), "--budget", f"{doc['totals']['bytes']}B", "-o", str(tmp_path / "c.json")])
     assert json.loads((tmp_path / "c.json").read_text())["totals"] == doc["totals"]
+    with pytest.raises(SystemExit):  # an existing file is replaced only when asked
+        main(["export", str(finished), "--avg-bits", "8", "-o", str(tmp_path / "c.json")])
+    assert json.loads((tmp_path / "c.json").read_text())["totals"] == doc["totals"]
+    main(["export", str(finished), "--avg-bits", "8", "-o", str(tmp_path / "c.json"), "--force"])
+    assert json.loads((tmp_path / "c.json").read_text())["totals"]["avg_bits"] > doc["totals"]["avg_bits"]
 
 
 def test_gpt2_style_model_runs(tiny_gpt2, text_dir, tmp_path):
