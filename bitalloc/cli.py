@@ -271,8 +271,8 @@ Target = Annotated[str, typer.Argument(help="a job's output dir or MLflow run id
 AvgBits = Annotated[Optional[float], typer.Option("--avg-bits", help="lowest-KL measured config within this many "
                                                                      "average bits")]
 Budget = Annotated[Optional[str], typer.Option("--budget", help="... within this size, e.g. 60MiB")]
-Point = Annotated[Optional[int], typer.Option("--point", help="mixed front point N (numbered by size, as in the "
-                                                              "front table)")]
+Point = Annotated[Optional[int], typer.Option("--point", help="mixed front point N: the N-th mixed row of the front "
+                                                              "table by size (a spread row is labelled mixed #N)")]
 RunStore = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow store of RUN_ID (default: "
                                                  "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")]
 

@@ -74,11 +74,16 @@ def parse_yaml(text: str, field: str):
 
 
 def read_text(path: Path, field: str) -> str:
-    """A UTF-8 text file of reasonable size, or one `BitallocError` naming `field`."""
+    """A UTF-8 text file of reasonable size, or one `BitallocError` naming `field`: a device or pipe (whose size
+    says nothing) is refused, and no more than MAX_FILE_BYTES are ever read."""
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise BitallocError(field, f"{str(path)!r} is {path.stat().st_size} bytes, too large for this file")
-        return path.read_bytes().decode("utf-8")
+        if path.exists() and not path.is_file():
+            raise BitallocError(field, f"{str(path)!r} is not a regular file")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise BitallocError(field, f"{str(path)!r} is over {MAX_FILE_BYTES} bytes, too large for this file")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise BitallocError(field, f"{str(path)!r} is not UTF-8 text") from None
     except OSError as exc:

@@ -252,7 +252,8 @@ class Results:
 
 def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, solved: SolveResult,
             measured: MeasuredPoints) -> Results:
-    """The typed results of a measured search; mixed points numbered by size."""
+    """The typed results of a measured search; mixed points numbered by size (a spread point's label is its
+    number)."""
     model, layers, metric = ws.model, ws.layers, METRICS[ws.model.metric]
     meta = dict(model_source=ws.source, model_hash=ws.model_hash, spec_hash=job.spec_hash,
                 model_type=model.model_type, shapes={l.name: [l.out_features, l.in_features] for l in layers},
@@ -265,7 +266,9 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
         path = (f"configs/mixed-{i + 1:02d}-{c.config.avg_bits:.3f}b.json" if c.kind == "mixed"
                 else f"configs/uniform-{c.format}.json")
         configs[path] = ConfigDoc.of(c.config, m, **meta)
-        points.append(Point(kind=c.kind, label=c.label, format=c.format, avg_bits=round(c.config.avg_bits, 6),
+        # a spread point is named by its number among the mixed points by size: what `--point N` picks
+        label = f"mixed #{i + 1}" if c.kind == "mixed" and c.label.startswith("mixed #") else c.label
+        points.append(Point(kind=c.kind, label=label, format=c.format, avg_bits=round(c.config.avg_bits, 6),
                             bytes=c.config.bytes, mib=round(mib(c.config.bytes), 6), predicted=c.config.predicted,
                             loss=m.loss, quality=m.quality, loss_error=m.loss_error or None, config=path))
     fp_bytes = problem.fixed_bytes + sum(l.numel * model.layer_module(l.name).weight.element_size() for l in layers)

@@ -96,14 +96,58 @@ def pick_point(front: Front, avg_bits: Optional[float], budget: Optional[str], p
     return min(fitting, key=lambda p: (p.loss, p.bytes))
 
 
+def config_file(folder: Path, relative: str) -> Path:
+    """A config file of a result folder: a regular file inside it, reached through no symlink."""
+    path = folder
+    for part in Path(relative).parts:
+        path = path / part
+        if path.is_symlink():
+            raise BitallocError(str(folder / "front.json"), f"{relative!r} goes through a symlink ({path}); a job "
+                                                            f"writes its configs into its own folder")
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise BitallocError(str(folder / "front.json"), f"{relative!r} leaves the result folder")
+    return path
+
+
+def check_row(point: Point, doc: ConfigDoc, front: Front, where: str) -> None:
+    """A front row says what its config file says: its bytes, average bits and measurement, finite, on this model."""
+    row = f"{where}: row {point.label!r}"
+    if not (math.isfinite(point.loss) and math.isfinite(point.quality)):
+        raise BitallocError("TARGET", f"{row} has a loss or quality that is not a number; rerun the job")
+    if doc.model.content_hash != front.model.content_hash:
+        raise BitallocError("TARGET", f"{row}: its config is of another model (content hash differs)")
+    if doc.totals.bytes != point.bytes or abs(doc.totals.avg_bits - point.avg_bits) > 1e-6:
+        raise BitallocError("TARGET", f"{row} claims {point.bytes} bytes ({point.avg_bits:g} avg bits), its config "
+                                      f"{doc.totals.bytes} ({doc.totals.avg_bits:g}); it was edited or damaged")
+    measured = doc.measured()
+    close = lambda a, b: abs(a - b) <= 1e-9 * max(1.0, abs(b))  # noqa: E731  (both written from one float)
+    if measured is None or not (close(point.loss, measured[0]) and close(point.quality, measured[1])):
+        raise BitallocError("TARGET", f"{row} claims loss {point.loss:g}, its config "
+                                      f"{'nothing' if measured is None else f'{measured[0]:g}'}; it was edited or "
+                                      f"damaged")
+
+
+def read_results(folder: Path) -> tuple[Front, dict[str, ConfigDoc]]:
+    """A job's front with every row checked against the config file it names (`verified`, `check_row`), each file
+    named once and inside the folder: a point is chosen only among rows whose claims hold."""
+    if not (folder / "front.json").is_file():
+        raise BitallocError("TARGET", f"{str(folder)!r} holds no front.json; give a job's output dir or run id")
+    front = read_front(folder / "front.json")
+    check_front(front, str(folder))
+    configs: dict[str, ConfigDoc] = {}
+    for p in front.points:
+        if p.config in configs:
+            raise BitallocError(str(folder / "front.json"), f"two rows name {p.config!r}; it was edited or damaged")
+        path = config_file(folder, p.config)
+        doc = verified(read_config(path), front.model, str(path))
+        check_row(p, doc, front, str(folder / "front.json"))
+        configs[p.config] = doc
+    return front, configs
+
+
 def from_dir(run_dir: Path, avg_bits, budget, point) -> Chosen:
-    if not (run_dir / "front.json").is_file():
-        raise BitallocError("TARGET", f"{str(run_dir)!r} holds no front.json; give a job's output dir or run id")
-    front = read_front(run_dir / "front.json")
-    check_front(front, str(run_dir))
-    picked = pick_point(front, avg_bits, budget, point)
-    doc = read_config(run_dir / picked.config)
-    return Chosen(verified(doc, front.model, str(run_dir / picked.config)), str(run_dir), front.data.hash)
+    front, configs = read_results(run_dir)
+    return Chosen(configs[pick_point(front, avg_bits, budget, point).config], str(run_dir), front.data.hash)
 
 
 def from_run(run_id: str, uri: str, avg_bits, budget, point) -> Chosen:
@@ -126,10 +170,8 @@ def from_run(run_id: str, uri: str, avg_bits, budget, point) -> Chosen:
             return Chosen(verified(doc, front.model, f"run {run_id}"), f"run {run_id}", front.data.hash)
         if kind != "job":
             raise BitallocError("TARGET", f"MLflow run {run_id} is not a bitalloc job or front point")
-        front = read_front(fetch("results/front.json"))
-        check_front(front, f"run {run_id}")
-        doc = read_config(fetch(f"results/{pick_point(front, avg_bits, budget, point).config}"))
-    return Chosen(verified(doc, front.model, f"run {run_id}"), f"run {run_id}", front.data.hash)
+        chosen = from_dir(fetch("results"), avg_bits, budget, point)
+    return Chosen(chosen.config, f"run {run_id}", chosen.data_hash)
 
 
 MAX_AVG_BITS = 32  # no weight is stored in more than float32's bits

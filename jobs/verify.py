@@ -17,10 +17,10 @@ from rich.console import Console
 from bitalloc import configio
 from bitalloc.errors import BitallocError
 from bitalloc.progress import Stages
-from bitalloc.results import ConfigDoc, Front, Point, RuntimePoint, read_config, read_front
+from bitalloc.results import ConfigDoc, Front, Point, RuntimePoint, read_config
 from bitalloc.runtimes import Runtime, get_runtime, layers_of
 
-from .export import check_avg_bits, check_front, pick_point, run_store, verified
+from .export import check_avg_bits, pick_point, read_results, run_store
 
 
 @dataclass
@@ -54,10 +54,9 @@ def job_folder(target: str, tracking_uri: Optional[str]) -> Iterator[Path]:
 
 
 def pick(folder: Path, avg_bits, budget, point) -> Picked:
-    front = read_front(folder / "front.json")
-    check_front(front, str(folder))
+    front, configs = read_results(folder)
     chosen = pick_point(front, avg_bits, budget, point)
-    doc = verified(read_config(folder / chosen.config), front.model, str(folder / chosen.config))
+    doc = configs[chosen.config]
     if not (folder / "spec.yaml").is_file():
         raise BitallocError("TARGET", f"{folder} has no spec.yaml (an older result); rerun the job to verify it")
     return Picked(folder, front, chosen, doc)

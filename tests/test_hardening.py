@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -237,6 +238,56 @@ def test_edited_results_are_refused(tiny_llama, text_dir, tmp_path, capsys):
     (out / "front.json").write_bytes(b"\x00\x01binary")
     _refused(capsys, ["export", str(out), "--point", "1", "-o", "x.json"], str(out / "front.json"))
     assert not (tmp_path / "packed").exists()
+
+
+@pytest.mark.edits_results
+def test_fronts_whose_rows_disagree_with_their_configs_are_refused(tiny_llama, text_dir, tmp_path, capsys):
+    """A point is chosen only among rows whose claims their config files bear out: a row with a better loss or fewer
+    bits than its config, one naming another row's file, a loss that is not a number, a config edited to claim
+    another measurement, and config files reached through a symlink (out of the folder, or to a device) are each
+    refused by export, pack and verify in one line, with nothing written."""
+    import math
+
+    out = tmp_path / "out"
+    main(["run", _write(tmp_path, tiny_job(tiny_llama, text_dir, out, tracking={"enabled": False}))])
+    capsys.readouterr()
+    original = (out / "front.json").read_text()
+    front = json.loads(original)
+    uniform = next(i for i, p in enumerate(front["points"]) if p["kind"] == "uniform")
+    first = front["points"][0]
+    config_path = out / first["config"]
+    config = config_path.read_text()
+
+    def row(i, **change):
+        points = [dict(p) for p in front["points"]]
+        points[i].update(change)
+        return json.dumps({**front, "points": points})
+
+    edits = [
+        ("front.json", row(uniform, loss=1e-6), "TARGET", "claims loss"),
+        ("front.json", row(uniform, avg_bits=1.0), "TARGET", "avg bits"),
+        ("front.json", row(uniform, config=first["config"]), str(out / "front.json"), "two rows name"),
+        ("front.json", row(0, loss=math.nan), "TARGET", "not a number"),
+        (first["config"], json.dumps({**json.loads(config), "metrics": {**json.loads(config)["metrics"], "kl": 0}}),
+         "TARGET", "claims loss"),
+    ]
+    for name, text, field, says in edits:
+        (out / name).write_text(text)
+        for command in (["export", str(out), "--avg-bits", "8", "-o", str(tmp_path / "x.json")],
+                        ["pack", str(out), "--avg-bits", "8", "-o", str(tmp_path / "packed")],
+                        ["verify", str(out), "--avg-bits", "8", "--runtime", "bitalloc"]):
+            assert says in _refused(capsys, command, field), (name, says, command[0])
+        (out / "front.json").write_text(original)
+        config_path.write_text(config)
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(config)
+    for target in (outside, Path("/dev/zero")):
+        config_path.unlink()
+        config_path.symlink_to(target)
+        assert "symlink" in _refused(capsys, ["export", str(out), "--point", "1", "-o", str(tmp_path / "x.json")],
+                                     str(out / "front.json"))
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "packed").exists()
+    assert (out / "front.json").read_text() == original
 
 
 def _job_process(spec_path, *extra, env=None):
