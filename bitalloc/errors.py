@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class BitallocError(Exception):
@@ -34,6 +37,25 @@ class Interrupted(BaseException):
 
 def _raise_interrupted(signum, _frame) -> None:
     raise Interrupted(signum)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM recorded instead of raised while the block runs, for a library call an exception must not
+    cross (Ray's wait, in its own C++ code, turns one into a SystemError): the block polls the list it is given and
+    raises `Interrupted` itself. Outside the main thread, signals are not this thread's: a no-op."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, _frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def raise_on_signals() -> None:

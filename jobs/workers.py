@@ -23,9 +23,10 @@ import ray  # noqa: E402
 import torch
 from ray.util import ActorPool
 
+from bitalloc.errors import Interrupted, deferred_signals
 from bitalloc.formats import Format
-from bitalloc.quantizers.store import LevelStore, Levels
 from bitalloc.model import NEXT_TOKEN, QuantizableLayer, from_module
+from bitalloc.quantizers.store import LevelStore, Levels
 from bitalloc.tasks import EvalTask, LocalRunner, OnResult
 from bitalloc.types import Measurement
 
@@ -92,6 +93,9 @@ def _restore(skeleton: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch
     return skeleton
 
 
+POLL_S = 0.2  # how often a wait for workers' results looks for Ctrl-C
+
+
 class RayRunner:
     """A backend whose tasks run on `workers` Ray actors."""
 
@@ -113,13 +117,23 @@ class RayRunner:
     def map(self, tasks: list[EvalTask], progress: Callable[[int], None] | None = None,
             on_result: OnResult | None = None) -> list[Measurement]:
         results: list[Measurement | None] = [None] * len(tasks)
-        for index, measurement in self.pool.map_unordered(lambda actor, item: actor.run.remote(item),
-                                                          list(enumerate(tasks))):
-            results[index] = measurement
-            if on_result:
-                on_result(index, measurement)
-            if progress:
-                progress(1)
+        with deferred_signals() as stopped:  # Ctrl-C is polled between waits, never raised inside Ray's
+            for item in enumerate(tasks):
+                self.pool.submit(lambda actor, item: actor.run.remote(item), item)
+            while self.pool.has_next():
+                try:
+                    index, measurement = self.pool.get_next_unordered(timeout=POLL_S)
+                except TimeoutError:
+                    index = None
+                if stopped:
+                    raise Interrupted(stopped[0])
+                if index is None:
+                    continue
+                results[index] = measurement
+                if on_result:
+                    on_result(index, measurement)
+                if progress:
+                    progress(1)
         return results
 
     def close(self) -> None:

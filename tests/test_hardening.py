@@ -295,11 +295,13 @@ def _job_process(spec_path, *extra, env=None):
                             text=True, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_exits_130_and_resumes(signum, tiny_llama, text_dir, tmp_path):
+@pytest.mark.parametrize("signum, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGINT, 2)])
+def test_interrupt_exits_130_and_resumes(signum, workers, tiny_llama, text_dir, tmp_path):
+    """Ctrl-C or SIGTERM, in-process or while two Ray workers evaluate: exit 130, the resume hint, and --resume
+    finishes the job from its checkpoint."""
     out = tmp_path / "out"
     spec = tiny_job(tiny_llama, text_dir, out, sensitivity={"estimator": "measured"},
-                    data={"evaluation": 24}, search={"points": 40})
+                    data={"evaluation": 24}, search={"points": 40}, run={"workers": workers})
     path = _write(tmp_path, spec)
     proc = _job_process(path)
     checkpoint = tmp_path / ".out.partial" / "checkpoint.jsonl"
