@@ -98,7 +98,8 @@ def run(
         spec = load_spec(job, overrides)
         target = out or spec.output_dir()
     try:
-        front = run_job(spec, target, resume=resume is not None, verbose=verbose, fresh=fresh)
+        field = "--resume" if resume is not None else "--out" if out is not None else "output"
+        front = run_job(spec, target, resume=resume is not None, verbose=verbose, fresh=fresh, field=field)
     except Interrupted as exc:
         exc.hint = interrupted_hint(target)
         raise
@@ -187,6 +188,10 @@ def sensitivity_table(
             else parse_spec({"model": {"source": target}}, set_))
     if out is not None and len(estimator) > 1:
         raise BitallocError("--out", "writes one table; name exactly one --estimator")
+    if out is not None:
+        from . import configio
+
+        configio.check_writable(out, "--out")
     for result in tables(spec, estimator or [spec.sensitivity.estimator], Console(stderr=True), out):
         _out().print(sensitivity_summary(result))
         _out().print(f"table: {result.path}")
@@ -208,8 +213,8 @@ def sensitivity_score(
     from bitalloc.jobs.scoring import default_estimators, score_estimators
     from bitalloc.jobs.spec import load_spec
 
-    if not 0 < min_bits < max_bits:
-        raise BitallocError("--min-bits/--max-bits", f"need 0 < min < max, got {min_bits} and {max_bits}")
+    if not 0 < min_bits < max_bits <= 32:
+        raise BitallocError("--min-bits/--max-bits", f"need 0 < min < max <= 32, got {min_bits} and {max_bits}")
     spec = load_spec(job, set_)
     scores = score_estimators(spec, estimator or default_estimators(), configs, min_bits, max_bits,
                               Console(stderr=True), out)
@@ -459,6 +464,11 @@ def main(argv: list[str] | None = None) -> None:
         field = "usage" if param is None else (param.opts[0] if param.param_type_name == "option"
                                                else param.metavar or param.name.upper())
         print(_one_line(f"error: {field}: {exc.format_message()}{where}"), file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as exc:  # a path the system refuses (a name too long, a folder not writable, ...): said in one line
+        where = exc.filename if isinstance(exc.filename, str) else "path"
+        shown = where if len(where) <= 80 else f"{where[:40]}...{where[-20:]} ({len(where)} characters)"
+        print(_one_line(f"error: {shown}: {exc.strerror or exc}"), file=sys.stderr)
         raise SystemExit(2) from None
     except (Interrupted, KeyboardInterrupt) as exc:
         hint = getattr(exc, "hint", "") or "nothing was written"

@@ -128,8 +128,10 @@ def load(path: Path) -> dict:
     else:
         try:
             doc = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
+        except json.JSONDecodeError:
             raise BitallocError(str(path), "is not valid JSON") from None
+        except RecursionError:
+            raise BitallocError(str(path), "nests too deeply to be a bitalloc document") from None
     if not isinstance(doc, dict):
         raise BitallocError(str(path), "is not a bitalloc document")
     return doc

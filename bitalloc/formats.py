@@ -87,12 +87,15 @@ class Format:
             bits = int(data["bits"])
         except (KeyError, TypeError, ValueError):
             raise BitallocError(f"{field}.bits", f"missing or not an integer; allowed: {_allowed_bits()}") from None
-        if bits == KEEP_BITS:
-            return cls(bits, scale_dtype=data.get("scale_dtype") or "float16")
-        if data.get("ggml"):
-            return cls.of_ggml(data["ggml"])
-        return cls(bits, data.get("group_size"), bool(data.get("symmetric", False)), data.get("scale_dtype", "float16"),
-                   data.get("method") or "rtn")
+        try:
+            if bits == KEEP_BITS:
+                return cls(bits, scale_dtype=data.get("scale_dtype") or "float16")
+            if data.get("ggml"):
+                return cls.of_ggml(data["ggml"])
+            return cls(bits, data.get("group_size"), bool(data.get("symmetric", False)),
+                       data.get("scale_dtype", "float16"), data.get("method") or "rtn")
+        except BitallocError as exc:  # named where the format was written
+            raise BitallocError(exc.field.replace("format", field, 1), exc.message) from None
 
 
 def _allowed_bits() -> str:

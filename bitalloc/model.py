@@ -195,6 +195,7 @@ def load_model(source: str, *, attn_implementation: str | None = None, trust_rem
     """Load a model for evaluation (float weights, eval mode, no gradients), offline, never running custom code
     unless `trust_remote_code`. A causal LM whose output head is not in the checkpoint is measured on its final
     hidden state instead, as an encoder is; weights the checkpoint lacks elsewhere are refused."""
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -221,7 +222,7 @@ def load_model(source: str, *, attn_implementation: str | None = None, trust_rem
                 new = _new_weights(info)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                       **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:  # a damaged checkpoint
         raise BitallocError("model.source", f"could not load {source!r}: {first_line(exc)}") from None
     if metric == HIDDEN_STATE:
         new = {k for k in new if not _UNSEEN.search(k)}

@@ -13,7 +13,8 @@ _UNITS = {
     "mib": 2**20,
     "gib": 2**30,
 }
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]+)\s*$")
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]+)\s*$")
+MAX_BYTES = 2**60  # an exabyte: larger is a typo, not a memory budget
 
 
 def parse_bytes(text: str, field: str) -> int:
@@ -23,7 +24,10 @@ def parse_bytes(text: str, field: str) -> int:
         raise BitallocError(
             field, f"{text!r} is not a size; write a number with a unit (B, KB, MB, GB, KiB, MiB, GiB), e.g. 80MiB"
         )
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if size > MAX_BYTES:
+        raise BitallocError(field, f"{text!r} is larger than any machine's memory or disk")
+    return int(size)
 
 
 def mib(n_bytes: int) -> float:

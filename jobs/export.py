@@ -58,7 +58,10 @@ def check_front(front: Front, where: str) -> None:
 def verified(doc: ConfigDoc, model: ModelInfo, where: str) -> ConfigDoc:
     """A config whose claims hold: every layer of the search has a format and a shape, and the bytes recount
     from those shapes (plus the model's other tensors) to exactly the total it claims."""
-    formats = doc.formats()
+    try:
+        formats = doc.formats()
+    except BitallocError as exc:
+        raise BitallocError("TARGET", f"{where}: {exc.field}: {exc.message}") from None
     other = model.other_bytes if doc.model.other_bytes is None else doc.model.other_bytes
     if set(doc.shapes) != set(formats):
         raise BitallocError("TARGET", f"{where}: the config's layers and shapes name different layers")

@@ -165,20 +165,20 @@ def interrupted_hint(out: Path) -> str:
 
 
 def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = None, resume: bool = False,
-            verbose: bool = False, fresh: bool = False) -> Front:
+            verbose: bool = False, fresh: bool = False, field: str = "--out") -> Front:
     """Run the whole job and return its front (also written to OUT/front.json).
 
     Measurements are checkpointed in OUT's staging dir as they arrive; with `resume`, a job whose
     driver died continues from there and re-runs only what had not finished. The job is tracked as
     an MLflow run (a resumed job reopens its run); plots go to OUT/plots; Ray's own log lines go to
     OUT/job.log unless `verbose`. A job that fails on bad input leaves nothing behind; one that is
-    interrupted keeps its staging dir for --resume.
+    interrupted keeps its staging dir for --resume. `field` names where OUT came from in errors.
 
     The staging dir is owned: a new job into OUT while an interrupted job's staging is there refuses (pointing at
     `--resume`, or `fresh` to discard it), and a failure removes only staging this job created."""
     console = console or Console(stderr=True)
     out = Path(out) if out is not None else spec.output_dir()
-    check_output(out, "--out")
+    check_output(out, field)
     estimator = get_estimator(spec.sensitivity.estimator, **spec.sensitivity.params)
     solver = get_solver(spec.search.solver, **spec.search.params)
     preflight(spec, estimator)
@@ -186,7 +186,7 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
         staging = staging_dir(out)
         if not resume and staging.exists():
             if not fresh:
-                raise BitallocError("--out", f"an interrupted job's results are in {staging}: continue it with "
+                raise BitallocError(field, f"an interrupted job's results are in {staging}: continue it with "
                                              f"`bitalloc run --resume {out}`, or discard them with --fresh")
             shutil.rmtree(staging)
         created = not staging.exists()

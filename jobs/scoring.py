@@ -37,6 +37,16 @@ def parse_estimator(text: str) -> tuple[str, dict]:
     return name.strip(), params
 
 
+def estimator_from(text: str):
+    """The estimator `-e TEXT` names, its mistakes reported against `--estimator` (where the user typed them)."""
+    name, params = parse_estimator(text)
+    try:
+        return get_estimator(name, **params)
+    except BitallocError as exc:
+        where = exc.field.replace("sensitivity.estimator", "--estimator").replace("sensitivity.params", "--estimator")
+        raise BitallocError(where, exc.message) from None
+
+
 def random_choices(problem: Problem, n: int, lo_bits: float, hi_bits: float, seed: int,
                    scatter: float = 0.25) -> list[np.ndarray]:
     """n configs whose average bits are stratified over [lo, hi]: each layer takes one of the two
@@ -114,7 +124,7 @@ def tables(spec: JobSpec, estimators: list[str], console: Console, out: Path | N
            ) -> list[pipeline.TableResult]:
     """Each estimator's table on the spec's model, data and formats (from the cache where it has them); the one
     table also written to `out` when given."""
-    instances = [get_estimator(name, **params) for name, params in map(parse_estimator, estimators)]
+    instances = [estimator_from(text) for text in estimators]
     with Stages(console) as stages:
         ws = open_workspace(spec, stages)
         results = [pipeline.sensitivity(ws, est, spec.seed, stages) for est in instances]
@@ -125,8 +135,7 @@ def tables(spec: JobSpec, estimators: list[str], console: Console, out: Path | N
 
 def score_estimators(spec: JobSpec, estimators: list[str], n_configs: int, lo_bits: float, hi_bits: float,
                      console: Console, out: Path | None = None) -> Scores:
-    parsed = [(text, *parse_estimator(text)) for text in estimators]
-    instances = [(text, get_estimator(name, **params)) for text, name, params in parsed]
+    instances = [(text, estimator_from(text)) for text in estimators]
     with Stages(console) as stages:
         ws = open_workspace(spec, stages)
         base = spec.problem(ws.model, ws.layers)

@@ -126,6 +126,13 @@ CALLS = [
     (["export", "DIR", "--point", "1", "--format", "json", "-o", "DIR"], "--output"),
     (["export", "DIR", "--point", "1", "-o", "missing/x.json"], "--output"),
     (["pack", "DIR", "--avg-bits", "1e308", "-o", "packed"], "--avg-bits"),
+    (["run", "JOB", "--set", "output=/proc/bitalloc-out"], "output"),
+    (["sensitivity", "MODEL", "--out", "/proc/bitalloc-table.json"], "--out"),
+    (["layers", "m" * 5000], ""),  # a name the system refuses: one line naming it
+    (["export", "DIR", "--point", "1", "-o", "x" * 300 + ".json"], ""),
+    (["run", "JOB", "--out", "o" * 300], ""),
+    (["sensitivity", "score", "JOB", "--max-bits", "inf"], "--min-bits/--max-bits"),
+    (["sensitivity", "score", "JOB", "-e", "bogus"], "--estimator"),
     (["pack", "DIR", "--point", "1", "-o", "/proc/packed"], "--output"),
     (["layers", "some-org/not-on-disk"], "model.source"),
     (["sensitivity", "score", "JOB", "-e", "fisher:side=!!python/name:os.system"], "--estimator"),
@@ -173,6 +180,16 @@ def test_pickle_only_checkpoints_are_refused(tiny_llama, tmp_path, capsys):
     for f in folder.glob("*.safetensors"):
         f.rename(f.with_name("pytorch_model.bin"))
     assert "pickle weights" in _refused(capsys, ["layers", str(folder)], "model.source")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_safetensors_checkpoint_is_one_line(damage, tiny_llama, tmp_path, capsys):
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_llama, folder)
+    weights = next(folder.glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 64)
+    _refused(capsys, ["layers", str(folder)], "model.source")
 
 
 def test_truncated_gguf_is_one_line(tmp_path, capsys):

@@ -205,10 +205,10 @@ def test_sensitivity_score_ranks_estimators(tiny_llama, text_dir, tmp_path, caps
 
 @pytest.mark.parametrize("args, expected", [
     (["sensitivity", "score"], "error: JOB: "),
-    (["sensitivity", "MODEL", "-e", "oracle"], "error: sensitivity.estimator: 'oracle' is not an estimator"),
+    (["sensitivity", "MODEL", "-e", "oracle"], "error: --estimator: 'oracle' is not an estimator"),
     (["sensitivity", "score", "JOB", "--configs", "1"], "error: --configs: "),
     (["sensitivity", "score", "JOB", "-e", "fisher:side"], "error: --estimator: "),
-    (["sensitivity", "score", "JOB", "-e", "fisher:side=middle"], "error: sensitivity.params.side: 'middle' is not allowed"),
+    (["sensitivity", "score", "JOB", "-e", "fisher:side=middle"], "error: --estimator.side: 'middle' is not allowed"),
 ])
 def test_sensitivity_refusals(args, expected, tiny_llama, text_dir, tmp_path, capsys):
     job = _write(tmp_path, tiny_job(tiny_llama, text_dir, tmp_path / "o"))
