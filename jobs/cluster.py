@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from bitalloc.errors import BitallocError
+from bitalloc.errors import BitallocError, first_line
 
 CONNECT_TIMEOUT_S = 5.0
 RAY_ENV = {
@@ -102,8 +102,12 @@ def ray_session(address: str | None, cpus: int, gpus: float = 0.0, log: Path | N
     with native_logs_to(log):
         if address:
             probe(address, "run.address", 6379)
-            ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=False,
-                     logging_level="ERROR")
+            try:
+                ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=False,
+                         logging_level="ERROR")
+            except Exception as exc:  # the port answers, but not as a Ray cluster Ray can join
+                raise BitallocError("run.address", f"{address} answers but Ray cannot join it as a cluster "
+                                                   f"({type(exc).__name__}: {first_line(exc, 160)})") from None
             where = f"Ray cluster at {address}"
         else:
             check_gpus(gpus)

@@ -100,7 +100,12 @@ def list_jobs(address: str | None) -> list:
 
 def check_packages(path: Path) -> None:
     """Refuse to run where the packages differ from those the job was submitted with."""
-    expected = json.loads(path.read_text())
+    try:
+        expected = json.loads(configio.read_text(path, "--packages"))
+    except json.JSONDecodeError:
+        raise BitallocError("--packages", f"{str(path)!r} is not a JSON file of package versions") from None
+    if not isinstance(expected, dict):
+        raise BitallocError("--packages", f"{str(path)!r} is not a JSON file of package versions")
     actual = package_versions()
     wrong = [f"{name} {actual.get(name, 'missing')} (submitted with {v})" for name, v in expected.items()
              if actual.get(name) != v]

@@ -128,6 +128,8 @@ CALLS = [
     (["pack", "DIR", "--avg-bits", "1e308", "-o", "packed"], "--avg-bits"),
     (["run", "JOB", "--set", "output=/proc/bitalloc-out"], "output"),
     (["sensitivity", "MODEL", "--out", "/proc/bitalloc-table.json"], "--out"),
+    (["run", "JOB", "--packages", "missing.json"], "--packages"),
+    (["run", "JOB", "--packages", "FILE"], "--packages"),
     (["layers", "m" * 5000], ""),  # a name the system refuses: one line naming it
     (["export", "DIR", "--point", "1", "-o", "x" * 300 + ".json"], ""),
     (["run", "JOB", "--out", "o" * 300], ""),
