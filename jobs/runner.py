@@ -28,6 +28,7 @@ from bitalloc.pipeline import Budget, Workspace
 from bitalloc.progress import Stages
 from bitalloc.results import EvaluationInfo, Front, JobInfo, TrackingInfo
 from bitalloc.search import get_solver
+from bitalloc.search.constraints import compile_pattern
 from bitalloc.sensitivity import get_estimator
 from bitalloc.sensitivity.base import Estimator
 from bitalloc.tasks import CandidateEvaluator
@@ -100,7 +101,15 @@ def preflight(spec: JobSpec, estimator: Estimator) -> None:
     if estimator.uses_data and spec.data.calibration == 0:
         raise BitallocError("data.calibration", f"the {estimator.name} estimator needs calibration sequences; "
                                                 f"set it to 1 or more, or use sensitivity.estimator: sqnr")
-    text_files(spec.data.source)
+    spec.search.constraints().check(spec.expand_formats())
+    for key in ("include", "exclude"):
+        for i, pattern in enumerate(getattr(spec.model, key)):
+            compile_pattern(pattern, f"model.{key}[{i}]")
+    files = text_files(spec.data.source)
+    if not files:
+        raise BitallocError("data.source", "names no text file; allowed: 'shakespeare' or paths/globs of text files")
+    if not any(f.stat().st_size for f in files):
+        raise BitallocError("data.source", f"{', '.join(str(f) for f in files[:3])}: no text in the files")
 
 
 @dataclass

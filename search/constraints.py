@@ -43,6 +43,23 @@ class Constraints:
     max_latency: Optional[float] = None
     latency_table: Optional[str] = None
 
+    def check(self, formats: tuple[Format, ...]) -> None:
+        """What can be refused from the spec alone, before a model loads: patterns that are not regular expressions,
+        pins to formats the job does not have, a bit range no job format lies in, a latency table that cannot be
+        read."""
+        for pattern, value in self.pin.items():
+            compile_pattern(pattern, f"search.pin[{pattern!r}]")
+            _formats_for(value, formats, f"search.pin[{pattern!r}]")
+        for k, pattern in enumerate(self.tie):
+            compile_pattern(pattern, f"search.tie[{k}]")
+        bits = [f.bits for f in formats]
+        if not any((self.min_bits is None or b >= self.min_bits) and (self.max_bits is None or b <= self.max_bits)
+                   for b in bits):
+            raise BitallocError("search.min_bits", f"no job format lies within min_bits {self.min_bits} .. max_bits "
+                                                   f"{self.max_bits}")
+        if self.latency_table is not None:
+            latency_entries(self.latency_table)
+
     def limits(self, layers: list[QuantizableLayer], formats: tuple[Format, ...]) -> tuple[Limit, ...]:
         out: list[Limit] = []
         if self.max_bops:
@@ -77,7 +94,7 @@ def allowed_mask(layers: list[QuantizableLayer], formats: tuple[Format, ...], pi
         raise BitallocError("search.min_bits", f"no job format lies within min_bits {min_bits} .. max_bits {max_bits}")
     for pattern, value in pins.items():
         field = f"search.pin[{pattern!r}]"
-        rx = _compile(pattern, field)
+        rx = compile_pattern(pattern, field)
         rows = [i for i, layer in enumerate(layers) if rx.search(layer.name)]
         if not rows:
             raise BitallocError(field, "matches no quantizable layer; see `bitalloc layers MODEL`")
@@ -94,7 +111,7 @@ def tie_groups(layers: list[QuantizableLayer], patterns: list[str]) -> tuple[tup
     taken: set[int] = set()
     for k, pattern in enumerate(patterns):
         field = f"search.tie[{k}]"
-        rx = _compile(pattern, field)
+        rx = compile_pattern(pattern, field)
         by_parent: dict[str, list[int]] = {}
         for i, layer in enumerate(layers):
             if rx.search(layer.name):
@@ -120,11 +137,7 @@ def latency_table(path: str, layers: list[QuantizableLayer], formats: tuple[Form
     """Seconds per (layer, format) from a measured table file (`bitalloc.latency/1`: entries of
     {out, in, format, seconds})."""
     field = "search.latency_table"
-    try:
-        doc = json.loads(Path(path).read_text())
-        entries = {(e["out"], e["in"], e["format"]): float(e["seconds"]) for e in doc["entries"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        raise BitallocError(field, f"{path!r} is not a readable bitalloc.latency/1 table") from None
+    entries = latency_entries(path)
     table = np.zeros((len(layers), len(formats)))
     for i, layer in enumerate(layers):
         for j, fmt in enumerate(formats):
@@ -135,7 +148,16 @@ def latency_table(path: str, layers: list[QuantizableLayer], formats: tuple[Form
     return table
 
 
-def _compile(pattern: str, field: str) -> re.Pattern:
+def latency_entries(path: str) -> dict[tuple, float]:
+    """A `bitalloc.latency/1` table's seconds by (out, in, format name)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        return {(e["out"], e["in"], e["format"]): float(e["seconds"]) for e in doc["entries"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BitallocError("search.latency_table", f"{path!r} is not a readable bitalloc.latency/1 table") from None
+
+
+def compile_pattern(pattern: str, field: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as exc:

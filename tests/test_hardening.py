@@ -68,6 +68,17 @@ SPECS = [
     ({"run": {"memory_limit": "lots"}}, "run.memory_limit"),
     ({"model": {"trust_remote_code": "maybe"}}, "model.trust_remote_code"),
     ({"tracking": {"colour": "red"}}, "tracking.colour"),
+    # needing only the spec or a file, refused before the model loads (no memory-plan line first)
+    ({"search": {"pin": {"mlp[": 4}}}, "search.pin"),
+    ({"search": {"tie": ["(q"]}}, "search.tie[0]"),
+    ({"model": {"include": ["*proj"]}}, "model.include[0]"),
+    ({"search": {"pin": {"mlp": "w5g64a"}}}, "search.pin"),  # not a format of the job
+    ({"search": {"min_bits": 6, "max_bits": 3}}, "search.min_bits"),
+    ({"search": {"max_latency": 1.0, "latency_table": "/nonexistent/latency.json"}}, "search.latency_table"),
+    ({"data": {"source": []}}, "data.source"),
+    ({"sensitivity": {"estimator": "hawq", "params": {"tol": -1}}}, "sensitivity.params.tol"),
+    ({"sensitivity": {"estimator": "sqnr", "params": {"max_tokens": 0}}}, "sensitivity.params.max_tokens"),
+    ({"formats": {"method": "gguf", "types": ["q4_0"], "params": {"imatrix": "yes"}}}, "formats.params.imatrix"),
 ]
 
 
@@ -76,6 +87,12 @@ def test_malformed_specs_get_one_line(patch, field, tiny_llama, text_dir, tmp_pa
     out = tmp_path / "out"
     _refused(capsys, ["run", _write(tmp_path, tiny_job(tiny_llama, text_dir, out, **patch))], field)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_an_empty_text_file_is_refused_before_the_model_loads(tiny_llama, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    spec = tiny_job(tiny_llama, tmp_path, tmp_path / "out", data={"source": [str(tmp_path / "empty.txt")]})
+    assert "no text" in _refused(capsys, ["run", _write(tmp_path, spec)], "data.source")
 
 
 RAW = [
