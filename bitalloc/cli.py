@@ -434,13 +434,16 @@ def ui(
     if where.uri.startswith(("http://", "https://")):
         _out().print(landing_url(where.uri.rstrip("/"), where))
         return
+    starting = lambda base: print(f"starting the MLflow UI on {base} (it answers in a few seconds)",  # noqa: E731
+                                  file=sys.stderr)
     try:
-        with serve(where.uri, port) as base:
+        with serve(where.uri, port, starting=starting) as base:
             _out().print(f"MLflow UI for {where.uri}: {landing_url(base, where)}  (Ctrl-C stops it)")
             while True:
                 time.sleep(3600)
-    except Interrupted:
-        _out().print("MLflow UI stopped")
+    except Interrupted as exc:
+        exc.hint = "the MLflow UI stopped"
+        raise
 
 
 def _one_line(text: str) -> str:

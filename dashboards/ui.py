@@ -4,6 +4,8 @@ measured front, the uniform baselines and what runtimes built), else the experim
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 from bitalloc.errors import BitallocError
 from bitalloc.results import read_front
@@ -73,8 +75,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serve(uri: str, port: int = 5000, timeout: float = 120.0) -> Iterator[str]:
-    """Run `mlflow ui` on loopback for store URI until the block ends; yields its base URL once it answers."""
+def serve(uri: str, port: int = 5000, timeout: float = 120.0,
+          starting: Callable[[str], None] | None = None) -> Iterator[str]:
+    """Run `mlflow ui` on loopback for store URI until the block ends; `starting(base URL)` is called as soon as the
+    server is launched, and the block gets the base URL once it answers. Stopping it takes a second or two."""
     port = port or _free_port()
     with socket.socket() as s:
         if s.connect_ex((HOST, port)) == 0:
@@ -83,8 +87,11 @@ def serve(uri: str, port: int = 5000, timeout: float = 120.0) -> Iterator[str]:
         client(uri).search_experiments(max_results=1)  # creates or upgrades the store's tables before the UI reads it
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
            "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # its own process group, so stopping it stops its server workers too, at once
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     base = f"http://{HOST}:{port}"
+    if starting:
+        starting(base)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -101,10 +108,14 @@ def serve(uri: str, port: int = 5000, timeout: float = 120.0) -> Iterator[str]:
                 time.sleep(0.5)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, signum)
+                proc.wait(2)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        proc.wait()
 

@@ -37,6 +37,13 @@ def _built(folder: Path) -> bool:
     return all((folder / "bin" / t).is_file() for t in TOOLS) and (folder / "gguf-py").is_dir()
 
 
+def check_buildable() -> None:
+    """Refuse at once where the tools are neither built nor buildable here (no cmake or C++ compiler)."""
+    if not _built(build_dir()):
+        _program("cmake")
+        _program("c++")
+
+
 def tool(name: str, announce=lambda line: print(line, file=sys.stderr)) -> Path:
     """The path of one of `TOOLS`, building them first if this version is not in the cache."""
     folder = build_dir()

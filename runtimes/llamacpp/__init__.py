@@ -79,6 +79,11 @@ class LlamaCpp(Runtime):
         names = tensor_names(model_type, [l.name for l in layers], "--format")
         return "".join(f"^{re.escape(names[l.name])}$={placed[l.name].value}\n" for l in layers)
 
+    def prepare(self) -> None:
+        from bitalloc.quantizers.gguf.tools import check_buildable
+
+        check_buildable()
+
     def verify(self, ws, picked, text, work, presets, stages):
         from .measure import verify
 

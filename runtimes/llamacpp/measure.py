@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -167,17 +168,30 @@ def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searc
 def verify(ws: Workspace, picked, text: str, work: Path, presets: bool, stages) -> list:
     """The point quantized by llama-quantize from the exported types, measured by llama-perplexity on the job's
     held-out windows beside bitalloc's KL on the same positions; with `presets`, llama.cpp's presets too (with the
-    job's importance matrix where its levels were made with one)."""
-    from bitalloc.quantizers.gguf.files import tensor_names
+    job's importance matrix where its levels were made with one). A float GGUF made for a verify that fails is
+    not kept."""
     from bitalloc.paths import cache_dir
+
+    with stages.stage("float GGUF"):
+        cache = cache_dir("verify")
+        existed = (cache / ws.model_hash).exists()
+        float_file = float_gguf(ws, cache)
+    try:
+        return _measure(ws, picked, text, work, presets, stages, float_file)
+    except BaseException:
+        if not existed and float_file.is_relative_to(cache):  # made for this verify, which failed: not kept
+            shutil.rmtree(cache / ws.model_hash, ignore_errors=True)
+        raise
+
+
+def _measure(ws: Workspace, picked, text: str, work: Path, presets: bool, stages, float_file: Path) -> list:
+    from bitalloc.quantizers.gguf.files import tensor_names
 
     from ..base import layers_of
     from ..points import LogProbs, runtime_point
     from . import PRESETS, ggml_type
 
     doc = picked.config
-    with stages.stage("float GGUF"):
-        float_file = float_gguf(ws, cache_dir("verify"))
     tokens = windows(ws, float_file)
     n_ctx = tokens.shape[1]
     with stages.stage("bitalloc's log-probabilities", 2):
