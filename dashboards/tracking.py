@@ -96,8 +96,13 @@ def get_run(run_id: str, uri: str):
 
     try:
         return client(uri).get_run(run_id)
-    except MlflowException:
-        raise BitallocError("TARGET", f"no MLflow run {run_id} in {uri}") from None
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise BitallocError("TARGET", f"no MLflow run {run_id} in {uri}") from None
+        raise BitallocError("--tracking-uri", f"the MLflow store {uri} cannot be read: {first_line(exc)}") from None
+    except Exception as exc:  # a server that is down, a scheme MLflow does not know
+        raise BitallocError("--tracking-uri", f"the MLflow store {uri} cannot be reached: {type(exc).__name__}: "
+                                              f"{first_line(exc)}") from None
 
 
 def fetch_artifact(run_id: str, path: str, into: Path, uri: str, missing: str) -> Path:

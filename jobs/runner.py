@@ -203,7 +203,7 @@ def run_job(spec: JobSpec, out: Path | None = None, console: Console | None = No
         try:
             (staging / "spec.yaml").write_text(configio.dumps(spec.model_dump(mode="json"), ".yaml"))
             front = _run(spec, out, staging, estimator, solver, console, None if verbose else staging / "job.log")
-        except BitallocError:
+        except Exception:  # a failure (not a stop: that keeps staging for --resume) removes what it wrote
             if created and not (staging / "checkpoint.jsonl").is_file():
                 shutil.rmtree(staging, ignore_errors=True)
             raise

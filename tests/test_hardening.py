@@ -146,6 +146,11 @@ CALLS = [
     (["run", "JOB", "--set", "output=/proc/bitalloc-out"], "output"),
     (["sensitivity", "MODEL", "--out", "/proc/bitalloc-table.json"], "--out"),
     (["run", "JOB", "--packages", "missing.json"], "--packages"),
+    (["export", "0123456789abcdef0123456789abcdef", "--point", "1", "-o", "x.json", "--tracking-uri", "gopher://x"],
+     "--tracking-uri"),
+    (["export", "0123456789abcdef0123456789abcdef", "--point", "1", "-o", "x.json", "--tracking-uri",
+      "http://127.0.0.1:9"], "--tracking-uri"),  # a server that is down
+    (["run", "JOB", "--set", "model.source=" + "m" * 3000], ""),  # the system refuses the name: no staging left
     (["run", "JOB", "--packages", "FILE"], "--packages"),
     (["layers", "m" * 5000], ""),  # a name the system refuses: one line naming it
     (["export", "DIR", "--point", "1", "-o", "x" * 300 + ".json"], ""),
@@ -168,6 +173,7 @@ def test_cli_misuse_gets_one_line(args, field, tiny_llama, text_dir, tmp_path, c
     args = [job if a == "JOB" else a for a in args]
     _refused(capsys, args, field)
     assert not (tmp_path / "out").exists() and not (tmp_path / "absent.db").exists()
+    assert not list(tmp_path.glob(".out*"))  # no staging, lock or temporary file left
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "mlflow.db").exists()
 
 
