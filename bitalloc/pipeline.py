@@ -10,6 +10,7 @@ Nothing here reads a job spec or talks to the terminal beyond `Stages`: the job 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
@@ -299,10 +300,15 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
 
 
 def write_results(res: Results, folder: Path) -> None:
-    """front.json, configs/ and sensitivity.json into FOLDER."""
+    """front.json, configs/ and sensitivity.json into FOLDER; the front carries the digest of itself and of every
+    config file (`Front.digest`), which readers check."""
+    digest = {}
     for path, doc in res.configs.items():
         configio.write(doc.document(), folder / path)
+        digest[path] = hashlib.sha256((folder / path).read_bytes()).hexdigest()
     configio.write(table_cache.table_document(res.table), folder / "sensitivity.json")
+    res.front = res.front.model_copy(update={"digest": {}})
+    res.front.digest = {"front": res.front.content_sha256(), **digest}
     configio.write(res.front.document(), folder / "front.json")
 
 

@@ -9,6 +9,7 @@ uniform rows in their own list) is read into the same object.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Optional, Union
 
@@ -208,6 +209,14 @@ class Front(_Doc):
     evaluations: EvaluationInfo = EvaluationInfo()
     tracking: Optional[TrackingInfo] = None
     runtime_points: list[RuntimePoint] = []
+    # sha256 of what the job wrote, checked whenever results are read: `front` (this document without `digest` and
+    # `runtime_points`, which verify adds to) and each config file by its path; empty in results written before
+    digest: dict[str, str] = {}
+
+    def content_sha256(self) -> str:
+        """The digest of this front's own claims (`digest["front"]`)."""
+        doc = {k: v for k, v in self.document().items() if k not in ("digest", "runtime_points")}
+        return hashlib.sha256(configio.dumps(doc).encode()).hexdigest()
 
     @property
     def mixed(self) -> list[Point]:

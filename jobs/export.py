@@ -3,6 +3,7 @@ in a runtime's format (`bitalloc.runtimes`), checked by that runtime's own parse
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import shutil
@@ -137,12 +138,17 @@ def read_results(folder: Path) -> tuple[Front, dict[str, ConfigDoc]]:
         raise BitallocError("TARGET", f"{str(folder)!r} holds no front.json; give a job's output dir or run id")
     front = read_front(folder / "front.json")
     check_front(front, str(folder))
+    if front.digest and front.digest.get("front") != front.content_sha256():
+        raise BitallocError(str(folder / "front.json"), "was changed after the job wrote it (its digest differs); "
+                                                        "rerun the job")
     configs: dict[str, ConfigDoc] = {}
     for p in front.points:
         if p.config in configs:
             raise BitallocError(str(folder / "front.json"), f"two rows name {p.config!r}; it was edited or damaged")
         path = config_file(folder, p.config)
         doc = verified(read_config(path), front.model, str(path))
+        if front.digest and front.digest.get(p.config) != hashlib.sha256(path.read_bytes()).hexdigest():
+            raise BitallocError(str(path), "was changed after the job wrote it (its digest differs); rerun the job")
         check_row(p, doc, front, str(folder / "front.json"))
         configs[p.config] = doc
     return front, configs

@@ -300,10 +300,10 @@ def test_fronts_whose_rows_disagree_with_their_configs_are_refused(tiny_llama, t
     config_path = out / first["config"]
     config = config_path.read_text()
 
-    def row(i, **change):
+    def row(i, **change):  # an edit that also drops the digest (as results written before it had none)
         points = [dict(p) for p in front["points"]]
         points[i].update(change)
-        return json.dumps({**front, "points": points})
+        return json.dumps({**front, "points": points, "digest": {}})
 
     edits = [
         ("front.json", row(uniform, loss=1e-6), "TARGET", "claims loss"),
@@ -311,7 +311,9 @@ def test_fronts_whose_rows_disagree_with_their_configs_are_refused(tiny_llama, t
         ("front.json", row(uniform, config=first["config"]), str(out / "front.json"), "two rows name"),
         ("front.json", row(0, loss=math.nan), "TARGET", "not a number"),
         (first["config"], json.dumps({**json.loads(config), "metrics": {**json.loads(config)["metrics"], "kl": 0}}),
-         "TARGET", "claims loss"),
+         str(config_path), "digest differs"),
+        ("front.json", json.dumps({**front, "model": {**front["model"], "content_hash": "sha256:" + "0" * 64}}),
+         str(out / "front.json"), "digest differs"),
     ]
     for name, text, field, says in edits:
         (out / name).write_text(text)
