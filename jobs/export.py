@@ -79,20 +79,25 @@ def verified(doc: ConfigDoc, model: ModelInfo, where: str) -> ConfigDoc:
     return doc
 
 
-def pick_point(front: Front, avg_bits: Optional[float], budget: Optional[str], point: Optional[int]) -> Point:
-    """The point a selector names: the lowest-loss measured config within a budget, or mixed point N."""
+def pick_point(front: Front, avg_bits: Optional[float], budget: Optional[str], point: Optional[int],
+               available: Optional[set[str]] = None) -> Point:
+    """The point a selector names: the lowest-loss measured config within a budget, or mixed point N; only among
+    rows whose config file is `available` when given (a row without its file cannot be exported)."""
     if sum(x is not None for x in (avg_bits, budget, point)) != 1:
         raise BitallocError("--avg-bits/--budget/--point", "give exactly one of them")
     mixed = front.mixed
     if point is not None:
         if not 1 <= point <= len(mixed):
             raise BitallocError("--point", f"{point} is not on the front; points are numbered 1 to {len(mixed)}")
-        return mixed[point - 1]
+        chosen = mixed[point - 1]
+        if available is not None and chosen.config not in available:
+            raise BitallocError("--point", f"{chosen.label}: its config file {chosen.config} is missing")
+        return chosen
     if budget is not None:
         limit, field = parse_bytes(budget, "--budget"), "--budget"
     else:
         limit, field = front.bytes_at_avg_bits(avg_bits), "--avg-bits"
-    fitting = [p for p in front.points if p.bytes <= limit]
+    fitting = [p for p in front.points if p.bytes <= limit and (available is None or p.config in available)]
     if not fitting:
         smallest = min(front.points, key=lambda p: p.bytes)
         raise BitallocError(field, f"no measured config fits; the smallest is {smallest.bytes} bytes "
@@ -133,7 +138,8 @@ def check_row(point: Point, doc: ConfigDoc, front: Front, where: str) -> None:
 
 def read_results(folder: Path) -> tuple[Front, dict[str, ConfigDoc]]:
     """A job's front with every row checked against the config file it names (`verified`, `check_row`), each file
-    named once and inside the folder: a point is chosen only among rows whose claims hold."""
+    named once and inside the folder: a point is chosen only among rows whose claims hold (see `pick_point`'s
+    `available`: the configs returned)."""
     if not (folder / "front.json").is_file():
         raise BitallocError("TARGET", f"{str(folder)!r} holds no front.json; give a job's output dir or run id")
     front = read_front(folder / "front.json")
@@ -146,6 +152,8 @@ def read_results(folder: Path) -> tuple[Front, dict[str, ConfigDoc]]:
         if p.config in configs:
             raise BitallocError(str(folder / "front.json"), f"two rows name {p.config!r}; it was edited or damaged")
         path = config_file(folder, p.config)
+        if not path.exists():
+            continue  # a row without its file can never be chosen (pick_point's `available`)
         doc = verified(read_config(path), front.model, str(path))
         if front.digest and front.digest.get(p.config) != hashlib.sha256(path.read_bytes()).hexdigest():
             raise BitallocError(str(path), "was changed after the job wrote it (its digest differs); rerun the job")
@@ -156,7 +164,8 @@ def read_results(folder: Path) -> tuple[Front, dict[str, ConfigDoc]]:
 
 def from_dir(run_dir: Path, avg_bits, budget, point) -> Chosen:
     front, configs = read_results(run_dir)
-    return Chosen(configs[pick_point(front, avg_bits, budget, point).config], str(run_dir), front.data.hash)
+    return Chosen(configs[pick_point(front, avg_bits, budget, point, set(configs)).config], str(run_dir),
+                  front.data.hash)
 
 
 def from_run(run_id: str, uri: str, avg_bits, budget, point) -> Chosen:

@@ -55,7 +55,7 @@ def job_folder(target: str, tracking_uri: Optional[str]) -> Iterator[Path]:
 
 def pick(folder: Path, avg_bits, budget, point) -> Picked:
     front, configs = read_results(folder)
-    chosen = pick_point(front, avg_bits, budget, point)
+    chosen = pick_point(front, avg_bits, budget, point, set(configs))
     doc = configs[chosen.config]
     if not (folder / "spec.yaml").is_file():
         raise BitallocError("TARGET", f"{folder} has no spec.yaml (an older result); rerun the job to verify it")
