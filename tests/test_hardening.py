@@ -339,14 +339,9 @@ def _job_process(spec_path, *extra, env=None):
                             text=True, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("signum, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGINT, 2)])
-def test_interrupt_exits_130_and_resumes(signum, workers, tiny_llama, text_dir, tmp_path):
-    """Ctrl-C or SIGTERM, in-process or while two Ray workers evaluate: exit 130, the resume hint, and --resume
-    finishes the job from its checkpoint."""
-    out = tmp_path / "out"
-    spec = tiny_job(tiny_llama, text_dir, out, sensitivity={"estimator": "measured"},
-                    data={"evaluation": 24}, search={"points": 40}, run={"workers": workers})
-    path = _write(tmp_path, spec)
+def _stopped_once_checkpointed(path, tmp_path, signum) -> tuple[subprocess.Popen, str, Path]:
+    """A job started on `path`, sent `signum` once its first measurements are checkpointed: (process, stderr,
+    checkpoint)."""
     proc = _job_process(path)
     checkpoint = tmp_path / ".out.partial" / "checkpoint.jsonl"
     deadline = time.monotonic() + 120
@@ -355,6 +350,17 @@ def test_interrupt_exits_130_and_resumes(signum, workers, tiny_llama, text_dir, 
         time.sleep(0.05)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
+    return proc, err, checkpoint
+
+
+@pytest.mark.parametrize("signum, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGINT, 2)])
+def test_interrupt_exits_130_and_resumes(signum, workers, tiny_llama, text_dir, tmp_path):
+    """Ctrl-C or SIGTERM, in-process or while two Ray workers evaluate: exit 130, the resume hint, and --resume
+    finishes the job from its checkpoint."""
+    out = tmp_path / "out"
+    spec = tiny_job(tiny_llama, text_dir, out, sensitivity={"estimator": "measured"},
+                    data={"evaluation": 24}, search={"points": 40}, run={"workers": workers})
+    proc, err, _ = _stopped_once_checkpointed(_write(tmp_path, spec), tmp_path, signum)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == f"interrupted: resume with `bitalloc run --resume {out}`"
     assert "Traceback" not in err and not out.exists()
@@ -370,14 +376,7 @@ def test_a_new_job_never_deletes_an_interrupted_jobs_results(tiny_llama, text_di
     out = tmp_path / "out"
     path = _write(tmp_path, tiny_job(tiny_llama, text_dir, out, sensitivity={"estimator": "measured"},
                                      data={"evaluation": 24}, search={"points": 40}))
-    proc = _job_process(path)
-    checkpoint = tmp_path / ".out.partial" / "checkpoint.jsonl"
-    deadline = time.monotonic() + 120
-    while not (checkpoint.is_file() and checkpoint.stat().st_size) and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
+    _, _, checkpoint = _stopped_once_checkpointed(path, tmp_path, signal.SIGINT)
     saved = checkpoint.read_bytes()
     again = subprocess.run(CLI + ["run", path, "--set", "run.memory_limit=1KiB"], capture_output=True, text=True)
     lines = again.stderr.strip().splitlines()
