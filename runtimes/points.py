@@ -1,5 +1,6 @@
-"""What every runtime's `verify` shares: bitalloc's own log-probabilities of a point, and the runtime's measurement
-of it as a `RuntimePoint` (bytes as the runtime stores them, its files' size and digest)."""
+"""What every runtime's `verify` shares: bitalloc's own log-probabilities of a point, the runtime's measurement of it
+as a `RuntimePoint` (bytes as the runtime stores them, its files' size and digest), and, for runtimes whose weights
+bitalloc reads back dequantized, their measurement and comparison with the job's levels (`weights_point`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ from pathlib import Path
 import torch
 
 from bitalloc.evaluate import Evaluator, model_output
+from bitalloc.formats import weight_bytes
 from bitalloc.results import ConfigDoc, RuntimePoint
 from bitalloc.units import mib
+
+
+SAME_WEIGHT = 2**-10  # a difference below this share of the layer's largest weight is float16 rounding
+MATCHING = 0.99  # a layer whose weights are this share the same is bitalloc's level: the rest round the other way
+#                  on float differences (e.g. a Hessian summed in another order)
 
 
 class LogProbs:
@@ -47,3 +54,33 @@ def runtime_point(runtime: str, label: str, other_bytes: int, stored_layer_bytes
     return RuntimePoint(runtime=runtime, label=label, bytes=total, mib=round(mib(total), 6),
                         stored_layer_bytes=stored_layer_bytes, file_bytes=sum(f.stat().st_size for f in files),
                         file_sha256=files_sha256(files), loss=loss, quality=quality, tokens=tokens, **fields)
+
+
+def rel_diff(theirs: torch.Tensor, ours: torch.Tensor) -> float:
+    """The largest difference over the largest weight of ours."""
+    return float((theirs - ours).abs().max() / ours.abs().max().clamp(min=1e-30))
+
+
+def same_share(theirs: torch.Tensor, ours: torch.Tensor) -> float:
+    """The share of weights equal to ours up to float16 rounding."""
+    return float(((theirs - ours).abs() <= SAME_WEIGHT * ours.abs().max()).float().mean())
+
+
+def weights_point(runtime: str, ws, picked, weights: dict[str, torch.Tensor], stored: dict[str, int],
+                  files: list[Path]) -> RuntimePoint:
+    """The point as a runtime's weights (`weights`: layer -> [out, in] as the runtime dequantizes it; `stored`: the
+    bytes it stores per layer): measured by bitalloc's evaluator on the job's held-out tokens, and compared with the
+    job's levels (`weight_max_rel_diff`: the largest difference over the layer's largest weight; `layers_matching`:
+    the layers whose weights are the levels, at least 99 % of them up to float16 rounding). Layers the runtime left
+    in 16 bits count as the front counts them."""
+    doc = picked.config
+    dtype = next(ws.model.module.parameters()).dtype
+    pairs = [(weights[n].float(), ws.levels.weight(n, f).float()) for n, f in doc.formats().items() if f.quantized]
+    measured = ws.local_runner().evaluator("evaluation").evaluate_tensors(
+        {n: w.to(dtype) for n, w in weights.items() if n in doc.layers})
+    stored_bytes = sum(stored[n] for n in weights if n in doc.layers)
+    kept = sum(weight_bytes(*doc.shapes[n], f) for n, f in doc.formats().items() if n not in weights)
+    return runtime_point(runtime, picked.point.label, picked.front.model.other_bytes, stored_bytes + kept, files,
+                         measured.loss, measured.quality, measured.tokens, picked, bitalloc_loss=picked.point.loss,
+                         details={"weight_max_rel_diff": max((rel_diff(*p) for p in pairs), default=0.0),
+                                  "layers_matching": float(sum(same_share(*p) >= MATCHING for p in pairs))})

@@ -1,8 +1,6 @@
 """The Python runtimes' verify: the runtime driven as a subprocess in its own environment (its `venv.py build`), the
 model handed to it as a transformers folder, the exported file applied by the runtime's own code, each quantized
-layer's weight as the runtime dequantizes it measured by bitalloc's evaluator on the job's held-out tokens, and
-compared with bitalloc's level (`weight_max_rel_diff`: the largest difference over the layer's largest weight;
-`layers_matching`: the layers whose weights are bitalloc's levels, at least 99 % of them up to float16 rounding)."""
+layer's weight as the runtime dequantizes it measured and compared with the job's levels (`points.weights_point`)."""
 
 from __future__ import annotations
 
@@ -11,19 +9,13 @@ import os
 import subprocess
 from pathlib import Path
 
-import torch
-
 from bitalloc.errors import BitallocError
-from bitalloc.formats import weight_bytes
 
 from . import venv
 from .base import Runtime
-from .points import runtime_point
+from .points import weights_point
 
 ROOT = Path(__file__).resolve().parent.parent
-SAME_WEIGHT = 2**-10  # a difference below this share of the layer's largest weight is float16 rounding
-MATCHING = 0.99  # a layer whose weights are this share the same is bitalloc's level: the rest round the other way
-#                  on float differences (e.g. a Hessian summed in another order)
 
 
 def runtimes_python(runtime: Runtime) -> str:
@@ -58,16 +50,6 @@ def as_folder(ws, folder: Path) -> Path:
     return folder
 
 
-def rel_diff(theirs: torch.Tensor, ours: torch.Tensor) -> float:
-    """The largest difference over the largest weight of ours."""
-    return float((theirs - ours).abs().max() / ours.abs().max().clamp(min=1e-30))
-
-
-def same_share(theirs: torch.Tensor, ours: torch.Tensor) -> float:
-    """The share of weights equal to ours up to float16 rounding."""
-    return float(((theirs - ours).abs() <= SAME_WEIGHT * ours.abs().max()).float().mean())
-
-
 class PythonRuntime(Runtime):
     """A runtime bitalloc drives in the runtimes' environment to build the point with the runtime's own code."""
 
@@ -100,17 +82,7 @@ class PythonRuntime(Runtime):
         if missing:
             raise BitallocError("--runtime", f"{self.name} left {len(missing)} layers of the config unquantized, "
                                              f"e.g. {missing[0]}")
-        dtype = next(ws.model.module.parameters()).dtype
-        pairs = [(weights[n], ws.levels.weight(n, f).float()) for n, f in doc.formats().items() if f.quantized]
-        with stages.stage(f"{self.name}: measure"):
-            measured = ws.local_runner().evaluator("evaluation").evaluate_tensors(
-                {n: w.to(dtype) for n, w in weights.items() if n in doc.layers})
-        stored_bytes = sum(stored[n] for n in weights if n in doc.layers)
-        kept = sum(weight_bytes(*doc.shapes[n], f) for n, f in doc.formats().items() if n not in weights)
         files = sorted(p for p in (out / "checkpoint").rglob("*") if p.is_file()) if (out / "checkpoint").is_dir() \
             else [out / "weights.safetensors"]
-        return [runtime_point(self.name, picked.point.label, picked.front.model.other_bytes, stored_bytes + kept,
-                              files, measured.loss, measured.quality, measured.tokens, picked,
-                              bitalloc_loss=picked.point.loss,
-                              details={"weight_max_rel_diff": max(rel_diff(*p) for p in pairs),
-                                       "layers_matching": float(sum(same_share(*p) >= MATCHING for p in pairs))})]
+        with stages.stage(f"{self.name}: measure"):
+            return [weights_point(self.name, ws, picked, weights, stored, files)]
