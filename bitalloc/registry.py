@@ -13,13 +13,33 @@ import importlib
 import inspect
 import pkgutil
 import typing
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, ClassVar, Generic, TypeVar
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from .errors import BitallocError
 
 T = TypeVar("T")
+
+
+class Params(BaseModel):
+    """A component's parameters: fields with types, ranges and defaults; unknown names and loose types are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Parameterised:
+    """A component whose parameters are the fields of its `Params` model, held as attributes of the same names."""
+
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, **params):
+        for name, value in self.Params(**params).model_dump().items():
+            setattr(self, name, value)
+
+    def params(self) -> dict:
+        """The declared parameters' values, and nothing else an instance may hold."""
+        return {name: getattr(self, name) for name in self.Params.model_fields}
 
 
 def discover(package: str, path, skip: tuple[str, ...] = ()) -> None:

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Callable, ClassVar, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from bitalloc.errors import BitallocError
 from bitalloc.formats import Format
 from bitalloc.kernels.packed import PackedWeight
 from bitalloc.model import LoadedModel, QuantizableLayer
-from bitalloc.registry import Registry
+from bitalloc.registry import Parameterised, Registry
 
 from .inputs import Kind, collect
 from .layouts import Layout
@@ -36,12 +35,6 @@ class Calibration:
 
     tokens: torch.Tensor
     data_hash: str
-
-
-class Params(BaseModel):
-    """A quantizer's parameters: fields with types, ranges and defaults; unknown names are refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Quantizer(Protocol):
@@ -61,21 +54,13 @@ class Quantizer(Protocol):
              progress: Callable[[int], None] | None = None) -> int: ...
 
 
-class QuantizerBase:
-    """Parameters are the fields of the class's `Params` model, held as attributes of the same names."""
+class QuantizerBase(Parameterised):
+    """Parameters are the fields of the class's `Params` model (`registry.Parameterised`)."""
 
     version: ClassVar[int] = 1
     layout: ClassVar[Layout] = Layout()
     inputs: ClassVar[Kind | None] = None  # what it reads of the calibration data: None, diagonal or hessian
     summary: ClassVar[str] = ""
-    Params: ClassVar[type[Params]] = Params
-
-    def __init__(self, **params):
-        for name, value in self.Params(**params).model_dump().items():
-            setattr(self, name, value)
-
-    def params(self) -> dict:
-        return {name: getattr(self, name) for name in self.Params.model_fields}
 
     def reads_calibration(self) -> bool:
         return self.inputs is not None

@@ -8,8 +8,9 @@ from pydantic import Field
 
 from bitalloc.kernels.packed import PackedWeight, pack
 from bitalloc.kernels.rtn import group_errors, quantize
+from bitalloc.registry import Params
 
-from .base import Params, QuantizerBase, register
+from .base import QuantizerBase, register
 from .inputs import Kind
 
 

@@ -19,8 +19,9 @@ from pydantic import Field
 from bitalloc.formats import Format
 from bitalloc.kernels.packed import PackedWeight, pack
 from bitalloc.kernels.rtn import TORCH_DTYPES, QuantizedWeight
+from bitalloc.registry import Params
 
-from .base import Params, QuantizerBase, register
+from .base import QuantizerBase, register
 from .layouts import CompressedTensors, GPTQCheckpoint
 
 

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from bitalloc.errors import BitallocError
 from bitalloc.formats import Format
 from bitalloc.quantizers.store import Levels
 from bitalloc.model import LoadedModel, QuantizableLayer
 from bitalloc.profiling import PeakRSS
-from bitalloc.registry import Registry
+from bitalloc.registry import Parameterised, Registry
 from bitalloc.tasks import Backend, LocalRunner, token_subset
 from bitalloc.types import SensitivityTable
 
@@ -82,30 +81,15 @@ class Estimator(Protocol):
     def estimate(self, ctx: EstimatorContext) -> SensitivityTable: ...
 
 
-class Params(BaseModel):
-    """An estimator's parameters: fields with types, ranges and defaults; unknown names are refused."""
+class EstimatorBase(Parameterised):
+    """Parameters are the fields of the class's `Params` model (`registry.Parameterised`); they and `version` key
+    the table cache. Raise `version` whenever a change alters the numbers an estimator computes, so tables cached
+    by the old code are not served for the new."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class EstimatorBase:
-    """Parameters are the fields of the class's `Params` model, kept as attributes of the same names; they and
-    `version` key the table cache. Raise `version` whenever a change alters the numbers an estimator computes, so
-    tables cached by the old code are not served for the new."""
-
-    Params: ClassVar[type[Params]] = Params
     version: ClassVar[int] = 1
     uses_data = True
     random = False
     measures_calibration = False  # evaluates configs on calibration tokens (their FP reference is held)
-
-    def __init__(self, **params):
-        for name, value in self.Params(**params).model_dump().items():
-            setattr(self, name, value)
-
-    def params(self) -> dict:
-        """The declared parameters' values, and nothing else an instance may hold."""
-        return {name: getattr(self, name) for name in self.Params.model_fields}
 
     def steps(self, ctx: EstimatorContext) -> int:
         """Progress units the estimate reports through ctx.advance()."""

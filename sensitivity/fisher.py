@@ -21,8 +21,9 @@ import torch
 from pydantic import Field
 
 from bitalloc.hooks import module_hooks
+from bitalloc.registry import Params
 
-from .base import EstimatorBase, EstimatorContext, Params, graph_bytes, register
+from .base import EstimatorBase, EstimatorContext, graph_bytes, register
 from .gradients import differentiable, lm_loss
 
 

@@ -30,8 +30,9 @@ from pydantic import Field, model_validator
 from bitalloc.errors import BitallocError
 from bitalloc.hooks import logits as lm_logits
 from bitalloc.model import HIDDEN_STATE
+from bitalloc.registry import Params
 
-from .base import EstimatorBase, EstimatorContext, Params, graph_bytes, register
+from .base import EstimatorBase, EstimatorContext, graph_bytes, register
 from .gradients import differentiable, lm_loss
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from bitalloc.registry import Params
 from bitalloc.tasks import EvalTask
 
-from .base import EstimatorBase, EstimatorContext, Params, register
+from .base import EstimatorBase, EstimatorContext, register
 
 
 def fit_through_origin(t: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:

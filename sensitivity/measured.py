@@ -11,9 +11,10 @@ import numpy as np
 from pydantic import Field
 
 
+from bitalloc.registry import Params
 from bitalloc.tasks import EvalTask
 
-from .base import EstimatorBase, EstimatorContext, Params, register
+from .base import EstimatorBase, EstimatorContext, register
 
 
 @register("measured")

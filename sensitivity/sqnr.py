@@ -15,8 +15,9 @@ import numpy as np
 from pydantic import Field
 
 from bitalloc.quantizers.inputs import collect
+from bitalloc.registry import Params
 
-from .base import EstimatorBase, EstimatorContext, Params, register
+from .base import EstimatorBase, EstimatorContext, register
 
 
 @register("sqnr")

@@ -20,8 +20,9 @@ from pydantic import StrictBool
 from bitalloc.errors import BitallocError
 from bitalloc.formats import Format
 from bitalloc.model import LoadedModel, QuantizableLayer
+from bitalloc.registry import Params
 
-from ..base import Params, QuantizerBase, register
+from ..base import QuantizerBase, register
 from ..layouts import GgmlBlocks
 from . import tools
 from .files import GgmlWeight, float_gguf, imatrix, tensor_names
