@@ -307,8 +307,7 @@ def write_results(res: Results, folder: Path) -> None:
         configio.write(doc.document(), folder / path)
         digest[path] = hashlib.sha256((folder / path).read_bytes()).hexdigest()
     configio.write(table_cache.table_document(res.table), folder / "sensitivity.json")
-    res.front = res.front.model_copy(update={"digest": {}})
-    res.front.digest = {"front": res.front.content_sha256(), **digest}
+    res.front = res.front.model_copy(update={"digest": {"front": res.front.content_sha256(), **digest}})
     configio.write(res.front.document(), folder / "front.json")
 
 

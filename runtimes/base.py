@@ -63,9 +63,6 @@ class Runtime:
         """What `formats: {target: NAME}` searches with `method` and its parameters."""
         return tuple(Format(b, g, self.symmetric, "float16", method) for b in self.bits for g in self.group_sizes)
 
-    def check_formats(self, spec) -> None:
-        """Refuse a target entry of the job spec the runtime cannot take (beyond its method)."""
-
     def tie_key(self, name: str) -> str | None:
         """Layers with the same key share one format (None: not tied)."""
         for k, pattern in enumerate(self.fused):
@@ -124,14 +121,6 @@ class Runtime:
         """The point built as the runtime builds it from `text` (the exported file), measured on the job's held-out
         tokens: a list of `RuntimePoint`s (the point, then any presets)."""
         raise NotImplementedError
-
-    def venv_module(self) -> Path | None:
-        """The runtime's `venv.py` (run in the runtimes' environment), None for a runtime without one."""
-        if self.library is None:
-            return None
-        from . import venv
-
-        return venv.module_path(self.name)
 
 
 def layers_of(doc) -> list[Layer]:

@@ -18,6 +18,7 @@ checkpoint the runtime saved. Each prints one line; exits 1 on a mismatch or the
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
@@ -31,8 +32,9 @@ def module_path(runtime: str) -> Path:
     return HERE / runtime / "venv.py"
 
 
+@functools.cache
 def load(runtime: str):
-    """A runtime's `venv.py`, loaded from its file (its package's `__init__` imports bitalloc, which the runtimes'
+    """A runtime's `venv.py`, loaded from its file once (its package's `__init__` imports bitalloc, which the runtimes'
     environment does not have)."""
     sys.modules.setdefault("bitalloc_venv", sys.modules[__name__])  # what the runtime modules import helpers from
     spec = importlib.util.spec_from_file_location(f"bitalloc_venv_{runtime}", module_path(runtime))
