@@ -231,7 +231,7 @@ def layers(
 ):
     """List the quantizable layers with their shapes and bytes at each format."""
     from .formats import Format
-    from .model import list_layers, load_model
+    from .model import coverage, list_layers, load_model, uncovered
 
     formats = []
     for b in bits:
@@ -241,7 +241,9 @@ def layers(
             raise BitallocError(exc.field.replace("format.", "--").replace("_", "-"), exc.message) from None
     from bitalloc.dashboards.table import layers_table
 
-    _out().print(layers_table(model, list_layers(load_model(model)), formats))
+    loaded = load_model(model)
+    layers = list_layers(loaded)
+    _out().print(layers_table(model, layers, formats, uncovered(loaded, layers), coverage(loaded, layers)))
 
 
 @app.command()

@@ -95,23 +95,16 @@ class Evaluator:
 
     @contextmanager
     def applied(self, tensors: Mapping[str, torch.Tensor | PackedWeight]):
-        """Point each named layer's weight at the given tensor (its storage layout), or swap the layer for
-        a QuantLinear over a packed weight; restore on exit."""
-        saved, swapped = {}, {}
-        try:
+        """Point each named layer's weight at the given tensor (in the form `LoadedModel.stored` gives), or swap the
+        layer for a QuantLinear over a packed weight; restore on exit."""
+        with ExitStack() as stack:
             for name, tensor in tensors.items():
                 if isinstance(tensor, PackedWeight):
-                    swapped[name] = QuantLinear.swap_in(self.model.module, name, tensor)
+                    module = QuantLinear.swap_in(self.model.module, name, tensor)
+                    stack.callback(self.model.module.set_submodule, name, module)
                     continue
-                module = self.model.layer_module(name)
-                saved[name] = module.weight.data
-                module.weight.data = tensor
+                stack.callback(self.model.put(self.levels.layers[name], tensor))
             yield
-        finally:
-            for name, data in saved.items():
-                self.model.layer_module(name).weight.data = data
-            for name, module in swapped.items():
-                self.model.module.set_submodule(name, module)
 
     def _measure(self, triples: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Measurement:
         """The metric over (tokens, reference output, output) batches."""
@@ -143,33 +136,39 @@ class Evaluator:
 
     @contextmanager
     def streamed(self, assignment: Mapping[str, Format]):
-        """Each named layer runs on its level at the given format: dequantized (through the working set) as the
-        layer is entered, the original weight put back as it returns. A weight shared with another module (a tied
-        output head) is replaced for the whole block instead, as a runtime stores it once for both uses."""
+        """Each named layer runs on its level at the given format: dequantized (through the working set) as its
+        module is entered (an expert unit's: the experts module, every projection of it in the assignment), the
+        original weight put back as it returns. A weight shared with another module (a tied output head) is
+        replaced for the whole block instead, as a runtime stores it once for both uses."""
         with ExitStack() as stack:
-            whole, streamed = {}, {}
+            whole, modules = {}, {}
             for name, fmt in assignment.items():
-                if self.levels.layers[name].tied_to:
+                layer = self.levels.layers[name]
+                if layer.tied_to:
                     whole[name] = self.levels.weight(name, fmt)
                     continue
-                module = self.model.layer_module(name)
-                streamed[name] = (fmt, module.weight.data)
-                stack.callback(setattr, module.weight, "data", module.weight.data)
+                modules.setdefault(layer.module_name, []).append((layer, fmt))
+            restores: dict[str, list] = {}
 
-            def enter(name, mod, _args):
-                mod.weight.data = self.levels.weight(name, streamed[name][0])
+            def enter(module_name, _mod, _args):
+                restores[module_name] = [self.model.put(layer, self.levels.weight(layer.name, fmt))
+                                         for layer, fmt in modules[module_name]]
 
-            def leave(name, mod, _args, _output):
-                mod.weight.data = streamed[name][1]
+            def leave(module_name, _mod, _args, _output):
+                for restore in reversed(restores.pop(module_name)):
+                    restore()
 
-            stack.enter_context(module_hooks(self.model, streamed, pre=enter, post=leave))
+            stack.callback(lambda: [restore() for held in restores.values() for restore in reversed(held)])
+            stack.enter_context(module_hooks(self.model, modules, pre=enter, post=leave))
             stack.enter_context(self.applied(whole))
             yield
 
     def evaluate(self, assignment: Mapping[str, Format]) -> Measurement:
         """Measure a config: each layer at its format, from its level."""
         if self.levels.device is not None:
+            # experts run dequantized (no fused-MoE kernel over packed levels here)
             return self.evaluate_tensors({name: self.levels.packed(name, fmt) if fmt.quantized and not fmt.ggml
+                                          and not self.levels.layers[name].experts
                                           else self.levels.weight(name, fmt) for name, fmt in assignment.items()})
         with self.streamed(assignment):
             return self._measure_outputs()

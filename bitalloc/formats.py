@@ -141,6 +141,14 @@ def weight_bytes(out_features: int, in_features: int, fmt: Format) -> int:
     return layout(fmt).weight_bytes(out_features, in_features, fmt)
 
 
+def shape_bytes(shape, fmt: Format) -> int:
+    """Bytes of a weight of `shape` at `fmt`: [out, in], or [experts, out, in] stored expert by expert."""
+    *experts, out_features, in_features = (int(n) for n in shape)
+    if len(experts) > 1 or min(shape) < 1:
+        raise ValueError(f"{list(shape)} is not an [out, in] or [experts, out, in] shape")
+    return (experts[0] if experts else 1) * weight_bytes(out_features, in_features, fmt)
+
+
 def substitute(fmt: Format, in_features: int, formats: tuple[Format, ...]) -> Format | None:
     """What stands in for `fmt` on a row of `in_features` it does not fit (a uniform config's layer): `fmt` itself
     when it fits; for a ggml type, what llama-quantize stores instead; otherwise the job's fitting format with the

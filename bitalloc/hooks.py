@@ -10,15 +10,20 @@ import torch
 
 
 @contextmanager
-def module_hooks(model, names: Iterable[str], pre: Callable | None = None, post: Callable | None = None
-                 ) -> Iterator[None]:
-    """`pre(name, module, args)` before and `post(name, module, args, output)` after each named module runs."""
+def module_hooks(model, names: Iterable[str], pre: Callable | None = None, post: Callable | None = None,
+                 with_kwargs: bool = False) -> Iterator[None]:
+    """`pre(name, module, args)` before and `post(name, module, args, output)` after each named module runs;
+    `with_kwargs` passes the call's keyword arguments to `pre` after `args`."""
     handles = []
     try:
         for name in names:
             module = model.layer_module(name)
             if pre is not None:
-                handles.append(module.register_forward_pre_hook(lambda m, args, name=name: pre(name, m, args)))
+                if with_kwargs:
+                    handles.append(module.register_forward_pre_hook(
+                        lambda m, args, kwargs, name=name: pre(name, m, args, kwargs), with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_pre_hook(lambda m, args, name=name: pre(name, m, args)))
             if post is not None:
                 handles.append(module.register_forward_hook(
                     lambda m, args, output, name=name: post(name, m, args, output)))

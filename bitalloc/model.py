@@ -2,8 +2,10 @@
 and list the layers a search may quantize.
 
 Quantizable layers are `nn.Linear` and transformers' `Conv1D` (GPT-2 style, weight stored as
-[in, out]). A weight that is shared with another module (an `lm_head` tied to the embeddings) is
-reported with `tied_to` and, by default, left unquantized and counted once.
+[in, out]), and the projections of mixture-of-experts blocks (`bitalloc.experts`): one unit per projection
+of a block over all its experts, [experts, out, in]. A weight that is shared with another module (an
+`lm_head` tied to the embeddings) is reported with `tied_to` and, by default, left unquantized and counted
+once. Routers are never quantized.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,16 +39,43 @@ _UNSEEN = re.compile(r"(^|\.)pooler(\.|$)")
 
 @dataclass(frozen=True)
 class QuantizableLayer:
+    """A unit of the search. A plain layer is a module's [out, in] `weight`; an expert unit (`experts` > 0) is
+    one projection over a block's experts, [experts, out, in], held by `module` as parameter `param` — for a
+    fused [gate; up] parameter only the rows `rows` = (start, step) of it (`out_features` of them)."""
+
     name: str
     in_features: int
     out_features: int
     dtype: str
     transposed: bool = False
     tied_to: str | None = None
+    experts: int = 0
+    module: str | None = None
+    param: str = "weight"
+    rows: tuple[int, int] | None = None
 
     @property
     def numel(self) -> int:
-        return self.in_features * self.out_features
+        return max(self.experts, 1) * self.in_features * self.out_features
+
+    @property
+    def row_count(self) -> int:
+        """Rows of its level: a level stacks its experts' rows, expert after expert."""
+        return max(self.experts, 1) * self.out_features
+
+    @property
+    def module_name(self) -> str:
+        return self.module or self.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return ((self.experts,) if self.experts else ()) + (self.out_features, self.in_features)
+
+    def bytes_at(self, fmt) -> int:
+        """Bytes stored at `fmt`: each expert's matrix in the format's layout, as runtimes store them."""
+        from .formats import shape_bytes
+
+        return shape_bytes(self.shape, fmt)
 
 
 @dataclass
@@ -66,10 +96,51 @@ class LoadedModel:
     def layer_module(self, name: str) -> nn.Module:
         return self.module.get_submodule(name)
 
+    def parameter(self, layer: QuantizableLayer) -> nn.Parameter:
+        """The parameter holding the layer's weight (for an expert unit of a fused [gate; up], both projections')."""
+        return getattr(self.layer_module(layer.module_name), layer.param)
+
     def weight(self, layer: QuantizableLayer) -> torch.Tensor:
-        """The layer's weight as [out, in], whatever its storage (a view, never a copy)."""
-        w = self.layer_module(layer.name).weight
-        return w.t() if layer.transposed else w
+        """The layer's weight as [out, in] ([experts, out, in] for an expert unit), whatever its storage (a view,
+        never a copy)."""
+        return self.view(layer, self.parameter(layer))
+
+    @staticmethod
+    def view(layer: QuantizableLayer, t: torch.Tensor) -> torch.Tensor:
+        """The layer's part of a tensor shaped as its parameter (the parameter, its gradient, ...), as [out, in]."""
+        t = t.transpose(-1, -2) if layer.transposed else t
+        if layer.rows is not None:
+            start, step = layer.rows
+            t = t[..., start:start + step * layer.out_features:step, :]
+        return t
+
+    @staticmethod
+    def logical(layer: QuantizableLayer, w: torch.Tensor) -> torch.Tensor:
+        """The inverse of `stored`: [out, in] / [experts, out, in]."""
+        return w.t() if layer.transposed and not layer.experts else w
+
+    def stored(self, layer: QuantizableLayer, w: torch.Tensor) -> torch.Tensor:
+        """`w` ([out, in] / [experts, out, in]) in the form `put` takes: a plain layer's storage layout ([in, out]
+        for a transposed one); an expert unit's own."""
+        return w.t().contiguous() if layer.transposed and not layer.experts else w
+
+    def put(self, layer: QuantizableLayer, w: torch.Tensor) -> Callable[[], None]:
+        """Make the layer compute with `w` (in the form `stored` gives); returns what puts the original back. A
+        whole parameter is pointed at the new tensor; part of a fused or transposed one is written in place."""
+        param = self.parameter(layer)
+        if not layer.experts or (layer.rows is None and not layer.transposed):
+            original = param.data
+            param.data = w
+            return lambda: setattr(param, "data", original)
+        with torch.no_grad():
+            view = self.weight(layer)
+            saved = view.clone()
+            view.copy_(w)
+
+        def restore():
+            with torch.no_grad():
+                self.weight(layer).copy_(saved)
+        return restore
 
     def content_hash(self) -> str:
         """sha256 over every parameter and buffer (name, dtype, shape, bytes), shared tensors once."""
@@ -253,13 +324,19 @@ def from_module(module: nn.Module, source: str = "torch-module", tokenizer: obje
 
 
 def list_layers(model: LoadedModel) -> list[QuantizableLayer]:
-    """Every Linear / Conv1D in module order, with tied weights marked."""
+    """Every Linear / Conv1D in module order (routers left out), with tied weights marked, and each fused experts
+    module's projections where the module stands."""
+    from .experts import fused_units, is_fused_experts, is_router
+
     owners: dict[int, str] = {}
     for name, p in model.module.named_parameters(remove_duplicate=False):
         owners.setdefault(p.data_ptr(), name.rsplit(".", 1)[0])
     layers = []
     for name, mod in model.module.named_modules():
         if model.metric == HIDDEN_STATE and _UNSEEN.search(name):
+            continue
+        if is_fused_experts(mod):
+            layers.extend(QuantizableLayer(**unit) for unit in fused_units(name, mod))
             continue
         if isinstance(mod, nn.Linear):
             out_f, in_f = mod.weight.shape
@@ -268,6 +345,8 @@ def list_layers(model: LoadedModel) -> list[QuantizableLayer]:
             in_f, out_f = mod.weight.shape
             transposed = True
         else:
+            continue
+        if is_router(name, model.module):
             continue
         owner = owners[mod.weight.data_ptr()]
         layers.append(
@@ -281,6 +360,60 @@ def list_layers(model: LoadedModel) -> list[QuantizableLayer]:
             )
         )
     return layers
+
+
+@dataclass(frozen=True)
+class Uncovered:
+    """A weight no listed layer holds, and why it is not searched."""
+
+    name: str
+    numel: int
+    why: str
+
+
+# below this many elements a weight is small enough not to matter for the file's size (norms, biases, routers)
+_SMALL = 1 << 16
+
+
+def uncovered(model: LoadedModel, layers: list[QuantizableLayer]) -> list[Uncovered]:
+    """The model's weights of 2 or more dimensions that no quantizable layer holds, largest first: embeddings,
+    routers, and any weight of a module bitalloc does not know (which `layers` names and a job refuses to ignore)."""
+    from .experts import is_router
+
+    held = {id(model.parameter(layer)) for layer in layers}
+    out = []
+    for name, p in model.module.named_parameters():
+        if id(p) in held or p.dim() < 2:
+            continue
+        owner_name = name.rsplit(".", 1)[0] if "." in name else ""
+        owner = model.module.get_submodule(owner_name)
+        if isinstance(owner, nn.Embedding):
+            why = "token embedding (looked up, not multiplied)" if owner is _input_embeddings(model) else "embedding"
+        elif is_router(owner_name, model.module):
+            why = "router (never quantized)"
+        elif _UNSEEN.search(owner_name) and model.metric == HIDDEN_STATE:
+            why = "not on the measured path"
+        elif p.numel() < _SMALL:
+            why = "small"
+        else:
+            why = f"a {p.dim()}-D weight of {type(owner).__name__}, which bitalloc cannot quantize"
+        out.append(Uncovered(name, p.numel(), why))
+    return sorted(out, key=lambda u: -u.numel)
+
+
+def _input_embeddings(model: LoadedModel) -> nn.Module | None:
+    getter = getattr(model.module, "get_input_embeddings", None)
+    try:
+        return getter() if getter else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def coverage(model: LoadedModel, layers: list[QuantizableLayer]) -> tuple[int, int]:
+    """(parameters the layers hold, the model's parameters outside its embeddings), shared tensors once."""
+    embeddings = {id(p) for m in model.module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    total = sum(p.numel() for p in model.module.parameters() if id(p) not in embeddings)
+    return sum(layer.numel for layer in layers if not layer.tied_to), total
 
 
 def select_layers(
@@ -317,9 +450,13 @@ def select_layers(
 
 
 def other_bytes(model: LoadedModel, layers: list[QuantizableLayer]) -> int:
-    """Bytes of everything the search does not choose: other parameters and buffers at their dtype, shared tensors once."""
-    chosen = {model.layer_module(layer.name).weight.data_ptr() for layer in layers}
-    seen = set(chosen)
+    """Bytes of everything the search does not choose: other parameters and buffers at their dtype, shared tensors
+    once (of a fused [gate; up] parameter, the part no chosen unit holds)."""
+    chosen: dict[int, int] = {}
+    for layer in layers:
+        p = model.parameter(layer)
+        chosen[p.data_ptr()] = chosen.get(p.data_ptr(), 0) + layer.numel
+    seen = set()
     total = 0
     tensors = list(model.module.named_parameters(remove_duplicate=False)) + list(
         model.module.named_buffers(remove_duplicate=False)
@@ -328,5 +465,5 @@ def other_bytes(model: LoadedModel, layers: list[QuantizableLayer]) -> int:
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+        total += (t.numel() - chosen.get(t.data_ptr(), 0)) * t.element_size()
     return total

@@ -22,11 +22,14 @@ from . import configio
 from .data import TokenSets, make_token_sets, text_files, tokenize_files
 from .errors import BitallocError
 from .evaluate import reference_bytes
-from .formats import Format, substitute, weight_bytes
+from .experts import expert_ties
+from .formats import Format, substitute
 from .metrics import METRICS
-from .model import HIDDEN_STATE, LoadedModel, QuantizableLayer, check_context, list_layers, load_model, other_bytes, select_layers
+from .model import (HIDDEN_STATE, LoadedModel, QuantizableLayer, check_context, coverage, list_layers, load_model,
+                    other_bytes, select_layers, uncovered)
 from .progress import Stages
 from .quantizers import Calibration, Quantizer
+from .quantizers.inputs import MIN_ROUTED
 from .quantizers.store import Levels, dense_bytes, open_stores
 from .results import (ConfigDoc, DataInfo, Evaluations, Front, JobInfo, MetricDoc, ModelInfo, Point, ProxyFront,
                       Reference, SensitivityInfo, SolverInfo, MemoryInfo)
@@ -58,7 +61,7 @@ class Workspace:
 
     @classmethod
     def open(cls, source: str, formats: tuple[Format, ...], *, include: list[str] = (), exclude: list[str] = (),
-             quantize_tied: bool = False, trust_remote_code: bool = False, text: str | list[str] = "shakespeare",
+             quantize_tied: bool = False, allow_partial: bool = False, trust_remote_code: bool = False, text: str | list[str] = "shakespeare",
              seq_len: int = 512, calibration: int = 8, evaluation: int = 4, batch_size: int = 2, seed: int = 0,
              reference: str = "float32", quantizers: dict[str, Quantizer] | None = None,
              stages: Stages | None = None,
@@ -75,7 +78,14 @@ class Workspace:
             if reference != "float32" and model.metric == HIDDEN_STATE:
                 raise BitallocError("data.reference", f"{reference} applies to next-token models; {source!r} is "
                                                       f"measured on hidden states, whose reference is small: float32")
-            layers = select_layers(list_layers(model), list(include), list(exclude), quantize_tied)
+            listed = list_layers(model)
+            check_coverage(model, listed, allow_partial)
+            layers = select_layers(listed, list(include), list(exclude), quantize_tied)
+            searched, total = coverage(model, layers)
+            experts = sum(1 for l in layers if l.experts)
+            stages.print(f"searching {len(layers)} layers{f' ({experts} of them expert units)' if experts else ''}: "
+                         f"{searched:,} parameters, {100 * searched / max(total, 1):.1f} % of the model's "
+                         f"non-embedding parameters")
             if before_quantize:
                 before_quantize(model, layers)
             model_hash = model.content_hash()
@@ -89,6 +99,11 @@ class Workspace:
                 made, reused = store.fill(model, layers, formats, progress=advance)
             if reused:
                 stages.print(f"levels ({method}): {reused} reused, {made} made, {store.folder}")
+            few, experts = getattr(store.quantizer, "data_free", (0, 0))
+            if few:
+                stages.print(f"levels ({method}): {few} of {experts} expert matrices saw fewer than {MIN_ROUTED} "
+                             f"routed calibration tokens and were quantized without their inputs (more "
+                             f"data.calibration sequences route more tokens to every expert)")
         levels = Levels(model, layers, formats, stores, working_set=dense_bytes(model, layers))
         return cls(source, model, layers, formats, model_hash, data, levels, batch_size, reference)
 
@@ -96,6 +111,19 @@ class Workspace:
         return LocalRunner(self.model, self.levels, {"calibration": self.data.calibration,
                                                     "evaluation": self.data.evaluation}, self.batch_size,
                            self.reference)
+
+
+def check_coverage(model: LoadedModel, layers: list[QuantizableLayer], allow_partial: bool) -> None:
+    """Refuse a model of which bitalloc could search less than half the non-embedding parameters (a front over a
+    small part of a model says little of its file), naming the largest weights it cannot quantize."""
+    searched, total = coverage(model, layers)
+    if allow_partial or not total or searched * 2 >= total:
+        return
+    largest = [u for u in uncovered(model, layers) if "embedding" not in u.why][:3]
+    names = ", ".join(f"{u.name} ({u.numel:,} params: {u.why})" for u in largest)
+    raise BitallocError("model.source", f"bitalloc can search only {100 * searched / total:.1f} % of "
+                                        f"{model.source!r}'s non-embedding parameters; the largest it cannot: {names}; "
+                                        f"set model.allow_partial: true to search the rest anyway")
 
 
 class TableResult(NamedTuple):
@@ -130,10 +158,11 @@ def build_problem(model: LoadedModel, layers: list[QuantizableLayer], formats: t
                   ties: list[tuple[int, ...]] = ()) -> Problem:
     """The byte-exact cost model of the chosen layers (a format that does not fit a layer is not allowed there, and
     costs what stands in for it in a uniform config), the table's errors when given, the constraints' pins, ties,
-    min/max bits and resource limits, and `ties` a runtime target imposes (merged with the constraints')."""
+    min/max bits and resource limits, `ties` a runtime target imposes and per-expert Linear experts' (one format
+    per block and projection, as runtimes store them), merged with the constraints'."""
     stand_in = np.array([[_substitute_index(f, l, formats) for f in formats] for l in layers],
                         dtype=np.int64).reshape(len(layers), len(formats))
-    cost = np.array([[weight_bytes(l.out_features, l.in_features, formats[k]) for k in row]
+    cost = np.array([[l.bytes_at(formats[k]) for k in row]
                      for l, row in zip(layers, stand_in)], dtype=np.int64)
     fits = stand_in == np.arange(len(formats))  # a format stands in for itself exactly where it fits
     return Problem(
@@ -144,7 +173,7 @@ def build_problem(model: LoadedModel, layers: list[QuantizableLayer], formats: t
         error=table.values if table is not None else np.zeros(cost.shape),
         allowed=allowed_mask(layers, formats, constraints.pin, constraints.min_bits, constraints.max_bits) & fits,
         fixed_bytes=other_bytes(model, layers),
-        groups=_merged(list(tie_groups(layers, constraints.tie)) + list(ties)),
+        groups=_merged(list(tie_groups(layers, constraints.tie)) + list(ties) + expert_ties([l.name for l in layers])),
         limits=constraints.limits(layers, formats),
         substitute=None if fits.all() else stand_in,
     )
@@ -257,7 +286,7 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
     number)."""
     model, layers, metric = ws.model, ws.layers, METRICS[ws.model.metric]
     meta = dict(model_source=ws.source, model_hash=ws.model_hash, spec_hash=job.spec_hash,
-                model_type=model.model_type, shapes={l.name: [l.out_features, l.in_features] for l in layers},
+                model_type=model.model_type, shapes={l.name: list(l.shape) for l in layers},
                 metric=metric, other_bytes=problem.fixed_bytes,
                 quantizers={m: s.quantizer.params() for m, s in ws.levels.stores.items()})
     pairs, reference = measured.points, measured.reference
@@ -272,7 +301,7 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
         points.append(Point(kind=c.kind, label=label, format=c.format, avg_bits=round(c.config.avg_bits, 6),
                             bytes=c.config.bytes, mib=round(mib(c.config.bytes), 6), predicted=c.config.predicted,
                             loss=m.loss, quality=m.quality, loss_error=m.loss_error or None, config=path))
-    fp_bytes = problem.fixed_bytes + sum(l.numel * model.layer_module(l.name).weight.element_size() for l in layers)
+    fp_bytes = problem.fixed_bytes + sum(l.numel * model.parameter(l).element_size() for l in layers)
     t = table.table
     front = Front(
         job=job,

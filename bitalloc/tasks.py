@@ -90,7 +90,9 @@ class LocalRunner:
         evaluator = self.evaluator(task.tokens)
         if task.noise is not None:
             layer, rel_mse, seed = task.noise
-            return evaluator.evaluate_tensors({layer: noisy_weight(self.model.layer_module(layer).weight, rel_mse, seed)})
+            spec = self.levels.layers[layer]
+            noisy = noisy_weight(self.model.weight(spec), rel_mse, seed)
+            return evaluator.evaluate_tensors({layer: self.model.stored(spec, noisy)})
         return evaluator.evaluate({name: self.levels.format_named(fmt) for name, fmt in task.assignment})
 
     def map(self, tasks: Iterable[EvalTask], progress: Callable[[int], None] | None = None,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 from rich.table import Table
 
-from bitalloc.formats import weight_bytes
 from bitalloc.results import Front
 
 
@@ -24,13 +23,19 @@ def front_table(front: Front) -> Table:
     return table
 
 
-def layers_table(source: str, layers, formats) -> Table:
-    table = Table(title=f"{source}: {len(layers)} quantizable layers")
-    for col in ["layer", "out x in", "dtype", "tied to"] + [f.name for f in formats]:
+def layers_table(source: str, layers, formats, uncovered=(), covered: tuple[int, int] | None = None) -> Table:
+    """The quantizable layers (an expert unit as experts x out x in) with their bytes at each format, then the
+    weights of 2 or more dimensions no layer holds, each with why."""
+    share = f", {100 * covered[0] / covered[1]:.1f} % of the non-embedding parameters" if covered and covered[1] else ""
+    table = Table(title=f"{source}: {len(layers)} quantizable layers{share}")
+    for col in ["layer", "shape", "dtype", "tied to"] + [f.name for f in formats]:
         table.add_column(col, justify="left" if col in ("layer", "tied to") else "right")
     for layer in layers:
-        table.add_row(layer.name, f"{layer.out_features} x {layer.in_features}", layer.dtype, layer.tied_to or "",
-                      *[f"{weight_bytes(layer.out_features, layer.in_features, f):,}" for f in formats])
+        table.add_row(layer.name, " x ".join(map(str, layer.shape)), layer.dtype, layer.tied_to or "",
+                      *[f"{layer.bytes_at(f):,}" for f in formats])
+    for u in uncovered:
+        table.add_row(u.name, f"{u.numel:,} params", "", f"not quantizable: {u.why}", *["" for _ in formats],
+                      style="dim")
     return table
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 from bitalloc import configio
 from bitalloc.errors import BitallocError
-from bitalloc.formats import weight_bytes
+from bitalloc.formats import shape_bytes
 from bitalloc.results import ConfigDoc, Front, ModelInfo, Point, read_config, read_front
 from bitalloc.runtimes import RUNTIMES, get_runtime, layers_of
 from bitalloc.runtimes import venv as runtime_code
@@ -70,9 +70,9 @@ def verified(doc: ConfigDoc, model: ModelInfo, where: str) -> ConfigDoc:
         raise BitallocError("TARGET", f"{where}: the config sets {len(formats)} layers, the search chose "
                                       f"{model.quantized_layers}")
     try:
-        counted = other + sum(weight_bytes(*map(int, doc.shapes[name]), fmt) for name, fmt in formats.items())
+        counted = other + sum(shape_bytes(doc.shapes[name], fmt) for name, fmt in formats.items())
     except (TypeError, ValueError):
-        raise BitallocError("TARGET", f"{where}: the config's shapes are not [out, in] pairs; rerun the job") from None
+        raise BitallocError("TARGET", f"{where}: the config's shapes are not [out, in] or [experts, out, in]; rerun the job") from None
     if counted != doc.totals.bytes:
         raise BitallocError("TARGET", f"{where}: the config claims {doc.totals.bytes} bytes but its layers' formats "
                                       f"come to {counted}; it was edited or damaged")

@@ -44,7 +44,7 @@ def open_workspace(spec: JobSpec, stages: Stages, before_quantize=None) -> Works
     """The pipeline's workspace for the spec's model, formats and data."""
     m, d = spec.model, spec.data
     return Workspace.open(m.source, spec.expand_formats(), include=m.include, exclude=m.exclude,
-                          quantize_tied=m.quantize_tied, trust_remote_code=m.trust_remote_code, text=d.source,
+                          quantize_tied=m.quantize_tied, allow_partial=m.allow_partial, trust_remote_code=m.trust_remote_code, text=d.source,
                           seq_len=d.seq_len, calibration=d.calibration, evaluation=d.evaluation,
                           batch_size=d.batch_size, seed=spec.seed, reference=d.reference,
                           quantizers=spec.quantizers(), stages=stages, before_quantize=before_quantize)

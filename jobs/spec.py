@@ -31,12 +31,14 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     """`source` is required: a job always says which model it searches. Custom code shipped with a model
-    (transformers' `auto_map`) runs only when `trust_remote_code: true` says so."""
+    (transformers' `auto_map`) runs only when `trust_remote_code: true` says so. A model of which bitalloc can
+    quantize less than half the non-embedding parameters is refused unless `allow_partial: true`."""
 
     source: str
     include: list[str] = []
     exclude: list[str] = []
     quantize_tied: bool = False
+    allow_partial: bool = False  # search a model of which bitalloc can quantize less than half
     trust_remote_code: bool = False
 
 

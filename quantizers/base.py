@@ -22,7 +22,7 @@ from bitalloc.kernels.packed import PackedWeight
 from bitalloc.model import LoadedModel, QuantizableLayer
 from bitalloc.registry import Parameterised, Registry
 
-from .inputs import Kind, collect
+from .inputs import Kind, collect, data_free
 from .layouts import Layout
 
 Level = PackedWeight  # or gguf.files.GgmlWeight: both have fmt, in_features, nbytes, to(device)
@@ -61,6 +61,7 @@ class QuantizerBase(Parameterised):
     layout: ClassVar[Layout] = Layout()
     inputs: ClassVar[Kind | None] = None  # what it reads of the calibration data: None, diagonal or hessian
     summary: ClassVar[str] = ""
+    data_free: tuple[int, int] = (0, 0)  # of the last `make`: experts with too few routed tokens, experts in all
 
     def reads_calibration(self) -> bool:
         return self.inputs is not None
@@ -74,7 +75,8 @@ class QuantizerBase(Parameterised):
         raise NotImplementedError
 
     def make(self, model, layers, missing, calibration, folder, write, progress=None) -> int:
-        """Every missing level, layer by layer (input statistics collected first, in one pass, when needed)."""
+        """Every missing level, layer by layer (input statistics collected first, in one pass, when needed); an
+        expert unit expert by expert, each against the inputs routed to it, its experts' rows stacked."""
         stats = {}
         wanted = [l for l in layers if missing.get(l.name)]
         if self.inputs and wanted:
@@ -82,16 +84,33 @@ class QuantizerBase(Parameterised):
                 raise BitallocError("data.calibration", f"{self.name} quantizes against calibration inputs; give "
                                                         f"at least one calibration sequence")
             stats = collect(model, wanted, calibration.tokens, self.inputs)
+        self.data_free = data_free(stats, wanted)
         made = 0
         for layer in layers:
             w = model.weight(layer) if missing.get(layer.name) else None
             for fmt in missing.get(layer.name, []):
-                write(layer.name, fmt, self.quantize(w, fmt, stats.get(layer.name)))
+                inputs = stats.get(layer.name)
+                if layer.experts:
+                    level = stack([self.quantize(w[e], fmt, None if inputs is None else inputs[e])
+                                   for e in range(layer.experts)])
+                else:
+                    level = self.quantize(w, fmt, inputs)
+                write(layer.name, fmt, level)
                 made += 1
             stats.pop(layer.name, None)
             if progress:
                 progress(1)
         return made
+
+
+def stack(levels: list) -> Level:
+    """One level of experts' levels, their rows one after another (as `QuantizableLayer.row_count` counts)."""
+    first = levels[0]
+    if isinstance(first, PackedWeight):
+        zeros = None if first.zeros is None else torch.cat([l.zeros for l in levels])
+        return PackedWeight(torch.cat([l.qweight for l in levels]), torch.cat([l.scales for l in levels]), zeros,
+                            first.fmt, first.in_features)
+    return type(first)(torch.cat([l.blocks for l in levels]), first.fmt, first.in_features)
 
 
 REGISTRY: Registry[Quantizer] = Registry("a quantizer", "formats.method", "formats.params")

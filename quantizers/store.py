@@ -31,7 +31,7 @@ from bitalloc.kernels.packed import PackedWeight, dequantize_packed
 from bitalloc.kernels.rtn import fake_quantize
 
 from bitalloc.errors import BitallocError
-from bitalloc.formats import Format, substitute, weight_bytes
+from bitalloc.formats import Format, substitute
 from bitalloc.model import LoadedModel, QuantizableLayer
 from bitalloc.paths import cache_dir
 from bitalloc.profiling import release_freed_memory
@@ -108,8 +108,7 @@ class LevelStore:
         wanted = {l.name: [f for f in formats if f.fits(l.in_features)] for l in layers}
         missing = {name: [f for f in fmts if not self.has(name, f)] for name, fmts in wanted.items()}
         by_name = {l.name: l for l in layers}
-        self._check_disk(sum(weight_bytes(by_name[n].out_features, by_name[n].in_features, f)
-                             for n, fmts in missing.items() for f in fmts))
+        self._check_disk(sum(by_name[n].bytes_at(f) for n, fmts in missing.items() for f in fmts))
         made = self.quantizer.make(model, layers, missing, self.calibration, self.folder, self.write, progress)
         release_freed_memory()
         return made, sum(map(len, wanted.values())) - made
@@ -126,13 +125,12 @@ def open_stores(model_hash: str, formats: Iterable[Format], quantizers: dict[str
 def level_bytes(layers: Iterable[QuantizableLayer], formats: Iterable[Format]) -> int:
     """Bytes of the stored levels of these layers at the formats that fit them (16-bit formats are not stored)."""
     formats = [f for f in formats if f.quantized]
-    return sum(weight_bytes(l.out_features, l.in_features, f) for l in layers for f in formats
-               if f.fits(l.in_features))
+    return sum(l.bytes_at(f) for l in layers for f in formats if f.fits(l.in_features))
 
 
 def dense_bytes(model: LoadedModel, layers: Iterable[QuantizableLayer]) -> int:
     """Bytes of one dense copy of these layers' weights in their own dtype: what one candidate needs at a time."""
-    return sum(l.numel * model.layer_module(l.name).weight.element_size() for l in layers)
+    return sum(l.numel * model.parameter(l).element_size() for l in layers)
 
 
 class Levels:
@@ -171,20 +169,21 @@ class Levels:
         return held if held is not None else self.read(layer, fmt)
 
     def weight(self, layer: str, fmt: Format, keep: bool = True) -> torch.Tensor:
-        """The level dequantized, in the layer's dtype and storage layout ([in, out] for a transposed layer); kept
-        in the working set unless `keep` is False (a caller that visits every level in turn gains nothing from it)."""
+        """The level dequantized, in the layer's dtype and the form `LoadedModel.put` takes (`LoadedModel.stored`);
+        kept in the working set unless `keep` is False (a caller that visits every level in turn gains nothing)."""
         key = (layer, fmt)
         if key in self._dense:
             self._dense.move_to_end(key)
             return self._dense[key]
         spec = self.layers[layer]
-        original = self.model.layer_module(layer).weight
+        dtype = self.model.parameter(spec).dtype
         if fmt.quantized:
             level = self.packed(layer, fmt)
-            w = level.dequantize(original.dtype) if isinstance(level, GgmlWeight) else dequantize_packed(level, original.dtype)
+            w = level.dequantize(dtype) if isinstance(level, GgmlWeight) else dequantize_packed(level, dtype)
+            w = w.reshape(spec.shape)
         else:  # the weight stored in 16 bits, read back in its own dtype
             w = fake_quantize(self.model.weight(spec), fmt)
-        w = w.t().contiguous() if spec.transposed else w
+        w = self.model.stored(spec, w)
         if keep:
             self._keep(key, w)
         return w

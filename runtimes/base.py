@@ -31,6 +31,7 @@ class Layer:
     fmt: Format
     out_features: int
     in_features: int
+    experts: int = 0  # an expert unit: one projection over a block's experts
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,11 @@ def layers_of(doc) -> list[Layer]:
     """A config document's layers with their formats and shapes."""
     if not doc.shapes:
         raise BitallocError("TARGET", "the config records no layer shapes (an older result); rerun the job")
-    return [Layer(name, fmt, *doc.shapes[name]) for name, fmt in doc.formats().items()]
+    layers = []
+    for name, fmt in doc.formats().items():
+        *experts, out_features, in_features = doc.shapes[name]
+        layers.append(Layer(name, fmt, out_features, in_features, *experts))
+    return layers
 
 
 def _show(value: Any) -> str:

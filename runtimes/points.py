@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bitalloc.evaluate import Evaluator, model_output
-from bitalloc.formats import weight_bytes
+from bitalloc.formats import shape_bytes
 from bitalloc.results import ConfigDoc, RuntimePoint
 from bitalloc.units import mib
 
@@ -79,7 +79,7 @@ def weights_point(runtime: str, ws, picked, weights: dict[str, torch.Tensor], st
     measured = ws.local_runner().evaluator("evaluation").evaluate_tensors(
         {n: w.to(dtype) for n, w in weights.items() if n in doc.layers})
     stored_bytes = sum(stored[n] for n in weights if n in doc.layers)
-    kept = sum(weight_bytes(*doc.shapes[n], f) for n, f in doc.formats().items() if n not in weights)
+    kept = sum(shape_bytes(doc.shapes[n], f) for n, f in doc.formats().items() if n not in weights)
     return runtime_point(runtime, picked.point.label, picked.front.model.other_bytes, stored_bytes + kept, files,
                          measured.loss, measured.quality, measured.tokens, picked, bitalloc_loss=picked.point.loss,
                          details={"weight_max_rel_diff": max((rel_diff(*p) for p in pairs), default=0.0),

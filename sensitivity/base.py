@@ -51,9 +51,10 @@ class EstimatorContext:
         return token_subset(self.calibration, max_tokens)
 
     def delta(self, layer: QuantizableLayer, fmt: Format) -> torch.Tensor:
-        """Q_f(W) − W in the layer's storage layout, in float32 (made on each call: hold it only as long as needed)."""
-        w = self.model.layer_module(layer.name).weight
-        return self.levels.weight(layer.name, fmt, keep=False).float() - w.detach().float()
+        """Q_f(W) − W as [out, in] ([experts, out, in]), in float32 (made on each call: hold it only as long as
+        needed)."""
+        q = self.model.logical(layer, self.levels.weight(layer.name, fmt, keep=False))
+        return q.float() - self.model.weight(layer).detach().float()
 
     def table(self, estimator: "Estimator", values, uncertainty=None, **params) -> SensitivityTable:
         return SensitivityTable(

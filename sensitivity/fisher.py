@@ -6,7 +6,9 @@ Fisher); entry = ½ · Σ F ⊙ (Q_f(W) − W)².
 
 Output side (the default, as NVIDIA ModelOpt's auto_quantize scores): at each layer output y,
 entry = ½ · Σₜ (∂L/∂yₜ)² ⊙ (Q_f(W)·xₜ − W·xₜ)² / N, with the gradient and the inputs of the same
-calibration tokens, accumulated per sequence so no activations are stored for the whole set.
+calibration tokens, accumulated per sequence so no activations are stored for the whole set. An expert unit
+has no one output (its experts' outputs are mixed by the router): it is scored on the weight side in the same
+pass, from the gradients of the tokens routed to each expert.
 
 `labels: data` uses the text's next tokens (empirical Fisher); `labels: model` samples them from the
 model's own prediction (the true Fisher, which is the Hessian of KL(FP ‖ Q) at the FP weights).
@@ -24,7 +26,7 @@ from bitalloc.hooks import module_hooks
 from bitalloc.registry import Params
 
 from .base import EstimatorBase, EstimatorContext, graph_bytes, register
-from .gradients import differentiable, lm_loss
+from .gradients import differentiable, lm_loss, per_layer
 
 
 @register("fisher")
@@ -69,14 +71,15 @@ class Fisher(EstimatorBase):
                 count += n
                 ctx.advance()
         values = np.array([[float((f * ctx.delta(l, fmt).pow(2)).sum()) for fmt in ctx.formats]
-                           for l, f in zip(ctx.layers, fisher)])
+                           for l, f in zip(ctx.layers, per_layer(ctx.model, ctx.layers, params, fisher))])
         return values, count
 
     def _output_side(self, ctx, tokens, gen):
         values = np.zeros((len(ctx.layers), len(ctx.formats)))
         inputs: dict[str, torch.Tensor] = {}
 
-        index = {layer.name: (i, layer) for i, layer in enumerate(ctx.layers)}
+        index = {layer.name: (i, layer) for i, layer in enumerate(ctx.layers) if not layer.experts}
+        experts = [(i, layer) for i, layer in enumerate(ctx.layers) if layer.experts]
 
         def forward(name, _module, args, output):
             i, layer = index[name]
@@ -87,16 +90,25 @@ class Fisher(EstimatorBase):
                 x = inputs.pop(name)
                 for j, fmt in enumerate(ctx.formats):  # ΔW made per use: never every layer's at once
                     d = ctx.delta(layer, fmt)
-                    err = x @ (d if layer.transposed else d.t())
+                    err = x @ d.t()
                     values[i, j] += float((g2 * err.pow(2)).sum())
 
             output.register_hook(backward)
 
         count = 0
-        with differentiable(ctx.model, ctx.layers, self.name), module_hooks(ctx.model, index, post=forward):
+        with differentiable(ctx.model, ctx.layers, self.name) as params, \
+                module_hooks(ctx.model, index, post=forward):
+            expert_params = list({id(p): p for p in (ctx.model.parameter(l) for _, l in experts)}.values())
+            fisher = [torch.zeros_like(p, dtype=torch.float32) for p in expert_params]
             for seq in tokens.split(1):
                 loss, n = lm_loss(ctx.model, seq, self.labels, gen, self.name)
                 loss.backward()
+                for acc, p in zip(fisher, expert_params):
+                    acc += p.grad.float().pow(2)
+                for p in params:
+                    p.grad = None
                 count += n
                 ctx.advance()
+            for (i, layer), f in zip(experts, per_layer(ctx.model, [l for _, l in experts], expert_params, fisher)):
+                values[i] = [float((f * ctx.delta(layer, fmt).pow(2)).sum()) for fmt in ctx.formats]
         return values, count

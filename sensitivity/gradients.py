@@ -15,12 +15,13 @@ from bitalloc.model import HIDDEN_STATE, LoadedModel, QuantizableLayer
 
 @contextmanager
 def differentiable(model: LoadedModel, layers: list[QuantizableLayer], needed_by: str, eager: bool = False):
-    """Yield the layers' weights with requires_grad on (everything else off); restore on exit."""
+    """Yield the parameters holding the layers' weights, each once (a fused [gate; up] holds two), with
+    requires_grad on (everything else off); restore on exit. `LoadedModel.view` takes a layer's part of one."""
     module = model.module
     config = getattr(module, "config", None)
     previous = getattr(config, "_attn_implementation", None)
     switch = eager and previous not in (None, "eager") and hasattr(module, "set_attn_implementation")
-    params = [model.layer_module(layer.name).weight for layer in layers]
+    params = list({id(p): p for p in (model.parameter(layer) for layer in layers)}.values())
     if not all(p.is_floating_point() for p in params):
         raise BitallocError("sensitivity.estimator", f"{needed_by!r} needs gradients, but the model's weights are not floating point")
     try:
@@ -68,3 +69,9 @@ def lm_loss(model: LoadedModel, batch: torch.Tensor, labels: str = "data",
         raise BitallocError("sensitivity.estimator", f"{needed_by!r} needs gradients, but the model's loss does not depend "
                             "differentiably on the selected layers; use 'sqnr' or 'measured'")
     return loss, count
+
+
+def per_layer(model: LoadedModel, layers: list[QuantizableLayer], params: list, tensors: list) -> list:
+    """Each layer's part ([out, in] / [experts, out, in]) of per-parameter tensors (gradients, accumulators)."""
+    where = {id(p): t for p, t in zip(params, tensors)}
+    return [model.view(layer, where[id(model.parameter(layer))]) for layer in layers]

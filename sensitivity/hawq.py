@@ -33,7 +33,7 @@ from bitalloc.model import HIDDEN_STATE
 from bitalloc.registry import Params
 
 from .base import EstimatorBase, EstimatorContext, graph_bytes, register
-from .gradients import differentiable, lm_loss
+from .gradients import differentiable, lm_loss, per_layer
 
 
 @register("hawq")
@@ -97,7 +97,8 @@ class HAWQ(EstimatorBase):
                 for k in range(n):
                     v = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
                     hv = torch.autograd.grad(grads, params, v, retain_graph=k < n - 1)
-                    samples.append([float((a * b).sum()) for a, b in zip(v, hv)])
+                    samples.append([float((a * b).sum()) for a, b in zip(per_layer(ctx.model, ctx.layers, params, v),
+                                                                         per_layer(ctx.model, ctx.layers, params, hv))])
                     ctx.advance()
                 del grads, loss
                 if len(samples) >= self.min_probes and self._converged(np.array(samples), weights):

@@ -61,7 +61,7 @@ class Linearity(EstimatorBase):
         tokens = f"calibration:{self.max_tokens}"
         rel, levels, tasks = [], [], []
         for i, layer in enumerate(ctx.layers):
-            norm2 = float(ctx.model.layer_module(layer.name).weight.detach().float().pow(2).sum())
+            norm2 = float(ctx.model.weight(layer).detach().float().pow(2).sum())
             rel.append(np.array([float(ctx.delta(layer, f).pow(2).sum()) / norm2 for f in ctx.formats]))
             levels.append(rel[-1][self.level_indices(rel[-1])])
             for k, t in enumerate(levels[-1]):

@@ -12,6 +12,7 @@ as tr(ΔW Σ ΔWᵀ) / tr(W Σ Wᵀ), so no per-format forward pass is needed.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from bitalloc.quantizers.inputs import collect
@@ -30,7 +31,7 @@ class SQNR(EstimatorBase):
         """With activations, every layer's input second moments; data-free, one layer's ΔW."""
         if not self.activations:
             return super().memory_bytes(model, layers, seq_len)
-        return sum(l.in_features ** 2 * 4 for l in layers) + sum(l.numel for l in layers) * 4
+        return sum(max(l.experts, 1) * l.in_features ** 2 * 4 for l in layers) + sum(l.numel for l in layers) * 4
 
     @property
     def uses_data(self) -> bool:
@@ -40,16 +41,24 @@ class SQNR(EstimatorBase):
         sigma = None
         if self.activations:  # XᵀX / N: half the Hessian GPTQ reads
             moments = collect(ctx.model, ctx.layers, ctx.calibration_tokens(self.max_tokens, "sqnr"), "hessian")
-            sigma = {name: h / 2 for name, h in moments.items()}
+            sigma = {name: [x if x is None else x / 2 for x in h] if isinstance(h, list) else h / 2
+                     for name, h in moments.items()}
         values = np.zeros((len(ctx.layers), len(ctx.formats)))
         for i, layer in enumerate(ctx.layers):
             w = ctx.model.weight(layer).detach().float()
             s = sigma[layer.name] if sigma is not None else None
-            signal = float((w @ s * w).sum()) if s is not None else float(w.pow(2).sum())
+            signal = _energy(w, s)
             for j, fmt in enumerate(ctx.formats):
-                d = ctx.delta(layer, fmt)
-                d = d.t() if layer.transposed else d
-                noise = float((d @ s * d).sum()) if s is not None else float(d.pow(2).sum())
-                values[i, j] = noise / (signal or 1.0)
+                values[i, j] = _energy(ctx.delta(layer, fmt), s) / (signal or 1.0)
             ctx.advance()
         return ctx.table(self, values)
+
+
+def _energy(w: torch.Tensor, s) -> float:
+    """Σ w Σ wᵀ over rows (‖w‖² without input moments); an expert unit sums its experts, each with its own moments
+    (an expert no calibration token reached adds nothing to the output there)."""
+    if s is None:
+        return float(w.pow(2).sum())
+    if w.dim() == 3:
+        return sum(_energy(w[e], s[e]) for e in range(w.shape[0]) if s[e] is not None)
+    return float((w @ s * w).sum())

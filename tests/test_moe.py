@@ -1,0 +1,251 @@
+"""Mixture-of-experts models: every expert weight is a unit of the search, quantized expert by expert, measured
+streamed, counted in exact bytes; weights bitalloc cannot quantize are named, and a job that would search too
+little of a model refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bitalloc.formats import Format
+from bitalloc.kernels.packed import dequantize_packed
+from bitalloc.model import coverage, from_module, list_layers, other_bytes, uncovered
+from bitalloc.quantizers import Calibration, get_quantizer
+from bitalloc.quantizers.store import open_stores
+
+from helpers import filled_levels
+
+W4 = Format(4, 32, False)
+W2 = Format(2, 32, False)
+
+
+def _mixtral(**extra):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                            num_experts_per_tok=2, max_position_embeddings=64, **extra))
+
+
+def _qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                              moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+                                              max_position_embeddings=64))
+
+
+def _qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                              moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              num_experts=4, num_experts_per_tok=2, max_position_embeddings=64))
+
+
+def _gpt_oss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    return GptOssForCausalLM(GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                          layer_types=["full_attention"] * 2))
+
+
+class PerExpertLinear(nn.Module):
+    """An older-style MoE: experts as nn.Linear modules (`experts.N.gate_proj`), a Linear router."""
+
+    def __init__(self, hidden=32, inter=64, experts=4, vocab=64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(nn.ModuleDict({"gate_proj": nn.Linear(hidden, inter, bias=False),
+                                                    "up_proj": nn.Linear(hidden, inter, bias=False),
+                                                    "down_proj": nn.Linear(inter, hidden, bias=False)})
+                                     for _ in range(experts))
+        self.head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        weights = torch.softmax(self.gate(h), -1)
+        out = sum(weights[..., e:e + 1] * x["down_proj"](nn.functional.silu(x["gate_proj"](h)) * x["up_proj"](h))
+                  for e, x in enumerate(self.experts))
+        return self.head(h + out)
+
+
+ARCHITECTURES = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "qwen2_moe": _qwen2_moe, "gpt_oss": _gpt_oss}
+
+
+def _model(arch):
+    torch.manual_seed(0)
+    module = ARCHITECTURES[arch]().float()
+    return from_module(module, source=f"tiny-{arch}")
+
+
+def _expert_params(module) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if ".experts." in n and p.dim() == 3)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_expert_weight_is_a_unit_with_exact_bytes(arch):
+    model = _model(arch)
+    layers = list_layers(model)
+    experts = [l for l in layers if l.experts]
+    assert sum(l.numel for l in experts) == _expert_params(model.module)  # every expert weight, nothing twice
+    assert {l.name.rsplit(".", 1)[1] for l in experts} == {"gate_proj", "up_proj", "down_proj"}
+    assert not any(l.name.endswith((".gate", ".router", "shared_expert_gate")) for l in layers)  # routers never
+    for l in experts:
+        assert model.weight(l).shape == l.shape
+        assert l.bytes_at(W4) == l.experts * l.out_features * (l.in_features * 4 // 8 + 2 * 2 * l.in_features // 32)
+    searched, total = coverage(model, layers)
+    assert searched / total >= 0.95
+    # bytes: the searched units' plus everything else, each parameter once
+    float_bytes = sum(t.numel() * t.element_size() for t in [*model.module.parameters(), *model.module.buffers()])
+    assert other_bytes(model, layers) + sum(l.numel * 4 for l in layers if not l.tied_to) == float_bytes
+
+
+def test_gpt_oss_units_read_its_transposed_interleaved_layout():
+    model = _model("gpt_oss")
+    experts = model.module.model.layers[0].mlp.experts
+    by_name = {l.name: l for l in list_layers(model)}
+    gate = by_name["model.layers.0.mlp.experts.gate_proj"]
+    up = by_name["model.layers.0.mlp.experts.up_proj"]
+    assert torch.equal(model.weight(gate), experts.gate_up_proj[..., ::2].transpose(1, 2))
+    assert torch.equal(model.weight(up), experts.gate_up_proj[..., 1::2].transpose(1, 2))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_a_level_read_back_equals_the_quantizer_output_expert_by_expert(arch):
+    model = _model(arch)
+    layers = [l for l in list_layers(model) if l.experts]
+    levels = filled_levels(model, layers, (W4,))
+    rtn = get_quantizer("rtn")
+    for layer in layers:
+        level = levels.read(layer.name, W4)
+        rows = layer.out_features
+        for e in range(layer.experts):
+            own = rtn.quantize(model.weight(layer)[e], W4)
+            assert torch.equal(level.qweight[e * rows:(e + 1) * rows], own.qweight)
+            assert torch.equal(level.scales[e * rows:(e + 1) * rows], own.scales)
+        assert level.nbytes == layer.bytes_at(W4)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_streamed_evaluation_equals_the_weights_quantized_in_memory(arch):
+    from bitalloc.evaluate import Evaluator
+
+    model = _model(arch)
+    layers = list_layers(model)
+    formats = (W2, W4)
+    levels = filled_levels(model, layers, formats)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    assignment = {l.name: formats[i % 2] for i, l in enumerate(layers)}
+    before = {n: p.clone() for n, p in model.module.named_parameters()}
+    evaluator = Evaluator(model, levels, tokens, 2)
+    streamed = evaluator.evaluate(assignment)
+    in_memory = {}
+    for l in layers:
+        level = levels.read(l.name, assignment[l.name])
+        in_memory[l.name] = model.stored(l, dequantize_packed(level, torch.float32).reshape(l.shape))
+    assert evaluator.evaluate_tensors(in_memory) == streamed
+    assert streamed.loss > 0
+    for n, p in model.module.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_clip_calibrates_each_expert_on_the_tokens_routed_to_it():
+    model = _model("mixtral")
+    layers = [l for l in list_layers(model) if l.experts][:3]
+    tokens = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(2))
+    clip = get_quantizer("clip")
+    levels = filled_levels(model, layers, (Format(3, 32, False, method="clip"),), {"clip": clip},
+                           Calibration(tokens, "test"))
+    few, experts = clip.data_free
+    assert experts == sum(l.experts for l in layers) and few < experts
+    from bitalloc.quantizers.inputs import collect
+
+    stats = collect(model, layers, tokens, "diagonal")
+    fmt = levels.formats[0]
+    for layer in layers:
+        level = levels.read(layer.name, fmt)
+        rows = layer.out_features
+        for e in range(layer.experts):
+            own = clip.quantize(model.weight(layer)[e], fmt, stats[layer.name][e])
+            assert torch.equal(level.qweight[e * rows:(e + 1) * rows], own.qweight)
+
+
+@pytest.mark.parametrize("estimator", ["fisher", "sqnr", "hawq"])
+def test_estimators_score_expert_units(estimator):
+    from bitalloc.pipeline import Workspace  # noqa: F401 (the estimators' registry)
+    from bitalloc.sensitivity import EstimatorContext, get_estimator
+    from bitalloc.sensitivity.base import run_estimator
+
+    model = _model("mixtral")
+    layers = list_layers(model)
+    formats = (W2, W4)
+    levels = filled_levels(model, layers, formats)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    params = {"hawq": {"max_probes": 4, "min_probes": 2}, "sqnr": {"activations": True}}.get(estimator, {})
+    ctx = EstimatorContext(model, layers, formats, levels, tokens, "test", 0)
+    table = run_estimator(get_estimator(estimator, **params), ctx)
+    experts = [i for i, l in enumerate(layers) if l.experts]
+    values = table.values[experts]
+    if estimator != "hawq":  # a Hutchinson trace may come out negative for a unit; clipped at 0
+        assert (values > 0).all()
+    assert (values[:, 0] >= values[:, 1]).all()  # 2-bit hurts more than 4-bit
+
+
+def test_per_expert_linear_experts_are_tied_per_projection_and_the_router_left_alone():
+    from bitalloc.experts import expert_ties
+
+    model = from_module(PerExpertLinear())
+    layers = list_layers(model)
+    names = [l.name for l in layers]
+    assert "gate" not in names and "head" in names
+    ties = expert_ties(names)
+    assert sorted(sorted(names[i] for i in g) for g in ties) == [
+        [f"experts.{e}.{p}" for e in range(4)] for p in ("down_proj", "gate_proj", "up_proj")]
+
+
+class Unknown(nn.Module):
+    """A model whose largest weight lives in a module bitalloc does not know."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.mix = nn.Parameter(torch.randn(8, 32, 256))
+        self.head = nn.Linear(32, 64, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.head(h + torch.einsum("btd,edf->btf", h, self.mix)[..., :32])
+
+
+def test_an_unknown_large_weight_is_named_with_why():
+    model = from_module(Unknown())
+    layers = list_layers(model)
+    found = {u.name: u.why for u in uncovered(model, layers)}
+    assert "cannot quantize" in found["mix"] and "embedding" in found["embed.weight"]
+    searched, total = coverage(model, layers)
+    assert searched / total < 0.5
+
+
+def test_the_upcycled_model_computes_the_dense_models_function():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitalloc.upcycle import upcycle
+
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64)).eval()
+    moe = upcycle(dense, experts=4, top_k=2, seed=0)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        np.testing.assert_allclose(moe(ids).logits.numpy(), dense(ids).logits.numpy(), atol=1e-5)
+        e = moe.model.layers[0].mlp.experts.gate_up_proj
+        assert not torch.equal(e[0], e[1])  # a different tensor per expert
