@@ -95,6 +95,16 @@ class MemoryPlan:
                                              f"run.memory_limit if more is free")
 
 
+def expert_swap_bytes(model: LoadedModel, layers: list[QuantizableLayer]) -> int:
+    """What a streamed MoE block holds besides its levels while it runs: the FP part of a fused parameter written
+    over in place (`LoadedModel.put`), for the largest experts module (part of each forward pass)."""
+    per_module: dict[str, int] = {}
+    for l in layers:
+        if l.experts and (l.rows is not None or l.transposed):
+            per_module[l.module_name] = per_module.get(l.module_name, 0) + l.numel * model.parameter(l).element_size()
+    return max(per_module.values(), default=0)
+
+
 def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, estimator,
          workers: int, available: int) -> MemoryPlan:
     """The plan of a job on this model, against `available` bytes measured after it loaded."""
@@ -104,7 +114,7 @@ def plan(model: LoadedModel, layers: list[QuantizableLayer], formats, spec, esti
     calibration = (reference_bytes(model, min(data.calibration * data.seq_len, spec.search.screen_tokens),
                                    data.reference)
                    if spec.search.evaluations or estimator.measures_calibration else 0)
-    forward = 3 * reference_bytes(model, data.batch_size * data.seq_len)
+    forward = 3 * reference_bytes(model, data.batch_size * data.seq_len) + expert_swap_bytes(model, layers)
     evaluating = max(workers, 1)  # the Ray workers, or this process
     model_bytes = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
     parts = [

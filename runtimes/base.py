@@ -58,6 +58,7 @@ class Runtime:
     builds: ClassVar[bool] = False  # `venv.py` builds the model with the runtime's code (the Python runtimes)
     export_file: ClassVar[str] = "file"  # what `export --format NAME` writes
     presets: ClassVar[tuple[str, ...]] = ()  # the runtime's own mixtures `verify --presets` measures
+    experts: ClassVar[bool] = False  # writes MoE expert units (names and formats its loader reads for them)
 
     # -- target ------------------------------------------------------------------------------------------------
     def formats(self, method: str, params: dict) -> tuple[Format, ...]:
@@ -105,6 +106,7 @@ class Runtime:
         """The runtime's file text, and one line per layer written only as the nearest it can express.
 
         Without `nearest`, a config the runtime cannot express is an error that names the nearest."""
+        self.check_experts(layers)
         placed = self.place(layers, model_type)
         changed = [f"{l.name}: {l.fmt.name} -> {_show(placed[l.name].value)} ({placed[l.name].why})"
                    for l in layers if not placed[l.name].exact]
@@ -113,6 +115,13 @@ class Runtime:
                                             f"exactly, e.g. {changed[0]}; the nearest it can write raises those; "
                                             f"pass --nearest to write it")
         return self.render(layers, placed, model_type, quantizers or {}), changed
+
+    def check_experts(self, layers) -> None:
+        """Refuse a config with MoE expert units where this runtime's files for them are not written yet."""
+        units = [l.name for l in layers if l.experts]
+        if units and not self.experts:
+            raise BitallocError("--format", f"{self.name}: files for mixture-of-experts units ({len(units)}, e.g. "
+                                            f"{units[0]}) are not written yet; export this config to llamacpp")
 
     # -- verify ------------------------------------------------------------------------------------------------
     def prepare(self) -> None:

@@ -249,3 +249,23 @@ def test_the_upcycled_model_computes_the_dense_models_function():
         np.testing.assert_allclose(moe(ids).logits.numpy(), dense(ids).logits.numpy(), atol=1e-5)
         e = moe.model.layers[0].mlp.experts.gate_up_proj
         assert not torch.equal(e[0], e[1])  # a different tensor per expert
+
+
+@pytest.mark.parametrize("arch,model_type", [("mixtral", "mixtral"), ("qwen3_moe", "qwen3_moe"),
+                                             ("qwen2_moe", "qwen2_moe"), ("gpt_oss", "gpt_oss")])
+def test_the_llamacpp_export_names_every_expert_tensor(arch, model_type):
+    import re
+
+    from bitalloc.runtimes import get_runtime
+    from bitalloc.runtimes.base import Layer
+
+    model = _model(arch)
+    layers = [Layer(l.name, Format.of_ggml("q4_K" if l.in_features % 256 == 0 else "q4_0"), l.out_features,
+                    l.in_features, l.experts) for l in list_layers(model) if l.name != "lm_head"]
+    text, _ = get_runtime("llamacpp").export(layers, model_type, nearest=True)
+    names = [re.match(r"\^(.*)\$=", line)[1].replace("\\", "") for line in text.splitlines()]
+    for block in (0, 1):
+        for proj in ("gate", "up", "down"):
+            assert f"blk.{block}.ffn_{proj}_exps.weight" in names
+    if arch == "qwen2_moe":
+        assert "blk.0.ffn_gate_shexp.weight" in names

@@ -54,7 +54,9 @@ def gguf_arch(model_type: str | None):
     import gguf
 
     names = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
-    arch = names.get({"mistral": "llama"}.get(model_type or "", model_type or ""))
+    # llama.cpp's converter writes Mistral and Mixtral as llama; its MoE names drop transformers' underscores
+    model_type = {"mistral": "llama", "mixtral": "llama", "gpt_oss": "gpt-oss"}.get(model_type or "", model_type or "")
+    arch = names.get(model_type, names.get(model_type.replace("_", "")))
     if arch is None:
         raise BitallocError("formats", f"llama.cpp: no GGUF tensor names known for model type {model_type!r}")
     return arch

@@ -101,7 +101,7 @@ def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dic
                     if tensor.tensor_type != GGML_TYPES[ggml].qtype:
                         raise BitallocError("formats", f"llama-quantize stored {name!r} as {tensor.tensor_type.name}, "
                                                        f"not {ggml} (rows of {by_name[name].in_features})")
-                    blocks = np.asarray(tensor.data).reshape(by_name[name].out_features, -1)
+                    blocks = np.asarray(tensor.data).reshape(by_name[name].row_count, -1)  # experts' rows stacked
                     if orders[name] is not None:
                         blocks = blocks[orders[name]]
                     write(name, fmt, GgmlWeight(torch.from_numpy(np.array(blocks)), fmt,

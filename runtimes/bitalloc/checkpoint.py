@@ -96,6 +96,10 @@ def pack(config: ConfigDoc, out: Path, data_hash: str | None = None) -> int:
     job's token sets), saved packed into OUT; returns the packed layers' bytes. The model is the one the config
     names, refused if its content differs from the one searched (and never loaded with its own code: a config file
     names the model, it does not vouch for it)."""
+    units = [name for name, shape in config.shapes.items() if len(shape) == 3]
+    if units:
+        raise BitallocError("TARGET", f"bitalloc's packed checkpoint has no form for mixture-of-experts units yet "
+                                      f"({len(units)}, e.g. {units[0]}); export the config to llamacpp")
     model = load_model(config.model.source)
     if model.content_hash() != config.model.content_hash:
         raise BitallocError("TARGET", f"the model at {config.model.source!r} is not the one searched (content hash "

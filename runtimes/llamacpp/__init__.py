@@ -65,6 +65,7 @@ class LlamaCpp(Runtime):
     library = "gguf"
     export_file = "llama-quantize --tensor-type-file"
     presets = PRESETS
+    experts = True  # blk.N.ffn_{gate,up,down}_exps, one type each (gguf-py's tensor name map)
 
     def formats(self, method, params):
         types = TYPES + (IMATRIX_TYPES if params.get("imatrix") else ())
