@@ -269,3 +269,59 @@ def test_the_llamacpp_export_names_every_expert_tensor(arch, model_type):
             assert f"blk.{block}.ffn_{proj}_exps.weight" in names
     if arch == "qwen2_moe":
         assert "blk.0.ffn_gate_shexp.weight" in names
+
+
+@pytest.fixture(scope="module")
+def moe_job(text_dir, tmp_path_factory):
+    """A llama.cpp-target job on a tiny Mixtral (rows llama.cpp's blocks take, SmolLM2's tokenizer)."""
+    import yaml
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from bitalloc.cli import main
+    from bitalloc.model import load_model
+    from conftest import tiny_job
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-mixtral")
+    MixtralForCausalLM(MixtralConfig(vocab_size=49152, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=256,
+                                     tie_word_embeddings=True)).float().save_pretrained(folder)
+    load_model("smollm2-135m").tokenizer.save_pretrained(folder)
+    out = tmp_path_factory.mktemp("moe-job") / "out"
+    spec = tiny_job(folder, text_dir, out, data={"seq_len": 64, "calibration": 2, "evaluation": 4},
+                    search={"budgets": [5.0], "points": 2})
+    spec.update(formats={"target": "llamacpp"}, tracking={"enabled": False})
+    (out.parent / "job.yaml").write_text(yaml.safe_dump(spec))
+    main(["run", str(out.parent / "job.yaml")])
+    return out
+
+
+def test_an_moe_job_searches_its_experts_and_llamacpp_builds_them_byte_for_byte(moe_job, capsys):
+    from bitalloc.cli import main
+    from bitalloc.results import read_config
+    from conftest import front_of
+
+    front = front_of(moe_job)
+    config = read_config(moe_job / front.mixed[0].config)
+    experts = {n: s for n, s in config.shapes.items() if len(s) == 3}
+    assert len(experts) == 6 and all(s[0] == 4 for s in experts.values())
+    main(["verify", str(moe_job), "--point", "1", "--runtime", "llamacpp"])
+    (built,) = [r for r in front_of(moe_job).runtime_points if r.runtime == "llamacpp"]
+    assert built.stored_layer_bytes == built.counted_layer_bytes
+    assert built.details["layers_matching"] == len([f for f in config.formats().values() if f.quantized])
+    with pytest.raises(SystemExit) as stop:
+        main(["export", str(moe_job), "--point", "1", "--format", "hqq", "-o", str(moe_job.parent / "hqq.py")])
+    assert stop.value.code == 2 and "mixture-of-experts" in capsys.readouterr().err
+
+
+def test_a_job_on_a_model_mostly_outside_the_search_refuses_in_one_line():
+    from bitalloc.pipeline import check_coverage
+    from bitalloc.errors import BitallocError
+
+    model = from_module(Unknown())
+    with pytest.raises(BitallocError) as refused:
+        check_coverage(model, list_layers(model), allow_partial=False)
+    assert refused.value.field == "model.source" and "mix (" in refused.value.message
+    assert "allow_partial" in refused.value.message
+    check_coverage(model, list_layers(model), allow_partial=True)
