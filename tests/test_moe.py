@@ -13,7 +13,6 @@ from bitalloc.formats import Format
 from bitalloc.kernels.packed import dequantize_packed
 from bitalloc.model import coverage, from_module, list_layers, other_bytes, uncovered
 from bitalloc.quantizers import Calibration, get_quantizer
-from bitalloc.quantizers.store import open_stores
 
 from helpers import filled_levels
 
@@ -180,7 +179,6 @@ def test_clip_calibrates_each_expert_on_the_tokens_routed_to_it():
 
 @pytest.mark.parametrize("estimator", ["fisher", "sqnr", "hawq"])
 def test_estimators_score_expert_units(estimator):
-    from bitalloc.pipeline import Workspace  # noqa: F401 (the estimators' registry)
     from bitalloc.sensitivity import EstimatorContext, get_estimator
     from bitalloc.sensitivity.base import run_estimator
 
