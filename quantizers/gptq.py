@@ -129,6 +129,8 @@ class GPTQ(QuantizerBase):
         return None
 
     def quantize(self, weight, fmt, inputs=None) -> PackedWeight:
+        if inputs is None:  # an expert too few calibration tokens reached: the identity Hessian, i.e. data-free
+            inputs = 2 * torch.eye(weight.shape[1])  # rounding on GPTQ's grid, no error carried between columns
         q, _ = gptq(weight, inputs, fmt, self.damp, self.act_order, self.block, grid=self.grid(weight, fmt))
         return pack(q)
 

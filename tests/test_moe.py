@@ -323,3 +323,17 @@ def test_a_job_on_a_model_mostly_outside_the_search_refuses_in_one_line():
     assert refused.value.field == "model.source" and "mix (" in refused.value.message
     assert "allow_partial" in refused.value.message
     check_coverage(model, list_layers(model), allow_partial=True)
+
+
+def test_gptq_quantizes_each_expert_against_its_routed_hessian_and_falls_back_without_tokens():
+    model = _model("qwen3_moe")  # 8 experts, top-2: with one short sequence some experts see few tokens
+    layers = [l for l in list_layers(model) if l.experts][:3]
+    tokens = torch.randint(0, 64, (1, 64), generator=torch.Generator().manual_seed(5))
+    gptq = get_quantizer("gptq")
+    fmt = Format(4, 32, False, method="gptq")
+    levels = filled_levels(model, layers, (fmt,), {"gptq": gptq}, Calibration(tokens, "test"))
+    few, experts = gptq.data_free
+    assert 0 < few < experts  # some experts fell back, some did not
+    for layer in layers:
+        level = levels.read(layer.name, fmt)
+        assert level.out_features == layer.row_count and torch.isfinite(level.scales).all()

@@ -1,0 +1,171 @@
+"""Mixture-of-experts models: the share searched, mixed vs uniform KL at the bytes of uniform 3- and 4-bit, a llama.cpp
+round trip, and peak memory against the plan with time per stage. Prints two tables.
+
+    .venv/bin/python benchmarks/moe.py [--experts 4,8] [--qwen3-blocks 2] [--work DIR]
+
+Subjects: the default model upcycled (`bitalloc.upcycle`: a Mixtral whose every expert is SmolLM2's MLP with its
+channels permuted, seeded router, top-2 gates renormalised — SmolLM2's function exactly, so KL means something), with
+each --experts count; and a random-init model with Qwen3-30B-A3B's block shapes (hidden 2048, 128 experts of
+intermediate 768, top-8, bfloat16, SmolLM2's vocabulary) cut to --qwen3-blocks blocks, whose quality means nothing
+and whose memory and time do. Each job is one `bitalloc run` in a child process (`run.workers: 0`, so its peak
+resident set is the job's; read by /usr/bin/time), with a fresh level store:
+- `rtn`: w2-w8 at group 64, asymmetric (the default job's formats), Fisher, DP, budgets 3.5 / 4.5 bits — the bytes of
+  uniform w3g64a and w4g64a, whose KL the same job measures;
+- `bitalloc`: `formats: {target: bitalloc}` (clip levels on the packed kernels), the same budgets;
+- `llamacpp`: `formats: {target: llamacpp}`, budget 4.5 and 5.0 bits, then `bitalloc verify --point 1` through
+  llama.cpp (the front's KL against llama.cpp's on the same tokens, and layers matching byte for byte).
+Data: the default job's (4 x 512 calibration, 4 x 512 held-out tokens of shakespeare); the Qwen3 shape runs
+1 x 256 of each with w2/w4/w8 and the data-free sqnr estimator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+DATA = {"source": "shakespeare", "seq_len": 512, "calibration": 4, "evaluation": 4, "batch_size": 2}
+JOBS = {
+    "rtn": ({"bits": [2, 3, 4, 5, 6, 8], "group_size": 64}, [3.5, 4.5], "w3g64a", "w4g64a"),
+    "bitalloc": ({"target": "bitalloc"}, [3.5, 4.5], "w3g64a-clip", "w4g64a-clip"),
+    "llamacpp": ({"target": "llamacpp"}, [4.5, 5.0], "q3_K", "q4_0"),
+}
+
+
+def timed_cli(args: list[str], env: dict) -> tuple[float, int, str]:
+    """(seconds, peak resident bytes, stderr) of one `bitalloc` command in a child process."""
+    start = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "bitalloc.cli", *args], capture_output=True,
+                          text=True, env=env)
+    wall = time.perf_counter() - start
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)[1]) * 1024
+    if done.returncode:
+        lines = [l for l in done.stderr.splitlines() if l.startswith("error")] or done.stderr.splitlines()[-3:]
+        raise SystemExit(f"bitalloc {' '.join(args[:2])}: {lines}")
+    return wall, peak, done.stderr
+
+
+def run_job(source: str, name: str, formats, budgets, data: dict, estimator: str, out: Path) -> dict:
+    """The job's front.json, with its wall time, peak memory and planned memory added (a finished job is read)."""
+    record = out.with_suffix(".bench.json")
+    if record.is_file():
+        return json.loads(record.read_text())
+    spec = {"name": name, "model": {"source": source}, "formats": formats, "data": data,
+            "sensitivity": {"estimator": estimator}, "search": {"solver": "dp", "budgets": budgets, "points": 0},
+            "run": {"workers": 0}, "tracking": {"enabled": False}, "output": str(out)}
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "BITALLOC_CACHE": str(out.with_suffix(".cache"))}
+    wall, peak, said = timed_cli(["run", str(path), "--fresh"], env)
+    front = json.loads((out / "front.json").read_text())
+    planned = re.search(r"memory plan: .*?total ([\d.]+ [KMG]iB)", said)
+    searched = re.search(r"searching .*?([\d.]+) % of the model", said)
+    front["bench"] = {"wall_s": wall, "peak_bytes": peak, "planned": planned[1] if planned else "?",
+                      "searched": float(searched[1]) if searched else None, "env": env["BITALLOC_CACHE"]}
+    if name == "llamacpp":
+        _, verify_peak, _ = timed_cli(["verify", str(out), "--point", "1", "--runtime", "llamacpp"], env)
+        verified = json.loads((out / "front.json").read_text())["runtime_points"][0]
+        front["bench"]["verify"] = {"front_kl": verified["bitalloc_loss"], "runtime_kl": verified["loss"],
+                                    "matching": verified["details"]["layers_matching"], "peak_bytes": verify_peak}
+    record.write_text(json.dumps(front))
+    return front
+
+
+def qwen3_shape(folder: Path, blocks: int) -> Path:
+    """A random-init Qwen3-MoE with Qwen3-30B-A3B's block shapes, `blocks` blocks, bfloat16."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from bitalloc.model import load_model
+
+    tokenizer = load_model("smollm2-135m").tokenizer
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=6144,
+                            moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                            num_hidden_layers=blocks, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                            max_position_embeddings=4096, tie_word_embeddings=False)
+    with torch.device("cpu"):
+        model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--experts", default="4")
+    ap.add_argument("--jobs", default="rtn,bitalloc,llamacpp")
+    ap.add_argument("--qwen3-blocks", type=int, default=2, help="0 skips the Qwen3-30B-A3B shape")
+    ap.add_argument("--work", default=None, help="folder for subjects and results (default: a temporary one)")
+    args = ap.parse_args()
+    console = Console(width=220)
+    from bitalloc.upcycle import write_upcycled
+
+    with tempfile.TemporaryDirectory(prefix="bitalloc-moe-") as scratch:
+        work = Path(args.work or scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        quality = Table(title=f"upcycled SmolLM2-135M (top-2): KL on 4 x 512 held-out tokens, {os.cpu_count()} CPUs")
+        for col in ("experts", "job", "searched %", "uniform 3b KL", "mixed at its bytes", "uniform 4b KL",
+                    "mixed at its bytes", "verify: front KL / llama.cpp KL, layers matching"):
+            quality.add_column(col, justify="left" if col in ("job", "experts") else "right")
+        cost = Table(title="memory and time per stage (one process, run.workers: 0)")
+        for col in ("subject", "job", "params", "planned", "peak RSS", "stages (s)", "job s"):
+            cost.add_column(col, justify="left" if col in ("subject", "job", "stages (s)") else "right")
+        for experts in map(int, args.experts.split(",")):
+            subject = work / f"smollm2-upcycled-{experts}x"
+            if not (subject / "config.json").is_file():
+                write_upcycled("smollm2-135m", subject, experts=experts)
+            for name in args.jobs.split(","):
+                formats, budgets, u3, u4 = JOBS[name]
+                front = run_job(str(subject), name, formats, budgets, DATA, "fisher", work / f"{experts}x-{name}")
+                uniform = {p["format"]: p for p in front["points"] if p["kind"] == "uniform"}
+                mixed = [p for p in front["points"] if p["kind"] == "mixed"]
+
+                def at(u):
+                    if u not in uniform:
+                        return "-", "-"
+                    best = min((p for p in mixed if p["bytes"] <= uniform[u]["bytes"]), key=lambda p: p["loss"],
+                               default=None)
+                    ratio = f"{best['loss']:.4f} ({best['loss'] / uniform[u]['loss']:.2f}x)" if best else "-"
+                    return f"{uniform[u]['loss']:.4f}", ratio
+
+                b = front["bench"]
+                v = b.get("verify")
+                check = f"{v['front_kl']:.4f} / {v['runtime_kl']:.4f}, {v['matching']}" if v else ""
+                quality.add_row(str(experts), name, f"{b['searched']}", *at(u3), *at(u4), check)
+                stages = ", ".join(f"{k} {s:.0f}" for k, s in front["timings_s"].items() if s >= 1)
+                cost.add_row(f"upcycled {experts}x", name, f"{front['model']['quantized_params'] / 1e6:.0f} M",
+                             b["planned"], _gib(b["peak_bytes"]), stages, f"{b['wall_s']:.0f}")
+                Console(stderr=True).print(f"{experts}x {name}: done in {b['wall_s']:.0f} s")
+        if args.qwen3_blocks:
+            subject = qwen3_shape(work / f"qwen3-30b-a3b-shape-{args.qwen3_blocks}b", args.qwen3_blocks)
+            data = dict(DATA, seq_len=256, calibration=1, evaluation=1)
+            front = run_job(str(subject), "qwen3", {"bits": [2, 4, 8], "group_size": 64}, [4.0], data, "sqnr",
+                            work / "qwen3-shape")
+            b = front["bench"]
+            stages = ", ".join(f"{k} {s:.0f}" for k, s in front["timings_s"].items() if s >= 1)
+            cost.add_row(f"Qwen3-30B-A3B shape, {args.qwen3_blocks} blocks", "w2/w4/w8, sqnr",
+                         f"{front['model']['quantized_params'] / 1e6:.0f} M", b["planned"], _gib(b["peak_bytes"]),
+                         stages, f"{b['wall_s']:.0f}")
+        console.print(quality)
+        console.print(cost)
+
+
+if __name__ == "__main__":
+    main()
