@@ -27,6 +27,7 @@ from bitalloc.model import LoadedModel, QuantizableLayer
 from bitalloc.pipeline import Budget, Workspace
 from bitalloc.progress import Stages
 from bitalloc.results import EvaluationInfo, Front, JobInfo, TrackingInfo
+from bitalloc.runtimes import get_runtime
 from bitalloc.search import get_solver
 from bitalloc.search.constraints import compile_pattern
 from bitalloc.sensitivity import get_estimator
@@ -38,6 +39,7 @@ from bitalloc.units import parse_bytes
 from . import memory_plan
 from .checkpoint import Checkpointed
 from .spec import JobSpec
+
 
 
 def open_workspace(spec: JobSpec, stages: Stages, before_quantize=None) -> Workspace:
@@ -125,6 +127,11 @@ def _before_quantize(spec: JobSpec, estimator: Estimator, console: Console, plan
     `planned`) and the memory plan (printed; a job that cannot fit is refused)."""
     def check(model: LoadedModel, layers: list[QuantizableLayer]) -> None:
         formats = spec.expand_formats()
+        for part in spec.formats:
+            if part.target and any(l.experts for l in layers) and not get_runtime(part.target).experts:
+                raise BitallocError("formats.target", f"{part.target} has no file for mixture-of-experts units yet "
+                                                      f"and {model.source!r} has them; use target: llamacpp, or "
+                                                      f"model.exclude the experts (e.g. 'experts')")
         planned.problem = spec.problem(model, layers)
         planned.budgets = pipeline.resolve_budgets(planned.problem, spec.search.budgets)
         limit = spec.run.memory_limit
