@@ -81,13 +81,13 @@ class Workspace:
             listed = list_layers(model)
             check_coverage(model, listed, allow_partial)
             layers = select_layers(listed, list(include), list(exclude), quantize_tied)
+            if before_quantize:
+                before_quantize(model, layers)
             searched, total = coverage(model, layers)
             experts = sum(1 for l in layers if l.experts)
             stages.print(f"searching {len(layers)} layers{f' ({experts} of them expert units)' if experts else ''}: "
                          f"{searched:,} parameters, {100 * searched / max(total, 1):.1f} % of the model's "
                          f"non-embedding parameters")
-            if before_quantize:
-                before_quantize(model, layers)
             model_hash = model.content_hash()
         with stages.stage("tokenize text", len(files)):
             data = make_token_sets(tokenize_files(files, model.tokenizer), seq_len, calibration, evaluation, seed)
