@@ -11,7 +11,8 @@ and whose memory and time do. Each job is one `bitalloc run` in a child process 
 resident set is the job's; read by /usr/bin/time), with a fresh level store:
 - `rtn`: w2-w8 at group 64, asymmetric (the default job's formats), Fisher, DP, budgets 3.5 / 4.5 bits — the bytes of
   uniform w3g64a and w4g64a, whose KL the same job measures;
-- `bitalloc`: `formats: {target: bitalloc}` (clip levels on the packed kernels), the same budgets;
+- `clip`: the `bitalloc` target's quantizer (clip levels, run by the packed kernels) at the same formats and budgets
+  (the target itself refuses MoE models until its packed checkpoint holds expert units);
 - `llamacpp`: `formats: {target: llamacpp}`, budget 4.5 and 5.0 bits, then `bitalloc verify --point 1` through
   llama.cpp (the front's KL against llama.cpp's on the same tokens, and layers matching byte for byte).
 Data: the default job's (4 x 512 calibration, 4 x 512 held-out tokens of shakespeare); the Qwen3 shape runs
@@ -37,7 +38,8 @@ from rich.table import Table
 DATA = {"source": "shakespeare", "seq_len": 512, "calibration": 4, "evaluation": 4, "batch_size": 2}
 JOBS = {
     "rtn": ({"bits": [2, 3, 4, 5, 6, 8], "group_size": 64}, [3.5, 4.5], "w3g64a", "w4g64a"),
-    "bitalloc": ({"target": "bitalloc"}, [3.5, 4.5], "w3g64a-clip", "w4g64a-clip"),
+    "clip": ({"bits": [2, 3, 4, 5, 6, 8], "group_size": 64, "method": "clip"}, [3.5, 4.5], "w3g64a-clip",
+             "w4g64a-clip"),
     "llamacpp": ({"target": "llamacpp"}, [4.5, 5.0], "q3_K", "q4_0"),
 }
 
@@ -110,7 +112,7 @@ def _gib(n: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--experts", default="4")
-    ap.add_argument("--jobs", default="rtn,bitalloc,llamacpp")
+    ap.add_argument("--jobs", default="rtn,clip,llamacpp")
     ap.add_argument("--qwen3-blocks", type=int, default=2, help="0 skips the Qwen3-30B-A3B shape")
     ap.add_argument("--work", default=None, help="folder for subjects and results (default: a temporary one)")
     args = ap.parse_args()

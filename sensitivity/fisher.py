@@ -41,12 +41,14 @@ class Fisher(EstimatorBase):
         return self.labels == "model"
 
     def memory_bytes(self, model, layers, seq_len: int) -> int:
-        """One sequence's backward graph and the largest layer's ΔW and error terms (the weight side also a float32
-        Fisher per weight and the gradients)."""
+        """One sequence's backward graph, the largest layer's ΔW and error terms, and the weights' gradients (the
+        output side's backward fills them too); plus a float32 Fisher per weight (the weight side: every layer's;
+        the output side: the expert units')."""
         numel = sum(l.numel for l in layers)
+        accumulated = numel if self.side == "weight" else sum(l.numel for l in layers if l.experts)
         largest = max((l.numel for l in layers), default=0)
         graph = graph_bytes(model, min(seq_len, self.max_tokens))
-        return graph + 3 * largest * 4 + (2 * numel * 4 if self.side == "weight" else 0)
+        return graph + 3 * largest * 4 + (numel + accumulated) * 4
 
     def steps(self, ctx: EstimatorContext) -> int:
         return len(ctx.calibration_tokens(self.max_tokens, self.name))
