@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -108,9 +109,11 @@ class FormatsSpec(_Strict):
     @model_validator(mode="after")
     def _method(self):
         if self.target:
-            # a value equal to the default is what specs saved before targets were written as given hold
-            fixed = sorted(k for k in self.model_fields_set & {"bits", "group_size", "symmetric", "scale_dtype", "types"}
-                           if getattr(self, k) != type(self).model_fields[k].default)
+            given = sorted(self.model_fields_set & {"bits", "group_size", "symmetric", "scale_dtype", "types"})
+            fixed = [k for k in given if getattr(self, k) != type(self).model_fields[k].default]
+            if given and not fixed:  # what specs saved before targets were written as given hold: read, with a word
+                print(f"note: formats.{given[0]}: set by target {self.target}; the value given is ignored",
+                      file=sys.stderr)
             if fixed:
                 raise BitallocError(f"formats.{fixed[0]}", f"set by target {self.target}: remove it, or drop the "
                                                            f"target to list formats yourself")

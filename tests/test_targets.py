@@ -105,3 +105,13 @@ def test_a_saved_target_spec_reads_back_as_the_same_job():
     saved = configio.parse_yaml(configio.dumps(spec.model_dump(mode="json"), ".yaml"), "spec")
     again = parse_spec(saved)
     assert again.expand_formats() == spec.expand_formats() and again.spec_hash() == spec.spec_hash()
+
+
+def test_a_target_entry_that_also_sets_a_field_is_refused_or_noted(capsys):
+    """A value other than the default is refused, naming the field; one equal to it (what specs saved before
+    targets were written as given hold) is read, with a one-line note that the target decides it."""
+    with pytest.raises(BitallocError) as refused:
+        parse_spec({"model": {"source": "x"}, "formats": {"target": "llamacpp", "group_size": 32}})
+    assert refused.value.field == "formats.group_size"
+    parse_spec({"model": {"source": "x"}, "formats": {"target": "llamacpp", "bits": [2, 3, 4, 5, 6, 8]}})
+    assert capsys.readouterr().err == "note: formats.bits: set by target llamacpp; the value given is ignored\n"
