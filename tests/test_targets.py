@@ -115,3 +115,17 @@ def test_a_target_entry_that_also_sets_a_field_is_refused_or_noted(capsys):
     assert refused.value.field == "formats.group_size"
     parse_spec({"model": {"source": "x"}, "formats": {"target": "llamacpp", "bits": [2, 3, 4, 5, 6, 8]}})
     assert capsys.readouterr().err == "note: formats.bits: set by target llamacpp; the value given is ignored\n"
+
+
+def test_an_llmcompressor_export_never_writes_bits_vllm_cannot_run():
+    """A 5-bit layer (from a search that was not for this target) is refused, naming the nearest vLLM runs;
+    --nearest writes it at 8 bits."""
+    from bitalloc.formats import Format
+
+    layers = [Layer("model.layers.0.mlp.down_proj", Format(5, 64, False), 64, 128)]
+    runtime = get_runtime("llmcompressor")
+    with pytest.raises(BitallocError) as refused:
+        runtime.export(layers, "llama", nearest=False)
+    assert refused.value.field == "--format" and "4 or 8 bits" in refused.value.message
+    text, changed = runtime.export(layers, "llama", nearest=True)
+    assert "num_bits: 8" in text and len(changed) == 1

@@ -38,6 +38,11 @@ class GPTQModel(PythonRuntime):
             return Placement(value, False, f"GPTQ stores float16 scales, not {f.scale_dtype}")
         return Placement(value)
 
+    def notes(self, layers):
+        planar = [l for l in layers if l.fmt.quantized and not l.fmt.ggml and l.fmt.bits in (5, 6)]
+        return super().notes(layers) + ([f"{len(planar)} layers at 5/6 bits make a gptq_p checkpoint: GPTQModel "
+                                         f"loads it, vLLM does not (it runs GPTQ at 2/3/4/8 bits)"] if planar else [])
+
     def render(self, layers, placed, model_type, quantizers) -> str:
         groups = by_value(layers, placed, lambda v: v is not None)
         counts = Counter({k: len(v) for k, v in groups.items()})
