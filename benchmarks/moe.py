@@ -149,7 +149,7 @@ def main() -> None:
 
                 b = front["bench"]
                 v = b.get("verify")
-                check = f"{v['front_kl']:.4f} / {v['runtime_kl']:.4f}, {v['matching']}" if v else ""
+                check = f"{v['front_kl']:.4f} / {v['runtime_kl']:.4f}, {int(v['matching'])}" if v else ""
                 quality.add_row(str(experts), name, f"{b['searched']}", *at(u3), *at(u4), check)
                 stages = ", ".join(f"{k} {s:.0f}" for k, s in front["timings_s"].items() if s >= 1)
                 cost.add_row(f"upcycled {experts}x", name, f"{front['model']['quantized_params'] / 1e6:.0f} M",
