@@ -19,11 +19,17 @@ class BitallocError(Exception):
 
 
 def first_line(exc: BaseException | str, limit: int = 200) -> str:
-    """A library's error as one short line: its first line, whitespace collapsed (its type if it says nothing)."""
+    """A library's error as one short line: its first line, whitespace collapsed (its type if it says nothing);
+    a longer one ends at its first sentence that fits, or at a word, marked with "…"."""
     text = str(exc).strip()
     if not text:
         return type(exc).__name__
-    return " ".join(text.splitlines()[0].split())[:limit]
+    line = " ".join(text.splitlines()[0].split())
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 1]
+    end = max(cut.rfind(". "), cut.rfind("; "))
+    return cut[:end + 1] if end > limit // 3 else cut.rsplit(" ", 1)[0] + " …"
 
 
 class Interrupted(BaseException):

@@ -424,3 +424,13 @@ def test_ui_stopped_by_sigterm_leaves_no_server(tmp_path):
     assert time.monotonic() - started < 5
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_long_library_message_is_cut_at_a_sentence_or_a_word_never_mid_word():
+    from bitalloc.errors import first_line
+
+    said = ("Can't load tokenizer for 'x'. If you were trying to load it from the hub, make sure you don't have a "
+            "local directory with the same name. Otherwise, make sure 'x' is the correct path to a directory "
+            "containing all relevant files for a LlamaTokenizerFast tokenizer.")
+    assert first_line(said) == said[:said.index("same name.") + len("same name.")]
+    assert first_line("word " * 100, 42).endswith("word …") and len(first_line("word " * 100, 42)) <= 42
