@@ -33,13 +33,15 @@ class LLMCompressor(PythonRuntime):
             return Placement({"num_bits": near["bits"], "type": "int", "symmetric": True, "strategy": "group",
                               "group_size": 32, "scale_dtype": "float16"}, False,
                              f"llama.cpp's {f.ggml} has no compressed-tensors form")
-        value = {"num_bits": f.bits, "type": "int", "symmetric": f.symmetric, "strategy": "group",
-                 "group_size": f.group_size, "scale_dtype": f.scale_dtype}
-        if f.bits not in self.bits:  # vLLM's compressed-tensors WNA16 kernels run 4- and 8-bit weights only
-            up = min((b for b in self.bits if b >= f.bits), default=max(self.bits))
-            return Placement({**value, "num_bits": up}, False, f"vLLM runs compressed-tensors weights at "
-                                                               f"{' or '.join(map(str, self.bits))} bits")
-        return Placement(value)
+        return Placement({"num_bits": f.bits, "type": "int", "symmetric": f.symmetric, "strategy": "group",
+                          "group_size": f.group_size, "scale_dtype": f.scale_dtype})
+
+    def notes(self, layers):
+        # llm-compressor and transformers load any of these bits; vLLM's compressed-tensors WNA16 kernels run 4 and 8
+        off = [l for l in layers if l.fmt.quantized and not l.fmt.ggml and l.fmt.bits not in self.bits]
+        return super().notes(layers) + ([f"{len(off)} layers at bits other than 4 or 8: llm-compressor and "
+                                         f"transformers load them, vLLM does not (search with formats.target: "
+                                         f"llmcompressor for a vLLM model)"] if off else [])
 
     def render(self, layers, placed, model_type, quantizers) -> str:
         groups = by_value(layers, placed, lambda v: v is not None)
