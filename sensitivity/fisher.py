@@ -26,7 +26,7 @@ from bitalloc.hooks import module_hooks
 from bitalloc.registry import Params
 
 from .base import EstimatorBase, EstimatorContext, graph_bytes, register
-from .gradients import differentiable, lm_loss, per_layer
+from .gradients import differentiable, lm_loss, per_layer, unique_parameters
 
 
 @register("fisher")
@@ -100,7 +100,7 @@ class Fisher(EstimatorBase):
         count = 0
         with differentiable(ctx.model, ctx.layers, self.name) as params, \
                 module_hooks(ctx.model, index, post=forward):
-            expert_params = list({id(p): p for p in (ctx.model.parameter(l) for _, l in experts)}.values())
+            expert_params = unique_parameters(ctx.model, [l for _, l in experts])
             fisher = [torch.zeros_like(p, dtype=torch.float32) for p in expert_params]
             for seq in tokens.split(1):
                 loss, n = lm_loss(ctx.model, seq, self.labels, gen, self.name)

@@ -21,7 +21,7 @@ def differentiable(model: LoadedModel, layers: list[QuantizableLayer], needed_by
     config = getattr(module, "config", None)
     previous = getattr(config, "_attn_implementation", None)
     switch = eager and previous not in (None, "eager") and hasattr(module, "set_attn_implementation")
-    params = list({id(p): p for p in (model.parameter(layer) for layer in layers)}.values())
+    params = unique_parameters(model, layers)
     if not all(p.is_floating_point() for p in params):
         raise BitallocError("sensitivity.estimator", f"{needed_by!r} needs gradients, but the model's weights are not floating point")
     try:
@@ -69,6 +69,11 @@ def lm_loss(model: LoadedModel, batch: torch.Tensor, labels: str = "data",
         raise BitallocError("sensitivity.estimator", f"{needed_by!r} needs gradients, but the model's loss does not depend "
                             "differentiably on the selected layers; use 'sqnr' or 'measured'")
     return loss, count
+
+
+def unique_parameters(model: LoadedModel, layers: list[QuantizableLayer]) -> list:
+    """The parameters holding the layers' weights, each once (a fused [gate; up] holds two layers)."""
+    return list({id(p): p for p in (model.parameter(layer) for layer in layers)}.values())
 
 
 def per_layer(model: LoadedModel, layers: list[QuantizableLayer], params: list, tensors: list) -> list:
