@@ -17,7 +17,9 @@ double-backward graph; on SmolLM2-135M with one 512-token sequence the process p
 PyHessian's power iteration, entry = ½ · λₗ · ‖ΔWₗ‖² (an upper bound on the quadratic term).
 PyHessian 0.1 computes only whole-model quantities (trace samples, eigenvalues) over whatever
 parameters require grad, so the per-layer eigenvalue needs one PyHessian run per layer; its trace
-cannot give per-layer values from one pass, which is why the trace path here is our own.
+cannot give per-layer values from one pass, which is why the trace path here is our own. A unit that shares its
+parameter (gate and up rows of a fused experts `gate_up_proj`) would get the eigenvalue of both units' block from
+PyHessian: its power iteration runs here on its own rows.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ class HAWQ(EstimatorBase):
     def _top_eigenvalue(self, ctx: EstimatorContext, layer, tokens: torch.Tensor) -> float:
         from pyhessian import hessian
 
+        if layer.rows is not None:
+            return self._rows_top_eigenvalue(ctx, layer, tokens)
         torch.manual_seed(ctx.seed)
         with differentiable(ctx.model, [layer], self.name, eager=True):
             def criterion(out, batch):
@@ -123,3 +127,28 @@ class HAWQ(EstimatorBase):
             top, _ = h.eigenvalues(maxIter=self.power_iters, tol=1e-3)
         ctx.advance()
         return float(top[0])
+
+    def _rows_top_eigenvalue(self, ctx: EstimatorContext, layer, tokens: torch.Tensor) -> float:
+        """PyHessian's power iteration (same loss, same stopping rule) with the probe kept on the layer's rows."""
+        gen = torch.Generator().manual_seed(ctx.seed)
+        with differentiable(ctx.model, [layer], self.name, eager=True) as (param,):
+            logits = lm_logits(ctx.model.module(tokens))[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+            (grad,) = torch.autograd.grad(loss, param, create_graph=True)
+            v = torch.zeros_like(param)
+            rows = ctx.model.view(layer, v)  # a view: writing it writes v's rows, the rest stays 0
+            rows.copy_(torch.randn(rows.shape, generator=gen))
+            top = None
+            for _ in range(self.power_iters):
+                v /= v.norm()
+                (hv,) = torch.autograd.grad(grad, param, v, retain_graph=True)
+                hv_rows = ctx.model.view(layer, hv)
+                value = float((rows * hv_rows).sum())
+                done = top is not None and abs(value - top) / (abs(top) + 1e-6) < 1e-3
+                top = value
+                if done:
+                    break
+                rows.copy_(hv_rows)
+            del grad, loss
+        ctx.advance()
+        return top

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bitalloc.formats import Format
@@ -337,3 +338,40 @@ def test_gptq_quantizes_each_expert_against_its_routed_hessian_and_falls_back_wi
     for layer in layers:
         level = levels.read(layer.name, fmt)
         assert level.out_features == layer.row_count and torch.isfinite(level.scales).all()
+
+
+def test_hawq_top_eigenvalue_of_a_fused_gate_is_its_own_rows():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from bitalloc.sensitivity import EstimatorContext, get_estimator
+
+    torch.manual_seed(0)
+    model = from_module(MixtralForCausalLM(MixtralConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=2, max_position_embeddings=32)))
+    layers = list_layers(model)
+    tokens = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(1))
+    hawq = get_estimator("hawq", top_eigenvalue=True, power_iters=300)
+    module = model.module
+    named = {k: v.detach() for k, v in module.named_parameters()}
+    found = {}
+    for proj in ("gate_proj", "up_proj"):
+        layer = next(l for l in layers if l.name.endswith(f"experts.{proj}"))
+        ctx = EstimatorContext(model, [layer], (W2,), filled_levels(model, [layer], (W2,)), tokens, "t", 0)
+        found[proj] = hawq._top_eigenvalue(ctx, layer, tokens)
+        key = f"{layer.module_name}.{layer.param}"
+        base = named[key]
+
+        start, step = layer.rows
+        index = torch.arange(start, start + step * layer.out_features, step)
+
+        def loss(rows):
+            w = base.index_copy(-2, index, rows)
+            logits = torch.func.functional_call(module, {**named, key: w}, (tokens,)).logits[:, :-1]
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+        rows = model.view(layer, base).contiguous()
+        h = torch.autograd.functional.hessian(loss, rows).reshape(rows.numel(), -1)  # _grouped_mm has no forward AD
+        eig = torch.linalg.eigvalsh(h)
+        assert found[proj] == pytest.approx(float(eig[eig.abs().argmax()]), rel=0.05)
+    assert found["gate_proj"] != pytest.approx(found["up_proj"], rel=0.01)  # each its own rows, not the joint block
