@@ -38,6 +38,12 @@ from .base import EstimatorBase, EstimatorContext, graph_bytes, register
 from .gradients import differentiable, lm_loss, per_layer
 
 
+def _next_token_loss(out, tokens: torch.Tensor) -> torch.Tensor:
+    """The eigenvalue's loss: mean next-token cross-entropy (PyHessian's criterion)."""
+    logits = lm_logits(out)[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
 @register("hawq")
 class HAWQ(EstimatorBase):
     random = True
@@ -113,17 +119,13 @@ class HAWQ(EstimatorBase):
         return mean > 0 and total.std(ddof=1) / np.sqrt(len(total)) <= self.tol * mean
 
     def _top_eigenvalue(self, ctx: EstimatorContext, layer, tokens: torch.Tensor) -> float:
-        from pyhessian import hessian
-
         if layer.rows is not None:
             return self._rows_top_eigenvalue(ctx, layer, tokens)
+        from pyhessian import hessian
+
         torch.manual_seed(ctx.seed)
         with differentiable(ctx.model, [layer], self.name, eager=True):
-            def criterion(out, batch):
-                logits = lm_logits(out)[:, :-1].float()
-                return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-
-            h = hessian(ctx.model.module, criterion, data=(tokens, tokens), cuda=tokens.is_cuda)
+            h = hessian(ctx.model.module, _next_token_loss, data=(tokens, tokens), cuda=tokens.is_cuda)
             top, _ = h.eigenvalues(maxIter=self.power_iters, tol=1e-3)
         ctx.advance()
         return float(top[0])
@@ -132,8 +134,7 @@ class HAWQ(EstimatorBase):
         """PyHessian's power iteration (same loss, same stopping rule) with the probe kept on the layer's rows."""
         gen = torch.Generator().manual_seed(ctx.seed)
         with differentiable(ctx.model, [layer], self.name, eager=True) as (param,):
-            logits = lm_logits(ctx.model.module(tokens))[:, :-1].float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+            loss = _next_token_loss(ctx.model.module(tokens), tokens)
             (grad,) = torch.autograd.grad(loss, param, create_graph=True)
             v = torch.zeros_like(param)
             rows = ctx.model.view(layer, v)  # a view: writing it writes v's rows, the rest stays 0
