@@ -8,7 +8,8 @@ channels permuted, seeded router, top-2 gates renormalised — SmolLM2's functio
 each --experts count; and a random-init model with Qwen3-30B-A3B's block shapes (hidden 2048, 128 experts of
 intermediate 768, top-8, bfloat16, SmolLM2's vocabulary) cut to --qwen3-blocks blocks, whose quality means nothing
 and whose memory and time do. Each job is one `bitalloc run` in a child process (`run.workers: 0`, so its peak
-resident set is the job's; read by /usr/bin/time), with a fresh level store:
+resident set is the job's, sampled every 0.1 s: all of it, and its anonymous part — the plan's
+scope, as a memory-mapped checkpoint's clean file pages are given back under pressure), with a fresh level store:
 - `rtn`: w2-w8 at group 64, asymmetric (the default job's formats), Fisher, DP, budgets 3.5 / 4.5 bits — the bytes of
   uniform w3g64a and w4g64a, whose KL the same job measures;
 - `clip`: the `bitalloc` target's quantizer (clip levels, run by the packed kernels) at the same formats and budgets
@@ -28,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,17 +46,39 @@ JOBS = {
 }
 
 
-def timed_cli(args: list[str], env: dict) -> tuple[float, int, str]:
-    """(seconds, peak resident bytes, stderr) of one `bitalloc` command in a child process."""
+def _status(pid: int) -> tuple[int, int]:
+    """(resident, anonymous resident) bytes of a process: its file pages (a memory-mapped checkpoint, read once while
+    experts are fused at load) are clean and given back under pressure, its anonymous pages are what the plan
+    counts beside the model."""
+    fields = dict(l.split(":", 1) for l in open(f"/proc/{pid}/status").read().splitlines() if ":" in l)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024
+
+
+def timed_cli(args: list[str], env: dict) -> tuple[float, tuple[int, int], str]:
+    """(seconds, (peak resident, peak anonymous resident) bytes, stderr) of one `bitalloc` command in a child
+    process, sampled every 0.1 s."""
     start = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "bitalloc.cli", *args], capture_output=True,
-                          text=True, env=env)
+    child = subprocess.Popen([sys.executable, "-m", "bitalloc.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(child.stderr), daemon=True)
+    reader.start()
+    peak = anon = 0
+    while child.poll() is None:
+        try:
+            rss, rss_anon = _status(child.pid)
+        except (OSError, KeyError):
+            break
+        peak, anon = max(peak, rss), max(anon, rss_anon)
+        time.sleep(0.1)
+    child.wait()
+    reader.join()
     wall = time.perf_counter() - start
-    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)[1]) * 1024
-    if done.returncode:
-        lines = [l for l in done.stderr.splitlines() if l.startswith("error")] or done.stderr.splitlines()[-3:]
+    text = "".join(said)
+    if child.returncode:
+        lines = [l for l in text.splitlines() if l.startswith("error")] or text.splitlines()[-3:]
         raise SystemExit(f"bitalloc {' '.join(args[:2])}: {lines}")
-    return wall, peak, done.stderr
+    return wall, (peak, anon), text
 
 
 def run_job(source: str, name: str, formats, budgets, data: dict, estimator: str, out: Path) -> dict:
@@ -72,13 +96,14 @@ def run_job(source: str, name: str, formats, budgets, data: dict, estimator: str
     front = json.loads((out / "front.json").read_text())
     planned = re.search(r"memory plan: .*?total ([\d.]+ [KMG]iB)", said)
     searched = re.search(r"searching .*?([\d.]+) % of the model", said)
-    front["bench"] = {"wall_s": wall, "peak_bytes": peak, "planned": planned[1] if planned else "?",
+    front["bench"] = {"wall_s": wall, "peak_bytes": peak[0], "peak_anon_bytes": peak[1],
+                      "planned": planned[1] if planned else "?",
                       "searched": float(searched[1]) if searched else None, "env": env["BITALLOC_CACHE"]}
     if name == "llamacpp":
         _, verify_peak, _ = timed_cli(["verify", str(out), "--point", "1", "--runtime", "llamacpp"], env)
         verified = json.loads((out / "front.json").read_text())["runtime_points"][0]
         front["bench"]["verify"] = {"front_kl": verified["bitalloc_loss"], "runtime_kl": verified["loss"],
-                                    "matching": verified["details"]["layers_matching"], "peak_bytes": verify_peak}
+                                    "matching": verified["details"]["layers_matching"], "peak_bytes": verify_peak[0]}
     record.write_text(json.dumps(front))
     return front
 
@@ -111,7 +136,7 @@ def _gib(n: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--experts", default="4")
+    ap.add_argument("--experts", default="4", help="upcycled expert counts; empty skips them")
     ap.add_argument("--jobs", default="rtn,clip,llamacpp")
     ap.add_argument("--qwen3-blocks", type=int, default=2, help="0 skips the Qwen3-30B-A3B shape")
     ap.add_argument("--work", default=None, help="folder for subjects and results (default: a temporary one)")
@@ -127,9 +152,9 @@ def main() -> None:
                     "mixed at its bytes", "verify: front KL / llama.cpp KL, layers matching"):
             quality.add_column(col, justify="left" if col in ("job", "experts") else "right")
         cost = Table(title="memory and time per stage (one process, run.workers: 0)")
-        for col in ("subject", "job", "params", "planned", "peak RSS", "stages (s)", "job s"):
+        for col in ("subject", "job", "params", "planned", "peak RSS", "peak anon", "stages (s)", "job s"):
             cost.add_column(col, justify="left" if col in ("subject", "job", "stages (s)") else "right")
-        for experts in map(int, args.experts.split(",")):
+        for experts in [int(e) for e in args.experts.split(",") if e]:
             subject = work / f"smollm2-upcycled-{experts}x"
             if not (subject / "config.json").is_file():
                 write_upcycled("smollm2-135m", subject, experts=experts)
@@ -153,7 +178,8 @@ def main() -> None:
                 quality.add_row(str(experts), name, f"{b['searched']}", *at(u3), *at(u4), check)
                 stages = ", ".join(f"{k} {s:.0f}" for k, s in front["timings_s"].items() if s >= 1)
                 cost.add_row(f"upcycled {experts}x", name, f"{front['model']['quantized_params'] / 1e6:.0f} M",
-                             b["planned"], _gib(b["peak_bytes"]), stages, f"{b['wall_s']:.0f}")
+                             b["planned"], _gib(b["peak_bytes"]), _gib(b.get("peak_anon_bytes", 0)), stages,
+                             f"{b['wall_s']:.0f}")
                 Console(stderr=True).print(f"{experts}x {name}: done in {b['wall_s']:.0f} s")
         if args.qwen3_blocks:
             subject = qwen3_shape(work / f"qwen3-30b-a3b-shape-{args.qwen3_blocks}b", args.qwen3_blocks)
@@ -164,6 +190,7 @@ def main() -> None:
             stages = ", ".join(f"{k} {s:.0f}" for k, s in front["timings_s"].items() if s >= 1)
             cost.add_row(f"Qwen3-30B-A3B shape, {args.qwen3_blocks} blocks", "w2/w4/w8, sqnr",
                          f"{front['model']['quantized_params'] / 1e6:.0f} M", b["planned"], _gib(b["peak_bytes"]),
+                         _gib(b.get("peak_anon_bytes", 0)),
                          stages, f"{b['wall_s']:.0f}")
         console.print(quality)
         console.print(cost)

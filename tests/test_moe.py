@@ -4,6 +4,8 @@ little of a model refuses."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -271,14 +273,11 @@ def test_the_llamacpp_export_names_every_expert_tensor(arch, model_type):
 
 
 @pytest.fixture(scope="module")
-def moe_job(text_dir, tmp_path_factory):
-    """A llama.cpp-target job on a tiny Mixtral (rows llama.cpp's blocks take, SmolLM2's tokenizer)."""
-    import yaml
+def tiny_mixtral(tmp_path_factory):
+    """A tiny Mixtral checkpoint folder (rows llama.cpp's blocks take, SmolLM2's tokenizer)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from bitalloc.cli import main
     from bitalloc.model import load_model
-    from conftest import tiny_job
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-mixtral")
@@ -287,13 +286,27 @@ def moe_job(text_dir, tmp_path_factory):
                                      num_experts_per_tok=2, max_position_embeddings=256,
                                      tie_word_embeddings=True)).float().save_pretrained(folder)
     load_model("smollm2-135m").tokenizer.save_pretrained(folder)
-    out = tmp_path_factory.mktemp("moe-job") / "out"
+    return folder
+
+
+def _moe_job(folder, text_dir, out, formats: dict, points: int):
+    import yaml
+
+    from bitalloc.cli import main
+    from conftest import tiny_job
+
     spec = tiny_job(folder, text_dir, out, data={"seq_len": 64, "calibration": 2, "evaluation": 4},
-                    search={"budgets": [5.0], "points": 2})
-    spec.update(formats={"target": "llamacpp"}, tracking={"enabled": False})
+                    search={"budgets": [5.0], "points": points})
+    spec.update(formats=formats, tracking={"enabled": False})
     (out.parent / "job.yaml").write_text(yaml.safe_dump(spec))
     main(["run", str(out.parent / "job.yaml")])
     return out
+
+
+@pytest.fixture(scope="module")
+def moe_job(tiny_mixtral, text_dir, tmp_path_factory):
+    """A llama.cpp-target job on the tiny Mixtral."""
+    return _moe_job(tiny_mixtral, text_dir, tmp_path_factory.mktemp("moe-job") / "out", {"target": "llamacpp"}, 2)
 
 
 def test_an_moe_job_searches_its_experts_and_llamacpp_builds_them_byte_for_byte(moe_job, capsys):
@@ -312,6 +325,35 @@ def test_an_moe_job_searches_its_experts_and_llamacpp_builds_them_byte_for_byte(
     with pytest.raises(SystemExit) as stop:
         main(["export", str(moe_job), "--point", "1", "--format", "hqq", "-o", str(moe_job.parent / "hqq.py")])
     assert stop.value.code == 2 and "mixture-of-experts" in capsys.readouterr().err
+
+
+def test_llmcompressor_quantizes_every_expert_as_the_front_measured(tiny_mixtral, text_dir, tmp_path):
+    """An llm-compressor-target job (compressed-tensors' integer grid) on the Mixtral: its recipe targets every
+    expert's projection as llm-compressor names them once it linearizes the experts, ties each block's gate, up and
+    down (vLLM's fused MoE runs one scheme per layer), and the checkpoint llm-compressor writes decompresses to the
+    job's levels, expert by expert, at the bytes counted (plus compressed-tensors' 16-byte shape per module)."""
+    from bitalloc.cli import main
+    from bitalloc.results import read_config
+    from bitalloc.runtimes.python import ROOT
+    from conftest import front_of
+
+    if not (os.environ.get("BITALLOC_RUNTIMES_PYTHON") or (ROOT / ".venv-runtimes" / "bin" / "python").exists()):
+        pytest.skip("no .venv-runtimes (`./dev test` builds it): the Python runtimes are not installed")
+    out = _moe_job(tiny_mixtral, text_dir, tmp_path / "out", {"target": "llmcompressor", "method": "rtn-int"}, 1)
+    main(["export", str(out), "--point", "1", "--format", "llmcompressor", "-o", str(tmp_path / "recipe.yaml")])
+    assert r"mlp\.experts\.\d+\.gate_proj" in (tmp_path / "recipe.yaml").read_text()
+    main(["verify", str(out), "--point", "1", "--runtime", "llmcompressor"])
+    (built,) = front_of(out).runtime_points
+    doc = read_config(out / built.config)
+    formats = doc.formats()
+    assert all(formats[n].quantized for n, s in doc.shapes.items() if len(s) == 3)
+    for block in ("model.layers.0.mlp.experts", "model.layers.1.mlp.experts"):
+        assert len({formats[f"{block}.{p}"] for p in ("gate_proj", "up_proj", "down_proj")}) == 1
+    modules = sum(s[0] if len(s) == 3 else 1 for n, s in doc.shapes.items() if formats[n].quantized)
+    assert built.details["layers_matching"] == sum(f.quantized for f in formats.values())
+    assert built.details["weight_max_rel_diff"] <= 2 ** -10
+    assert built.stored_layer_bytes == built.counted_layer_bytes + 16 * modules
+    assert abs(built.loss - built.bitalloc_loss) <= 1e-3 * built.bitalloc_loss + 1e-9
 
 
 def test_a_job_on_a_model_mostly_outside_the_search_refuses_in_one_line():

@@ -2,15 +2,21 @@
 GPTQModifier with the job's GPTQ parameters when the levels were made by GPTQ — damping, block, `act_order` as
 `actorder: weight` — else a QuantizationModifier): one group per distinct format, `re:`-anchored per-layer targets;
 16-bit layers and `lm_head` in `ignore`. Zero points are stored as int8 by compressed-tensors (bitalloc counts fp16).
+
+Mixture-of-experts units: llm-compressor calibrates and saves experts one by one (`linearize_moe` turns transformers'
+fused 3-D experts into `experts.N.gate_proj` / `up_proj` / `down_proj` Linear modules), so a unit's target is every
+expert's projection (`re:` with the expert index as `\\d+`); vLLM's fused MoE runs one scheme per MoE layer, so the
+target ties a block's gate, up and down units.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 
-from ..base import FUSED, Layer, Placement, anchored, by_value, from_ggml, gptq_params, register
+from ..base import FUSED, Layer, Placement, by_value, from_ggml, gptq_params, register
 from ..python import PythonRuntime
 
 
@@ -20,8 +26,9 @@ class LLMCompressor(PythonRuntime):
                "gate/up share one)")
     methods = ("gptq-ct", "rtn-int")
     bits = (4, 8)
-    fused = FUSED
+    fused = FUSED + (r"experts\.(gate|up|down)_proj$",)  # vLLM's FusedMoE: one scheme per MoE layer
     library = "llmcompressor"
+    experts = True
     export_file = "llm-compressor recipe"
 
     def place_one(self, layer: Layer) -> Placement:
@@ -41,13 +48,25 @@ class LLMCompressor(PythonRuntime):
         off = [l for l in layers if l.fmt.quantized and not l.fmt.ggml and l.fmt.bits not in self.bits]
         return super().notes(layers) + ([f"{len(off)} layers at bits other than 4 or 8: llm-compressor and "
                                          f"transformers load them, vLLM does not (search with formats.target: "
-                                         f"llmcompressor for a vLLM model)"] if off else [])
+                                         f"llmcompressor for a vLLM model)"] if off else []) + self._moe_notes(layers)
+
+    def _moe_notes(self, layers):
+        blocks: dict[str, set] = {}
+        for l in layers:
+            if l.experts:
+                blocks.setdefault(l.name.rpartition(".")[0], set()).add(l.fmt)
+        mixed = sorted(b for b, fmts in blocks.items() if len(fmts) > 1)
+        return [f"{len(mixed)} MoE blocks (e.g. {mixed[0]}) have experts' projections in different formats: "
+                f"llm-compressor and transformers load them, vLLM's fused MoE runs one scheme per MoE layer (search "
+                f"with formats.target: llmcompressor, which ties them)"] if mixed else []
 
     def render(self, layers, placed, model_type, quantizers) -> str:
         groups = by_value(layers, placed, lambda v: v is not None)
-        config_groups = {f"group_{i}": {"targets": [f"re:{anchored(names)}"], "weights": json.loads(key)}
+        units = {l.name: l for l in layers}
+        config_groups = {f"group_{i}": {"targets": [f"re:{_matching([units[n] for n in names])}"],
+                                        "weights": json.loads(key)}
                          for i, (key, names) in enumerate(groups.items())}
-        ignore = ["lm_head"] + [f"re:{anchored([l.name])}" for l in layers if placed[l.name].value is None]
+        ignore = ["lm_head"] + [f"re:{_matching([l])}" for l in layers if placed[l.name].value is None]
         modifier = {"targets": ["Linear"], "ignore": ignore, "config_groups": config_groups}
         gptq = gptq_params(layers, quantizers)  # GPTQ levels: llm-compressor's GPTQ too, with their parameters
         if gptq:
@@ -56,3 +75,15 @@ class LLMCompressor(PythonRuntime):
         name = "GPTQModifier" if gptq else "QuantizationModifier"
         recipe = {"quant_stage": {"quant_modifiers": {name: modifier}}}
         return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def _matching(layers: list[Layer]) -> str:
+    """A regex matching exactly the modules llm-compressor quantizes for these layers: an expert unit
+    (`...experts.gate_proj`) is each expert's projection (`...experts.N.gate_proj`)."""
+    def one(l: Layer) -> str:
+        if not l.experts:
+            return re.escape(l.name)
+        block, _, projection = l.name.rpartition(".")
+        return rf"{re.escape(block)}\.\d+\.{re.escape(projection)}"
+
+    return "^(?:" + "|".join(one(l) for l in layers) + ")$"

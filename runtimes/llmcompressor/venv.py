@@ -1,8 +1,12 @@
 """llm-compressor's side in the runtimes' environment (see runtimes/venv.py): its `Recipe` reads the exported recipe;
-its `oneshot` builds the point, saved as compressed-tensors and loaded back by transformers."""
+its `oneshot` builds the point, saved as compressed-tensors and loaded back by transformers. A mixture of experts is
+linearized first (`linearize_moe`: one Linear per expert and projection, as llm-compressor calibrates and saves it);
+transformers does not load such a checkpoint back into fused experts, so its tensors are read from the files and
+decompressed by compressed-tensors' own compressor, each expert's weight stacked into its unit."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from bitalloc_venv import gptq_of, quantized_layers, same, save_weights, stored_bytes
@@ -16,10 +20,13 @@ def check(path: str, config: dict | None) -> str:
 
     recipe = Recipe.create_instance(path)
     modifier = recipe.modifiers[0]
-    for name, f in quantized_layers(config).items():
-        hits = [g for g in modifier.config_groups.values() if any(match_name(name, t) for t in g.targets)]
-        if len(hits) != 1 or (hits[0].weights.num_bits, hits[0].weights.group_size) != (f["bits"], f["group_size"]):
-            raise ValueError(f"{name}: matched by {len(hits)} groups, or with other bits than {f['bits']}")
+    shapes = (config or {}).get("shapes", {})
+    for unit, f in quantized_layers(config).items():
+        for name in _modules(unit, shapes.get(unit, ())):
+            hits = [g for g in modifier.config_groups.values() if any(match_name(name, t) for t in g.targets)]
+            if len(hits) != 1 or (hits[0].weights.num_bits, hits[0].weights.group_size) != (f["bits"],
+                                                                                             f["group_size"]):
+                raise ValueError(f"{name}: matched by {len(hits)} groups, or with other bits than {f['bits']}")
     gptq = gptq_of(config)
     if gptq:
         actorder = getattr(modifier, "actorder", None)
@@ -41,9 +48,12 @@ def build(model_dir: str, exported: str, out: Path, calibration: str | None) -> 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+    from llmcompressor.modeling.moe.linearize import get_linearized_moes, linearize_moe
+
     ids = load_file(calibration)["input_ids"]
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    linearize_moe(model)  # a dense model is left as it is
     checkpoint = out / "checkpoint"
     oneshot(model=model, dataset=data, recipe=exported, max_seq_length=ids.shape[1],
             num_calibration_samples=ids.shape[0])
@@ -52,6 +62,11 @@ def build(model_dir: str, exported: str, out: Path, calibration: str | None) -> 
         if isinstance(scale, torch.nn.Parameter):
             scale.data = scale.data.to(torch.float16)
     model.save_pretrained(str(checkpoint), save_compressed=True)
+    if get_linearized_moes(model):
+        weights, stored = _experts_read_back(model, checkpoint)
+        save_weights(out, weights, stored)
+        return (f"llm-compressor quantized {len(stored)} layers ({sum('experts.' in n for n in stored)} expert units);"
+                f" compressed-tensors checkpoint decompressed by compressed-tensors")
     stored = stored_bytes(checkpoint, lambda part: part.startswith("weight_"))  # compressed-tensors' weight_packed, ...
     loaded = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
                                                   quantization_config=CompressedTensorsConfig(run_compressed=False))
@@ -59,3 +74,57 @@ def build(model_dir: str, exported: str, out: Path, calibration: str | None) -> 
     weights = {name: modules[name].weight.detach() for name in stored}
     save_weights(out, weights, stored)
     return f"llm-compressor quantized {len(stored)} layers; compressed-tensors checkpoint loaded back by transformers"
+
+
+_EXPERT = re.compile(r"^(?P<unit>.*\.experts)\.(?P<index>\d+)\.(?P<projection>[^.]+)$")
+
+
+def _modules(unit: str, shape) -> list[str]:
+    """The modules llm-compressor quantizes for a config's layer: an expert unit ([experts, out, in], named
+    `...experts.gate_proj`) is each expert's projection, checked at its first and last expert."""
+    if len(shape) != 3:
+        return [unit]
+    block, _, projection = unit.rpartition(".")
+    return [f"{block}.{e}.{projection}" for e in sorted({0, shape[0] - 1})]
+
+
+def _file_key(name: str) -> tuple[str, str]:
+    """A module's name as the checkpoint and the model both give it: the component after a block's index is dropped
+    (llm-compressor saves Mixtral's `mlp.experts` under the checkpoint's `block_sparse_moe.experts`)."""
+    m = re.match(r"^(?P<head>.*?\.layers\.\d+)\.[^.]+\.(?P<tail>.+)$", name)
+    return (m["head"], m["tail"]) if m else (name, "")
+
+
+def _experts_read_back(model, checkpoint: Path) -> tuple[dict, dict]:
+    """Each quantized module's weight as compressed-tensors decompresses the checkpoint's tensors (with the module's
+    scheme), experts stacked into their units' [experts, out, in]; bytes are the checkpoint's tensors per unit."""
+    import torch
+    from compressed_tensors.compressors.base import BaseCompressor
+    from safetensors import safe_open
+
+    parts: dict[tuple[str, str], dict] = {}
+    for file in checkpoint.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as fh:
+            for key in fh.keys():
+                layer, _, part = key.rpartition(".")
+                if part.startswith("weight_"):
+                    parts.setdefault(_file_key(layer), {})[part] = fh.get_tensor(key)
+    weights, stored, experts = {}, {}, {}
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None or scheme.weights is None:
+            continue
+        state = parts[_file_key(name)]
+        fmt = scheme.format.value if scheme.format else "pack-quantized"
+        weight = BaseCompressor.get_value_from_registry(fmt).decompress(state, scheme)["weight"].float()
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        m = _EXPERT.match(name)
+        if m:
+            unit = f"{m['unit']}.{m['projection']}"
+            experts.setdefault(unit, {})[int(m["index"])] = weight
+            stored[unit] = stored.get(unit, 0) + size
+        else:
+            weights[name], stored[name] = weight, size
+    for unit, by_index in experts.items():
+        weights[unit] = torch.stack([by_index[e] for e in sorted(by_index)])
+    return weights, stored
