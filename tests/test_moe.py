@@ -417,3 +417,22 @@ def test_hawq_top_eigenvalue_of_a_fused_gate_is_its_own_rows():
         eig = torch.linalg.eigvalsh(h)
         assert found[proj] == pytest.approx(float(eig[eig.abs().argmax()]), rel=0.05)
     assert found["gate_proj"] != pytest.approx(found["up_proj"], rel=0.01)  # each its own rows, not the joint block
+
+
+def test_a_checkpoint_whose_experts_fuse_at_load_is_not_kept_mapped(text_dir, tmp_path):
+    """Per-expert tensors are copied into fused experts at load; the few left pointing into the file are copied out
+    too, so the file's pages read while loading are not held beside their copies, and a tied head stays tied."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from bitalloc.model import _mapped_checkpoints, load_model
+    from conftest import _tokenizer
+
+    torch.manual_seed(0)  # experts hold most of the file, as in the MoE models people deploy
+    tokenizer = _tokenizer((text_dir / "part0.txt").read_text())
+    MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     num_local_experts=4, tie_word_embeddings=True)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert _mapped_checkpoints() == []
+    assert model.module.lm_head.weight is model.module.model.embed_tokens.weight
