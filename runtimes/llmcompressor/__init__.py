@@ -22,8 +22,8 @@ from ..python import PythonRuntime
 
 @register("llmcompressor")
 class LLMCompressor(PythonRuntime):
-    summary = ("GPTQ or RTN W4A16/W8A16, groups 64/128, symmetric (compressed-tensors pack-quantized; q/k/v and "
-               "gate/up share one)")
+    summary = ("GPTQ or RTN W4A16/W8A16, groups 64/128, symmetric (compressed-tensors pack-quantized; q/k/v, "
+               "gate/up and each MoE block's experts share one)")
     methods = ("gptq-ct", "rtn-int")
     bits = (4, 8)
     fused = FUSED + (r"experts\.(gate|up|down)_proj$",)  # vLLM's FusedMoE: one scheme per MoE layer
