@@ -14,8 +14,11 @@ scope, as a memory-mapped checkpoint's clean file pages are given back under pre
   uniform w3g64a and w4g64a, whose KL the same job measures;
 - `clip`: the `bitalloc` target's quantizer (clip levels, run by the packed kernels) at the same formats and budgets
   (the target itself refuses MoE models until its packed checkpoint holds expert units);
-- `llamacpp`: `formats: {target: llamacpp}`, budget 4.5 and 5.0 bits, then `bitalloc verify --point 1` through
-  llama.cpp (the front's KL against llama.cpp's on the same tokens, and layers matching byte for byte).
+- `llamacpp`: `formats: {target: llamacpp}`, budgets from the target's smallest point to 8 bits, then `bitalloc
+  verify --point N` through llama.cpp for every mixed point (the front's KL against llama.cpp's on the same tokens,
+  layers matching byte for byte) and `--presets` once: llama.cpp's presets quantized from the same float GGUF and
+  measured by the same llama-perplexity, each against the best verified point of at most its bytes (the token
+  embedding kept at the model's dtype in both, as verify quantizes them).
 Data: the default job's (4 x 512 calibration, 4 x 512 held-out tokens of shakespeare); the Qwen3 shape runs
 1 x 256 of each with w2/w4/w8 and the data-free sqnr estimator.
 """
@@ -42,7 +45,7 @@ JOBS = {
     "rtn": ({"bits": [2, 3, 4, 5, 6, 8], "group_size": 64}, [3.5, 4.5], "w3g64a", "w4g64a"),
     "clip": ({"bits": [2, 3, 4, 5, 6, 8], "group_size": 64, "method": "clip"}, [3.5, 4.5], "w3g64a-clip",
              "w4g64a-clip"),
-    "llamacpp": ({"target": "llamacpp"}, [4.5, 5.0], "q3_K", "q4_0"),
+    "llamacpp": ({"target": "llamacpp"}, [4.0, 4.25, 4.5, 4.75, 5.0, 5.5, 6.0, 7.0, 8.0], "q3_K", "q4_0"),
 }
 
 
@@ -100,12 +103,50 @@ def run_job(source: str, name: str, formats, budgets, data: dict, estimator: str
                       "planned": planned[1] if planned else "?",
                       "searched": float(searched[1]) if searched else None, "env": env["BITALLOC_CACHE"]}
     if name == "llamacpp":
-        _, verify_peak, _ = timed_cli(["verify", str(out), "--point", "1", "--runtime", "llamacpp"], env)
-        verified = json.loads((out / "front.json").read_text())["runtime_points"][0]
-        front["bench"]["verify"] = {"front_kl": verified["bitalloc_loss"], "runtime_kl": verified["loss"],
-                                    "matching": verified["details"]["layers_matching"], "peak_bytes": verify_peak[0]}
+        env["BITALLOC_LLAMA_CPP"] = llama_cpp_tools  # the job's fresh cache, but the tools already built
+        mixed = [p for p in front["points"] if p["kind"] == "mixed"]
+        peaks = []
+        for n in range(1, len(mixed) + 1):
+            _, peak, _ = timed_cli(["verify", str(out), "--point", str(n), "--runtime", "llamacpp"]
+                                   + (["--presets"] if n == 1 else []), env)
+            peaks.append(peak[0])
+        verified = json.loads((out / "front.json").read_text())["runtime_points"]
+        first = next(r for r in verified if r["kind"] == "point" and r["label"] == mixed[0]["label"])
+        front["bench"]["verify"] = {"front_kl": first["bitalloc_loss"], "runtime_kl": first["loss"],
+                                    "matching": first["details"]["layers_matching"], "peak_bytes": max(peaks)}
+        front["bench"]["runtime_points"] = verified
     record.write_text(json.dumps(front))
     return front
+
+
+def llama_cpp_dir() -> str:
+    """llama.cpp's built tools as the user's cache has them (each job here gets a fresh cache for its levels)."""
+    from bitalloc.quantizers.gguf import tools
+
+    return str(tools.build_dir())
+
+
+llama_cpp_tools = llama_cpp_dir()
+
+
+def presets_table(experts: int, verified: list[dict]) -> Table:
+    """Each llama.cpp preset against the best bitalloc point of at most its bytes, both measured by llama.cpp."""
+    points = sorted((r for r in verified if r["kind"] == "point"), key=lambda r: r["bytes"])
+    table = Table(title=f"upcycled {experts}x: llama.cpp's presets vs the llama.cpp target's front, both quantized "
+                        "by llama-quantize and measured by llama-perplexity (KL on the job's held-out tokens)")
+    for col in ("preset", "MiB", "llama.cpp KL", "best bitalloc point at <= its bytes", "MiB", "llama.cpp KL",
+                "front KL (torch)", "layers matching", "dominates"):
+        table.add_column(col, justify="left" if col.startswith(("preset", "best")) else "right")
+    for preset in sorted((r for r in verified if r["kind"] == "preset"), key=lambda r: r["bytes"]):
+        best = min((p for p in points if p["bytes"] <= preset["bytes"]), key=lambda p: p["loss"], default=None)
+        if best is None:
+            table.add_row(preset["label"], f"{preset['mib']:.1f}", f"{preset['loss']:.4f}", "none that small",
+                          "", "", "", "", "no")
+            continue
+        table.add_row(preset["label"], f"{preset['mib']:.1f}", f"{preset['loss']:.4f}", best["label"],
+                      f"{best['mib']:.1f}", f"{best['loss']:.4f}", f"{best['bitalloc_loss']:.4f}",
+                      f"{int(best['details']['layers_matching'])}", "yes" if best["loss"] <= preset["loss"] else "no")
+    return table
 
 
 def qwen3_shape(folder: Path, blocks: int) -> Path:
@@ -154,6 +195,7 @@ def main() -> None:
         cost = Table(title="memory and time per stage (one process, run.workers: 0)")
         for col in ("subject", "job", "params", "planned", "peak RSS", "peak anon", "stages (s)", "job s"):
             cost.add_column(col, justify="left" if col in ("subject", "job", "stages (s)") else "right")
+        tables = []
         for experts in [int(e) for e in args.experts.split(",") if e]:
             subject = work / f"smollm2-upcycled-{experts}x"
             if not (subject / "config.json").is_file():
@@ -180,6 +222,8 @@ def main() -> None:
                 cost.add_row(f"upcycled {experts}x", name, f"{front['model']['quantized_params'] / 1e6:.0f} M",
                              b["planned"], _gib(b["peak_bytes"]), _gib(b.get("peak_anon_bytes", 0)), stages,
                              f"{b['wall_s']:.0f}")
+                if "runtime_points" in b:
+                    tables.append(presets_table(experts, b["runtime_points"]))
                 Console(stderr=True).print(f"{experts}x {name}: done in {b['wall_s']:.0f} s")
         if args.qwen3_blocks:
             subject = qwen3_shape(work / f"qwen3-30b-a3b-shape-{args.qwen3_blocks}b", args.qwen3_blocks)
@@ -192,8 +236,8 @@ def main() -> None:
                          f"{front['model']['quantized_params'] / 1e6:.0f} M", b["planned"], _gib(b["peak_bytes"]),
                          _gib(b.get("peak_anon_bytes", 0)),
                          stages, f"{b['wall_s']:.0f}")
-        console.print(quality)
-        console.print(cost)
+        for table in (quality, *tables, cost):
+            console.print(table)
 
 
 if __name__ == "__main__":

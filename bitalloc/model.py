@@ -193,9 +193,9 @@ def source_files(source: str) -> tuple[Path, Path | None]:
 def _check_gguf(path: Path, source: str) -> None:
     """A readable GGUF: its header and tensor index parse (a truncated or foreign file fails here, in one line)."""
     try:
-        from gguf import GGUFReader
+        from .quantizers.gguf.index import read_tensors
 
-        GGUFReader(str(path))
+        read_tensors(path)
     except Exception as exc:  # gguf raises ValueError, struct.error, OSError, ... for a damaged file
         raise BitallocError("model.source", f"{source!r} is not a readable GGUF file ({type(exc).__name__}: "
                                             f"{first_line(exc, 120)})") from None

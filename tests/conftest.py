@@ -128,6 +128,32 @@ def tiny_gpt2(tmp_path_factory, text_dir) -> Path:
     return _save(GPT2LMHeadModel(cfg), tok, tmp_path_factory.mktemp("tiny-gpt2"))
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer, read from the default model's GGUF without loading its weights."""
+    from transformers import AutoTokenizer
+
+    from bitalloc.model import DEFAULT_MODEL, source_files
+
+    folder, gguf_file = source_files(DEFAULT_MODEL)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A float32 Llama with rows llama.cpp's blocks take (64 and 256 wide) and SmolLM2's tokenizer, which llama.cpp's
+    converter knows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-smollm")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
 def tiny_job(model_dir: Path, text_dir: Path, out: Path, **overrides) -> dict:
     """A job spec dict that runs in seconds on a tiny model."""
     spec = {

@@ -52,6 +52,23 @@ def test_levels_are_the_blocks_llama_quantize_writes(block0, tmp_path):
     assert checked == 1
 
 
+def test_the_tensor_index_reads_what_gguf_py_reads(block0, tmp_path):
+    """bitalloc's metadata-skipping reader (what levels and verify read files with) sees every tensor as gguf-py's
+    own reader does: name, type, shape, bytes and data."""
+    from bitalloc.quantizers.gguf.index import read_tensors
+
+    _, _, _, levels = block0
+    file = tmp_path / "Q4_K.gguf"
+    _file_tensors(levels, tmp_path, "Q4_K")
+    theirs = {t.name: t for t in GGUFReader(file).tensors}
+    ours = read_tensors(file)
+    assert ours.keys() == theirs.keys() and len(ours) > 200
+    for name, t in theirs.items():
+        o = ours[name]
+        assert (o.tensor_type, o.shape, o.n_bytes) == (t.tensor_type, tuple(t.shape.tolist()), t.n_bytes), name
+        assert o.data.dtype == t.data.dtype and np.array_equal(o.data, t.data), name
+
+
 def test_rows_are_in_the_loaded_models_order(block0, tmp_path):
     """llama.cpp stores Q and K rows permuted for its rotary embedding; a level holds them as transformers does, so
     q8_0 (nearly lossless) reads back as the weight itself, and its rows are the file's rows."""
@@ -69,9 +86,10 @@ def test_rows_are_in_the_loaded_models_order(block0, tmp_path):
         assert torch.equal(levels.weight(layer.name, q8), level.dequantize(w.dtype))
 
 
-def test_a_llamacpp_target_job_exports_to_llama_cpp_as_it_is(text_dir, tmp_path, capsys):
-    """The default model searched over llama.cpp's types (tiny data): every front point is of llama.cpp's types, only
-    where the rows take them, its bytes are block bytes, and the export needs no --nearest."""
+def test_a_llamacpp_target_job_exports_to_llama_cpp_as_it_is(tiny_smollm, text_dir, tmp_path, capsys):
+    """A model with rows too short for the k-quants' 256-blocks (64 wide) and rows that take them (256) searched over
+    llama.cpp's types: every front point is of llama.cpp's types, only where the rows take them, its bytes are block
+    bytes, and the export needs no --nearest."""
     import yaml
 
     from bitalloc.cli import main
@@ -79,7 +97,7 @@ def test_a_llamacpp_target_job_exports_to_llama_cpp_as_it_is(text_dir, tmp_path,
     from conftest import front_of
 
     out = tmp_path / "out"
-    spec = {"name": "llamacpp", "model": {"source": "smollm2-135m"}, "formats": {"target": "llamacpp"},
+    spec = {"name": "llamacpp", "model": {"source": str(tiny_smollm)}, "formats": {"target": "llamacpp"},
             "data": {"source": [str(text_dir / "*.txt")], "seq_len": 64, "calibration": 1, "evaluation": 1,
                      "batch_size": 1},
             "search": {"budgets": [4.6], "points": 1}, "run": {"workers": 0}, "tracking": {"enabled": False},
@@ -105,7 +123,7 @@ def test_a_llamacpp_target_job_exports_to_llama_cpp_as_it_is(text_dir, tmp_path,
     assert len(lines) == len(doc.layers) and all(line.split("=")[1] in GGML_TYPES for line in lines)
 
 
-def test_a_model_folder_is_converted_by_llama_cpps_own_script(tmp_path):
+def test_a_model_folder_is_converted_by_llama_cpps_own_script(smollm2_tokenizer, tmp_path):
     """A bfloat16 checkpoint folder (SmolLM2's tokenizer) goes through convert_hf_to_gguf.py; its levels hold the
     loaded weight's rows (q and k are permuted in the GGUF) and match the weight to q8_0's precision."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -114,7 +132,7 @@ def test_a_model_folder_is_converted_by_llama_cpps_own_script(tmp_path):
     config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
-    load_model("smollm2-135m").tokenizer.save_pretrained(tmp_path / "m")
+    smollm2_tokenizer.save_pretrained(tmp_path / "m")
     model = load_model(str(tmp_path / "m"))
     layers = select_layers(list_layers(model))
     q8 = Format.of_ggml("q8_0")

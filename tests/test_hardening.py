@@ -217,9 +217,23 @@ def test_a_damaged_safetensors_checkpoint_is_one_line(damage, tiny_llama, tmp_pa
     _refused(capsys, ["layers", str(folder)], "model.source")
 
 
-def test_truncated_gguf_is_one_line(tmp_path, capsys):
-    (tmp_path / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x10")
-    assert "not a readable GGUF" in _refused(capsys, ["layers", str(tmp_path / "broken.gguf")], "model.source")
+@pytest.mark.parametrize("cut", ["in its header", "in its tensors"])
+def test_truncated_gguf_is_one_line(cut, tmp_path, capsys):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "broken.gguf"
+    if cut == "in its header":
+        path.write_bytes(b"GGUF\x03\x00\x00\x00\x10")
+    else:
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        path.write_bytes(path.read_bytes()[:-100])
+    assert "not a readable GGUF" in _refused(capsys, ["layers", str(path)], "model.source")
 
 
 def test_binary_text_source_is_refused_before_loading(tiny_llama, tmp_path, capsys):

@@ -274,11 +274,9 @@ def test_the_llamacpp_export_names_every_expert_tensor(arch, model_type):
 
 
 @pytest.fixture(scope="module")
-def tiny_mixtral(tmp_path_factory):
+def tiny_mixtral(tmp_path_factory, smollm2_tokenizer):
     """A tiny Mixtral checkpoint folder (rows llama.cpp's blocks take, SmolLM2's tokenizer)."""
     from transformers import MixtralConfig, MixtralForCausalLM
-
-    from bitalloc.model import load_model
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-mixtral")
@@ -286,7 +284,7 @@ def tiny_mixtral(tmp_path_factory):
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                      num_experts_per_tok=2, max_position_embeddings=256,
                                      tie_word_embeddings=True)).float().save_pretrained(folder)
-    load_model("smollm2-135m").tokenizer.save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -9,29 +9,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from bitalloc.cli import main
 from bitalloc.results import read_config
 from conftest import front_of, tiny_job
-
-
-@pytest.fixture(scope="module")
-def tiny_smollm(tmp_path_factory) -> Path:
-    """A float32 Llama with rows llama.cpp's blocks take (64 and 256 wide) and SmolLM2's tokenizer, which llama.cpp's
-    converter knows."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from bitalloc.model import load_model
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("tiny-smollm")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    load_model("smollm2-135m").tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

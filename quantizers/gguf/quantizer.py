@@ -26,6 +26,7 @@ from ..base import QuantizerBase, register
 from ..layouts import GgmlBlocks
 from . import tools
 from .files import GgmlWeight, float_gguf, imatrix, tensor_names
+from .index import read_tensors
 from .ggml import GGML_TYPES
 
 
@@ -74,7 +75,6 @@ def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dic
                 folder: Path, write: Callable[[str, Format, GgmlWeight], None], matrix: Path | None,
                 progress: Callable[[int], None] | None = None) -> int:
     """Quantize the float GGUF once per ggml type that some layer lacks, and write those layers' levels."""
-    import gguf
     from gguf.quants import dequantize
 
     types = sorted({f.ggml for fmts in missing.values() for f in fmts})
@@ -83,18 +83,23 @@ def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dic
     source = float_gguf(model, folder)
     by_name = {l.name: l for l in layers}
     names = tensor_names(model.model_type, list(missing))
-    floats = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    floats = read_tensors(source)
     orders = {name: _row_order(dequantize(floats[names[name]].data, floats[names[name]].tensor_type),
                                model.weight(by_name[name]), name)
               for name, fmts in missing.items() if fmts}
+    # the token embedding and an output head that no layer here is are kept as the float file holds them: --pure would
+    # quantize them at every type (on a small model with a large vocabulary, most of llama-quantize's time)
+    flags = (("token_embd.weight", "--token-embedding-type"), ("output.weight", "--output-tensor-type"))
+    kept = [arg for t, flag in flags if t in floats and t not in names.values()
+            for arg in (flag, floats[t].tensor_type.name.lower())]
     made = 0
     for ggml in types:
         out = folder / f".{ggml}.{os.getpid()}.gguf"
-        args = ["--pure"] + (["--imatrix", str(matrix)] if matrix else [])
+        args = ["--pure", *kept] + (["--imatrix", str(matrix)] if matrix else [])
         tools.run("llama-quantize", [*args, str(source), str(out), GGML_TYPES[ggml].ftype,
                                         str(os.cpu_count() or 1)], f"to {ggml}")
         try:
-            quantized = {t.name: t for t in gguf.GGUFReader(out).tensors}
+            quantized = read_tensors(out)
             for name, fmts in missing.items():
                 for fmt in (f for f in fmts if f.ggml == ggml):
                     tensor = quantized[names[name]]

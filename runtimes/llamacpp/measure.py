@@ -27,6 +27,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.pipeline import Workspace
 from bitalloc.quantizers.gguf import tools
 from bitalloc.quantizers.gguf.files import float_gguf as model_gguf, imatrix
+from bitalloc.quantizers.gguf.index import read_tensors
 
 MAGIC = b"_logits_"
 GGUF_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -144,14 +145,13 @@ def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searc
     """llama-quantize: the exported tensor types (every other matrix kept at the model's own dtype, as the front counts
     it), or one of llama.cpp's presets with its own mixture, with the job's importance matrix if its levels were made
     with one; the tensors of the written file by GGUF name. `searched` are the GGUF names of the job's layers."""
-    import gguf
 
     keep = GGUF_DTYPES.get(next(ws.model.module.parameters()).dtype, "f32")
     args = ["--token-embedding-type", keep] + (["--imatrix", str(matrix)] if matrix else [])
     if "output.weight" not in searched:
         args += ["--output-tensor-type", keep]
     if preset is None:
-        others = [t.name for t in gguf.GGUFReader(float_file).tensors if len(t.shape) >= 2 and t.name not in searched
+        others = [t.name for t in read_tensors(float_file).values() if len(t.shape) >= 2 and t.name not in searched
                   and not t.name.startswith("token_embd") and t.name != "output.weight"]
         lines = types_file.read_text() + "".join(f"^{re.escape(n)}$={keep}\n" for n in others)
         full = types_file.with_suffix(".all.txt")
@@ -162,7 +162,7 @@ def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searc
         ftype = preset
     tools.run("llama-quantize", [*args, str(float_file), str(out), ftype, str(os.cpu_count() or 1)],
                  f"to {preset or 'the exported types'}")
-    return {t.name: t for t in gguf.GGUFReader(out).tensors}
+    return read_tensors(out)
 
 
 def verify(ws: Workspace, picked, text: str, work: Path, presets: bool, stages) -> list:
