@@ -373,7 +373,7 @@ def test_interrupt_exits_130_and_resumes(signum, workers, tiny_llama, text_dir, 
     finishes the job from its checkpoint."""
     out = tmp_path / "out"
     spec = tiny_job(tiny_llama, text_dir, out, sensitivity={"estimator": "measured"},
-                    data={"evaluation": 24}, search={"points": 40}, run={"workers": workers})
+                    data={"evaluation": 8}, search={"points": 16}, run={"workers": workers})
     proc, err, _ = _stopped_once_checkpointed(_write(tmp_path, spec), tmp_path, signum)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == f"interrupted: resume with `bitalloc run --resume {out}`"
@@ -389,7 +389,7 @@ def test_a_new_job_never_deletes_an_interrupted_jobs_results(tiny_llama, text_di
     pointing at --resume, and the interrupted job's checkpoint is left as it was; --fresh discards it on request."""
     out = tmp_path / "out"
     path = _write(tmp_path, tiny_job(tiny_llama, text_dir, out, sensitivity={"estimator": "measured"},
-                                     data={"evaluation": 24}, search={"points": 40}))
+                                     data={"evaluation": 8}, search={"points": 16}))
     _, _, checkpoint = _stopped_once_checkpointed(path, tmp_path, signal.SIGINT)
     saved = checkpoint.read_bytes()
     again = subprocess.run(CLI + ["run", path, "--set", "run.memory_limit=1KiB"], capture_output=True, text=True)
