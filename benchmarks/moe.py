@@ -5,7 +5,8 @@ round trip, and peak memory against the plan with time per stage. Prints two tab
 
 Subjects: the default model upcycled (`bitalloc.upcycle`: a Mixtral whose every expert is SmolLM2's MLP with its
 channels permuted, seeded router, top-2 gates renormalised — SmolLM2's function exactly, so KL means something), with
-each --experts count; and a random-init model with Qwen3-30B-A3B's block shapes (hidden 2048, 128 experts of
+each --experts count (`--offgrid`: the same upcycling of the default model moved off its Q4_1 grid,
+`bitalloc.offgrid`, where no 4-bit format holds the weights); and a random-init model with Qwen3-30B-A3B's block shapes (hidden 2048, 128 experts of
 intermediate 768, top-8, bfloat16, SmolLM2's vocabulary) cut to --qwen3-blocks blocks, whose quality means nothing
 and whose memory and time do. Each job is one `bitalloc run` in a child process (`run.workers: 0`, so its peak
 resident set is the job's, sampled every 0.1 s: all of it, and its anonymous part — the plan's
@@ -180,15 +181,18 @@ def main() -> None:
     ap.add_argument("--experts", default="4", help="upcycled expert counts; empty skips them")
     ap.add_argument("--jobs", default="rtn,clip,llamacpp")
     ap.add_argument("--qwen3-blocks", type=int, default=2, help="0 skips the Qwen3-30B-A3B shape")
+    ap.add_argument("--offgrid", action="store_true", help="upcycle the default model moved off its Q4_1 grid")
     ap.add_argument("--work", default=None, help="folder for subjects and results (default: a temporary one)")
     args = ap.parse_args()
     console = Console(width=220)
+    from bitalloc.offgrid import offgrid_gguf
     from bitalloc.upcycle import write_upcycled
 
     with tempfile.TemporaryDirectory(prefix="bitalloc-moe-") as scratch:
         work = Path(args.work or scratch)
         work.mkdir(parents=True, exist_ok=True)
-        quality = Table(title=f"upcycled SmolLM2-135M (top-2): KL on 4 x 512 held-out tokens, {os.cpu_count()} CPUs")
+        quality = Table(title=f"upcycled SmolLM2-135M{' off its grid' if args.offgrid else ''} (top-2): KL on 4 x 512 "
+                              f"held-out tokens, {os.cpu_count()} CPUs")
         for col in ("experts", "job", "searched %", "uniform 3b KL", "mixed at its bytes", "uniform 4b KL",
                     "mixed at its bytes", "verify: front KL / llama.cpp KL, layers matching"):
             quality.add_column(col, justify="left" if col in ("job", "experts") else "right")
@@ -196,13 +200,16 @@ def main() -> None:
         for col in ("subject", "job", "params", "planned", "peak RSS", "peak anon", "stages (s)", "job s"):
             cost.add_column(col, justify="left" if col in ("subject", "job", "stages (s)") else "right")
         tables = []
+        dense = str(offgrid_gguf(work)) if args.offgrid else "smollm2-135m"
+        tag = "offgrid-" if args.offgrid else ""
         for experts in [int(e) for e in args.experts.split(",") if e]:
-            subject = work / f"smollm2-upcycled-{experts}x"
+            subject = work / f"smollm2-{tag}upcycled-{experts}x"
             if not (subject / "config.json").is_file():
-                write_upcycled("smollm2-135m", subject, experts=experts)
+                write_upcycled(dense, subject, experts=experts)
             for name in args.jobs.split(","):
                 formats, budgets, u3, u4 = JOBS[name]
-                front = run_job(str(subject), name, formats, budgets, DATA, "fisher", work / f"{experts}x-{name}")
+                front = run_job(str(subject), name, formats, budgets, DATA, "fisher",
+                                work / f"{tag}{experts}x-{name}")
                 uniform = {p["format"]: p for p in front["points"] if p["kind"] == "uniform"}
                 mixed = [p for p in front["points"] if p["kind"] == "mixed"]
 

@@ -30,31 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 from rich.console import Console
 from rich.table import Table
 
+from bitalloc.offgrid import offgrid_gguf
+
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 BUDGETS = (3.5, 4.0, 4.5)
 DATA = {"source": "shakespeare", "seq_len": 512, "calibration": 4, "evaluation": 4, "batch_size": 2}
-
-
-def offgrid(folder: Path) -> Path:
-    """The default GGUF with every block weight moved off its grid by seeded noise, as an F32 GGUF."""
-    from bitalloc.quantizers.gguf.files import float_copy
-    from bitalloc.model import source_files
-
-    rng = np.random.default_rng(0)
-
-    def noisy(name: str, data: np.ndarray) -> np.ndarray:
-        if not (name.startswith("blk.") and data.ndim == 2):
-            return data
-        return data + rng.standard_normal(data.shape, dtype=np.float32) * 0.1 * data.std(1, keepdims=True)
-
-    path = folder / "smollm2-offgrid-f32.gguf"
-    float_copy(source_files("smollm2-135m")[1], path, noisy)
-    return path
 
 
 def formats_for(method: str) -> list | dict:
@@ -143,8 +127,7 @@ def main() -> None:
         tmp = Path(args.work or scratch)
         tmp.mkdir(parents=True, exist_ok=True)
         for model in args.models.split(","):
-            grid = tmp / "smollm2-offgrid-f32.gguf"
-            source = "smollm2-135m" if model == "default" else str(grid if grid.is_file() else offgrid(tmp))
+            source = "smollm2-135m" if model == "default" else str(offgrid_gguf(tmp))
             table = Table(title=f"quantizers on {model} (SmolLM2-135M{'' if model == 'default' else ' + noise'}): "
                                 f"KL on 4 x 512 held-out tokens, {os.cpu_count()} CPUs")
             for col in ("method", "uniform 3b g64", "uniform 3b g128", "uniform 4b g64", "uniform 4b g128",
