@@ -6,10 +6,10 @@ round trip, and peak memory against the plan with time per stage. Prints two tab
 Subjects: the default model upcycled (`bitalloc.upcycle`: a Mixtral whose every expert is SmolLM2's MLP with its
 channels permuted, seeded router, top-2 gates renormalised — SmolLM2's function exactly, so KL means something), with
 each --experts count (`--offgrid`: the same upcycling of the default model moved off its Q4_1 grid,
-`bitalloc.offgrid`, where no 4-bit format holds the weights); and a random-init model with Qwen3-30B-A3B's block shapes (hidden 2048, 128 experts of
-intermediate 768, top-8, bfloat16, SmolLM2's vocabulary) cut to --qwen3-blocks blocks, whose quality means nothing
-and whose memory and time do. Each job is one `bitalloc run` in a child process (`run.workers: 0`, so its peak
-resident set is the job's, sampled every 0.1 s: all of it, and its anonymous part — the plan's
+`bitalloc.offgrid`, where no 4-bit format holds the weights); and a random-init model with Qwen3-30B-A3B's block
+shapes (hidden 2048, 128 experts of intermediate 768, top-8, bfloat16, SmolLM2's vocabulary) cut to
+--qwen3-blocks blocks, whose quality means nothing and whose memory and time do. Each job is one `bitalloc run` in a
+child process (`run.workers: 0`, so its peak resident set is the job's, sampled every 0.1 s: all of it, and its anonymous part — the plan's
 scope, as a memory-mapped checkpoint's clean file pages are given back under pressure), with a fresh level store:
 - `rtn`: w2-w8 at group 64, asymmetric (the default job's formats), Fisher, DP, budgets 3.5 / 4.5 bits — the bytes of
   uniform w3g64a and w4g64a, whose KL the same job measures;
@@ -104,7 +104,7 @@ def run_job(source: str, name: str, formats, budgets, data: dict, estimator: str
                       "planned": planned[1] if planned else "?",
                       "searched": float(searched[1]) if searched else None, "env": env["BITALLOC_CACHE"]}
     if name == "llamacpp":
-        env["BITALLOC_LLAMA_CPP"] = llama_cpp_tools  # the job's fresh cache, but the tools already built
+        env["BITALLOC_LLAMA_CPP"] = llama_cpp_dir()  # the job's fresh cache, but the tools already built
         mixed = [p for p in front["points"] if p["kind"] == "mixed"]
         peaks = []
         for n in range(1, len(mixed) + 1):
@@ -125,9 +125,6 @@ def llama_cpp_dir() -> str:
     from bitalloc.quantizers.gguf import tools
 
     return str(tools.build_dir())
-
-
-llama_cpp_tools = llama_cpp_dir()
 
 
 def presets_table(experts: int, verified: list[dict]) -> Table:

@@ -145,7 +145,6 @@ def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searc
     """llama-quantize: the exported tensor types (every other matrix kept at the model's own dtype, as the front counts
     it), or one of llama.cpp's presets with its own mixture, with the job's importance matrix if its levels were made
     with one; the tensors of the written file by GGUF name. `searched` are the GGUF names of the job's layers."""
-
     keep = GGUF_DTYPES.get(next(ws.model.module.parameters()).dtype, "f32")
     args = ["--token-embedding-type", keep] + (["--imatrix", str(matrix)] if matrix else [])
     if "output.weight" not in searched:
