@@ -9,8 +9,9 @@ each --experts count (`--offgrid`: the same upcycling of the default model moved
 `bitalloc.offgrid`, where no 4-bit format holds the weights); and a random-init model with Qwen3-30B-A3B's block
 shapes (hidden 2048, 128 experts of intermediate 768, top-8, bfloat16, SmolLM2's vocabulary) cut to
 --qwen3-blocks blocks, whose quality means nothing and whose memory and time do. Each job is one `bitalloc run` in a
-child process (`run.workers: 0`, so its peak resident set is the job's, sampled every 0.1 s: all of it, and its anonymous part — the plan's
-scope, as a memory-mapped checkpoint's clean file pages are given back under pressure), with a fresh level store:
+child process (`run.workers: 0`, so its peak resident set is the job's, sampled every 0.1 s: all of it, and its
+anonymous part — the plan's scope, as a memory-mapped checkpoint's clean file pages are given back under pressure),
+with a fresh level store:
 - `rtn`: w2-w8 at group 64, asymmetric (the default job's formats), Fisher, DP, budgets 3.5 / 4.5 bits — the bytes of
   uniform w3g64a and w4g64a, whose KL the same job measures;
 - `clip`: the `bitalloc` target's quantizer (clip levels, run by the packed kernels) at the same formats and budgets
