@@ -138,13 +138,13 @@ class Evaluator:
     def streamed(self, assignment: Mapping[str, Format]):
         """Each named layer runs on its level at the given format: dequantized (through the working set) as its
         module is entered (an expert unit's: the experts module, every projection of it in the assignment), the
-        original weight put back as it returns. A weight shared with another module (a tied output head) is
-        replaced for the whole block instead, as a runtime stores it once for both uses."""
+        original weight put back as it returns. The token embedding is replaced for the whole block instead: a head
+        tied to it is the same tensor, which a runtime stores once for both uses."""
         with ExitStack() as stack:
             whole, modules = {}, {}
             for name, fmt in assignment.items():
                 layer = self.levels.layers[name]
-                if layer.tied_to:
+                if layer.embedding:
                     whole[name] = self.levels.weight(name, fmt)
                     continue
                 modules.setdefault(layer.module_name, []).append((layer, fmt))
@@ -166,9 +166,10 @@ class Evaluator:
     def evaluate(self, assignment: Mapping[str, Format]) -> Measurement:
         """Measure a config: each layer at its format, from its level."""
         if self.levels.device is not None:
-            # experts run dequantized (no fused-MoE kernel over packed levels here)
+            # experts and embeddings run dequantized (no fused-MoE or lookup kernel over packed levels here)
             return self.evaluate_tensors({name: self.levels.packed(name, fmt) if fmt.quantized and not fmt.ggml
                                           and not self.levels.layers[name].experts
+                                          and not self.levels.layers[name].embedding
                                           else self.levels.weight(name, fmt) for name, fmt in assignment.items()})
         with self.streamed(assignment):
             return self._measure_outputs()

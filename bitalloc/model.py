@@ -2,10 +2,11 @@
 and list the layers a search may quantize.
 
 Quantizable layers are `nn.Linear` and transformers' `Conv1D` (GPT-2 style, weight stored as
-[in, out]), and the projections of mixture-of-experts blocks (`bitalloc.experts`): one unit per projection
-of a block over all its experts, [experts, out, in]. A weight that is shared with another module (an
-`lm_head` tied to the embeddings) is reported with `tied_to` and, by default, left unquantized and counted
-once. Routers are never quantized.
+[in, out]), the projections of mixture-of-experts blocks (`bitalloc.experts`): one unit per projection
+of a block over all its experts, [experts, out, in], and the token embedding, [vocab, hidden], quantized row
+by row as llama.cpp stores `token_embd` (a lookup dequantizes one token's row). An output head tied to the
+embedding is the same tensor: it is listed with `tied_to` and never chosen, and the embedding unit names it
+(`head`), so the one tensor is counted once and its error measured at both uses. Routers are never quantized.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib.util
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -41,7 +42,8 @@ _UNSEEN = re.compile(r"(^|\.)pooler(\.|$)")
 class QuantizableLayer:
     """A unit of the search. A plain layer is a module's [out, in] `weight`; an expert unit (`experts` > 0) is
     one projection over a block's experts, [experts, out, in], held by `module` as parameter `param` — for a
-    fused [gate; up] parameter only the rows `rows` = (start, step) of it (`out_features` of them)."""
+    fused [gate; up] parameter only the rows `rows` = (start, step) of it (`out_features` of them). An
+    `embedding` unit is the input token embedding, [vocab, hidden]; `head` names the output head tied to it."""
 
     name: str
     in_features: int
@@ -53,6 +55,8 @@ class QuantizableLayer:
     module: str | None = None
     param: str = "weight"
     rows: tuple[int, int] | None = None
+    embedding: bool = False
+    head: str | None = None
 
     @property
     def numel(self) -> int:
@@ -357,19 +361,25 @@ def from_module(module: nn.Module, source: str = "torch-module", tokenizer: obje
 
 
 def list_layers(model: LoadedModel) -> list[QuantizableLayer]:
-    """Every Linear / Conv1D in module order (routers left out), with tied weights marked, and each fused experts
-    module's projections where the module stands."""
+    """Every Linear / Conv1D in module order (routers left out), with tied weights marked, each fused experts
+    module's projections where the module stands, and the input token embedding (naming the head tied to it)."""
     from .experts import fused_units, is_fused_experts, is_router
 
     owners: dict[int, str] = {}
     for name, p in model.module.named_parameters(remove_duplicate=False):
         owners.setdefault(p.data_ptr(), name.rsplit(".", 1)[0])
+    embedding = _input_embeddings(model)
     layers = []
     for name, mod in model.module.named_modules():
         if model.metric == HIDDEN_STATE and _UNSEEN.search(name):
             continue
         if is_fused_experts(mod):
             layers.extend(QuantizableLayer(**unit) for unit in fused_units(name, mod))
+            continue
+        if isinstance(mod, nn.Embedding) and mod is embedding and owners[mod.weight.data_ptr()] == name:
+            vocab, hidden = mod.weight.shape
+            layers.append(QuantizableLayer(name=name, in_features=int(hidden), out_features=int(vocab),
+                                           dtype=str(mod.weight.dtype).removeprefix("torch."), embedding=True))
             continue
         if isinstance(mod, nn.Linear):
             out_f, in_f = mod.weight.shape
@@ -392,7 +402,8 @@ def list_layers(model: LoadedModel) -> list[QuantizableLayer]:
                 tied_to=owner if owner != name else None,
             )
         )
-    return layers
+    heads = {l.tied_to: l.name for l in layers if l.tied_to}
+    return [replace(l, head=heads.get(l.name)) if l.embedding else l for l in layers]
 
 
 @dataclass(frozen=True)
@@ -421,7 +432,7 @@ def uncovered(model: LoadedModel, layers: list[QuantizableLayer]) -> list[Uncove
         owner_name = name.rsplit(".", 1)[0] if "." in name else ""
         owner = model.module.get_submodule(owner_name)
         if isinstance(owner, nn.Embedding):
-            why = "token embedding (looked up, not multiplied)" if owner is _input_embeddings(model) else "embedding"
+            why = "embedding (positions or token types)"
         elif is_router(owner_name, model.module):
             why = "router (never quantized)"
         elif _UNSEEN.search(owner_name) and model.metric == HIDDEN_STATE:
@@ -443,19 +454,22 @@ def _input_embeddings(model: LoadedModel) -> nn.Module | None:
 
 
 def coverage(model: LoadedModel, layers: list[QuantizableLayer]) -> tuple[int, int]:
-    """(parameters the layers hold, the model's parameters outside its embeddings), shared tensors once."""
+    """(parameters the layers other than embeddings hold, the model's parameters outside its embeddings), shared
+    tensors once: the share of the model's compute a search covers, whatever it does with the embedding."""
     embeddings = {id(p) for m in model.module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     total = sum(p.numel() for p in model.module.parameters() if id(p) not in embeddings)
-    return sum(layer.numel for layer in layers if not layer.tied_to), total
+    return sum(layer.numel for layer in layers if not layer.tied_to and not layer.embedding), total
 
 
 def select_layers(
     layers: list[QuantizableLayer],
     include: list[str] | None = None,
     exclude: list[str] | None = None,
-    quantize_tied: bool = False,
+    embeddings: bool = True,
 ) -> list[QuantizableLayer]:
-    """Filter by regular expressions (searched anywhere in the name); each pattern must match some layer."""
+    """Filter by regular expressions (searched anywhere in the name); each pattern must match some layer. A head
+    tied to the embedding is never chosen (the embedding unit is that tensor); the embedding only with
+    `embeddings`."""
     include = include or []
     exclude = exclude or []
     compiled = {}
@@ -470,7 +484,7 @@ def select_layers(
             compiled.setdefault(field, []).append(rx)
     chosen = []
     for layer in layers:
-        if layer.tied_to and not quantize_tied:
+        if layer.tied_to or (layer.embedding and not embeddings):
             continue
         if include and not any(rx.search(layer.name) for rx in compiled["model.include"]):
             continue

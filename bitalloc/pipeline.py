@@ -40,7 +40,7 @@ from .sensitivity import EstimatorContext
 from .sensitivity import cache as table_cache
 from .sensitivity.base import Estimator, run_estimator
 from .tasks import Backend, EvalTask, LocalRunner
-from .types import BitConfig, Measurement, Problem, SensitivityTable, SolveResult
+from .types import BitConfig, FileBytes, Measurement, Problem, SensitivityTable, SolveResult
 from .units import mib, parse_bytes
 
 
@@ -61,12 +61,14 @@ class Workspace:
 
     @classmethod
     def open(cls, source: str, formats: tuple[Format, ...], *, include: list[str] = (), exclude: list[str] = (),
-             quantize_tied: bool = False, allow_partial: bool = False, trust_remote_code: bool = False, text: str | list[str] = "shakespeare",
+             embeddings: bool = True, embeddings_why: str = "", allow_partial: bool = False,
+             trust_remote_code: bool = False, text: str | list[str] = "shakespeare",
              seq_len: int = 512, calibration: int = 8, evaluation: int = 4, batch_size: int = 2, seed: int = 0,
              reference: str = "float32", quantizers: dict[str, Quantizer] | None = None,
              stages: Stages | None = None,
              before_quantize: Callable[[LoadedModel, list[QuantizableLayer]], None] | None = None) -> "Workspace":
-        """Load and select layers, call `before_quantize` (a caller's checks: budgets, the memory plan), tokenize,
+        """Load and select layers (the token embedding only with `embeddings`; `embeddings_why` says why not, printed
+        when the model has one), call `before_quantize` (a caller's checks: budgets, the memory plan), tokenize,
         and fill the level store (levels a previous job made for the same model and quantizer are reused). The
         working set holds one candidate's dense weights."""
         stages = stages or Stages()
@@ -80,7 +82,10 @@ class Workspace:
                                                       f"measured on hidden states, whose reference is small: float32")
             listed = list_layers(model)
             check_coverage(model, listed, allow_partial)
-            layers = select_layers(listed, list(include), list(exclude), quantize_tied)
+            layers = select_layers(listed, list(include), list(exclude), embeddings)
+            kept = [l for l in listed if l.embedding and l not in layers]
+            if kept and embeddings_why:
+                stages.print(f"{kept[0].name} stays {kept[0].dtype}: {embeddings_why}")
             if before_quantize:
                 before_quantize(model, layers)
             searched, total = coverage(model, layers)
@@ -155,14 +160,16 @@ def sensitivity(ws: Workspace, estimator: Estimator, seed: int, stages: Stages |
 
 def build_problem(model: LoadedModel, layers: list[QuantizableLayer], formats: tuple[Format, ...],
                   table: SensitivityTable | None = None, constraints: Constraints = Constraints(),
-                  ties: list[tuple[int, ...]] = ()) -> Problem:
+                  ties: list[tuple[int, ...]] = (), file: FileBytes | None = None) -> Problem:
     """The byte-exact cost model of the chosen layers (a format that does not fit a layer is not allowed there, and
-    costs what stands in for it in a uniform config), the table's errors when given, the constraints' pins, ties,
-    min/max bits and resource limits, `ties` a runtime target imposes and per-expert Linear experts' (one format
-    per block and projection, as runtimes store them), merged with the constraints'."""
+    costs what stands in for it in a uniform config) — as bitalloc counts them, or as the runtime's `file` stores
+    them —, the table's errors when given, the constraints' pins, ties, min/max bits and resource limits, `ties` a
+    runtime target imposes and per-expert Linear experts' (one format per block and projection, as runtimes store
+    them), merged with the constraints'."""
     stand_in = np.array([[_substitute_index(f, l, formats) for f in formats] for l in layers],
                         dtype=np.int64).reshape(len(layers), len(formats))
-    cost = np.array([[l.bytes_at(formats[k]) for k in row]
+    stored = file.stored if file is not None else int
+    cost = np.array([[stored(l.bytes_at(formats[k])) for k in row]
                      for l, row in zip(layers, stand_in)], dtype=np.int64)
     fits = stand_in == np.arange(len(formats))  # a format stands in for itself exactly where it fits
     return Problem(
@@ -172,10 +179,11 @@ def build_problem(model: LoadedModel, layers: list[QuantizableLayer], formats: t
         cost=cost,
         error=table.values if table is not None else np.zeros(cost.shape),
         allowed=allowed_mask(layers, formats, constraints.pin, constraints.min_bits, constraints.max_bits) & fits,
-        fixed_bytes=other_bytes(model, layers),
+        fixed_bytes=file.fixed if file is not None else other_bytes(model, layers),
         groups=_merged(list(tie_groups(layers, constraints.tie)) + list(ties) + expert_ties([l.name for l in layers])),
         limits=constraints.limits(layers, formats),
         substitute=None if fits.all() else stand_in,
+        file=file,
     )
 
 
@@ -287,6 +295,7 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
     model, layers, metric = ws.model, ws.layers, METRICS[ws.model.metric]
     meta = dict(model_source=ws.source, model_hash=ws.model_hash, spec_hash=job.spec_hash,
                 model_type=model.model_type, shapes={l.name: list(l.shape) for l in layers},
+                embeddings=[l.name for l in layers if l.embedding],
                 metric=metric, other_bytes=problem.fixed_bytes,
                 quantizers={m: s.quantizer.params() for m, s in ws.levels.stores.items()})
     pairs, reference = measured.points, measured.reference
@@ -301,13 +310,15 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
         points.append(Point(kind=c.kind, label=label, format=c.format, avg_bits=round(c.config.avg_bits, 6),
                             bytes=c.config.bytes, mib=round(mib(c.config.bytes), 6), predicted=c.config.predicted,
                             loss=m.loss, quality=m.quality, loss_error=m.loss_error or None, config=path))
-    fp_bytes = problem.fixed_bytes + sum(l.numel * model.parameter(l).element_size() for l in layers)
+    stored = problem.file.stored if problem.file is not None else int
+    fp_bytes = problem.fixed_bytes + sum(stored(l.numel * model.parameter(l).element_size()) for l in layers)
     t = table.table
     front = Front(
         job=job,
         model=ModelInfo(source=ws.source, type=model.model_type, content_hash=ws.model_hash,
                         quantized_layers=len(layers), quantized_params=int(problem.numel.sum()),
-                        other_bytes=problem.fixed_bytes),
+                        other_bytes=problem.fixed_bytes,
+                        bytes_of=problem.file.runtime if problem.file is not None else None),
         data=DataInfo(hash=ws.data.data_hash, calibration_tokens=ws.data.calibration.numel(),
                       evaluation_tokens=ws.data.evaluation.numel()),
         sensitivity=SensitivityInfo(estimator=t.estimator, version=t.version, params=t.params,

@@ -93,6 +93,9 @@ class ModelInfo(_Doc):
     quantized_layers: int
     quantized_params: int
     other_bytes: int
+    # whose bytes the points' are: None, bitalloc's count (each tensor at its format or dtype); a runtime's name,
+    # the size of the file that runtime writes for the point (metadata, tokenizer and padding included)
+    bytes_of: Optional[str] = None
 
 
 class DataInfo(_Doc):
@@ -226,6 +229,15 @@ class Front(_Doc):
     def uniform(self) -> list[Point]:
         return sorted((p for p in self.points if p.kind == "uniform"), key=lambda p: p.bytes)
 
+    @property
+    def size_axis(self) -> str:
+        """What the points' bytes are, as the front's plot and table say it."""
+        if self.model.bytes_of == "llamacpp":
+            return "llama.cpp GGUF file size"
+        if self.model.bytes_of:
+            return f"{self.model.bytes_of}'s file size"
+        return "weights + scales + zero points + unquantized tensors"
+
     def bytes_at_avg_bits(self, avg_bits: float) -> int:
         """Whole-model bytes at an average bit width over the quantized layers (the budgets' own rule)."""
         return bytes_at_avg_bits(avg_bits, self.model.quantized_params, self.model.other_bytes)
@@ -260,7 +272,8 @@ class ConfigDoc(_Doc):
     """One format per layer, with the shapes and totals that make its bytes checkable, and what it measured
     (`metrics`: predicted, and the metric's loss and quality by their names, e.g. kl and ppl, with tokens), and the
     parameters of the quantizers that made its levels (`quantizers`: method -> params), which an export hands to
-    the runtime's own quantizer (empty in configs written before: their methods' defaults)."""
+    the runtime's own quantizer (empty in configs written before: their methods' defaults). `embeddings` names the
+    layers that are token embeddings (looked up row by row; a runtime must store them as such)."""
 
     schema_: Literal["bitalloc.config/1"] = Field(CONFIG_SCHEMA, alias="schema")
     bitalloc_version: str = __version__
@@ -269,6 +282,7 @@ class ConfigDoc(_Doc):
     metric: MetricDoc = MetricDoc()
     layers: dict[str, FormatDoc]
     shapes: dict[str, list[int]] = {}
+    embeddings: list[str] = []
     totals: Totals
     metrics: dict[str, Number] = {}
     quantizers: dict[str, dict[str, Any]] = {}
@@ -276,7 +290,7 @@ class ConfigDoc(_Doc):
     @classmethod
     def of(cls, config: BitConfig, measurement: Measurement | None, *, model_source: str, model_hash: str,
            spec_hash: str, model_type: str | None, shapes: dict[str, list[int]], metric: Metric,
-           other_bytes: int, quantizers: dict[str, dict[str, Any]]) -> "ConfigDoc":
+           other_bytes: int, quantizers: dict[str, dict[str, Any]], embeddings: list[str] = ()) -> "ConfigDoc":
         metrics: dict[str, Number] = {"predicted": config.predicted}
         used = {f.method for f in config.assignment().values() if f.quantized}
         if measurement is not None:
@@ -288,6 +302,7 @@ class ConfigDoc(_Doc):
             metric=MetricDoc.of(metric),
             layers={name: FormatDoc(**fmt.to_dict()) for name, fmt in config.assignment().items()},
             shapes=shapes,
+            embeddings=[n for n in embeddings if n in config.assignment()],
             totals=Totals(bytes=config.bytes, mib=round(mib(config.bytes), 6), avg_bits=round(config.avg_bits, 6)),
             metrics=metrics,
             quantizers={m: p for m, p in quantizers.items() if m in used},

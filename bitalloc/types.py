@@ -13,6 +13,20 @@ from .formats import Format
 from .units import bytes_at_avg_bits
 
 
+@dataclass(frozen=True)
+class FileBytes:
+    """How a runtime's file stores a point, so that a front's bytes are the file's: `fixed` bytes whatever the
+    formats (metadata, tokenizer, tensor index, the tensors no unit is), and each unit's tensor padded to
+    `alignment`. `runtime` names whose file."""
+
+    runtime: str
+    fixed: int
+    alignment: int = 1
+
+    def stored(self, n_bytes: int) -> int:
+        return -(-n_bytes // self.alignment) * self.alignment
+
+
 @dataclass
 class SensitivityTable:
     """layer x format -> predicted increase of the job's loss, with where the numbers came from."""
@@ -81,7 +95,8 @@ class Problem:
     problem serves every budget. `allowed` carries pinned layers and min/max bits; `groups` lists layers that
     must share one format (q/k/v, gate/up, so that fused kernels stay possible); `limits` are the other resource
     limits (BOPs, latency). `fixed_bytes` is everything the solver does not choose (other parameters, buffers,
-    layers left out), so totals are whole-model bytes.
+    layers left out), so totals are whole-model bytes: bitalloc's count (every tensor at its format or dtype), or
+    the bytes of the file a runtime writes (`file`).
     """
 
     layers: tuple[str, ...]
@@ -94,6 +109,7 @@ class Problem:
     groups: tuple[tuple[int, ...], ...] = ()
     limits: tuple[Limit, ...] = ()
     substitute: np.ndarray | None = None  # [layer, format]: the format a uniform config stores where one does not fit
+    file: FileBytes | None = None  # the runtime file whose bytes these are; None: bitalloc's count
 
     def __post_init__(self) -> None:
         for name in ("numel", "cost", "error", "allowed", "substitute"):

@@ -95,7 +95,7 @@ def front_png(front: Front, path: Path) -> None:
                 ax.annotate(r.label.split()[-1], (r.mib, _kl(r.loss)), textcoords="offset points", xytext=(4, -8),
                             fontsize=7, color=color)
     ax.set_yscale("log")
-    ax.set_xlabel("model size (MiB, weights + scales + zero points + unquantized tensors)")
+    ax.set_xlabel(f"model size (MiB, {front.size_axis})")
     ax.set_ylabel(m.loss_axis)
     ax.set_title(f"{front.model.source}: Pareto front")
     ax.grid(True, which="both", alpha=0.3)
@@ -182,7 +182,7 @@ def dashboard_html(front: Front, table: SensitivityTable, configs: dict[str, Con
                         name=f"{runtime} {'presets' if kind == 'preset' else 'built'} (its own {m.loss_label})",
                         text=[r.label for r in shown], hovertemplate=f"%{{text}} ({runtime})<br>%{{x:.2f}} MiB<br>"
                                                                      f"{m.loss_label} %{{y:.4g}}<extra></extra>")
-    fig.update_layout(title=f"{front.model.source}: Pareto front", xaxis_title="model size (MiB)",
+    fig.update_layout(title=f"{front.model.source}: Pareto front", xaxis_title=f"model size (MiB, {front.size_axis})",
                       yaxis_title=m.loss_axis, yaxis_type="log", height=520)
 
     bitmap = go.Figure()

@@ -12,7 +12,7 @@ from bitalloc.results import Front
 def front_table(front: Front) -> Table:
     ref, m = front.reference, front.metric.metric()
     table = Table(title=f"{front.model.source}: Pareto front (FP {m.quality_name} "
-                        f"{ref.quality:{m.quality_format}}, {ref.tokens} held-out tokens)")
+                        f"{ref.quality:{m.quality_format}}, {ref.tokens} held-out tokens; MiB: {front.size_axis})")
     for col in ("config", "avg bits", "MiB", "predicted", m.loss_label, m.quality_label):
         table.add_column(col, justify="left" if col == "config" else "right")
     for p in sorted(front.points, key=lambda p: (p.bytes, p.label)):
@@ -31,7 +31,9 @@ def layers_table(source: str, layers, formats, uncovered=(), covered: tuple[int,
     for col in ["layer", "shape", "dtype", "tied to"] + [f.name for f in formats]:
         table.add_column(col, justify="left" if col in ("layer", "tied to") else "right")
     for layer in layers:
-        table.add_row(layer.name, " x ".join(map(str, layer.shape)), layer.dtype, layer.tied_to or "",
+        tied = (f"token embedding{f', tied head {layer.head}' if layer.head else ''}" if layer.embedding
+                else f"{layer.tied_to} (searched as it)" if layer.tied_to else "")
+        table.add_row(layer.name, " x ".join(map(str, layer.shape)), layer.dtype, tied,
                       *[f"{layer.bytes_at(f):,}" for f in formats])
     for u in uncovered:
         table.add_row(u.name, f"{u.numel:,} params", "", f"not quantizable: {u.why}", *["" for _ in formats],

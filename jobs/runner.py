@@ -34,7 +34,7 @@ from bitalloc.sensitivity import get_estimator
 from bitalloc.sensitivity.base import Estimator
 from bitalloc.tasks import CandidateEvaluator
 from bitalloc.types import Problem
-from bitalloc.units import parse_bytes
+from bitalloc.units import mib, parse_bytes
 
 from . import memory_plan
 from .checkpoint import Checkpointed
@@ -45,8 +45,10 @@ from .spec import JobSpec
 def open_workspace(spec: JobSpec, stages: Stages, before_quantize=None) -> Workspace:
     """The pipeline's workspace for the spec's model, formats and data."""
     m, d = spec.model, spec.data
+    embeddings, why = spec.embeddings()
     return Workspace.open(m.source, spec.expand_formats(), include=m.include, exclude=m.exclude,
-                          quantize_tied=m.quantize_tied, allow_partial=m.allow_partial, trust_remote_code=m.trust_remote_code, text=d.source,
+                          embeddings=embeddings, embeddings_why=why, allow_partial=m.allow_partial,
+                          trust_remote_code=m.trust_remote_code, text=d.source,
                           seq_len=d.seq_len, calibration=d.calibration, evaluation=d.evaluation,
                           batch_size=d.batch_size, seed=spec.seed, reference=d.reference,
                           quantizers=spec.quantizers(), stages=stages, before_quantize=before_quantize)
@@ -273,6 +275,12 @@ def _start_tracking(spec: JobSpec, ws: Workspace, out: Path, staging: Path, cons
 def _search_and_measure(spec: JobSpec, ws: Workspace, estimator: Estimator, solver, planned: _Planned,
                         backend, stages: Stages) -> pipeline.Results:
     """Sensitivity, the front, the measured points: the pipeline's stages with the spec's settings."""
+    file = spec.file_bytes(ws)
+    if file is not None:  # the levels are made: the front's bytes become the target's file's
+        planned.problem = spec.problem(ws.model, ws.layers, file=file)
+        planned.budgets = pipeline.resolve_budgets(planned.problem, spec.search.budgets)
+        stages.print(f"bytes are the size of {file.runtime}'s file: {mib(file.fixed):.2f} MiB of metadata, tokenizer "
+                     f"and unsearched tensors, each tensor padded to {file.alignment} bytes")
     table = pipeline.sensitivity(ws, estimator, spec.seed, stages, backend)
     problem, budgets = planned.problem.with_error(table.table), planned.budgets
     evaluator = CandidateEvaluator(backend, spec.search.screen_tokens) if spec.search.evaluations else None

@@ -33,14 +33,28 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """`source` is required: a job always says which model it searches. Custom code shipped with a model
     (transformers' `auto_map`) runs only when `trust_remote_code: true` says so. A model of which bitalloc can
-    quantize less than half the non-embedding parameters is refused unless `allow_partial: true`."""
+    quantize less than half the non-embedding parameters is refused unless `allow_partial: true`. The token
+    embedding (and a head tied to it, the same tensor) is searched where every target stores it quantized
+    (`embeddings` unset), kept at its dtype with `embeddings: false`."""
 
     source: str
     include: list[str] = []
     exclude: list[str] = []
-    quantize_tied: bool = False
+    embeddings: Optional[bool] = None
     allow_partial: bool = False  # search a model of which bitalloc can quantize less than half
     trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quantize_tied(cls, data):
+        """Specs written before the embedding was a unit say `quantize_tied`: read as `embeddings`, with a word."""
+        if isinstance(data, dict) and "quantize_tied" in data:
+            data = dict(data)
+            tied = data.pop("quantize_tied")
+            print(f"note: model.quantize_tied is now model.embeddings (a tied head is the embedding's tensor); "
+                  f"read as embeddings: {str(bool(tied)).lower()}", file=sys.stderr)
+            data.setdefault("embeddings", bool(tied))
+        return data
 
 
 class FormatsSpec(_Strict):
@@ -324,13 +338,32 @@ class JobSpec(_Strict):
         """Layers the targets' runtimes make share a format."""
         return [g for part in self.formats if part.target for g in get_runtime(part.target).ties(layers)]
 
-    def problem(self, model, layers: list, table=None):
-        """The job's problem (byte costs, the table's errors when given, the search's constraints and the targets'
-        ties), built in this one place for every command that searches or scores the job."""
+    def problem(self, model, layers: list, table=None, file=None):
+        """The job's problem (byte costs — bitalloc's count, or the target's `file` —, the table's errors when given,
+        the search's constraints and the targets' ties), built in this one place for every command that searches or
+        scores the job."""
         from bitalloc.pipeline import build_problem
 
         return build_problem(model, layers, self.expand_formats(), table, self.search.constraints(),
-                             self.target_ties(layers))
+                             self.target_ties(layers), file)
+
+    def file_bytes(self, ws):
+        """How the target's runtime stores a point (its file's bytes), where it says; None: bitalloc's count."""
+        target = self.target()
+        return get_runtime(target).file_bytes(ws) if target else None
+
+    def embeddings(self) -> tuple[bool, str]:
+        """(whether the token embedding is searched, why not when a target keeps it): every target must store it
+        quantized; `model.embeddings: true` where one cannot is refused."""
+        keeping = [part.target for part in self.formats if part.target and not get_runtime(part.target).embeddings]
+        if self.model.embeddings is False:
+            return False, ""
+        if keeping:
+            if self.model.embeddings:
+                raise BitallocError("model.embeddings", f"target {keeping[0]} stores the token embedding unquantized; "
+                                                        f"remove embeddings: true, or target llamacpp")
+            return False, f"target {keeping[0]} stores the token embedding unquantized"
+        return True, ""
 
     def target(self) -> Optional[str]:
         """The runtime target, when every entry names the same one."""

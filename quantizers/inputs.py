@@ -5,7 +5,9 @@ One forward pass per calibration sequence, the FP model throughout (each layer s
 level database is made: levels are independent per layer). Layers that read the same tensor (q, k and v; gate
 and up) share one accumulator. An expert unit has one accumulator per expert, over the tokens routed to it
 (`experts.routed_inputs`); an expert that saw fewer than `MIN_ROUTED` tokens gets None — quantized data-free —
-and is counted in `data_free`.
+and is counted in `data_free`. A token embedding's lookup multiplies nothing (a token's row is its output, every
+column alike): it has no input moments (None, quantized unweighted), unless a head is tied to it, whose inputs
+(the final hidden states) it then takes.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def collect(model: LoadedModel, layers: list[QuantizableLayer], tokens: torch.Te
     """Per layer: 2 XᵀX / n ([in, in], `hessian`) or mean x² per input column ([in], `diagonal`), float32 on CPU;
     per expert unit a list of these, one per expert. A layer called on the very tensor the previous layer was
     (q, k, v) shares that layer's accumulator."""
-    plain = [l for l in layers if not l.experts]
+    plain = [l for l in layers if not l.experts and not (l.embedding and not l.head)]
+    module_of = {l.name: l.head if l.embedding else l.name for l in plain}
     units: dict[str, list[QuantizableLayer]] = {}
     for l in layers:
         if l.experts:
@@ -71,13 +74,15 @@ def collect(model: LoadedModel, layers: list[QuantizableLayer], tokens: torch.Te
                 expert_sums[l.name][e] = part if held is None else held + part
                 expert_counts[l.name][e] += x.shape[0]
 
-    with module_hooks(model, [l.name for l in plain], pre=lambda name, _m, args: hook(name, args[0])), \
+    names = {module_of[l.name]: l.name for l in plain}
+    with module_hooks(model, list(names), pre=lambda module, _m, args: hook(names[module], args[0])), \
             module_hooks(model, list(units), pre=expert_hook, with_kwargs=True):
         for seq in tokens:
             model.module(seq.unsqueeze(0))
             last[0] = last[1] = None
     means = {owner: total / counts[owner] for owner, total in sums.items()}  # one tensor per input, shared
     out: dict = {l.name: means[alias[l.name]] for l in plain}
+    out.update({l.name: None for l in layers if l.embedding and not l.head})
     for name, per_expert in expert_sums.items():
         out[name] = [None if n < MIN_ROUTED else total / n for total, n in zip(per_expert, expert_counts[name])]
     return out

@@ -21,6 +21,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats import KEEP_BITS, Format
 from bitalloc.model import QuantizableLayer
 from bitalloc.registry import Registry
+from bitalloc.types import FileBytes
 
 FUSED = (r"self_attn\.[qkv]_proj$", r"mlp\.(gate|up)_proj$")  # vLLM's qkv_proj and gate_up_proj
 
@@ -32,6 +33,7 @@ class Layer:
     out_features: int
     in_features: int
     experts: int = 0  # an expert unit: one projection over a block's experts
+    embedding: bool = False  # the token embedding (and a head tied to it), looked up row by row
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Runtime:
     export_file: ClassVar[str] = "file"  # what `export --format NAME` writes
     presets: ClassVar[tuple[str, ...]] = ()  # the runtime's own mixtures `verify --presets` measures
     experts: ClassVar[bool] = False  # writes MoE expert units (names and formats its loader reads for them)
+    embeddings: ClassVar[bool] = False  # stores a quantized token embedding (its loader dequantizes a looked-up row)
 
     # -- target ------------------------------------------------------------------------------------------------
     def formats(self, method: str, params: dict) -> tuple[Format, ...]:
@@ -80,6 +83,11 @@ class Runtime:
             if key is not None:
                 groups.setdefault(key, []).append(i)
         return [tuple(g) for g in groups.values() if len(g) > 1]
+
+    def file_bytes(self, ws) -> FileBytes | None:
+        """How this runtime's file stores a point of the job `ws` opened (the front's bytes are then the file's);
+        None: bitalloc's count."""
+        return None
 
     # -- export ------------------------------------------------------------------------------------------------
     def notes(self, layers: list[Layer]) -> list[str]:
@@ -107,6 +115,7 @@ class Runtime:
 
         Without `nearest`, a config the runtime cannot express is an error that names the nearest."""
         self.check_experts(layers)
+        self.check_embeddings(layers)
         placed = self.place(layers, model_type)
         changed = [f"{l.name}: {l.fmt.name} -> {_show(placed[l.name].value)} ({placed[l.name].why})"
                    for l in layers if not placed[l.name].exact]
@@ -122,6 +131,15 @@ class Runtime:
         if units and not self.experts:
             raise BitallocError("--format", f"{self.name}: files for mixture-of-experts units ({len(units)}, e.g. "
                                             f"{units[0]}) are not written yet; export this config to llamacpp")
+
+    def check_embeddings(self, layers) -> None:
+        """Refuse a config with a quantized token embedding where this runtime's loader keeps embeddings unquantized
+        (its file would silently differ from the front)."""
+        quantized = [l.name for l in layers if l.embedding and l.fmt.quantized]
+        if quantized and not self.embeddings:
+            raise BitallocError("--format", f"{self.name} stores the token embedding unquantized, but this config "
+                                            f"quantizes {quantized[0]}; search with the {self.name} target (or "
+                                            f"model.embeddings: false), or export to llamacpp")
 
     # -- verify ------------------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -140,7 +158,7 @@ def layers_of(doc) -> list[Layer]:
     layers = []
     for name, fmt in doc.formats().items():
         *experts, out_features, in_features = doc.shapes[name]
-        layers.append(Layer(name, fmt, out_features, in_features, *experts))
+        layers.append(Layer(name, fmt, out_features, in_features, *experts, embedding=name in doc.embeddings))
     return layers
 
 

@@ -6,7 +6,9 @@ Fisher); entry = ½ · Σ F ⊙ (Q_f(W) − W)².
 
 Output side (the default, as NVIDIA ModelOpt's auto_quantize scores): at each layer output y,
 entry = ½ · Σₜ (∂L/∂yₜ)² ⊙ (Q_f(W)·xₜ − W·xₜ)² / N, with the gradient and the inputs of the same
-calibration tokens, accumulated per sequence so no activations are stored for the whole set. An expert unit
+calibration tokens, accumulated per sequence so no activations are stored for the whole set. A token
+embedding's output is its looked-up rows, Δyₜ = ΔW[idₜ]: its entry is ½ · Σ G ⊙ ΔW² / N with G[v] the summed
+(∂L/∂yₜ)² of the tokens t that looked up v, plus, when a head is tied to it, the head's output term. An expert unit
 has no one output (its experts' outputs are mixed by the router): it is scored on the weight side in the same
 pass, from the gradients of the tokens routed to each expert.
 
@@ -43,9 +45,9 @@ class Fisher(EstimatorBase):
     def memory_bytes(self, model, layers, seq_len: int) -> int:
         """One sequence's backward graph, the largest layer's ΔW and error terms, and the weights' gradients (the
         output side's backward fills them too); plus a float32 Fisher per weight (the weight side: every layer's;
-        the output side: the expert units')."""
+        the output side: the expert units' and the embedding's lookups)."""
         numel = sum(l.numel for l in layers)
-        accumulated = numel if self.side == "weight" else sum(l.numel for l in layers if l.experts)
+        accumulated = numel if self.side == "weight" else sum(l.numel for l in layers if l.experts or l.embedding)
         largest = max((l.numel for l in layers), default=0)
         graph = graph_bytes(model, min(seq_len, self.max_tokens))
         return graph + 3 * largest * 4 + (numel + accumulated) * 4
@@ -80,8 +82,20 @@ class Fisher(EstimatorBase):
         values = np.zeros((len(ctx.layers), len(ctx.formats)))
         inputs: dict[str, torch.Tensor] = {}
 
-        index = {layer.name: (i, layer) for i, layer in enumerate(ctx.layers) if not layer.experts}
+        # the modules whose outputs a unit changes: a layer's own; a tied embedding's head (its lookup apart)
+        index = {layer.head if layer.embedding else layer.name: (i, layer) for i, layer in enumerate(ctx.layers)
+                 if not layer.experts and (layer.head or not layer.embedding)}
         experts = [(i, layer) for i, layer in enumerate(ctx.layers) if layer.experts]
+        lookups = {layer.name: (i, layer, torch.zeros(layer.shape)) for i, layer in enumerate(ctx.layers)
+                   if layer.embedding}
+
+        def looked_up(name, _module, args, output):
+            ids, acc = args[0].reshape(-1).cpu(), lookups[name][2]
+
+            def backward(grad):
+                acc.index_add_(0, ids, grad.detach().reshape(-1, acc.shape[1]).float().pow(2).cpu())
+
+            output.register_hook(backward)
 
         def forward(name, _module, args, output):
             i, layer = index[name]
@@ -99,7 +113,7 @@ class Fisher(EstimatorBase):
 
         count = 0
         with differentiable(ctx.model, ctx.layers, self.name) as params, \
-                module_hooks(ctx.model, index, post=forward):
+                module_hooks(ctx.model, index, post=forward), module_hooks(ctx.model, lookups, post=looked_up):
             expert_params = unique_parameters(ctx.model, [l for _, l in experts])
             fisher = [torch.zeros_like(p, dtype=torch.float32) for p in expert_params]
             for seq in tokens.split(1):
@@ -113,4 +127,6 @@ class Fisher(EstimatorBase):
                 ctx.advance()
             for (i, layer), f in zip(experts, per_layer(ctx.model, [l for _, l in experts], expert_params, fisher)):
                 values[i] = [float((f * ctx.delta(layer, fmt).pow(2)).sum()) for fmt in ctx.formats]
+            for i, layer, g2 in lookups.values():
+                values[i] += [float((g2 * ctx.delta(layer, fmt).pow(2)).sum()) for fmt in ctx.formats]
         return values, count

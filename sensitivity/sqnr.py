@@ -41,8 +41,7 @@ class SQNR(EstimatorBase):
         sigma = None
         if self.activations:  # XᵀX / N: half the Hessian GPTQ reads
             moments = collect(ctx.model, ctx.layers, ctx.calibration_tokens(self.max_tokens, "sqnr"), "hessian")
-            sigma = {name: [x if x is None else x / 2 for x in h] if isinstance(h, list) else h / 2
-                     for name, h in moments.items()}
+            sigma = {name: _half(h) for name, h in moments.items()}
         values = np.zeros((len(ctx.layers), len(ctx.formats)))
         for i, layer in enumerate(ctx.layers):
             w = ctx.model.weight(layer).detach().float()
@@ -52,6 +51,11 @@ class SQNR(EstimatorBase):
                 values[i, j] = _energy(ctx.delta(layer, fmt), s) / (signal or 1.0)
             ctx.advance()
         return ctx.table(self, values)
+
+
+def _half(h):
+    """XᵀX / N from 2 XᵀX / N, per expert for an expert unit; None (no moments) stays None."""
+    return [_half(x) for x in h] if isinstance(h, list) else None if h is None else h / 2
 
 
 def _energy(w: torch.Tensor, s) -> float:

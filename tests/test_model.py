@@ -5,16 +5,21 @@ from bitalloc.model import list_layers, load_model, other_bytes, select_layers
 
 
 def test_llama_layers_and_tied_head(tiny_llama):
+    """The token embedding is a unit [vocab, hidden] naming the head tied to it; the head, the same tensor, is listed
+    as tied and never chosen: the tensor is one unit, counted once."""
     model = load_model(str(tiny_llama))
     layers = list_layers(model)
-    assert len(layers) == 2 * 7 + 1
-    head = layers[-1]
+    assert len(layers) == 1 + 2 * 7 + 1
+    embed, head = layers[0], layers[-1]
+    assert (embed.name, embed.embedding, embed.head, embed.shape) == ("model.embed_tokens", True, "lm_head", (96, 48))
     assert head.name == "lm_head" and head.tied_to == "model.embed_tokens"
-    q = layers[0]
+    q = layers[1]
     assert (q.name, q.out_features, q.in_features, q.transposed) == ("model.layers.0.self_attn.q_proj", 48, 48, False)
-    chosen = select_layers(layers)
-    assert "lm_head" not in [l.name for l in chosen]
-    assert "lm_head" in [l.name for l in select_layers(layers, quantize_tied=True)]
+    chosen = [l.name for l in select_layers(layers)]
+    assert "lm_head" not in chosen and chosen[0] == "model.embed_tokens" and len(chosen) == 15
+    assert "model.embed_tokens" not in [l.name for l in select_layers(layers, embeddings=False)]
+    assert other_bytes(model, select_layers(layers)) == other_bytes(model, select_layers(layers, embeddings=False)) \
+        - 4 * embed.numel
 
 
 def test_other_bytes_counts_shared_weights_once(tiny_llama):
@@ -33,7 +38,8 @@ def test_gpt2_conv1d_is_transposed(tiny_gpt2):
     attn = layers["transformer.h.0.attn.c_attn"]
     assert attn.transposed and (attn.in_features, attn.out_features) == (32, 96)
     assert tuple(model.weight(attn).shape) == (96, 32)
-    assert layers["lm_head"].tied_to == "transformer.wte"
+    assert layers["lm_head"].tied_to == "transformer.wte" and layers["transformer.wte"].head == "lm_head"
+    assert "transformer.wpe" not in layers  # position embeddings are not looked up by token
 
 
 def test_include_exclude_patterns(tiny_llama):
@@ -41,7 +47,7 @@ def test_include_exclude_patterns(tiny_llama):
     mlp = select_layers(layers, include=[r"\.mlp\."])
     assert len(mlp) == 6 and all(".mlp." in l.name for l in mlp)
     no_down = select_layers(layers, exclude=["down_proj"])
-    assert len(no_down) == 12
+    assert len(no_down) == 13  # the embedding with the 12 others
 
 
 @pytest.mark.parametrize("kwargs, field", [

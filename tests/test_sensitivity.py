@@ -18,13 +18,13 @@ from bitalloc.types import SensitivityTable
 FORMATS = (Format(2, 8), Format(4, 8), Format(8, 8))
 
 
-def _micro_llama(seed=0):
+def _micro_llama(seed=0, tied=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, max_position_embeddings=32, attn_implementation="eager",
-                      initializer_range=0.3)
+                      initializer_range=0.3, tie_word_embeddings=tied)
     return from_module(LlamaForCausalLM(cfg), "micro-llama")
 
 
@@ -117,7 +117,8 @@ def test_weight_fisher_equals_hand_computation(ctx, labels):
 
 def test_output_fisher_equals_hand_computation(ctx):
     table = run_estimator(get_estimator("fisher", side="output"), ctx)
-    layer = ctx.layers[0]
+    assert ctx.layers[0].embedding
+    layer = ctx.layers[1]
     module = ctx.model.layer_module(layer.name)
     captured = {}
 
@@ -140,6 +141,47 @@ def test_output_fisher_equals_hand_computation(ctx):
     handle.remove()
     module.weight.requires_grad_(False)
     module.weight.grad = None
+    assert table.values[1] == pytest.approx(0.5 * total / n, rel=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_output_fisher_of_the_embedding_counts_its_lookups_and_a_tied_head(tied):
+    """The embedding's output is its looked-up rows (ΔyT = ΔW[id]); tied, the head's output term is added."""
+    model = _micro_llama(tied=tied)
+    layers = select_layers(list_layers(model))
+    tokens = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(1))
+    c = EstimatorContext(model, layers, FORMATS, filled_levels(model, layers, FORMATS), tokens, "sha256:test", seed=0)
+    embed = layers[0]
+    assert embed.embedding and (embed.head == "lm_head") == tied and ("lm_head" in [l.name for l in layers]) != tied
+    table = run_estimator(get_estimator("fisher", side="output"), c)
+    weight, head = model.layer_module(embed.name).weight, model.layer_module("lm_head")
+    captured = {}
+
+    def keep(key):
+        def hook(_m, args, out):
+            out.retain_grad()
+            captured[key] = (args[0].detach(), out)
+        return hook
+
+    total, n = np.zeros(len(FORMATS)), 0
+    weight.requires_grad_(True)
+    handles = [model.layer_module(embed.name).register_forward_hook(keep("lookup")),
+               head.register_forward_hook(keep("head"))]
+    for seq in tokens.split(1):
+        logits = model.module(seq).logits[:, :-1]
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1), reduction="sum").backward()
+        ids, y = captured["lookup"]
+        x, logit = captured["head"]
+        for j, fmt in enumerate(FORMATS):
+            d = c.delta(embed, fmt)
+            total[j] += float((y.grad.pow(2) * d[ids].pow(2)).sum())
+            if tied:
+                total[j] += float((logit.grad.pow(2) * (x @ d.t()).pow(2)).sum())
+        n += seq.shape[1] - 1
+    for h in handles:
+        h.remove()
+    weight.requires_grad_(False)
+    weight.grad = None
     assert table.values[0] == pytest.approx(0.5 * total / n, rel=1e-5)
 
 

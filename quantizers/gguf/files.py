@@ -4,6 +4,7 @@ on a model folder), and llama-imatrix's importance matrix."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -79,6 +80,14 @@ def tensor_names(model_type: str | None, layers: list[str], field: str = "format
     return out
 
 
+def keep_float(floats: dict, searched) -> list[str]:
+    """llama-quantize's flags that keep the token embedding and the output head at the float file's type where no
+    searched layer is them (its presets, and --pure, would quantize them): what the front counts them at."""
+    flags = (("token_embd.weight", "--token-embedding-type"), ("output.weight", "--output-tensor-type"))
+    return [arg for t, flag in flags if t in floats and t not in searched
+            for arg in (flag, floats[t].tensor_type.name.lower())]
+
+
 def float_gguf(model: LoadedModel, folder: Path) -> Path:
     """The model as a float GGUF llama-quantize reads (made once per level store)."""
     path = folder / "model-float.gguf"
@@ -138,6 +147,38 @@ def float_copy(source: Path, target: Path,
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+HEADER_FILE = "quantized-header.json"
+
+
+def record_header(written: Path, folder: Path) -> tuple[int, int]:
+    """Keep the size of what precedes the tensor data in a file llama-quantize wrote from the store's float file
+    (metadata, tokenizer, tensor index, padding: the same whatever types it stores, since a tensor's entry in the
+    index has a fixed size), and the file's alignment."""
+    from .index import data_start
+
+    header, alignment = data_start(written)
+    (folder / HEADER_FILE).write_text(json.dumps({"header": header, "alignment": alignment}))
+    return header, alignment
+
+
+def quantized_header(model: LoadedModel, folder: Path, matrix: Path | None) -> tuple[int, int]:
+    """(header bytes, alignment) of the files llama-quantize writes from the store's float file (with the store's
+    importance matrix, whose name the metadata records): kept when the levels were made, else measured on one
+    q8_0 file, written and removed."""
+    kept = folder / HEADER_FILE
+    if kept.is_file():
+        doc = json.loads(kept.read_text())
+        return int(doc["header"]), int(doc["alignment"])
+    out = folder / f".header.{os.getpid()}.gguf"
+    args = ["--pure"] + (["--imatrix", str(matrix)] if matrix else [])
+    try:
+        tools.run("llama-quantize", [*args, str(float_gguf(model, folder)), str(out), "Q8_0",
+                                     str(os.cpu_count() or 1)], "to q8_0 (its header's size)")
+        return record_header(out, folder)
+    finally:
+        out.unlink(missing_ok=True)
 
 
 def imatrix_file(folder: Path) -> Path:

@@ -56,12 +56,10 @@ class _Cursor:
             raise ValueError(f"unknown GGUF value type {vtype} at byte {self.at}")
 
 
-def read_tensors(path: Path) -> dict[str, GgufTensor]:
-    """Every tensor of a (little-endian, version 2 or 3) GGUF file by name."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+def _index(path: Path):
+    """(the mapped file, each tensor's (name, dims, type, offset), where the tensor data starts, the alignment)."""
+    from gguf import GGMLQuantizationType as T
 
-    plain = {T.F32: np.float32, T.F16: np.float16, T.F64: np.float64, T.I8: np.int8, T.I16: np.int16,
-             T.I32: np.int32, T.I64: np.int64}
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     cur = _Cursor(memoryview(mapped))
     if bytes(cur.buf[:4]) != b"GGUF":
@@ -82,7 +80,22 @@ def read_tensors(path: Path) -> dict[str, GgufTensor]:
         name = cur.string().decode()
         dims = tuple(cur.take("<Q") for _ in range(cur.take("<I")))
         infos.append((name, dims, T(cur.take("<I")), cur.take("<Q")))
-    start = -(-cur.at // alignment) * alignment
+    return mapped, infos, -(-cur.at // alignment) * alignment, alignment
+
+
+def data_start(path: Path) -> tuple[int, int]:
+    """(bytes before the tensor data: header, metadata, tensor index and padding; the file's alignment)."""
+    _, _, start, alignment = _index(path)
+    return start, alignment
+
+
+def read_tensors(path: Path) -> dict[str, GgufTensor]:
+    """Every tensor of a (little-endian, version 2 or 3) GGUF file by name."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+    plain = {T.F32: np.float32, T.F16: np.float16, T.F64: np.float64, T.I8: np.int8, T.I16: np.int16,
+             T.I32: np.int32, T.I64: np.int64}
+    mapped, infos, start, _ = _index(path)
     out = {}
     for name, dims, ttype, offset in infos:
         block, size = GGML_QUANT_SIZES[ttype]

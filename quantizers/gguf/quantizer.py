@@ -25,7 +25,7 @@ from bitalloc.registry import Params
 from ..base import QuantizerBase, register
 from ..layouts import GgmlBlocks
 from . import tools
-from .files import GgmlWeight, float_gguf, imatrix, tensor_names
+from .files import HEADER_FILE, GgmlWeight, float_gguf, imatrix, keep_float, record_header, tensor_names
 from .index import read_tensors
 from .ggml import GGML_TYPES
 
@@ -87,11 +87,7 @@ def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dic
     orders = {name: _row_order(dequantize(floats[names[name]].data, floats[names[name]].tensor_type),
                                model.weight(by_name[name]), name)
               for name, fmts in missing.items() if fmts}
-    # the token embedding and an output head that no layer here is are kept as the float file holds them: --pure would
-    # quantize them at every type (on a small model with a large vocabulary, most of llama-quantize's time)
-    flags = (("token_embd.weight", "--token-embedding-type"), ("output.weight", "--output-tensor-type"))
-    kept = [arg for t, flag in flags if t in floats and t not in names.values()
-            for arg in (flag, floats[t].tensor_type.name.lower())]
+    kept = keep_float(floats, set(names.values()))  # else --pure quantizes them at every type: most of the time
     made = 0
     for ggml in types:
         out = folder / f".{ggml}.{os.getpid()}.gguf"
@@ -99,6 +95,8 @@ def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dic
         tools.run("llama-quantize", [*args, str(source), str(out), GGML_TYPES[ggml].ftype,
                                         str(os.cpu_count() or 1)], f"to {ggml}")
         try:
+            if not (folder / HEADER_FILE).is_file():
+                record_header(out, folder)
             quantized = read_tensors(out)
             for name, fmts in missing.items():
                 for fmt in (f for f in fmts if f.ggml == ggml):

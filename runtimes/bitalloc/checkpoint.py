@@ -100,6 +100,11 @@ def pack(config: ConfigDoc, out: Path, data_hash: str | None = None) -> int:
     if units:
         raise BitallocError("TARGET", f"bitalloc's packed checkpoint has no form for mixture-of-experts units yet "
                                       f"({len(units)}, e.g. {units[0]}); export the config to llamacpp")
+    embedded = [n for n in config.embeddings if config.formats()[n].quantized]
+    if embedded:
+        raise BitallocError("TARGET", f"bitalloc's packed checkpoint keeps the token embedding unquantized, but this "
+                                      f"config quantizes {embedded[0]}; search with formats.target: bitalloc, or "
+                                      f"export the config to llamacpp")
     model = load_model(config.model.source)
     if model.content_hash() != config.model.content_hash:
         raise BitallocError("TARGET", f"the model at {config.model.source!r} is not the one searched (content hash "

@@ -25,7 +25,14 @@ K_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 5: "q5_K", 6: "q6_K", 8: "q8_0"}
 BLOCK32_TYPES = {(4, True): "q4_0", (4, False): "q4_1", (5, True): "q5_0", (5, False): "q5_1", (8, True): "q8_0",
                  (8, False): "q8_0"}
 BLOCK32_NEAREST = {2: 4, 3: 4, 6: 8}
-PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0",
+           "IQ4_NL", "IQ4_XS")
+IMATRIX_PRESETS = ("IQ3_XXS", "IQ3_S")  # what llama.cpp users make only with an importance matrix
+
+
+def preset_names(matrix) -> tuple[str, ...]:
+    """The presets `verify --presets` measures: the i-quant ones below 4 bits only with an importance matrix."""
+    return PRESETS + (IMATRIX_PRESETS if matrix else ())
 
 
 def check_types(types: list[str], imatrix: bool) -> None:
@@ -66,6 +73,7 @@ class LlamaCpp(Runtime):
     export_file = "llama-quantize --tensor-type-file"
     presets = PRESETS
     experts = True  # blk.N.ffn_{gate,up,down}_exps, one type each (gguf-py's tensor name map)
+    embeddings = True  # token_embd at any type whose blocks fit its rows (get_rows dequantizes a row)
 
     def formats(self, method, params):
         types = TYPES + (IMATRIX_TYPES if params.get("imatrix") else ())
@@ -79,6 +87,11 @@ class LlamaCpp(Runtime):
 
         names = tensor_names(model_type, [l.name for l in layers], "--format")
         return "".join(f"^{re.escape(names[l.name])}$={placed[l.name].value}\n" for l in layers)
+
+    def file_bytes(self, ws):
+        from .measure import file_bytes
+
+        return file_bytes(ws)
 
     def prepare(self) -> None:
         from bitalloc.quantizers.gguf.tools import check_buildable

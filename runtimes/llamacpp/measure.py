@@ -25,12 +25,13 @@ import torch
 
 from bitalloc.errors import BitallocError
 from bitalloc.pipeline import Workspace
+from bitalloc.types import FileBytes
 from bitalloc.quantizers.gguf import tools
-from bitalloc.quantizers.gguf.files import float_gguf as model_gguf, imatrix
+from bitalloc.quantizers.gguf.files import (float_gguf as model_gguf, imatrix, imatrix_file, keep_float,
+                                            quantized_header, tensor_names)
 from bitalloc.quantizers.gguf.index import read_tensors
 
 MAGIC = b"_logits_"
-GGUF_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 def windows(ws: Workspace, float_gguf: Path) -> torch.Tensor:
@@ -125,6 +126,26 @@ def same_blocks(tensor, level) -> bool:
     return rows.shape == ours.shape and sorted(map(bytes, rows)) == sorted(map(bytes, ours))
 
 
+def file_bytes(ws: Workspace) -> FileBytes:
+    """How the GGUF file llama-quantize writes for a point of this job stores it: the header of the files it wrote
+    from the level store's float file, every tensor no layer is at the float file's type, each tensor padded to
+    the file's alignment (the size of an exported point's file, exactly)."""
+    store = ws.levels.stores["gguf"]
+    matrix = imatrix_file(store.folder) if store.quantizer.imatrix else None
+    header, alignment = quantized_header(ws.model, store.folder, matrix)
+    floats = read_tensors(model_gguf(ws.model, store.folder))
+    names = tensor_names(ws.model.model_type, [l.name for l in ws.layers])
+    shared = len(names) - len(set(names.values()))
+    missing = sorted(set(names.values()) - set(floats))
+    if shared or missing:
+        raise BitallocError("formats.target", f"llama.cpp's file does not hold the layers one tensor each "
+                                              f"({missing[0] + ' is not in it' if missing else 'tensors shared'})")
+    file = FileBytes("llamacpp", header, alignment)
+    searched = set(names.values())
+    return FileBytes("llamacpp", header + sum(file.stored(t.n_bytes) for t in floats.values()
+                                              if t.name not in searched), alignment)
+
+
 def importance_matrix(ws: Workspace, quantizers: dict[str, dict]) -> Path | None:
     """The importance matrix the job's gguf levels were made with (`imatrix: true`): the level store's, made again
     from the job's calibration sequences if the store lost it; None for levels made without one."""
@@ -142,17 +163,17 @@ def float_gguf(ws: Workspace, cache: Path) -> Path:
 
 def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searched: set[str],
              preset: str | None = None, matrix: Path | None = None) -> dict:
-    """llama-quantize: the exported tensor types (every other matrix kept at the model's own dtype, as the front counts
-    it), or one of llama.cpp's presets with its own mixture, with the job's importance matrix if its levels were made
+    """llama-quantize: the exported tensor types (every other matrix kept at the float file's type, as the front counts
+    it), or one of llama.cpp's presets with its own mixture (the token embedding and output head its own unless the
+    job kept them float), with the job's importance matrix if its levels were made
     with one; the tensors of the written file by GGUF name. `searched` are the GGUF names of the job's layers."""
-    keep = GGUF_DTYPES.get(next(ws.model.module.parameters()).dtype, "f32")
-    args = ["--token-embedding-type", keep] + (["--imatrix", str(matrix)] if matrix else [])
-    if "output.weight" not in searched:
-        args += ["--output-tensor-type", keep]
+    floats = read_tensors(float_file)
+    args = keep_float(floats, searched) + (["--imatrix", str(matrix)] if matrix else [])
     if preset is None:
-        others = [t.name for t in read_tensors(float_file).values() if len(t.shape) >= 2 and t.name not in searched
-                  and not t.name.startswith("token_embd") and t.name != "output.weight"]
-        lines = types_file.read_text() + "".join(f"^{re.escape(n)}$={keep}\n" for n in others)
+        others = [t for t in floats.values() if len(t.shape) >= 2 and t.name not in searched
+                  and t.name not in ("token_embd.weight", "output.weight")]
+        lines = types_file.read_text() + "".join(f"^{re.escape(t.name)}$={t.tensor_type.name.lower()}\n"
+                                                 for t in others)
         full = types_file.with_suffix(".all.txt")
         full.write_text(lines)
         args = ["--pure", "--tensor-type-file", str(full)] + args
@@ -184,11 +205,9 @@ def verify(ws: Workspace, picked, text: str, work: Path, presets: bool, stages) 
 
 
 def _measure(ws: Workspace, picked, text: str, work: Path, presets: bool, stages, float_file: Path) -> list:
-    from bitalloc.quantizers.gguf.files import tensor_names
-
     from ..base import layers_of
     from ..points import LogProbs, runtime_point
-    from . import PRESETS, ggml_type
+    from . import ggml_type, preset_names
 
     doc = picked.config
     tokens = windows(ws, float_file)
@@ -206,7 +225,7 @@ def _measure(ws: Workspace, picked, text: str, work: Path, presets: bool, stages
     types_file.write_text(text)
     matrix = importance_matrix(ws, doc.quantizers)
     scored = tokens.shape[0] * (n_ctx - 1 - n_ctx // 2)
-    with stages.stage("llama.cpp: quantize and measure", 2 + (len(PRESETS) if presets else 0)) as advance:
+    with stages.stage("llama.cpp: quantize and measure", 2 + (len(preset_names(matrix)) if presets else 0)) as advance:
         fp_gap, _ = perplexity(float_file, base, n_ctx)
         advance(1)
         gguf_file = work / "model.gguf"
@@ -216,24 +235,23 @@ def _measure(ws: Workspace, picked, text: str, work: Path, presets: bool, stages
             stored = tensors[names[layer.name]].tensor_type.name.lower()
             if stored != wanted.lower():
                 raise BitallocError("--runtime", f"llama-quantize stored {layer.name} as {stored}, not {wanted}")
-        stored_bytes = sum(int(tensors[names[n]].n_bytes) for n in doc.layers)
         matching = sum(same_blocks(tensors[names[n]], ws.levels.read(n, f)) for n, f in doc.formats().items() if f.ggml)
         kl, ppl = perplexity(gguf_file, base, n_ctx)
         vs_ours, _ = perplexity(gguf_file, ours, n_ctx)
         advance(1)
-        points = [runtime_point("llamacpp", picked.point.label, other, stored_bytes, [gguf_file], kl, ppl, scored,
-                                picked, bitalloc_loss=bitalloc_kl,
+        # whole-model bytes are the written file's (so the front's, when its bytes are llama.cpp's, must equal them)
+        points = [runtime_point("llamacpp", picked.point.label, other, gguf_file.stat().st_size - other, [gguf_file],
+                                kl, ppl, scored, picked, bitalloc_loss=bitalloc_kl,
                                 details={"fp_gap_kl": fp_gap, "vs_bitalloc_kl": vs_ours,
                                          "layers_matching": float(matching)})]
         gguf_file.unlink()
-        for preset in PRESETS if presets else ():
+        for preset in preset_names(matrix) if presets else ():
             path = work / f"{preset}.gguf"
-            tensors = quantize(float_file, path, types_file, ws, set(names.values()), preset=preset,
-                               matrix=matrix)  # the presets get the job's importance matrix too
-            stored_bytes = sum(int(tensors[names[n]].n_bytes) for n in doc.layers)
+            quantize(float_file, path, types_file, ws, set(names.values()), preset=preset,
+                     matrix=matrix)  # the presets get the job's importance matrix too
             kl, ppl = perplexity(path, base, n_ctx)
-            points.append(runtime_point("llamacpp", f"llama.cpp {preset}", other, stored_bytes, [path], kl, ppl,
-                                        scored, kind="preset", details={"fp_gap_kl": fp_gap}))
+            points.append(runtime_point("llamacpp", f"llama.cpp {preset}", other, path.stat().st_size - other, [path],
+                                        kl, ppl, scored, kind="preset", details={"fp_gap_kl": fp_gap}))
             path.unlink()
             advance(1)
     return points
