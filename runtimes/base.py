@@ -115,14 +115,14 @@ class Runtime:
 
         Without `nearest`, a config the runtime cannot express is an error that names the nearest."""
         self.check_experts(layers)
-        self.check_embeddings(layers)
+        layers, kept = self.without_embeddings(layers)
         placed = self.place(layers, model_type)
-        changed = [f"{l.name}: {l.fmt.name} -> {_show(placed[l.name].value)} ({placed[l.name].why})"
-                   for l in layers if not placed[l.name].exact]
+        changed = kept + [f"{l.name}: {l.fmt.name} -> {_show(placed[l.name].value)} ({placed[l.name].why})"
+                          for l in layers if not placed[l.name].exact]
         if changed and not nearest:
-            raise BitallocError("--format", f"{self.name} cannot express {len(changed)} of {len(layers)} layers "
-                                            f"exactly, e.g. {changed[0]}; the nearest it can write raises those; "
-                                            f"pass --nearest to write it")
+            raise BitallocError("--format", f"{self.name} cannot express {len(changed)} of {len(layers) + len(kept)} "
+                                            f"layers exactly, e.g. {changed[0]}; the nearest it can write raises "
+                                            f"those; pass --nearest to write it")
         return self.render(layers, placed, model_type, quantizers or {}), changed
 
     def check_experts(self, layers) -> None:
@@ -132,14 +132,14 @@ class Runtime:
             raise BitallocError("--format", f"{self.name}: files for mixture-of-experts units ({len(units)}, e.g. "
                                             f"{units[0]}) are not written yet; export this config to llamacpp")
 
-    def check_embeddings(self, layers) -> None:
-        """Refuse a config with a quantized token embedding where this runtime's loader keeps embeddings unquantized
-        (its file would silently differ from the front)."""
-        quantized = [l.name for l in layers if l.embedding and l.fmt.quantized]
-        if quantized and not self.embeddings:
-            raise BitallocError("--format", f"{self.name} stores the token embedding unquantized, but this config "
-                                            f"quantizes {quantized[0]}; search with the {self.name} target (or "
-                                            f"model.embeddings: false), or export to llamacpp")
+    def without_embeddings(self, layers: list[Layer]) -> tuple[list[Layer], list[str]]:
+        """The layers this runtime's file names (a token embedding only where it stores one quantized: elsewhere its
+        loader keeps it at the model's dtype, outside the file), and one line per quantized embedding it keeps."""
+        if self.embeddings:
+            return layers, []
+        kept = [f"{l.name}: {l.fmt.name} -> {KEEP_BITS}-bit ({self.name} stores the token embedding unquantized)"
+                for l in layers if l.embedding and l.fmt.quantized]
+        return [l for l in layers if not l.embedding], kept
 
     # -- verify ------------------------------------------------------------------------------------------------
     def prepare(self) -> None:

@@ -5,6 +5,7 @@ bitalloc reads back dequantized, their measurement and comparison with the job's
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -71,15 +72,16 @@ def weights_point(runtime: str, ws, picked, weights: dict[str, torch.Tensor], st
     """The point as a runtime's weights (`weights`: layer -> [out, in] as the runtime dequantizes it; `stored`: the
     bytes it stores per layer): measured by bitalloc's evaluator on the job's held-out tokens, and compared with the
     job's levels (`weight_max_rel_diff`: the largest difference over the layer's largest weight; `layers_matching`:
-    the layers whose weights are the levels, at least 99 % of them up to float16 rounding). Layers the runtime left
-    in 16 bits count as the front counts them."""
+    the layers whose weights are the levels, at least 99 % of them up to float16 rounding)."""
     doc = picked.config
     dtype = next(ws.model.module.parameters()).dtype
     pairs = [(weights[n].float(), ws.levels.weight(n, f).float()) for n, f in doc.formats().items() if f.quantized]
     measured = ws.local_runner().evaluator("evaluation").evaluate_tensors(
         {n: w.to(dtype) for n, w in weights.items() if n in doc.layers})
     stored_bytes = sum(stored[n] for n in weights if n in doc.layers)
-    kept = sum(shape_bytes(doc.shapes[n], f) for n, f in doc.formats().items() if n not in weights)
+    # a layer the runtime left in 16 bits as the front counts it; a token embedding it keeps, at the model's dtype
+    kept = sum(math.prod(doc.shapes[n]) * dtype.itemsize if n in doc.embeddings else shape_bytes(doc.shapes[n], f)
+               for n, f in doc.formats().items() if n not in weights)
     return runtime_point(runtime, picked.point.label, picked.front.model.other_bytes, stored_bytes + kept, files,
                          measured.loss, measured.quality, measured.tokens, picked, bitalloc_loss=picked.point.loss,
                          details={"weight_max_rel_diff": max((rel_diff(*p) for p in pairs), default=0.0),

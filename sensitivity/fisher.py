@@ -7,10 +7,10 @@ Fisher); entry = ½ · Σ F ⊙ (Q_f(W) − W)².
 Output side (the default, as NVIDIA ModelOpt's auto_quantize scores): at each layer output y,
 entry = ½ · Σₜ (∂L/∂yₜ)² ⊙ (Q_f(W)·xₜ − W·xₜ)² / N, with the gradient and the inputs of the same
 calibration tokens, accumulated per sequence so no activations are stored for the whole set. A token
-embedding's output is its looked-up rows, Δyₜ = ΔW[idₜ]: its entry is ½ · Σ G ⊙ ΔW² / N with G[v] the summed
-(∂L/∂yₜ)² of the tokens t that looked up v, plus, when a head is tied to it, the head's output term. An expert unit
-has no one output (its experts' outputs are mixed by the router): it is scored on the weight side in the same
-pass, from the gradients of the tokens routed to each expert.
+embedding's output is its looked-up rows, Δyₜ = ΔW[idₜ]: its entry is ½ · Σ G ⊙ ΔW² / N with G[v] the
+summed (∂L/∂yₜ)² of the tokens t that looked up v, plus, when a head is tied to it, the head's output term.
+An expert unit has no one output (its experts' outputs are mixed by the router): it is scored on the weight
+side in the same pass, from the gradients of the tokens routed to each expert.
 
 `labels: data` uses the text's next tokens (empirical Fisher); `labels: model` samples them from the
 model's own prediction (the true Fisher, which is the Hessian of KL(FP ‖ Q) at the FP weights).

@@ -20,7 +20,7 @@ from bitalloc.model import list_layers, load_model, select_layers
 @pytest.fixture(scope="module")
 def block0():
     model = load_model("smollm2-135m")
-    layers = [l for l in select_layers(list_layers(model)) if ".layers.0." in l.name]
+    layers = [l for l in select_layers(list_layers(model)) if ".layers.0." in l.name or l.embedding]
     formats = (Format.of_ggml("q8_0"), Format.of_ggml("q4_K"), Format.of_ggml("q5_0"))
     return model, layers, formats, filled_levels(model, layers, formats)
 
@@ -71,11 +71,13 @@ def test_the_tensor_index_reads_what_gguf_py_reads(block0, tmp_path):
 
 def test_rows_are_in_the_loaded_models_order(block0, tmp_path):
     """llama.cpp stores Q and K rows permuted for its rotary embedding; a level holds them as transformers does, so
-    q8_0 (nearly lossless) reads back as the weight itself, and its rows are the file's rows."""
+    q8_0 (nearly lossless) reads back as the weight itself, and its rows are the file's rows (the token embedding's,
+    row by row, as llama.cpp's lookup reads them)."""
     model, layers, formats, levels = block0
     q8 = Format.of_ggml("q8_0")
     file = _file_tensors(levels, tmp_path, "Q8_0")
     names = tensor_names(model.model_type, [l.name for l in layers])
+    assert names[layers[0].name] == "token_embd.weight"
     for layer in layers:
         w = model.weight(layer).float()
         level = levels.read(layer.name, q8)
@@ -88,8 +90,8 @@ def test_rows_are_in_the_loaded_models_order(block0, tmp_path):
 
 def test_a_llamacpp_target_job_exports_to_llama_cpp_as_it_is(tiny_smollm, text_dir, tmp_path, capsys):
     """A model with rows too short for the k-quants' 256-blocks (64 wide) and rows that take them (256) searched over
-    llama.cpp's types: every front point is of llama.cpp's types, only where the rows take them, its bytes are block
-    bytes, and the export needs no --nearest."""
+    llama.cpp's types, its tied token embedding included: every front point is of llama.cpp's types, only where the
+    rows take them, its bytes are the GGUF file's, and the export needs no --nearest."""
     import yaml
 
     from bitalloc.cli import main
@@ -113,8 +115,11 @@ def test_a_llamacpp_target_job_exports_to_llama_cpp_as_it_is(tiny_smollm, text_d
     for name, fmt in doc.formats().items():
         out_f, in_f = doc.shapes[name]
         assert fmt.ggml in GGML_TYPES and in_f % GGML_TYPES[fmt.ggml].block == 0, (name, fmt.ggml)
+    assert doc.embeddings == ["model.embed_tokens"] and doc.formats()["model.embed_tokens"].quantized
+    assert front.model.bytes_of == "llamacpp"  # the GGUF file's bytes: its blocks, each tensor padded to 32 bytes
     assert doc.totals.bytes == front.model.other_bytes + sum(
-        o * GGML_TYPES[f.ggml].row_bytes(i) for f, (o, i) in ((doc.formats()[n], doc.shapes[n]) for n in doc.shapes))
+        -(-o * GGML_TYPES[f.ggml].row_bytes(i) // 32) * 32
+        for f, (o, i) in ((doc.formats()[n], doc.shapes[n]) for n in doc.shapes))
     capsys.readouterr()
     main(["export", str(out), "--point", "1", "--format", "llamacpp", "-o", str(tmp_path / "types.txt")])
     said = capsys.readouterr().out

@@ -111,7 +111,7 @@ def test_a_second_job_on_the_same_model_reuses_its_levels(tiny_llama, text_dir, 
         err = capsys.readouterr().err
         announced = [line for line in err.splitlines() if line.startswith("levels (rtn):")]
         assert announced == ([] if run == "first" else [announced[0]]), err
-    assert announced[0].startswith("levels (rtn): 56 reused, 0 made, ") and str(tmp_path / "cache") in announced[0]
+    assert announced[0].startswith("levels (rtn): 60 reused, 0 made, ") and str(tmp_path / "cache") in announced[0]
     assert fronts[0] == fronts[1]
 
 
@@ -147,3 +147,24 @@ def test_a_damaged_level_file_is_a_one_line_error_naming_it(model_layers, tmp_pa
     with pytest.raises(BitallocError) as exc:
         store.read(layers[0].name, FORMATS[0])
     assert exc.value.field == "BITALLOC_CACHE" and str(path) in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("method", ["rtn", "clip", "gptq"])
+def test_an_untied_embedding_level_is_each_row_quantized_alone(tiny_llama, method):
+    """A lookup dequantizes one token's row: an untied embedding's level (no input moments: every column alike) is
+    each row quantized by itself, so a row means the same whichever rows were quantized with it."""
+    from bitalloc.kernels.packed import dequantize_packed
+    from bitalloc.model import from_module
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = from_module(LlamaForCausalLM(config))
+    embed = list_layers(model)[0]
+    assert embed.embedding and embed.head is None
+    quantizer, fmt = get_quantizer(method), Format(3, 16, method=method)
+    w = model.weight(embed)
+    whole = dequantize_packed(quantizer.quantize(w, fmt))
+    for v in (0, 17, 63):
+        assert torch.equal(whole[v], dequantize_packed(quantizer.quantize(w[v:v + 1], fmt))[0]), v

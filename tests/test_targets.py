@@ -127,3 +127,38 @@ def test_an_export_says_when_vllm_cannot_load_what_it_writes():
         runtime = get_runtime(name)
         runtime.export(layers, "llama", nearest=False)
         assert any("vLLM does not" in line for line in runtime.notes(layers)), name
+
+
+def test_a_target_that_cannot_store_a_quantized_embedding_never_offers_or_writes_one(capsys):
+    """llama.cpp stores `token_embd` at any type; vLLM's methods, HQQ and bitalloc's checkpoint keep embeddings at
+    their dtype: their targets leave the embedding out of the search and say why; asking for it is one error; an
+    export of a config that quantizes it keeps it only with --nearest, saying so."""
+    from bitalloc.formats import Format
+
+    def spec(target, **model):
+        return parse_spec({"model": {"source": "x", **model}, "formats": {"target": target}})
+
+    assert spec("llamacpp").embeddings() == (True, "")
+    assert parse_spec({"model": {"source": "x"}}).embeddings() == (True, "")
+    for target in ("gptqmodel", "llmcompressor", "hqq", "bitalloc"):
+        searched, why = spec(target).embeddings()
+        assert not searched and target in why and "unquantized" in why
+        with pytest.raises(BitallocError) as exc:
+            spec(target, embeddings=True).embeddings()
+        assert exc.value.field == "model.embeddings"
+    assert spec("llamacpp", embeddings=False).embeddings() == (False, "")
+    parse_spec({"model": {"source": "x", "quantize_tied": True}})  # a spec written before: read, with a note
+    assert "model.embeddings" in capsys.readouterr().err
+    layers = [Layer("model.embed_tokens", Format(4, 64, True, method="gptq"), 49152, 576, embedding=True),
+              Layer("model.layers.0.self_attn.o_proj", Format(4, 64, True, method="gptq"), 576, 576)]
+    with pytest.raises(BitallocError) as exc:
+        get_runtime("gptqmodel").export(layers, "llama", nearest=False)
+    assert "token embedding" in exc.value.message
+    text, changed = get_runtime("gptqmodel").export(layers, "llama", nearest=True)
+    assert changed == ["model.embed_tokens: w4g64s-gptq -> 16-bit (gptqmodel stores the token embedding unquantized)"]
+    assert "embed_tokens" not in text
+    gguf = [Layer("model.embed_tokens", Format.of_ggml("q6_K"), 49152, 576, embedding=True)]
+    with pytest.raises(BitallocError):  # 576-wide rows do not take q6_K's 256-blocks
+        get_runtime("llamacpp").export(gguf, "llama", nearest=False)
+    gguf = [Layer("model.embed_tokens", Format.of_ggml("q5_0"), 49152, 576, embedding=True)]
+    assert get_runtime("llamacpp").export(gguf, "llama", nearest=False)[0] == "^token_embd\\.weight$=q5_0\n"

@@ -29,16 +29,20 @@ def llamacpp_job(tiny_smollm, text_dir, tmp_path_factory) -> Path:
 
 def test_llamacpp_builds_what_the_front_measured(llamacpp_job, capsys):
     """llama-quantize, given the exported types and the job's importance matrix, writes bitalloc's levels byte for
-    byte, at the bytes counted; llama.cpp measures their KL close to the front's."""
+    byte (the tied token embedding's too), in a file of the front's bytes; llama.cpp measures their KL close to the
+    front's."""
     main(["verify", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp"])
     said = capsys.readouterr().out
     front = front_of(llamacpp_job)
     (built,) = [r for r in front.runtime_points if r.runtime == "llamacpp"]
     assert built.label == front.mixed[0].label and built.config == front.mixed[0].config
     assert built.stored_layer_bytes == built.counted_layer_bytes  # llama.cpp stores exactly the bytes counted
-    quantized = [f for f in read_config(llamacpp_job / built.config).formats().values() if f.quantized]
+    doc = read_config(llamacpp_job / built.config)
+    quantized = [f for f in doc.formats().values() if f.quantized]
     assert quantized and built.details["layers_matching"] == len(quantized)
-    assert built.bytes == front.mixed[0].bytes and built.file_bytes > built.stored_layer_bytes
+    assert doc.formats()["model.embed_tokens"].quantized
+    # the front's bytes are the file's: what llama-quantize wrote, metadata and tokenizer included, to the byte
+    assert built.file_bytes == built.bytes == front.mixed[0].bytes and front.model.bytes_of == "llamacpp"
     assert built.details["fp_gap_kl"] < 1e-3  # the float GGUF runs the same model as bitalloc's float32
     assert built.loss > 0 and abs(built.loss - built.bitalloc_loss) <= 0.25 * built.bitalloc_loss
     assert "recorded in" in said

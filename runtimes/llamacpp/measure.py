@@ -185,6 +185,11 @@ def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searc
     return read_tensors(out)
 
 
+def embedding_bytes(tensors: dict) -> int:
+    """Bytes of a GGUF's token embedding and output head (one tensor when tied)."""
+    return sum(int(tensors[n].n_bytes) for n in ("token_embd.weight", "output.weight") if n in tensors)
+
+
 def verify(ws: Workspace, picked, text: str, work: Path, presets: bool, stages) -> list:
     """The point quantized by llama-quantize from the exported types, measured by llama-perplexity on the job's
     held-out windows beside bitalloc's KL on the same positions; with `presets`, llama.cpp's presets too (with the
@@ -243,15 +248,18 @@ def _measure(ws: Workspace, picked, text: str, work: Path, presets: bool, stages
         points = [runtime_point("llamacpp", picked.point.label, other, gguf_file.stat().st_size - other, [gguf_file],
                                 kl, ppl, scored, picked, bitalloc_loss=bitalloc_kl,
                                 details={"fp_gap_kl": fp_gap, "vs_bitalloc_kl": vs_ours,
-                                         "layers_matching": float(matching)})]
+                                         "layers_matching": float(matching),
+                                         "embedding_bytes": float(embedding_bytes(tensors))})]
         gguf_file.unlink()
         for preset in preset_names(matrix) if presets else ():
             path = work / f"{preset}.gguf"
-            quantize(float_file, path, types_file, ws, set(names.values()), preset=preset,
-                     matrix=matrix)  # the presets get the job's importance matrix too
+            tensors = quantize(float_file, path, types_file, ws, set(names.values()), preset=preset,
+                               matrix=matrix)  # the presets get the job's importance matrix too
             kl, ppl = perplexity(path, base, n_ctx)
             points.append(runtime_point("llamacpp", f"llama.cpp {preset}", other, path.stat().st_size - other, [path],
-                                        kl, ppl, scored, kind="preset", details={"fp_gap_kl": fp_gap}))
+                                        kl, ppl, scored, kind="preset",
+                                        details={"fp_gap_kl": fp_gap,
+                                                 "embedding_bytes": float(embedding_bytes(tensors))}))
             path.unlink()
             advance(1)
     return points
