@@ -68,8 +68,9 @@ def compare(model: str, imatrix: bool, work: Path, console: Console) -> None:
     run(source, imatrix, [5.0], probe)
     measured = read_front(probe / "front.json")
     presets = sorted((r for r in measured.runtime_points if r.kind == "preset"), key=lambda r: r.bytes)
-    cheapest = min(measured.proxy_front.bytes)
-    budgets = sorted({f"{r.bytes}B" for r in presets if r.bytes >= cheapest}, key=lambda b: int(b[:-1]))
+    # each preset's size as a budget, within what the front spans (a preset above its dearest gets the dearest)
+    cheapest, dearest = min(measured.proxy_front.bytes), max(p.bytes for p in measured.uniform)
+    budgets = sorted({f"{min(r.bytes, dearest)}B" for r in presets if r.bytes >= cheapest}, key=lambda b: int(b[:-1]))
     out = work / tag
     run(source, imatrix, budgets, out)
     front = read_front(out / "front.json")

@@ -1,5 +1,5 @@
 """Quantizers compared: uniform KL at 3 and 4 bits, time to build every level, and the mixed front's KL at the bytes of
-uniform 3- and 4-bit RTN; and the llama.cpp target against llama.cpp's own presets. Prints two tables.
+uniform 3- and 4-bit RTN. Prints one table per model (llama.cpp's presets against its target: `benchmarks/presets.py`).
 
     .venv/bin/python benchmarks/quantizers.py [--models default,offgrid] [--methods rtn,clip,gptq,hqq,gguf] [--work DIR]
 
@@ -7,16 +7,12 @@ Models: `default` is SmolLM2-135M, whose weights sit on a Q4_1 grid; `offgrid` i
 noise (0.1 x each row's standard deviation, about a third of a Q4_1 step: the weights' offsets from the grid are
 spread over the whole step) added to every block weight, written as an F32 GGUF, so no 4-bit grid holds it. Each method is one `bitalloc run` in a child process with a fresh level store (every level is made):
 formats w2-w8 at group 64 (hqq: w2/3/4/8) plus w3/w4 at group 128 (asymmetric; gguf: the llamacpp target's types), the default
-job's data (4 x 512 calibration and 4 x 512 held-out tokens), Fisher, DP, budgets 3.5 / 4.0 / 4.5 average bits
+job's data (4 x 512 calibration and 4 x 512 held-out tokens), the token embedding kept float32 (as the default job's
+`bitalloc` target keeps it), Fisher, DP, budgets 3.5 / 4.0 / 4.5 average bits
 (3.5 and 4.5 are the bytes of uniform w3g64a and w4g64a RTN); llama.cpp's types cannot go below 4.03 bits on
 SmolLM2 (its 576-wide rows take only 32-blocks, q4_0 at 4.5 bits the smallest), so gguf gets 4.5 and 5.0. Jobs
 keep their results in --work (a finished job there is read, not run again). A uniform format that does not fit a layer
 (group 128 on 576-wide rows) stands in as the job's nearest that does (w3g64, w4g64), as `Problem.uniform` does.
-
-Presets: each of llama.cpp's presets made by llama-quantize from the same float GGUF; the searched layers' types read
-from the file are evaluated by bitalloc on the same held-out tokens, at their bytes (block bytes of those layers
-plus the same fixed bytes as the front: token embedding and norms are outside the search on both sides); the
-llamacpp job is given each preset's bytes as a budget, so the front is measured exactly there.
 """
 
 from __future__ import annotations
@@ -36,7 +32,6 @@ from rich.table import Table
 
 from bitalloc.offgrid import offgrid_gguf
 
-PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 BUDGETS = (3.5, 4.0, 4.5)
 DATA = {"source": "shakespeare", "seq_len": 512, "calibration": 4, "evaluation": 4, "batch_size": 2}
 
@@ -53,7 +48,8 @@ def run_job(source: str, method: str, budgets: list, out: Path, cache: Path) -> 
     if (out / "front.json").is_file():
         front = json.loads((out / "front.json").read_text())
         return front, sum(front["timings_s"].values())
-    spec = {"name": f"{method}", "model": {"source": source}, "formats": formats_for(method), "data": DATA,
+    spec = {"name": f"{method}", "model": {"source": source, "embeddings": False}, "formats": formats_for(method),
+            "data": DATA,
             "sensitivity": {"estimator": "fisher"}, "search": {"solver": "dp", "budgets": budgets, "points": 0},
             "tracking": {"enabled": False}, "output": str(out)}
     path = out.with_suffix(".yaml")
@@ -65,54 +61,6 @@ def run_job(source: str, method: str, budgets: list, out: Path, cache: Path) -> 
     if done.returncode:
         raise SystemExit(f"{method} on {source}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads((out / "front.json").read_text()), time.perf_counter() - start
-
-
-def presets(source: str, cache: Path, folder: Path) -> list[tuple[str, dict[str, str], int]]:
-    """(preset, searched layer -> ggml type, whole-model bytes as the front counts them) as llama-quantize makes each
-    preset from the job's float GGUF."""
-    import gguf
-
-    from bitalloc.quantizers.gguf import tools as llamacpp
-    from bitalloc.formats import Format, weight_bytes
-    from bitalloc.quantizers.gguf.files import tensor_names
-    from bitalloc.model import list_layers, load_model, other_bytes, select_layers
-
-    model = load_model(source)
-    layers = select_layers(list_layers(model))
-    fixed = other_bytes(model, layers)
-    names = tensor_names(model.model_type, [l.name for l in layers])
-    float_gguf = next(cache.rglob("model-float.gguf"))
-    out = []
-    for preset in PRESETS:
-        path = folder / f"{preset}.gguf"
-        llamacpp.run("llama-quantize", [str(float_gguf), str(path), preset, str(os.cpu_count() or 1)], preset)
-        types = {t.name: t.tensor_type.name.lower().replace("_k", "_K") for t in gguf.GGUFReader(path).tensors}
-        chosen = {l.name: types[names[l.name]] for l in layers}
-        size = fixed + sum(weight_bytes(l.out_features, l.in_features, Format.of_ggml(chosen[l.name])) for l in layers)
-        out.append((preset, chosen, size))
-        path.unlink()
-    return out
-
-
-def measure_presets(source: str, cache: Path, chosen: list[tuple[str, dict[str, str], int]]
-                    ) -> list[tuple[str, int, float]]:
-    """(preset, bytes, KL) on the job's held-out tokens and levels."""
-    os.environ["BITALLOC_CACHE"] = str(cache)
-    from bitalloc.formats import Format
-    from bitalloc.jobs.spec import parse_spec
-    from bitalloc.pipeline import Workspace
-    from bitalloc.tasks import EvalTask
-
-    spec = parse_spec({"model": {"source": source}, "formats": formats_for("gguf"), "data": DATA})
-    ws = Workspace.open(source, spec.expand_formats(), text=DATA["source"], seq_len=DATA["seq_len"],
-                        calibration=DATA["calibration"], evaluation=DATA["evaluation"], quantizers=spec.quantizers())
-    runner = ws.local_runner()
-    out = []
-    for preset, types, size in chosen:
-        assignment = {l.name: Format.of_ggml(types[l.name]) for l in ws.layers}
-        measured = runner.map([EvalTask.config(assignment, "evaluation")])[0]
-        out.append((preset, size, measured.loss))
-    return out
 
 
 def main() -> None:
@@ -154,30 +102,9 @@ def main() -> None:
                               *[f"{mixed[f'mixed @ {b:g} bits']:.4f}{ratio[b]}" if f"mixed @ {b:g} bits" in mixed
                                 else "-" for b in BUDGETS], f"{wall:.0f}")
                 Console(stderr=True).print(f"{model} {method}: done in {wall:.0f} s")
-                if method == "gguf":
-                    chosen = presets(source, cache, tmp)
-                    sizes = [f"{size}B" for _, _, size in chosen]
-                    front, _ = run_job(source, method, [4.5] + sizes, tmp / f"{model}-gguf-presets", cache)
-                    _preset_table(console, model, front, measure_presets(source, cache, chosen))
             table.caption = ("(Nx): mixed KL over uniform RTN's: w3g64a's (3.5 bits) for @3.5, w4g64a's (4.5 bits) for "
                              "@4.0 and @4.5 (below 1 at @4.0: uniform 4-bit RTN's KL reached at 4.0 bits)")
             console.print(table)
-
-
-def _preset_table(console: Console, model: str, front: dict, measured: list[tuple[str, int, float]]) -> None:
-    table = Table(title=f"llama.cpp target on {model}: the front at each preset's bytes (searched layers; same "
-                        f"held-out tokens)")
-    for col in ("preset", "MiB", "avg bits", "preset KL", "front KL at its bytes", "dominated"):
-        table.add_column(col, justify="left" if col == "preset" else "right")
-    points = [p for p in front["points"] if p["kind"] == "mixed"]
-    quantized = front["model"]["quantized_params"]
-    other = front["model"]["other_bytes"]
-    for preset, size, kl in measured:
-        within = [p for p in points if p["bytes"] <= size]
-        best = min((p["loss"] for p in within), default=float("nan"))
-        table.add_row(preset, f"{size / 2**20:.2f}", f"{8 * (size - other) / quantized:.3f}", f"{kl:.4f}",
-                      f"{best:.4f}", "yes" if best < kl else "NO")
-    console.print(table)
 
 
 if __name__ == "__main__":

@@ -212,16 +212,20 @@ class Budget(NamedTuple):
     bytes: int
 
 
-def resolve_budgets(problem: Problem, budgets: list, field: str = "search.budgets") -> list[Budget]:
-    """Each budget as whole-model bytes: a number is average bits, a string with a unit is bytes."""
+def resolve_budgets(problem: Problem, budgets: list, field: str = "search.budgets", sizes: bool = True
+                    ) -> list[Budget]:
+    """Each budget as whole-model bytes: a number is average bits, a string with a unit is bytes. Each is checked
+    feasible, a size only with `sizes` (a size is a runtime file's bytes, checked once that file's are known)."""
     out = []
     for i, b in enumerate(budgets):
         where = f"{field}[{i}]"
-        if isinstance(b, str) and not b.strip().replace(".", "", 1).isdigit():
+        size = isinstance(b, str) and not b.strip().replace(".", "", 1).isdigit()
+        if size:
             budget = Budget(b, parse_bytes(b, where))
         else:
             budget = Budget(f"{float(b):g} bits", problem.bytes_at_avg_bits(float(b)))
-        check_budget(problem, budget.bytes, where)
+        if sizes or not size:
+            check_budget(problem, budget.bytes, where)
         out.append(budget)
     return out
 

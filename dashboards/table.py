@@ -27,14 +27,15 @@ def layers_table(source: str, layers, formats, uncovered=(), covered: tuple[int,
     """The quantizable layers (an expert unit as experts x out x in) with their bytes at each format, then the
     weights of 2 or more dimensions no layer holds, each with why."""
     share = f", {100 * covered[0] / covered[1]:.1f} % of the non-embedding parameters" if covered and covered[1] else ""
-    table = Table(title=f"{source}: {len(layers)} quantizable layers{share}")
+    units = sum(not l.tied_to for l in layers)  # a tied head is its embedding's tensor, counted there
+    table = Table(title=f"{source}: {units} quantizable layers{share}")
     for col in ["layer", "shape", "dtype", "tied to"] + [f.name for f in formats]:
         table.add_column(col, justify="left" if col in ("layer", "tied to") else "right")
     for layer in layers:
         tied = (f"token embedding{f', tied head {layer.head}' if layer.head else ''}" if layer.embedding
                 else f"{layer.tied_to} (searched as it)" if layer.tied_to else "")
         table.add_row(layer.name, " x ".join(map(str, layer.shape)), layer.dtype, tied,
-                      *[f"{layer.bytes_at(f):,}" for f in formats])
+                      *["" if layer.tied_to else f"{layer.bytes_at(f):,}" for f in formats])
     for u in uncovered:
         table.add_row(u.name, f"{u.numel:,} params", "", f"not quantizable: {u.why}", *["" for _ in formats],
                       style="dim")

@@ -135,7 +135,8 @@ def _before_quantize(spec: JobSpec, estimator: Estimator, console: Console, plan
                                                       f"and {model.source!r} has them; use target: llamacpp, or "
                                                       f"model.exclude the experts (e.g. 'experts')")
         planned.problem = spec.problem(model, layers)
-        planned.budgets = pipeline.resolve_budgets(planned.problem, spec.search.budgets)
+        # a target whose bytes are its file's: sizes are checked once the file's are known (after the levels)
+        planned.budgets = pipeline.resolve_budgets(planned.problem, spec.search.budgets, sizes=not spec.file_sized())
         limit = spec.run.memory_limit
         available = parse_bytes(limit, "run.memory_limit") if limit else memory_plan.available_bytes()
         plan = memory_plan.plan(model, layers, formats, spec, estimator,

@@ -347,6 +347,11 @@ class JobSpec(_Strict):
         return build_problem(model, layers, self.expand_formats(), table, self.search.constraints(),
                              self.target_ties(layers), file)
 
+    def file_sized(self) -> bool:
+        """Whether the front's bytes are the target's file's (known only once the levels are made)."""
+        target = self.target()
+        return bool(target) and get_runtime(target).file_sized
+
     def file_bytes(self, ws):
         """How the target's runtime stores a point (its file's bytes), where it says; None: bitalloc's count."""
         target = self.target()

@@ -62,6 +62,7 @@ class Runtime:
     presets: ClassVar[tuple[str, ...]] = ()  # the runtime's own mixtures `verify --presets` measures
     experts: ClassVar[bool] = False  # writes MoE expert units (names and formats its loader reads for them)
     embeddings: ClassVar[bool] = False  # stores a quantized token embedding (its loader dequantizes a looked-up row)
+    file_sized: ClassVar[bool] = False  # `file_bytes` gives its file's bytes (the front's bytes are then the file's)
 
     # -- target ------------------------------------------------------------------------------------------------
     def formats(self, method: str, params: dict) -> tuple[Format, ...]:

@@ -85,3 +85,27 @@ def test_a_float16_reference_keeps_half_and_every_kl_within_its_stated_bound(set
         assert a.loss_error == 0 and 0 < b.loss_error < 2**-11 * math.log(model.module.config.vocab_size) * 1.1
         assert abs(b.loss - a.loss) <= b.loss_error
         assert b.quality == a.quality
+
+
+def test_a_tied_embedding_is_measured_at_both_its_uses(setup):
+    """The tied embedding unit is one tensor for the lookup and the logits: its measurement is the model with both
+    replaced, unlike replacing the lookup alone; its bytes are counted once."""
+    from bitalloc.model import other_bytes
+
+    model, layers, formats, levels, ev = setup
+    embed = layers[0]
+    assert embed.embedding and embed.head is not None and not any(l.tied_to for l in layers)
+    got = ev.evaluate({embed.name: formats[0]})
+    dequantized = levels.weight(embed.name, formats[0])
+    lookup, head = model.layer_module(embed.name), model.layer_module(embed.head)
+    assert lookup.weight is head.weight
+    original = lookup.weight
+    try:
+        lookup.weight = torch.nn.Parameter(dequantized, requires_grad=False)
+        lookup_only = ev._measure_outputs()
+        head.weight = lookup.weight
+        both = ev._measure_outputs()
+    finally:
+        lookup.weight = head.weight = original
+    assert got.loss == pytest.approx(both.loss, rel=1e-6) and abs(got.loss - lookup_only.loss) > 1e-3 * got.loss
+    assert other_bytes(model, layers) == other_bytes(model, layers[1:]) - 4 * embed.numel  # one float32 tensor

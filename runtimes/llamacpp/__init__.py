@@ -74,6 +74,7 @@ class LlamaCpp(Runtime):
     presets = PRESETS
     experts = True  # blk.N.ffn_{gate,up,down}_exps, one type each (gguf-py's tensor name map)
     embeddings = True  # token_embd at any type whose blocks fit its rows (get_rows dequantizes a row)
+    file_sized = True  # the GGUF's size, metadata and tokenizer included (`measure.file_bytes`)
 
     def formats(self, method, params):
         types = TYPES + (IMATRIX_TYPES if params.get("imatrix") else ())
