@@ -38,8 +38,9 @@ def cli(*args: str) -> None:
         raise SystemExit(f"bitalloc {' '.join(args)}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
 
 
-def run(source: str, imatrix: bool, budgets: list, out: Path) -> None:
-    """The example llama.cpp job on `source` at `budgets`, every mixed point verified (presets with the first)."""
+def run(source: str, imatrix: bool, budgets: list, out: Path, presets: bool = False) -> None:
+    """The example llama.cpp job on `source` at `budgets`, every mixed point verified (with `presets`, the presets
+    with the first)."""
     if not (out / "front.json").is_file():
         spec = yaml.safe_load((ROOT / "jobs" / "examples" / "smollm2-llamacpp.yaml").read_text())
         spec.update(name=out.name, output=str(out), tracking={"enabled": False})
@@ -54,7 +55,7 @@ def run(source: str, imatrix: bool, budgets: list, out: Path) -> None:
     for n, point in enumerate(front.mixed, 1):
         if point.label not in done:
             cli("verify", str(out), "--point", str(n), "--runtime", "llamacpp",
-                *(["--presets"] if not any(r.kind == "preset" for r in front.runtime_points) else []))
+                *(["--presets"] if presets and not any(r.kind == "preset" for r in front.runtime_points) else []))
 
 
 def embedding_share(r) -> str:
@@ -65,7 +66,7 @@ def compare(model: str, imatrix: bool, work: Path, console: Console) -> None:
     source = "smollm2-135m" if model == "default" else str(offgrid_gguf(work))
     tag = f"{model}-{'imatrix' if imatrix else 'plain'}"
     probe = work / f"{tag}-probe"
-    run(source, imatrix, [5.0], probe)
+    run(source, imatrix, [5.0], probe, presets=True)
     measured = read_front(probe / "front.json")
     presets = sorted((r for r in measured.runtime_points if r.kind == "preset"), key=lambda r: r.bytes)
     # each preset's size as a budget, within what the front spans (a preset above its dearest gets the dearest)
