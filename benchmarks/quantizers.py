@@ -5,7 +5,7 @@ uniform 3- and 4-bit RTN. Prints one table per model (llama.cpp's presets agains
 
 Models: `default` is SmolLM2-135M, whose weights sit on a Q4_1 grid; `offgrid` is the same model with seeded Gaussian
 noise (0.1 x each row's standard deviation, about a third of a Q4_1 step: the weights' offsets from the grid are
-spread over the whole step) added to every block weight, written as an F32 GGUF, so no 4-bit grid holds it. Each method is one `bitalloc run` in a child process with a fresh level store (every level is made):
+spread over the whole step) added to every block weight and the token embedding (`bitalloc.offgrid`), written as an F32 GGUF, so no 4-bit grid holds it. Each method is one `bitalloc run` in a child process with a fresh level store (every level is made):
 formats w2-w8 at group 64 (hqq: w2/3/4/8) plus w3/w4 at group 128 (asymmetric; gguf: the llamacpp target's types), the default
 job's data (4 x 512 calibration and 4 x 512 held-out tokens), the token embedding kept float32 (as the default job's
 `bitalloc` target keeps it), Fisher, DP, budgets 3.5 / 4.0 / 4.5 average bits

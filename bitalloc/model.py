@@ -432,7 +432,7 @@ def uncovered(model: LoadedModel, layers: list[QuantizableLayer]) -> list[Uncove
         owner_name = name.rsplit(".", 1)[0] if "." in name else ""
         owner = model.module.get_submodule(owner_name)
         if isinstance(owner, nn.Embedding):
-            why = "embedding (positions or token types)"
+            why = "embedding"
         elif is_router(owner_name, model.module):
             why = "router (never quantized)"
         elif _UNSEEN.search(owner_name) and model.metric == HIDDEN_STATE:

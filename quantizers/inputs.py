@@ -41,7 +41,7 @@ def collect(model: LoadedModel, layers: list[QuantizableLayer], tokens: torch.Te
     per expert unit a list of these, one per expert. A layer called on the very tensor the previous layer was
     (q, k, v) shares that layer's accumulator."""
     plain = [l for l in layers if not l.experts and not (l.embedding and not l.head)]
-    module_of = {l.name: l.head if l.embedding else l.name for l in plain}
+    names = {l.head if l.embedding else l.name: l.name for l in plain}  # hooked module -> unit (a tied head's input)
     units: dict[str, list[QuantizableLayer]] = {}
     for l in layers:
         if l.experts:
@@ -74,7 +74,6 @@ def collect(model: LoadedModel, layers: list[QuantizableLayer], tokens: torch.Te
                 expert_sums[l.name][e] = part if held is None else held + part
                 expert_counts[l.name][e] += x.shape[0]
 
-    names = {module_of[l.name]: l.name for l in plain}
     with module_hooks(model, list(names), pre=lambda module, _m, args: hook(names[module], args[0])), \
             module_hooks(model, list(units), pre=expert_hook, with_kwargs=True):
         for seq in tokens:

@@ -25,7 +25,7 @@ from bitalloc.registry import Params
 from ..base import QuantizerBase, register
 from ..layouts import GgmlBlocks
 from . import tools
-from .files import HEADER_FILE, GgmlWeight, float_gguf, imatrix, keep_float, record_header, tensor_names
+from .files import GgmlWeight, float_gguf, imatrix, keep_float, record_header, tensor_names
 from .index import read_tensors
 from .ggml import GGML_TYPES
 
@@ -95,8 +95,7 @@ def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dic
         tools.run("llama-quantize", [*args, str(source), str(out), GGML_TYPES[ggml].ftype,
                                         str(os.cpu_count() or 1)], f"to {ggml}")
         try:
-            if not (folder / HEADER_FILE).is_file():
-                record_header(out, folder)
+            record_header(out, folder)  # the same for every type: what the store's file bytes start from
             quantized = read_tensors(out)
             for name, fmts in missing.items():
                 for fmt in (f for f in fmts if f.ggml == ggml):

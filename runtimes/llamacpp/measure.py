@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
 
@@ -140,10 +141,8 @@ def file_bytes(ws: Workspace) -> FileBytes:
     if shared or missing:
         raise BitallocError("formats.target", f"llama.cpp's file does not hold the layers one tensor each "
                                               f"({missing[0] + ' is not in it' if missing else 'tensors shared'})")
-    file = FileBytes("llamacpp", header, alignment)
-    searched = set(names.values())
-    return FileBytes("llamacpp", header + sum(file.stored(t.n_bytes) for t in floats.values()
-                                              if t.name not in searched), alignment)
+    file, searched = FileBytes("llamacpp", header, alignment), set(names.values())
+    return replace(file, fixed=header + sum(file.stored(t.n_bytes) for t in floats.values() if t.name not in searched))
 
 
 def importance_matrix(ws: Workspace, quantizers: dict[str, dict]) -> Path | None:
