@@ -5,7 +5,7 @@ import torch
 
 from bitalloc.evaluate import Evaluator
 from helpers import filled_levels
-from bitalloc.kernels import fake_quantize
+from bitalloc.kernels.rtn import fake_quantize
 from bitalloc.formats import Format
 from bitalloc.model import list_layers, load_model, select_layers
 

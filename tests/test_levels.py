@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import Evaluator
 from bitalloc.formats import Format
-from bitalloc.kernels import fake_quantize
+from bitalloc.kernels.rtn import fake_quantize
 from helpers import filled_levels
 from bitalloc.quantizers.store import LevelStore, Levels, dense_bytes
 from bitalloc.model import list_layers, load_model, select_layers

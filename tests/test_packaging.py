@@ -3,6 +3,7 @@ every room of the pipeline and the runtimes' own-code modules; a job runs from t
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -44,6 +45,16 @@ def test_the_wheel_ships_schemas_examples_and_every_room(installed):
     for runtime in ("llamacpp", "gptqmodel", "llmcompressor", "hqq"):
         assert (pkg / "runtimes" / runtime / "venv.py").is_file(), runtime
     assert (pkg / "runtimes" / "venv.py").is_file()
+
+
+def test_no_folder_or_script_of_the_checkout_shadows_an_installed_package():
+    """The checkout's root is on sys.path under `python -m` and `-c` and in Ray workers started there, a script's folder
+    when it runs: a folder or script named like an installed distribution's package would be imported in its place
+    (a root `kernels/` once broke every transformers model once transformers began importing Hugging Face's)."""
+    installed = set(importlib.metadata.packages_distributions()) - {"bitalloc"}
+    names = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    names |= {p.stem for folder in ("benchmarks", "tests") for p in (ROOT / folder).glob("*.py")}
+    assert not names & installed, sorted(names & installed)
 
 
 def test_a_job_runs_from_the_installed_package(installed, tiny_llama, text_dir, tmp_path):

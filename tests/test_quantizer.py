@@ -3,7 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitalloc.formats import QUANT_BITS, Format
-from bitalloc.kernels import dequantize, fake_quantize, quantize
+from bitalloc.kernels.rtn import dequantize, fake_quantize, quantize
 
 
 def _rel_err(w, fmt):

@@ -1,6 +1,6 @@
 """Packed Triton kernels vs fp16 torch.matmul on the current GPU: speedup and share of the HBM roofline.
 
-    python benchmarks/kernels.py [--bits 2 3 4 8] [--batches 1 16 64] [--group-size 128]
+    python benchmarks/packed_kernels.py [--bits 2 3 4 8] [--batches 1 16 64] [--group-size 128]
 
 Times by triton.testing.do_bench (CUDA events, warm-up, L2 cleared per repetition, median). The roofline
 is the bytes a call must move (packed weight + scales + zero points + input + output) over the copy
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU; none is visible here")
+        raise SystemExit("benchmarks/packed_kernels.py needs a CUDA GPU; none is visible here")
     bw = copy_bandwidth()
     table = Table(title=f"{torch.cuda.get_device_name()}: packed kernels vs fp16 matmul "
                         f"(copy bandwidth {bw / 1e9:.0f} GB/s, group {args.group_size}, asymmetric)")
