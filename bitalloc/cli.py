@@ -361,6 +361,34 @@ def verify(
 
 
 @app.command()
+def build(
+    target: Target,
+    avg_bits: AvgBits = None,
+    budget: Budget = None,
+    point: Point = None,
+    runtime: str = typer.Option(..., "--runtime", "-r", help="llamacpp (a .gguf) or bitalloc (a packed checkpoint)"),
+    output: Path = typer.Option(..., "-o", "--output", help="the artifact to write"),
+    force: bool = typer.Option(False, "--force", help="replace OUTPUT if it exists"),
+    tracking_uri: RunStore = None,
+):
+    """Write the model a runtime serves for one measured point, from the job's levels (never quantized again), with a
+    model card: what the front measured, byte for byte."""
+    from bitalloc.jobs.build import build as run_build
+
+    built = run_build(target, avg_bits, budget, point, runtime, output, force, tracking_uri, Console(stderr=True))
+    p, doc = built.picked.point, built.picked.config
+    m = built.picked.front.metric.metric()
+    whose = built.picked.front.model.bytes_of or "bitalloc's count"
+    if built.bytes - built.card_bytes == built.counted:
+        size = f"{built.bytes:,} bytes: the front's {built.counted:,} + {built.card_bytes:,} of model card"
+    else:
+        size = f"{built.bytes:,} bytes on disk; the front counts {built.counted:,} ({whose})"
+    _out().print(f"wrote {output} ({runtime}) from {built.picked.folder}: {p.label}, {doc.totals.avg_bits:.3f} avg "
+                 f"bits, {m.loss_label} {p.loss:.4f}, {m.quality_label} {p.quality:.4g}; {size}; "
+                 f"{built.seconds:.1f} s", markup=False)
+
+
+@app.command()
 def pack(
     target: Target,
     avg_bits: AvgBits = None,

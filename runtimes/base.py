@@ -63,6 +63,8 @@ class Runtime:
     experts: ClassVar[bool] = False  # writes MoE expert units (names and formats its loader reads for them)
     embeddings: ClassVar[bool] = False  # stores a quantized token embedding (its loader dequantizes a looked-up row)
     file_sized: ClassVar[bool] = False  # `file_bytes` gives its file's bytes (the front's bytes are then the file's)
+    artifact: ClassVar[str | None] = None  # what `bitalloc build` writes: "file" or "folder" (None: not written yet)
+    artifact_suffix: ClassVar[str] = ""  # an artifact file's suffix
 
     # -- target ------------------------------------------------------------------------------------------------
     def formats(self, method: str, params: dict) -> tuple[Format, ...]:
@@ -141,6 +143,15 @@ class Runtime:
         kept = [f"{l.name}: {l.fmt.name} -> {KEEP_BITS}-bit ({self.name} stores the token embedding unquantized)"
                 for l in layers if l.embedding and l.fmt.quantized]
         return [l for l in layers if not l.embedding], kept
+
+    # -- build -------------------------------------------------------------------------------------------------
+    def check_buildable(self, doc) -> None:
+        """Refuse, before any work, a point whose formats this runtime's artifact cannot store as they were measured."""
+
+    def build(self, picked, spec, card, out: Path, stages) -> dict:
+        """Write the artifact of the picked point (`jobs.verify.Picked`) of the job `spec` to `out`, with the model
+        card (`jobs.card.Card`); returns its figures (`card_bytes`: what the card adds to a file)."""
+        raise NotImplementedError
 
     # -- verify ------------------------------------------------------------------------------------------------
     def prepare(self) -> None:

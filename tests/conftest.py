@@ -170,3 +170,19 @@ def tiny_job(model_dir: Path, text_dir: Path, out: Path, **overrides) -> dict:
     for key, value in overrides.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     return spec
+
+
+@pytest.fixture(scope="session")
+def llamacpp_job(tiny_smollm, text_dir, tmp_path_factory) -> Path:
+    """A finished llamacpp-target job (importance-matrix levels) on the tiny SmolLM2: what verify and build read."""
+    out = tmp_path_factory.mktemp("llamacpp-job") / "out"
+    spec = tiny_job(tiny_smollm, text_dir, out, data={"seq_len": 64, "calibration": 2, "evaluation": 4},
+                    search={"budgets": [5.0], "points": 2})
+    spec.update(formats={"target": "llamacpp", "params": {"imatrix": True}}, tracking={"enabled": False})
+    import yaml
+
+    from bitalloc.cli import main
+
+    (out.parent / "job.yaml").write_text(yaml.safe_dump(spec))
+    main(["run", str(out.parent / "job.yaml")])
+    return out

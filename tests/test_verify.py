@@ -16,17 +16,6 @@ from bitalloc.results import read_config
 from conftest import front_of, tiny_job
 
 
-@pytest.fixture(scope="module")
-def llamacpp_job(tiny_smollm, text_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("verify") / "out"
-    spec = tiny_job(tiny_smollm, text_dir, out, data={"seq_len": 64, "calibration": 2, "evaluation": 4},
-                    search={"budgets": [5.0], "points": 2})
-    spec.update(formats={"target": "llamacpp", "params": {"imatrix": True}}, tracking={"enabled": False})
-    (out.parent / "job.yaml").write_text(yaml.safe_dump(spec))
-    main(["run", str(out.parent / "job.yaml")])
-    return out
-
-
 def test_llamacpp_builds_what_the_front_measured(llamacpp_job, capsys):
     """llama-quantize, given the exported types and the job's importance matrix, writes bitalloc's levels byte for
     byte (the tied token embedding's too), in a file of the front's bytes; llama.cpp measures their KL close to the

@@ -4,7 +4,6 @@ on a model folder), and llama-imatrix's importance matrix."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -149,36 +148,55 @@ def float_copy(source: Path, target: Path,
     writer.close()
 
 
-HEADER_FILE = "quantized-header.json"
+METADATA_FILE = "quantized-metadata.gguf"
 
 
-def record_header(written: Path, folder: Path) -> tuple[int, int]:
-    """Keep the size of what precedes the tensor data in a file llama-quantize wrote from the store's float file
-    (metadata, tokenizer, tensor index, padding: the same whatever types it stores, since a tensor's entry in the
-    index has a fixed size), and the file's alignment."""
-    from .index import data_start
+def record_metadata(written: Path, folder: Path) -> tuple[bytes, int]:
+    """Keep what precedes the tensor index in a file llama-quantize wrote from the store's float file (metadata and
+    tokenizer: the same whatever types it stores, but for `general.file_type`) and the file's alignment: what the
+    store's file bytes and its artifacts start from."""
+    from .index import metadata
 
-    header, alignment = data_start(written)
-    (folder / HEADER_FILE).write_text(json.dumps({"header": header, "alignment": alignment}))
-    return header, alignment
+    meta, alignment = metadata(written)
+    tmp = folder / f".{METADATA_FILE}.{os.getpid()}.tmp"
+    tmp.write_bytes(meta)
+    os.replace(tmp, folder / METADATA_FILE)
+    return meta, alignment
 
 
-def quantized_header(model: LoadedModel, folder: Path, matrix: Path | None) -> tuple[int, int]:
-    """(header bytes, alignment) of the files llama-quantize writes from the store's float file (with the store's
+def quantized_metadata(model: LoadedModel, folder: Path, matrix: Path | None) -> tuple[bytes, int]:
+    """(metadata bytes, alignment) of the files llama-quantize writes from the store's float file (with the store's
     importance matrix, whose name the metadata records): kept when the levels were made, else measured on one
     q8_0 file, written and removed."""
-    kept = folder / HEADER_FILE
+    from .index import alignment_of
+
+    kept = folder / METADATA_FILE
     if kept.is_file():
-        doc = json.loads(kept.read_text())
-        return int(doc["header"]), int(doc["alignment"])
-    out = folder / f".header.{os.getpid()}.gguf"
+        meta = kept.read_bytes()
+        return meta, alignment_of(meta)
+    out = folder / f".metadata.{os.getpid()}.gguf"
     args = ["--pure"] + (["--imatrix", str(matrix)] if matrix else [])
     try:
         tools.run("llama-quantize", [*args, str(float_gguf(model, folder)), str(out), "Q8_0",
-                                     str(os.cpu_count() or 1)], "to q8_0 (its header's size)")
-        return record_header(out, folder)
+                                     str(os.cpu_count() or 1)], "to q8_0 (its metadata)")
+        return record_metadata(out, folder)
     finally:
         out.unlink(missing_ok=True)
+
+
+def row_order(float_rows: np.ndarray, weight: torch.Tensor, name: str) -> np.ndarray | None:
+    """Index such that float_rows[index] equals the loaded weight's rows (None: the same order): llama.cpp's converter
+    permutes Q and K rows for rotary embeddings."""
+    w = weight.detach().float().cpu().numpy()
+    if float_rows.shape == w.shape and np.array_equal(float_rows.astype(np.float32), w):
+        return None
+    rows = w.shape[0]
+    for heads in [h for h in range(1, rows // 2 + 1) if rows % (2 * h) == 0]:
+        # transformers' reverse of llama.cpp's rotary permutation, on row indices
+        index = np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(rows)
+        if np.array_equal(float_rows[index].astype(np.float32), w):
+            return index
+    raise BitallocError("formats", f"llama.cpp: the GGUF tensor of {name!r} does not hold the loaded weight's rows")
 
 
 def imatrix_file(folder: Path) -> Path:

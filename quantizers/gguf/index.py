@@ -57,7 +57,8 @@ class _Cursor:
 
 
 def _index(path: Path):
-    """(the mapped file, each tensor's (name, dims, type, offset), where the tensor data starts, the alignment)."""
+    """(the mapped file, each tensor's (name, dims, type, offset), where the tensor data starts, the alignment, where
+    the metadata ends)."""
     from gguf import GGMLQuantizationType as T
 
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
@@ -75,18 +76,42 @@ def _index(path: Path):
             alignment = cur.take("<I")
         else:
             cur.skip(vtype)
-    infos = []
+    infos, kv_end = [], cur.at
     for _ in range(n_tensors):
         name = cur.string().decode()
         dims = tuple(cur.take("<Q") for _ in range(cur.take("<I")))
         infos.append((name, dims, T(cur.take("<I")), cur.take("<Q")))
-    return mapped, infos, -(-cur.at // alignment) * alignment, alignment
+    return mapped, infos, -(-cur.at // alignment) * alignment, alignment, kv_end
 
 
 def data_start(path: Path) -> tuple[int, int]:
     """(bytes before the tensor data: header, metadata, tensor index and padding; the file's alignment)."""
-    _, _, start, alignment = _index(path)
+    _, _, start, alignment, _ = _index(path)
     return start, alignment
+
+
+def metadata(path: Path) -> tuple[bytes, int]:
+    """(the file's bytes up to its tensor index: magic, version, counts and every metadata entry; its alignment)."""
+    mapped, _, _, alignment, kv_end = _index(path)
+    return bytes(mapped[:kv_end]), alignment
+
+
+def alignment_of(meta: bytes) -> int:
+    """The alignment `metadata`'s bytes set (general.alignment, else GGUF's default 32)."""
+    found = find_value(meta, _ALIGNMENT_KEY.decode())
+    return struct.unpack_from("<I", meta, found[1])[0] if found and found[0] == _UINT32 else 32
+
+
+def find_value(meta: bytes, key: str) -> tuple[int, int] | None:
+    """(value type, offset of the value) of a metadata entry in `metadata`'s bytes, None if absent."""
+    cur = _Cursor(memoryview(meta))
+    cur.at = 16
+    for _ in range(cur.take("<Q")):
+        name, vtype = cur.string(), cur.take("<I")
+        if name == key.encode():
+            return vtype, cur.at
+        cur.skip(vtype)
+    return None
 
 
 def read_tensors(path: Path) -> dict[str, GgufTensor]:
@@ -95,7 +120,7 @@ def read_tensors(path: Path) -> dict[str, GgufTensor]:
 
     plain = {T.F32: np.float32, T.F16: np.float16, T.F64: np.float64, T.I8: np.int8, T.I16: np.int16,
              T.I32: np.int32, T.I64: np.int64}
-    mapped, infos, start, _ = _index(path)
+    mapped, infos, start, _, _ = _index(path)
     out = {}
     for name, dims, ttype, offset in infos:
         block, size = GGML_QUANT_SIZES[ttype]

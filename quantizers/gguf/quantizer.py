@@ -25,7 +25,7 @@ from bitalloc.registry import Params
 from ..base import QuantizerBase, register
 from ..layouts import GgmlBlocks
 from . import tools
-from .files import GgmlWeight, float_gguf, imatrix, keep_float, record_header, tensor_names
+from .files import GgmlWeight, float_gguf, imatrix, keep_float, record_metadata, row_order, tensor_names
 from .index import read_tensors
 from .ggml import GGML_TYPES
 
@@ -53,24 +53,6 @@ class LlamaCppQuantize(QuantizerBase):
         return make_levels(model, layers, missing, folder, write, matrix, progress)
 
 
-def _row_order(float_rows: np.ndarray, weight: torch.Tensor, name: str) -> np.ndarray | None:
-    """Index such that float_rows[index] equals the loaded weight's rows (None: the same order)."""
-    w = weight.detach().float().cpu().numpy()
-    if float_rows.shape == w.shape and np.array_equal(float_rows.astype(np.float32), w):
-        return None
-    rows = w.shape[0]
-    for heads in _head_counts(rows):
-        # transformers' reverse of llama.cpp's rotary permutation, on row indices
-        index = np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(rows)
-        if np.array_equal(float_rows[index].astype(np.float32), w):
-            return index
-    raise BitallocError("formats", f"llama.cpp: the GGUF tensor of {name!r} does not hold the loaded weight's rows")
-
-
-def _head_counts(rows: int) -> list[int]:
-    return [h for h in range(1, rows // 2 + 1) if rows % (2 * h) == 0]
-
-
 def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dict[str, list[Format]],
                 folder: Path, write: Callable[[str, Format, GgmlWeight], None], matrix: Path | None,
                 progress: Callable[[int], None] | None = None) -> int:
@@ -84,7 +66,7 @@ def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dic
     by_name = {l.name: l for l in layers}
     names = tensor_names(model.model_type, list(missing))
     floats = read_tensors(source)
-    orders = {name: _row_order(dequantize(floats[names[name]].data, floats[names[name]].tensor_type),
+    orders = {name: row_order(dequantize(floats[names[name]].data, floats[names[name]].tensor_type),
                                model.weight(by_name[name]), name)
               for name, fmts in missing.items() if fmts}
     kept = keep_float(floats, set(names.values()))  # else --pure quantizes them at every type: most of the time
@@ -95,7 +77,7 @@ def make_levels(model: LoadedModel, layers: list[QuantizableLayer], missing: dic
         tools.run("llama-quantize", [*args, str(source), str(out), GGML_TYPES[ggml].ftype,
                                         str(os.cpu_count() or 1)], f"to {ggml}")
         try:
-            record_header(out, folder)  # the same for every type: what the store's file bytes start from
+            record_metadata(out, folder)  # the same for every type: what the store's file bytes start from
             quantized = read_tensors(out)
             for name, fmts in missing.items():
                 for fmt in (f for f in fmts if f.ggml == ggml):

@@ -13,7 +13,21 @@ class Packed(Runtime):
     bits = (2, 3, 4, 5, 6, 8)
     group_sizes = (64,)
     symmetric = False
-    export_file = None  # its artifact is the packed checkpoint `bitalloc pack` writes
+    export_file = None  # its artifact is the packed checkpoint (`bitalloc build`, or `pack`)
+    artifact = "folder"
+
+    def check_buildable(self, doc) -> None:
+        from .checkpoint import check_packable
+
+        check_packable(doc)
+
+    def build(self, picked, spec, card, out, stages):
+        from .checkpoint import pack
+
+        with stages.stage("pack the checkpoint"):
+            packed = pack(picked.config, out, picked.front.data.hash)
+        (out / "README.md").write_text(card.markdown(self.name))
+        return {"packed_layer_bytes": packed}
 
     def verify(self, ws, picked, text, work, presets, stages):
         from .measure import verify

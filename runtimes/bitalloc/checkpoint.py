@@ -44,9 +44,6 @@ def job_levels(config: ConfigDoc, model: LoadedModel, data_hash: str | None) -> 
 
     def read(name: str, fmt: Format) -> PackedWeight:
         store = stores[fmt.method]
-        if fmt.ggml:
-            raise BitallocError("TARGET", f"{name} is at llama.cpp's {fmt.ggml}, which bitalloc's kernels do not run; "
-                                          f"export it with --format llamacpp")
         if store.has(name, fmt):
             return store.read(name, fmt)
         if store.quantizer.reads_calibration():
@@ -91,11 +88,8 @@ def check_output(out: Path, field: str) -> None:
     configio.check_writable(out, field)
 
 
-def pack(config: ConfigDoc, out: Path, data_hash: str | None = None) -> int:
-    """The config's model with every layer at its level as the job measured it (`job_levels`; `data_hash` is the
-    job's token sets), saved packed into OUT; returns the packed layers' bytes. The model is the one the config
-    names, refused if its content differs from the one searched (and never loaded with its own code: a config file
-    names the model, it does not vouch for it)."""
+def check_packable(config: ConfigDoc) -> None:
+    """Refuse a config the packed checkpoint has no form for: MoE units, a quantized embedding, llama.cpp's types."""
     units = [name for name, shape in config.shapes.items() if len(shape) == 3]
     if units:
         raise BitallocError("TARGET", f"bitalloc's packed checkpoint has no form for mixture-of-experts units yet "
@@ -105,6 +99,18 @@ def pack(config: ConfigDoc, out: Path, data_hash: str | None = None) -> int:
         raise BitallocError("TARGET", f"bitalloc's packed checkpoint keeps the token embedding unquantized, but this "
                                       f"config quantizes {embedded[0]}; search with formats.target: bitalloc, or "
                                       f"export the config to llamacpp")
+    ggml = [(n, f) for n, f in config.formats().items() if f.ggml]
+    if ggml:
+        raise BitallocError("TARGET", f"{ggml[0][0]} is at llama.cpp's {ggml[0][1].ggml}, which bitalloc's kernels do "
+                                      f"not run; build it with --runtime llamacpp")
+
+
+def pack(config: ConfigDoc, out: Path, data_hash: str | None = None) -> int:
+    """The config's model with every layer at its level as the job measured it (`job_levels`; `data_hash` is the
+    job's token sets), saved packed into OUT; returns the packed layers' bytes. The model is the one the config
+    names, refused if its content differs from the one searched (and never loaded with its own code: a config file
+    names the model, it does not vouch for it)."""
+    check_packable(config)
     model = load_model(config.model.source)
     if model.content_hash() != config.model.content_hash:
         raise BitallocError("TARGET", f"the model at {config.model.source!r} is not the one searched (content hash "

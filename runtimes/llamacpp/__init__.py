@@ -75,6 +75,7 @@ class LlamaCpp(Runtime):
     experts = True  # blk.N.ffn_{gate,up,down}_exps, one type each (gguf-py's tensor name map)
     embeddings = True  # token_embd at any type whose blocks fit its rows (get_rows dequantizes a row)
     file_sized = True  # the GGUF's size, metadata and tokenizer included (`measure.file_bytes`)
+    artifact, artifact_suffix = "file", ".gguf"  # written from the levels (`build`)
 
     def formats(self, method, params):
         types = TYPES + (IMATRIX_TYPES if params.get("imatrix") else ())
@@ -93,6 +94,20 @@ class LlamaCpp(Runtime):
         from .measure import file_bytes
 
         return file_bytes(ws)
+
+    def check_buildable(self, doc) -> None:
+        from .build import check_storable
+
+        check_storable(doc)
+
+    def build(self, picked, spec, card, out, stages):
+        from bitalloc.jobs.runner import open_workspace
+
+        from .build import build
+
+        ws = open_workspace(spec, stages)
+        with stages.stage("write the GGUF"):
+            return build(ws, picked, card.entries(), out)
 
     def prepare(self) -> None:
         from bitalloc.quantizers.gguf.tools import check_buildable

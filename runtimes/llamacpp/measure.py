@@ -29,8 +29,9 @@ from bitalloc.pipeline import Workspace
 from bitalloc.types import FileBytes
 from bitalloc.quantizers.gguf import tools
 from bitalloc.quantizers.gguf.files import (float_gguf as model_gguf, imatrix, imatrix_file, keep_float,
-                                            quantized_header, tensor_names)
+                                            quantized_metadata, tensor_names)
 from bitalloc.quantizers.gguf.index import read_tensors
+from bitalloc.quantizers.gguf.writer import header_size
 
 MAGIC = b"_logits_"
 
@@ -128,13 +129,14 @@ def same_blocks(tensor, level) -> bool:
 
 
 def file_bytes(ws: Workspace) -> FileBytes:
-    """How the GGUF file llama-quantize writes for a point of this job stores it: the header of the files it wrote
-    from the level store's float file, every tensor no layer is at the float file's type, each tensor padded to
-    the file's alignment (the size of an exported point's file, exactly)."""
+    """How the GGUF file llama-quantize writes for a point of this job stores it: the metadata of the files it wrote
+    from the level store's float file and the tensor index, every tensor no layer is at the float file's type, each
+    tensor padded to the file's alignment (the size of an exported point's file, exactly)."""
     store = ws.levels.stores["gguf"]
     matrix = imatrix_file(store.folder) if store.quantizer.imatrix else None
-    header, alignment = quantized_header(ws.model, store.folder, matrix)
+    meta, alignment = quantized_metadata(ws.model, store.folder, matrix)
     floats = read_tensors(model_gguf(ws.model, store.folder))
+    header = header_size(meta, [(t.name, len(t.shape)) for t in floats.values()], alignment)
     names = tensor_names(ws.model.model_type, [l.name for l in ws.layers])
     shared = len(names) - len(set(names.values()))
     missing = sorted(set(names.values()) - set(floats))

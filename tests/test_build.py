@@ -1,0 +1,127 @@
+"""`bitalloc build`: the artifact a runtime serves, written from the job's level store. llama.cpp's GGUF holds the
+measured levels byte for byte — the very file llama-quantize writes from the exported types, plus the model card's
+keys — at the front's bytes; a packed checkpoint loads with its card; what cannot be built is one line and leaves
+nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from bitalloc.cli import main
+from bitalloc.errors import BitallocError
+from bitalloc.quantizers.gguf.index import metadata, read_tensors
+from conftest import front_of, tiny_job
+
+
+def _one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def _card(path) -> dict:
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    return {k: fields[k].contents() for k in fields if k.startswith("bitalloc.")}
+
+
+def test_the_gguf_is_llama_quantizes_file_of_the_levels_with_the_card(llamacpp_job, tmp_path, capsys):
+    from bitalloc.jobs.runner import open_workspace
+    from bitalloc.jobs.spec import load_spec
+    from bitalloc.progress import Stages
+    from bitalloc.quantizers.gguf.files import tensor_names
+    from bitalloc.results import read_config
+    from bitalloc.runtimes.llamacpp.measure import float_gguf, quantize
+
+    out = tmp_path / "model.gguf"
+    main(["build", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp", "-o", str(out)])
+    said = capsys.readouterr().out
+    front = front_of(llamacpp_job)
+    point = front.mixed[0]
+    doc = read_config(llamacpp_job / point.config)
+    assert "wrote" in said and str(out) in said
+    # the recipe's file, made by llama-quantize from the exported types and the job's importance matrix
+    types = tmp_path / "types.txt"
+    main(["export", str(llamacpp_job), "--point", "1", "--format", "llamacpp", "-o", str(types)])
+    ws = open_workspace(load_spec(llamacpp_job / "spec.yaml"), Stages())
+    names = tensor_names(doc.model.type, list(doc.layers))
+    recipe = tmp_path / "recipe.gguf"
+    theirs = quantize(float_gguf(ws, tmp_path), recipe, types, ws, set(names.values()),
+                      matrix=ws.levels.stores["gguf"].folder / "imatrix.gguf")
+    ours = read_tensors(out)
+    assert list(ours) == list(theirs)
+    assert all(ours[n].tensor_type == theirs[n].tensor_type and bytes(ours[n].data) == bytes(theirs[n].data)
+               for n in ours)
+    # byte for byte that file's metadata too, then the card's keys; without the card, the front's bytes
+    (ours_meta, _), (their_meta, _) = metadata(out), metadata(recipe)
+    assert ours_meta[24:len(their_meta)] == their_meta[24:]
+    card = _card(out)
+    assert recipe.stat().st_size == point.bytes
+    assert out.stat().st_size > point.bytes and out.stat().st_size - point.bytes < 4096
+    assert card["bitalloc.point"] == point.label and card["bitalloc.bytes"] == point.bytes
+    assert card["bitalloc.kl"] == pytest.approx(point.loss) and card["bitalloc.ppl"] == pytest.approx(point.quality)
+    assert card["bitalloc.base_model.sha256"] == front.model.content_hash
+    assert card["bitalloc.job_spec.sha256"] == doc.job_spec_hash
+
+
+def test_an_existing_output_or_a_point_the_runtime_cannot_store_is_refused(llamacpp_job, tiny_llama, text_dir,
+                                                                          tmp_path, capsys):
+    out = tmp_path / "model.gguf"
+    out.write_text("mine")
+    err = _one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp", "-o",
+                                   str(out)])
+    assert "--output" in err and "--force" in err and out.read_text() == "mine"
+    err = _one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp", "-o",
+                                   str(tmp_path / "model.bin")])
+    assert "--output" in err and ".gguf" in err
+    err = _one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "hqq", "-o",
+                                   str(tmp_path / "hqq")])
+    assert "--runtime" in err and "llamacpp" in err and "export" in err
+    rtn = tmp_path / "rtn"
+    spec = tiny_job(tiny_llama, text_dir, rtn, search={"budgets": [4.0], "points": 1}, tracking={"enabled": False})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    main(["run", str(tmp_path / "job.yaml")])
+    capsys.readouterr()
+    err = _one_line_error(capsys, ["build", str(rtn), "--point", "1", "--runtime", "llamacpp", "-o",
+                                   str(tmp_path / "rtn.gguf")])
+    assert "--runtime" in err and "nearest" in err and "formats.target: llamacpp" in err
+    assert not (tmp_path / "rtn.gguf").exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_an_interrupted_build_leaves_nothing(llamacpp_job, tmp_path, monkeypatch, capsys):
+    from bitalloc.quantizers.gguf import writer
+
+    def interrupted(fh, meta, tensors, alignment):
+        fh.write(meta)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "write", interrupted)
+    out = tmp_path / "model.gguf"
+    with pytest.raises(SystemExit) as exit_:  # Ctrl-C midway through the file
+        main(["build", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp", "-o", str(out)])
+    assert exit_.value.code == 130 and list(tmp_path.iterdir()) == []
+
+
+def test_a_packed_build_loads_with_its_card(tiny_llama, text_dir, tmp_path, capsys):
+    from bitalloc.runtimes.bitalloc.checkpoint import load_packed
+
+    out = tmp_path / "job"
+    spec = tiny_job(tiny_llama, text_dir, out, search={"budgets": [4.0], "points": 1}, tracking={"enabled": False})
+    spec["formats"] = {"target": "bitalloc"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    main(["run", str(tmp_path / "job.yaml")])
+    main(["build", str(out), "--point", "1", "--runtime", "bitalloc", "-o", str(tmp_path / "packed")])
+    point = front_of(out).mixed[0]
+    card = (tmp_path / "packed" / "README.md").read_text()
+    assert point.label in card and f"{point.bytes:,}" in card and f"{point.loss:.6g}" in card
+    model = load_packed(tmp_path / "packed")
+    assert model.module is not None
+    with pytest.raises(BitallocError):
+        from bitalloc.jobs.build import check_output
+        from bitalloc.runtimes import get_runtime
+
+        check_output(get_runtime("bitalloc"), tmp_path / "packed", force=False)
