@@ -397,18 +397,16 @@ def pack(
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint folder to write"),
     tracking_uri: RunStore = None,
 ):
-    """Write a packed checkpoint (safetensors + config) of one measured config; load it with bitalloc.load_packed."""
-    from bitalloc.jobs.export import choose
-    from bitalloc.runtimes.bitalloc.checkpoint import check_output, pack as pack_config
+    """`build --runtime bitalloc`: a packed checkpoint (safetensors + config + model card) of one measured config,
+    replacing an earlier one at OUTPUT; load it with bitalloc.load_packed."""
+    from bitalloc.jobs.build import build as run_build
+    from bitalloc.runtimes.bitalloc.checkpoint import check_output
 
     check_output(output, "--output")
-    chosen = choose(target, avg_bits, budget, point, tracking_uri)
-    config = chosen.config
-    packed = pack_config(config, output, chosen.data_hash)
-    size = sum(f.stat().st_size for f in output.iterdir())
-    _out().print(f"wrote {output}/: {config.totals.avg_bits:.3f} avg bits; packed layers {packed:,} bytes, "
-                 f"checkpoint files {size / 2**20:.2f} MiB (the config counts {config.totals.mib:.2f} MiB)",
-                 markup=False)
+    built = run_build(target, avg_bits, budget, point, "bitalloc", output, True, tracking_uri, Console(stderr=True))
+    _out().print(f"wrote {output}/: {built.picked.config.totals.avg_bits:.3f} avg bits; packed layers "
+                 f"{built.details['packed_layer_bytes']:,} bytes, checkpoint files {built.bytes / 2**20:.2f} MiB "
+                 f"(the config counts {built.picked.config.totals.mib:.2f} MiB)", markup=False)
 
 
 @app.command()

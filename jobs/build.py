@@ -77,20 +77,17 @@ def build(target: str, avg_bits, budget, point, runtime_name: str, output: Path,
                                          f"{runtime_name}) for {runtime_name} to quantize the model itself")
     check_avg_bits(avg_bits)
     check_output(runtime, output, force)
-    from .spec import load_spec
-
     start = time.perf_counter()
     with job_folder(target, tracking_uri) as folder:
         picked = pick(folder, avg_bits, budget, point)
         runtime.check_buildable(picked.config)
         check_disk(output, picked.point.bytes + SLACK)
-        spec = load_spec(folder / "spec.yaml")
-        card = model_card(picked, spec.data.source)
+        card = model_card(picked)
         staging = (output.parent / f".{output.name}.partial" if runtime.artifact == "file" else staging_dir(output))
         shutil.rmtree(staging, ignore_errors=True) if staging.is_dir() else staging.unlink(missing_ok=True)
         try:
             with Stages(console) as stages:
-                details = runtime.build(picked, spec, card, staging, stages)
+                details = runtime.build(picked, card, staging, stages)
             if runtime.artifact == "file":
                 output.parent.mkdir(parents=True, exist_ok=True)
                 staging.replace(output)

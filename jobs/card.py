@@ -65,13 +65,14 @@ def layer_kind(name: str) -> str:
     return re.sub(r"\.\d+\.", ".N.", name)
 
 
-def model_card(picked, data_source) -> Card:
-    """The card of a picked point (`jobs.verify.Picked`) of a job whose held-out text is `data_source`."""
+def model_card(picked) -> Card:
+    """The card of a picked point (`jobs.verify.Picked`)."""
     front, point, doc = picked.front, picked.point, picked.config
     metric = front.metric.metric()
     kinds: dict[str, Counter] = {}
     for name, fmt in doc.formats().items():
         kinds.setdefault(layer_kind(name), Counter())[fmt.name] += 1
+    data_source = picked.spec.data.source
     source = data_source if isinstance(data_source, str) else ", ".join(map(str, data_source))
     measured = {}
     for r in front.runtime_points:
@@ -80,5 +81,5 @@ def model_card(picked, data_source) -> Card:
     return Card(front.model.source, front.model.content_hash, doc.job_spec_hash, point.label, point.avg_bits,
                 point.bytes, f"{front.model.bytes_of}'s file" if front.model.bytes_of else "bitalloc's count",
                 {k: dict(v) for k, v in kinds.items()}, metric.loss, point.loss, metric.quality, point.quality,
-                f"{front.data.evaluation_tokens:,} held-out tokens of {source} (sha256 {front.data.hash[:16]})",
+                f"{front.data.evaluation_tokens:,} held-out tokens of {source} ({front.data.hash})",
                 measured)

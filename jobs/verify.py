@@ -10,7 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from rich.console import Console
 
@@ -22,6 +22,9 @@ from bitalloc.runtimes import Runtime, get_runtime, layers_of
 
 from .export import check_avg_bits, pick_point, read_results, run_store
 
+if TYPE_CHECKING:
+    from .spec import JobSpec
+
 
 @dataclass
 class Picked:
@@ -31,6 +34,7 @@ class Picked:
     front: Front
     point: Point
     config: ConfigDoc
+    spec: "JobSpec"  # the job's spec, as it ran
 
 
 @contextmanager
@@ -59,7 +63,9 @@ def pick(folder: Path, avg_bits, budget, point) -> Picked:
     doc = configs[chosen.config]
     if not (folder / "spec.yaml").is_file():
         raise BitallocError("TARGET", f"{folder} has no spec.yaml (an older result); rerun the job to verify it")
-    return Picked(folder, front, chosen, doc)
+    from .spec import load_spec
+
+    return Picked(folder, front, chosen, doc, load_spec(folder / "spec.yaml"))
 
 
 def exported(runtime: Runtime, picked: Picked, nearest: bool) -> tuple[str, int]:
@@ -108,15 +114,13 @@ def verify(target: str, avg_bits, budget, point, runtime_name: str, presets: boo
         raise BitallocError("--presets", f"presets are llama.cpp's; {runtime_name} has none")
     check_avg_bits(avg_bits)
     from .runner import open_workspace
-    from .spec import load_spec
 
     with job_folder(target, tracking_uri) as folder:
         picked = pick(folder, avg_bits, budget, point)
         text, rewritten = exported(runtime, picked, nearest)
-        spec = load_spec(folder / "spec.yaml")
         with Stages(console) as stages, \
                 tempfile.TemporaryDirectory(prefix=f"bitalloc-verify-{runtime_name}-") as work:
-            ws = open_workspace(spec, stages)
+            ws = open_workspace(picked.spec, stages)
             points = runtime.verify(ws, picked, text, Path(work), presets, stages)
         for p in points:
             if p.kind == "point" and rewritten:

@@ -148,8 +148,8 @@ class Runtime:
     def check_buildable(self, doc) -> None:
         """Refuse, before any work, a point whose formats this runtime's artifact cannot store as they were measured."""
 
-    def build(self, picked, spec, card, out: Path, stages) -> dict:
-        """Write the artifact of the picked point (`jobs.verify.Picked`) of the job `spec` to `out`, with the model
+    def build(self, picked, card, out: Path, stages) -> dict:
+        """Write the artifact of the picked point (`jobs.verify.Picked`) to `out`, with the model
         card (`jobs.card.Card`); returns its figures (`card_bytes`: what the card adds to a file)."""
         raise NotImplementedError
 

@@ -17,9 +17,9 @@ from conftest import front_of, tiny_job
 
 
 def test_llamacpp_builds_what_the_front_measured(llamacpp_job, capsys):
-    """llama-quantize, given the exported types and the job's importance matrix, writes bitalloc's levels byte for
-    byte (the tied token embedding's too), in a file of the front's bytes; llama.cpp measures their KL close to the
-    front's."""
+    """The artifact holds bitalloc's levels byte for byte (the tied token embedding's too) and is what llama-quantize
+    writes from the exported types and the job's importance matrix, in a file of the front's bytes; llama.cpp
+    measures their KL close to the front's."""
     main(["verify", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp"])
     said = capsys.readouterr().out
     front = front_of(llamacpp_job)
@@ -30,8 +30,11 @@ def test_llamacpp_builds_what_the_front_measured(llamacpp_job, capsys):
     quantized = [f for f in doc.formats().values() if f.quantized]
     assert quantized and built.details["layers_matching"] == len(quantized)
     assert doc.formats()["model.embed_tokens"].quantized
-    # the front's bytes are the file's: what llama-quantize wrote, metadata and tokenizer included, to the byte
-    assert built.file_bytes == built.bytes == front.mixed[0].bytes and front.model.bytes_of == "llamacpp"
+    # the artifact built from the levels is the file llama-quantize writes from the exported types, tensor for
+    # tensor; the front's bytes are that file's, metadata and tokenizer included, to the byte (the model card apart)
+    assert built.details["recipe_tensors_matching"] == built.details["tensors"]
+    assert built.bytes == front.mixed[0].bytes and front.model.bytes_of == "llamacpp"
+    assert built.file_bytes == built.bytes + built.details["card_bytes"] and 0 < built.details["card_bytes"] < 4096
     assert built.details["fp_gap_kl"] < 1e-3  # the float GGUF runs the same model as bitalloc's float32
     assert built.loss > 0 and abs(built.loss - built.bitalloc_loss) <= 0.25 * built.bitalloc_loss
     assert "recorded in" in said

@@ -21,7 +21,7 @@ class Packed(Runtime):
 
         check_packable(doc)
 
-    def build(self, picked, spec, card, out, stages):
+    def build(self, picked, card, out, stages):
         from .checkpoint import pack
 
         with stages.stage("pack the checkpoint"):

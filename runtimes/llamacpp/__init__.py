@@ -100,12 +100,12 @@ class LlamaCpp(Runtime):
 
         check_storable(doc)
 
-    def build(self, picked, spec, card, out, stages):
+    def build(self, picked, card, out, stages):
         from bitalloc.jobs.runner import open_workspace
 
         from .build import build
 
-        ws = open_workspace(spec, stages)
+        ws = open_workspace(picked.spec, stages)
         with stages.stage("write the GGUF"):
             return build(ws, picked, card.entries(), out)
 

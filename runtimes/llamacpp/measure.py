@@ -1,5 +1,6 @@
-"""llama.cpp builds and measures a config itself: the model as a float GGUF, `llama-quantize --tensor-type-file` with
-the exported types, `llama-perplexity --kl-divergence` on the job's held-out tokens.
+"""llama.cpp measures a config itself: the point's artifact (`build.py`: the GGUF written from the job's levels,
+checked against the file `llama-quantize --tensor-type-file` writes from the exported types), or that file where
+the levels are not llama.cpp's, run by `llama-perplexity --kl-divergence` on the job's held-out tokens.
 
 llama-perplexity re-tokenizes text, so the job's tokens would not survive a round trip through it. Instead bitalloc
 writes the base file `--kl-divergence` reads (the format `--kl-divergence-base` writes: the tokens, then for the
@@ -186,16 +187,22 @@ def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searc
     return read_tensors(out)
 
 
+def artifact_of(ws: Workspace, doc) -> bool:
+    """Whether `build` writes the point from the job's levels: every layer at a llama.cpp type the gguf store made."""
+    return "gguf" in ws.levels.stores and all(f.ggml for f in doc.formats().values())
+
+
 def embedding_bytes(tensors: dict) -> int:
     """Bytes of a GGUF's token embedding and output head (one tensor when tied)."""
     return sum(int(tensors[n].n_bytes) for n in ("token_embd.weight", "output.weight") if n in tensors)
 
 
 def verify(ws: Workspace, picked, text: str, work: Path, presets: bool, stages) -> list:
-    """The point quantized by llama-quantize from the exported types, measured by llama-perplexity on the job's
-    held-out windows beside bitalloc's KL on the same positions; with `presets`, llama.cpp's presets too (with the
-    job's importance matrix where its levels were made with one). A float GGUF made for a verify that fails is
-    not kept."""
+    """The point's artifact (`build`, from the job's llama.cpp levels; else llama-quantize's file of the exported
+    types), measured by llama-perplexity on the job's held-out windows beside bitalloc's KL on the same positions,
+    and compared with the file llama-quantize writes from the exported types (`recipe_tensors_matching`); with
+    `presets`, llama.cpp's presets too (with the job's importance matrix where its levels were made with one). A
+    float GGUF made for a verify that fails is not kept."""
     from bitalloc.paths import cache_dir
 
     with stages.stage("float GGUF"):
@@ -234,8 +241,22 @@ def _measure(ws: Workspace, picked, text: str, work: Path, presets: bool, stages
     with stages.stage("llama.cpp: quantize and measure", 2 + (len(preset_names(matrix)) if presets else 0)) as advance:
         fp_gap, _ = perplexity(float_file, base, n_ctx)
         advance(1)
-        gguf_file = work / "model.gguf"
-        tensors = quantize(float_file, gguf_file, types_file, ws, set(names.values()), matrix=matrix)
+        recipe = work / "recipe.gguf"
+        tensors = quantize(float_file, recipe, types_file, ws, set(names.values()), matrix=matrix)
+        details: dict[str, float] = {}
+        if artifact_of(ws, doc):  # the artifact `build` writes from the levels, measured; the recipe's file beside
+            from bitalloc.jobs.card import model_card
+
+            from .build import build
+
+            gguf_file = work / "model.gguf"
+            built = build(ws, picked, model_card(picked).entries(), gguf_file)
+            theirs, tensors = tensors, read_tensors(gguf_file)
+            details.update(card_bytes=float(built["card_bytes"]), recipe_tensors_matching=float(sum(
+                n in theirs and theirs[n].tensor_type == t.tensor_type and bytes(theirs[n].data) == bytes(t.data)
+                for n, t in tensors.items())), tensors=float(len(tensors)))
+        else:  # levels llama.cpp does not make (another quantizer's, or the nearest): its file of the recipe
+            gguf_file = recipe
         for layer in layers_of(doc):
             wanted = ggml_type(layer.fmt, layer.in_features).value  # what the exported file asks for
             stored = tensors[names[layer.name]].tensor_type.name.lower()
@@ -245,13 +266,16 @@ def _measure(ws: Workspace, picked, text: str, work: Path, presets: bool, stages
         kl, ppl = perplexity(gguf_file, base, n_ctx)
         vs_ours, _ = perplexity(gguf_file, ours, n_ctx)
         advance(1)
-        # whole-model bytes are the written file's (so the front's, when its bytes are llama.cpp's, must equal them)
-        points = [runtime_point("llamacpp", picked.point.label, other, gguf_file.stat().st_size - other, [gguf_file],
-                                kl, ppl, scored, picked, bitalloc_loss=bitalloc_kl,
+        # whole-model bytes are the written file's without its model card (so the front's, when its bytes are
+        # llama.cpp's, must equal them)
+        stored = gguf_file.stat().st_size - int(details.get("card_bytes", 0)) - other
+        points = [runtime_point("llamacpp", picked.point.label, other, stored, [gguf_file], kl, ppl, scored, picked,
+                                bitalloc_loss=bitalloc_kl,
                                 details={"fp_gap_kl": fp_gap, "vs_bitalloc_kl": vs_ours,
                                          "layers_matching": float(matching),
-                                         "embedding_bytes": float(embedding_bytes(tensors))})]
+                                         "embedding_bytes": float(embedding_bytes(tensors)), **details})]
         gguf_file.unlink()
+        recipe.unlink(missing_ok=True)
         for preset in preset_names(matrix) if presets else ():
             path = work / f"{preset}.gguf"
             tensors = quantize(float_file, path, types_file, ws, set(names.values()), preset=preset,
