@@ -39,6 +39,10 @@ class Built:
     seconds: float
 
 
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def builders() -> list[str]:
     return sorted(n for n, cls in RUNTIMES.items() if cls.artifact)
 
@@ -84,7 +88,7 @@ def build(target: str, avg_bits, budget, point, runtime_name: str, output: Path,
         check_disk(output, picked.point.bytes + SLACK)
         card = model_card(picked)
         staging = (output.parent / f".{output.name}.partial" if runtime.artifact == "file" else staging_dir(output))
-        shutil.rmtree(staging, ignore_errors=True) if staging.is_dir() else staging.unlink(missing_ok=True)
+        _remove(staging)
         try:
             with Stages(console) as stages:
                 details = runtime.build(picked, card, staging, stages)
@@ -94,7 +98,7 @@ def build(target: str, avg_bits, budget, point, runtime_name: str, output: Path,
             else:
                 publish(staging, output)
         finally:
-            shutil.rmtree(staging, ignore_errors=True) if staging.is_dir() else staging.unlink(missing_ok=True)
+            _remove(staging)
     size = output.stat().st_size if output.is_file() else sum(f.stat().st_size for f in output.rglob("*")
                                                                 if f.is_file())
     return Built(picked, runtime_name, output, size, picked.point.bytes, int(details.pop("card_bytes", 0)), details,

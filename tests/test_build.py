@@ -12,14 +12,7 @@ from bitalloc.cli import main
 from bitalloc.errors import BitallocError
 from bitalloc.quantizers.gguf.index import metadata, read_tensors
 from conftest import front_of, tiny_job
-
-
-def _one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
+from helpers import one_line_error
 
 
 def _card(path) -> dict:
@@ -72,13 +65,13 @@ def test_an_existing_output_or_a_point_the_runtime_cannot_store_is_refused(llama
                                                                           tmp_path, capsys):
     out = tmp_path / "model.gguf"
     out.write_text("mine")
-    err = _one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp", "-o",
+    err = one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp", "-o",
                                    str(out)])
     assert "--output" in err and "--force" in err and out.read_text() == "mine"
-    err = _one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp", "-o",
+    err = one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "llamacpp", "-o",
                                    str(tmp_path / "model.bin")])
     assert "--output" in err and ".gguf" in err
-    err = _one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "hqq", "-o",
+    err = one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "hqq", "-o",
                                    str(tmp_path / "hqq")])
     assert "--runtime" in err and "llamacpp" in err and "export" in err
     rtn = tmp_path / "rtn"
@@ -86,7 +79,7 @@ def test_an_existing_output_or_a_point_the_runtime_cannot_store_is_refused(llama
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     main(["run", str(tmp_path / "job.yaml")])
     capsys.readouterr()
-    err = _one_line_error(capsys, ["build", str(rtn), "--point", "1", "--runtime", "llamacpp", "-o",
+    err = one_line_error(capsys, ["build", str(rtn), "--point", "1", "--runtime", "llamacpp", "-o",
                                    str(tmp_path / "rtn.gguf")])
     assert "--runtime" in err and "nearest" in err and "formats.target: llamacpp" in err
     assert not (tmp_path / "rtn.gguf").exists() and not list(tmp_path.glob(".*partial*"))

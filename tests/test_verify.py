@@ -14,6 +14,7 @@ import yaml
 from bitalloc.cli import main
 from bitalloc.results import read_config
 from conftest import front_of, tiny_job
+from helpers import one_line_error
 
 
 def test_llamacpp_builds_what_the_front_measured(llamacpp_job, capsys):
@@ -66,14 +67,6 @@ def test_presets_are_measured_the_same_way_and_a_point_verified_again_is_replace
     assert presets["llama.cpp Q8_0"].stored_layer_bytes > presets["llama.cpp Q2_K"].stored_layer_bytes
 
 
-def _one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
 def test_what_cannot_be_verified_is_one_line_and_leaves_the_results(tiny_llama, text_dir, tmp_path, capsys,
                                                                     llamacpp_job):
     out = tmp_path / "rtn"
@@ -83,13 +76,13 @@ def test_what_cannot_be_verified_is_one_line_and_leaves_the_results(tiny_llama, 
     main(["run", str(tmp_path / "job.yaml")])
     capsys.readouterr()
     before = (out / "front.json").read_text()
-    err = _one_line_error(capsys, ["verify", str(out), "--point", "1", "--runtime", "llamacpp"])
+    err = one_line_error(capsys, ["verify", str(out), "--point", "1", "--runtime", "llamacpp"])
     assert "--runtime" in err and "cannot build" in err and "formats.target: llamacpp" in err
-    err = _one_line_error(capsys, ["verify", str(out), "--point", "1", "--runtime", "tensorrt"])
+    err = one_line_error(capsys, ["verify", str(out), "--point", "1", "--runtime", "tensorrt"])
     assert "--runtime" in err and "llamacpp" in err
-    err = _one_line_error(capsys, ["verify", str(out), "--point", "99", "--runtime", "llamacpp"])
+    err = one_line_error(capsys, ["verify", str(out), "--point", "99", "--runtime", "llamacpp"])
     assert "--point" in err
-    err = _one_line_error(capsys, ["verify", str(tmp_path), "--point", "1", "--runtime", "llamacpp"])
+    err = one_line_error(capsys, ["verify", str(tmp_path), "--point", "1", "--runtime", "llamacpp"])
     assert "TARGET" in err
     assert (out / "front.json").read_text() == before
     assert json.loads(before).get("runtime_points", []) == []
