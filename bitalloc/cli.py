@@ -326,16 +326,19 @@ def verify(
                                                           "way"),
     nearest: bool = typer.Option(False, "--nearest", help="where the runtime cannot express a layer's format, build "
                                                           "the nearest it can (as `export --nearest` writes it)"),
+    recipe: bool = typer.Option(False, "--recipe", help="a Python runtime quantizes the model itself from the "
+                                                        "exported recipe, instead of loading `build`'s artifact"),
     tracking_uri: RunStore = None,
 ):
-    """Build one measured point with its runtime's own code from the exported file, run it on the job's held-out
+    """Load one measured point in its runtime with the runtime's own code — the artifact `build` writes from the
+    levels, or with --recipe what the runtime quantizes from the exported file — run it on the job's held-out
     tokens, and compare what it gives with what the front measured and counted."""
     from rich.table import Table
 
     from bitalloc.jobs.verify import verify as run_verify
 
     picked, points = run_verify(target, avg_bits, budget, point, runtime, presets, nearest, tracking_uri,
-                                Console(stderr=True))
+                                Console(stderr=True), recipe)
     m = picked.front.metric.metric()
     table = Table("runtime", "point", "MiB", "stored / counted layer bytes", f"bitalloc {m.loss_label} (front)",
                   f"bitalloc {m.loss_label} (same tokens)", f"runtime {m.loss_label}", "difference",
@@ -366,7 +369,8 @@ def build(
     avg_bits: AvgBits = None,
     budget: Budget = None,
     point: Point = None,
-    runtime: str = typer.Option(..., "--runtime", "-r", help="llamacpp (a .gguf) or bitalloc (a packed checkpoint)"),
+    runtime: str = typer.Option(..., "--runtime", "-r", help="llamacpp (a .gguf), llmcompressor (compressed-tensors), "
+                                                             "gptqmodel (GPTQ) or bitalloc (a packed checkpoint)"),
     output: Path = typer.Option(..., "-o", "--output", help="the artifact to write"),
     force: bool = typer.Option(False, "--force", help="replace OUTPUT if it exists"),
     tracking_uri: RunStore = None,

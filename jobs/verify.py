@@ -108,10 +108,13 @@ def record(picked: Picked, points: list[RuntimePoint], console: Console) -> None
 
 
 def verify(target: str, avg_bits, budget, point, runtime_name: str, presets: bool, nearest: bool,
-           tracking_uri: Optional[str], console: Console) -> tuple[Picked, list[RuntimePoint]]:
+           tracking_uri: Optional[str], console: Console, recipe: bool = False) -> tuple[Picked, list[RuntimePoint]]:
     runtime = get_runtime(runtime_name)
     if presets and not runtime.presets:
         raise BitallocError("--presets", f"presets are llama.cpp's; {runtime_name} has none")
+    if recipe and not runtime.builds:
+        raise BitallocError("--recipe", f"{runtime_name} has no quantizer of its own that verify runs; --recipe is "
+                                        f"for the Python runtimes (gptqmodel, hqq, llmcompressor)")
     check_avg_bits(avg_bits)
     from .runner import open_workspace
 
@@ -121,7 +124,7 @@ def verify(target: str, avg_bits, budget, point, runtime_name: str, presets: boo
         with Stages(console) as stages, \
                 tempfile.TemporaryDirectory(prefix=f"bitalloc-verify-{runtime_name}-") as work:
             ws = open_workspace(picked.spec, stages)
-            points = runtime.verify(ws, picked, text, Path(work), presets, stages)
+            points = runtime.verify(ws, picked, text, Path(work), presets, stages, recipe=recipe or bool(rewritten))
         for p in points:
             if p.kind == "point" and rewritten:
                 p.details["nearest_layers"] = float(rewritten)

@@ -8,7 +8,8 @@ its method's layout's, counted exactly as that runtime stores codes, scales and 
   size that does not divide `in_features` leaves a shorter last group in every row, with its own scale and zero
   point: ceil(in_features / group_size) groups per row.
 - `compressed-tensors` (llm-compressor's pack-quantized checkpoint; `rtn-int`, `gptq-ct`): the packed layout's
-  bytes, whole groups only.
+  bytes (its `weight_packed` words are bitalloc's), plus the int64 [out, in] `weight_shape` it keeps per layer;
+  whole groups only.
 - `gptq` (GPTQModel, vLLM): the same packed codes, scale_dtype scales, zero points packed at `bits` bits into int32
   words per group row (stored for symmetric formats too), and an int32 group index per input column (`g_idx`);
   whole groups only.
@@ -50,6 +51,9 @@ class Layout:
 class CompressedTensors(Layout):
     name = "compressed-tensors"
     whole_groups = True
+
+    def weight_bytes(self, out_features, in_features, fmt) -> int:
+        return super().weight_bytes(out_features, in_features, fmt) + 16  # weight_shape: two int64
 
 
 class GPTQCheckpoint(Layout):

@@ -157,9 +157,10 @@ class Runtime:
     def prepare(self) -> None:
         """Refuse, before the model loads, when what verify runs is not installed."""
 
-    def verify(self, ws, picked, text: str, work: Path, presets: bool, stages) -> list:
-        """The point built as the runtime builds it from `text` (the exported file), measured on the job's held-out
-        tokens: a list of `RuntimePoint`s (the point, then any presets)."""
+    def verify(self, ws, picked, text: str, work: Path, presets: bool, stages, recipe: bool = False) -> list:
+        """The point built as the runtime serves it — its artifact, where `build` writes one; with `recipe`, as the
+        runtime quantizes the model itself from `text` (the exported file) — measured on the job's held-out tokens:
+        a list of `RuntimePoint`s (the point, then any presets)."""
         raise NotImplementedError
 
 

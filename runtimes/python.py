@@ -58,7 +58,57 @@ class PythonRuntime(Runtime):
     def prepare(self) -> None:
         runtimes_python(self)
 
-    def verify(self, ws, picked, text, work, presets, stages):
+    def write_artifact(self, ws, picked, card, out: Path) -> dict:
+        """Write the artifact of the picked point from the open job `ws`; returns its figures."""
+        raise NotImplementedError
+
+    def build(self, picked, card, out, stages):
+        from bitalloc.jobs.runner import open_workspace
+
+        ws = open_workspace(picked.spec, stages)
+        with stages.stage(f"write the {self.name} checkpoint"):
+            return self.write_artifact(ws, picked, card, out)
+
+    def verify(self, ws, picked, text, work, presets, stages, recipe=False):
+        if self.artifact and not recipe:
+            try:
+                self.check_buildable(picked.config)
+            except BitallocError:  # levels its artifact cannot hold as measured: what its own quantizer makes
+                recipe = True
+        if recipe:
+            return [self.verify_recipe(ws, picked, text, work, stages)]
+        return [self.verify_artifact(ws, picked, work, stages)]
+
+    def verify_artifact(self, ws, picked, work: Path, stages):
+        """The artifact `bitalloc build` writes, loaded by the runtime's own loader in its environment, measured."""
+        from safetensors.torch import load_file
+
+        from bitalloc.jobs.card import model_card
+
+        artifact, out = work / "artifact", work / "loaded"
+        with stages.stage(f"{self.name}: write the artifact from the levels"):
+            self.write_artifact(ws, picked, model_card(picked), artifact)
+        out.mkdir()
+        with stages.stage(f"{self.name}: load it"):
+            self._run_venv("load", str(artifact), str(out))
+        weights = load_file(str(out / "weights.safetensors"))
+        stored = json.loads((out / "stored.json").read_text())
+        files = sorted(p for p in artifact.rglob("*") if p.is_file())
+        with stages.stage(f"{self.name}: measure"):
+            point = weights_point(self.name, ws, picked, weights, stored, files)
+        point.details["artifact"] = 1.0
+        return point
+
+    def _run_venv(self, command: str, *args: str) -> str:
+        done = subprocess.run([runtimes_python(self), str(venv.HERE / "venv.py"), command, self.name, *args],
+                              capture_output=True, text=True)
+        said = (done.stdout.strip().splitlines() or ["no output"])[-1]
+        if done.returncode:
+            raise BitallocError("--runtime", f"{self.name} could not {command} the point: {said}")
+        return said
+
+    def verify_recipe(self, ws, picked, text, work, stages):
+        """The point as the runtime quantizes the model itself from the exported recipe."""
         from safetensors.torch import load_file, save_file
 
         doc = picked.config
@@ -70,12 +120,7 @@ class PythonRuntime(Runtime):
             save_file({"input_ids": ws.data.calibration.contiguous()}, str(calibration))
             out = work / "built"
             out.mkdir()
-            done = subprocess.run([runtimes_python(self), str(venv.HERE / "venv.py"), "build", self.name,
-                                   str(model_dir), str(file), str(out), str(calibration)],
-                                  capture_output=True, text=True)
-            said = (done.stdout.strip().splitlines() or ["no output"])[-1]
-            if done.returncode:
-                raise BitallocError("--runtime", f"{self.name} could not build the point: {said}")
+            self._run_venv("build", str(model_dir), str(file), str(out), str(calibration))
         weights = load_file(str(out / "weights.safetensors"))
         stored = json.loads((out / "stored.json").read_text())
         missing = sorted(set(n for n, f in doc.formats().items() if f.quantized) - set(weights))
@@ -85,4 +130,6 @@ class PythonRuntime(Runtime):
         files = sorted(p for p in (out / "checkpoint").rglob("*") if p.is_file()) if (out / "checkpoint").is_dir() \
             else [out / "weights.safetensors"]
         with stages.stage(f"{self.name}: measure"):
-            return [weights_point(self.name, ws, picked, weights, stored, files)]
+            point = weights_point(self.name, ws, picked, weights, stored, files)
+        point.label = f"{point.label} (recipe)"
+        return point

@@ -74,6 +74,10 @@ def test_an_existing_output_or_a_point_the_runtime_cannot_store_is_refused(llama
     err = one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "hqq", "-o",
                                    str(tmp_path / "hqq")])
     assert "--runtime" in err and "llamacpp" in err and "export" in err
+    err = one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "gptqmodel", "-o",
+                                   str(tmp_path / "gptq")])
+    assert "--runtime" in err and "nearest" in err and "formats.target: gptqmodel" in err
+    assert not (tmp_path / "gptq").exists()
     rtn = tmp_path / "rtn"
     spec = tiny_job(tiny_llama, text_dir, rtn, search={"budgets": [4.0], "points": 1}, tracking={"enabled": False})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
@@ -118,3 +122,41 @@ def test_a_packed_build_loads_with_its_card(tiny_llama, text_dir, tmp_path, caps
         from bitalloc.runtimes import get_runtime
 
         check_output(get_runtime("bitalloc"), tmp_path / "packed", force=False)
+
+
+@pytest.mark.parametrize("runtime, budget, tensors", [
+    ("llmcompressor", 5.0, lambda t, name: t[f"{name}.weight_packed"]),  # compressed-tensors packs rows as bitalloc
+    ("gptqmodel", 3.0, lambda t, name: t[f"{name}.qweight"].T),  # GPTQ packs columns: the transpose
+])
+def test_a_checkpoint_runtime_loads_its_artifact_as_the_levels(runtime, budget, tensors, tiny_smollm, text_dir,
+                                                               tmp_path, capsys):
+    """The folder `build` writes holds the level store's codes and scales, and the runtime's own loader (transformers
+    with compressed-tensors; GPTQModel's torch kernel) reads back every layer as bitalloc's level, at the bytes
+    counted, measuring the front's KL; its card carries front.json's figures."""
+    from safetensors.torch import load_file
+
+    from bitalloc.jobs.runner import open_workspace
+    from bitalloc.jobs.spec import load_spec
+    from bitalloc.progress import Stages
+    from bitalloc.results import read_config
+    from helpers import python_runtime_job
+
+    out = python_runtime_job(tiny_smollm, text_dir, tmp_path, runtime, budget=budget)
+    artifact = tmp_path / "artifact"
+    main(["build", str(out), "--point", "1", "--runtime", runtime, "-o", str(artifact)])
+    point = front_of(out).mixed[0]
+    doc = read_config(out / point.config)
+    card = (artifact / "README.md").read_text()
+    assert point.label in card and f"{point.bytes:,}" in card and f"{point.loss:.6g}" in card
+    written = load_file(str(artifact / "model.safetensors"))
+    ws = open_workspace(load_spec(out / "spec.yaml"), Stages())
+    quantized = {n: f for n, f in doc.formats().items() if f.quantized}
+    assert len({f.bits for f in quantized.values()}) > 1  # a mixed point
+    for name, fmt in quantized.items():
+        assert f"{name}.weight" not in written and tensors(written, name).equal(ws.levels.read(name, fmt).qweight)
+    main(["verify", str(out), "--point", "1", "--runtime", runtime])
+    (built,) = front_of(out).runtime_points
+    assert built.label == point.label and built.details["artifact"] == 1
+    assert built.details["layers_matching"] == len(quantized) and built.details["weight_max_rel_diff"] <= 2 ** -10
+    assert built.stored_layer_bytes == built.counted_layer_bytes
+    assert abs(built.loss - built.bitalloc_loss) <= 1e-2 * built.bitalloc_loss + 1e-9

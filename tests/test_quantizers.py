@@ -45,7 +45,8 @@ def test_error_falls_with_bits_and_bytes_are_the_stored_size(method):
         level = quantizer.quantize(w, fmt, inputs)
         errors.append(_output_error(x, w, dequantize_packed(level)))
         if method in ("rtn", "rtn-int", "clip"):  # bitalloc's layout is the stored form itself
-            assert level.nbytes == weight_bytes(*w.shape, fmt)
+            shape = 16 if method == "rtn-int" else 0  # compressed-tensors' int64 [out, in] weight_shape
+            assert level.nbytes + shape == weight_bytes(*w.shape, fmt)
     assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3, errors
 
 

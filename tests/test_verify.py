@@ -5,8 +5,6 @@ measured and counted; what cannot be verified is a one-line error that leaves th
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,7 +12,7 @@ import yaml
 from bitalloc.cli import main
 from bitalloc.results import read_config
 from conftest import front_of, tiny_job
-from helpers import one_line_error
+from helpers import one_line_error, python_runtime_job
 
 
 def test_llamacpp_builds_what_the_front_measured(llamacpp_job, capsys):
@@ -107,28 +105,12 @@ def test_a_gguf_that_spells_a_held_out_token_otherwise_is_refused(tiny_smollm, t
     assert exc.value.field == "--runtime" and "tokenizer mismatch" in exc.value.message
 
 
-def _python_runtime_job(tiny_smollm, text_dir, root: Path, target: str, method: str | None = None,
-                        params: dict | None = None) -> Path:
-    from bitalloc.runtimes.python import ROOT
-
-    if not (os.environ.get("BITALLOC_RUNTIMES_PYTHON") or (ROOT / ".venv-runtimes" / "bin" / "python").exists()):
-        pytest.skip("no .venv-runtimes (`./dev test` builds it): the Python runtimes are not installed")
-    out = root / "out"
-    spec = tiny_job(tiny_smollm, text_dir, out, data={"seq_len": 64, "calibration": 2, "evaluation": 4},
-                    search={"budgets": [5.0], "points": 1})
-    spec.update(formats={"target": target, **({"method": method} if method else {}),
-                         **({"params": params} if params else {})}, tracking={"enabled": False})
-    (root / "job.yaml").write_text(yaml.safe_dump(spec))
-    main(["run", str(root / "job.yaml")])
-    return out
-
-
 def test_hqq_builds_the_point_with_the_bytes_counted(tiny_smollm, text_dir, tmp_path):
     """HQQ's own code applies the exported per-tag config to the model in float16: every layer's weights are
     bitalloc's levels (made by the same package, from the weights in HQQ's compute dtype, as its runtime config
     starts them) up to float16 arithmetic; its packed weights, scales and zeros are the bytes counted, and the model
     measures as the front's point did."""
-    out = _python_runtime_job(tiny_smollm, text_dir, tmp_path, "hqq")
+    out = python_runtime_job(tiny_smollm, text_dir, tmp_path, "hqq")
     main(["verify", str(out), "--point", "1", "--runtime", "hqq"])
     (built,) = front_of(out).runtime_points
     quantized = [f for f in read_config(out / built.config).formats().values() if f.quantized]
@@ -138,34 +120,34 @@ def test_hqq_builds_the_point_with_the_bytes_counted(tiny_smollm, text_dir, tmp_
 
 
 def test_llmcompressor_builds_the_point_with_its_gptq(tiny_smollm, text_dir, tmp_path):
-    """llm-compressor's oneshot (its GPTQModifier, with the job's GPTQ parameters as the export writes them) saves a
-    compressed-tensors checkpoint that transformers loads back: packed codes and float16 scales, the bytes counted for
-    gptq-ct (plus the 16-byte shape per layer). The first block's layers see the same (unquantized) inputs in both,
+    """With --recipe, llm-compressor's oneshot (its GPTQModifier, with the job's GPTQ parameters as the export writes
+    them) saves a compressed-tensors checkpoint that transformers loads back: packed codes and float16 scales, the
+    bytes counted for gptq-ct (the 16-byte shape per layer included). The first block's layers see the same (unquantized) inputs in both,
     so llm-compressor's GPTQ makes bitalloc's levels there; later layers get inputs through the already quantized
     ones in llm-compressor, so the KL is close to the front's, not equal."""
     gptq = {"damp": 0.05, "act_order": True, "block": 32}
-    out = _python_runtime_job(tiny_smollm, text_dir, tmp_path, "llmcompressor", params=gptq)
-    main(["verify", str(out), "--point", "1", "--runtime", "llmcompressor"])
+    out = python_runtime_job(tiny_smollm, text_dir, tmp_path, "llmcompressor", params=gptq)
+    main(["verify", str(out), "--point", "1", "--runtime", "llmcompressor", "--recipe"])
     (built,) = front_of(out).runtime_points
     doc = read_config(out / built.config)
+    assert built.label.endswith("(recipe)") and "artifact" not in built.details
     assert {f.method for f in doc.formats().values()} == {"gptq-ct"} and doc.quantizers == {"gptq-ct": gptq}
     first_block = [n for n, f in doc.formats().items() if f.quantized and n.startswith("model.layers.0.")]
     assert first_block and built.details["layers_matching"] >= len(first_block)
-    assert built.stored_layer_bytes == built.counted_layer_bytes + 16 * len(doc.layers)
+    assert built.stored_layer_bytes == built.counted_layer_bytes
     assert built.loss > 0 and abs(built.loss - built.bitalloc_loss) <= 0.5 * built.bitalloc_loss
 
 
 def test_an_llmcompressor_rtn_recipe_reproduces_bitalloc_levels(tiny_smollm, text_dir, tmp_path):
     """A point searched over llm-compressor's RTN (`rtn-int`: compressed-tensors' integer grid) is exported as a
     QuantizationModifier recipe and run through llm-compressor: the weights transformers loads back from the
-    compressed-tensors checkpoint are bitalloc's levels up to float16 rounding, at the bytes counted (plus the
-    16-byte shape tensor compressed-tensors keeps per layer), and measure the same KL."""
-    out = _python_runtime_job(tiny_smollm, text_dir, tmp_path, "llmcompressor", "rtn-int")
+    compressed-tensors checkpoint are bitalloc's levels up to float16 rounding, at the bytes counted (the 16-byte
+    shape tensor compressed-tensors keeps per layer included), and measure the same KL."""
+    out = python_runtime_job(tiny_smollm, text_dir, tmp_path, "llmcompressor", "rtn-int")
     main(["export", str(out), "--point", "1", "--format", "llmcompressor", "-o", str(tmp_path / "recipe.yaml")])
     assert "QuantizationModifier" in (tmp_path / "recipe.yaml").read_text()
-    main(["verify", str(out), "--point", "1", "--runtime", "llmcompressor"])
+    main(["verify", str(out), "--point", "1", "--runtime", "llmcompressor", "--recipe"])
     (built,) = front_of(out).runtime_points
-    doc = read_config(out / built.config)
     assert built.details["weight_max_rel_diff"] <= 2 ** -10
-    assert built.stored_layer_bytes == built.counted_layer_bytes + 16 * len(doc.layers)
+    assert built.stored_layer_bytes == built.counted_layer_bytes
     assert abs(built.loss - built.bitalloc_loss) <= 1e-3 * built.bitalloc_loss + 1e-9

@@ -29,7 +29,7 @@ class Packed(Runtime):
         (out / "README.md").write_text(card.markdown(self.name))
         return {"packed_layer_bytes": packed}
 
-    def verify(self, ws, picked, text, work, presets, stages):
+    def verify(self, ws, picked, text, work, presets, stages, recipe=False):
         from .measure import verify
 
         return verify(ws, picked, work, stages)

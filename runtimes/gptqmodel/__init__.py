@@ -1,6 +1,6 @@
 """GPTQModel (and vLLM, which loads its checkpoints): a `quantize_config.json` with base bits/group/sym plus `dynamic`
-overrides, one anchored module-name regex per distinct format, and one negative rule for every other module
-(GPTQModel may reorder rules, so it names all but the quantized layers) so layers the config leaves in 16 bits, or
+overrides, one anchored module-name regex per distinct format, and one negative rule for every other module of a
+block (GPTQModel may reorder rules, so it names all but the quantized layers) so layers the config leaves in 16 bits, or
 never selected, stay unquantized. 5/6-bit layers make it GPTQModel's planar `gptq_p` format. GPTQ stores fp16
 scales: bf16/fp32 scales map to fp16. The GPTQ is the job's: its damping (`damp_percent`), `act_order` as static
 groups, and GPTQModel's own group-aware reordering off.
@@ -26,6 +26,18 @@ class GPTQModel(PythonRuntime):
     fused = FUSED
     library = "gptqmodel"
     export_file = "quantize_config.json"
+    artifact = "folder"  # a GPTQ checkpoint written from the levels (`build`)
+
+    def check_buildable(self, doc) -> None:
+        from ..folder import check_storable
+        from .build import storable
+
+        check_storable(self, doc, storable)
+
+    def write_artifact(self, ws, picked, card, out) -> dict:
+        from .build import build
+
+        return build(self, ws, picked, card.markdown(self.name), out)
 
     def place_one(self, layer: Layer) -> Placement:
         f = layer.fmt
@@ -49,7 +61,9 @@ class GPTQModel(PythonRuntime):
         base = json.loads(counts.most_common(1)[0][0]) if counts else {"bits": 4, "group_size": 128, "sym": True}
         dynamic = {f"+:{anchored(names)}": json.loads(key) for key, names in groups.items()}
         quantized = [n for names in groups.values() for n in names]
-        dynamic[f"-:^(?!{anchored(quantized).removeprefix('^')})"] = {}
+        # GPTQModel also asks its rules of a block's bare module names (`self_attn.q_proj`) to pick the modules it
+        # builds: the negative rule only takes names inside a numbered block, so those stay
+        dynamic[f"-:^(?=.*\\.\\d+\\.)(?!{anchored(quantized).removeprefix('^')})"] = {}
         planar = any(json.loads(k)["bits"] in (5, 6) for k in groups)
         gptq = gptq_params(layers, quantizers) or get_quantizer("gptq").params()
         # bitalloc's GPTQ: its damping, its order (act_order: static groups), no group-aware reordering

@@ -56,10 +56,37 @@ def build(model_dir: str, exported: str, out: Path, calibration: str | None) -> 
     checkpoint = out / "checkpoint"
     model.save(str(checkpoint))
     stored = stored_bytes(checkpoint, lambda part: part in ("qweight", "qzeros", "scales", "g_idx"))
+    weights = _dequantized(model, stored)
+    save_weights(out, weights, stored)
+    return f"GPTQModel quantized {len(weights)} layers"
+
+
+def load(artifact: str, out: Path) -> str:
+    """A GPTQ checkpoint as GPTQModel loads it on a CPU (its torch kernel, in float16: the scales' dtype, where its
+    CPU default, bfloat16, rounds every weight to 8 bits), each quantized module dequantized by GPTQModel; bytes
+    are the checkpoint's tensors per layer."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
+    from gptqmodel import BACKEND, GPTQModel
+
+    stored = stored_bytes(Path(artifact), lambda part: part in ("qweight", "qzeros", "scales", "g_idx"))
+    model = GPTQModel.load(artifact, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+    weights = _dequantized(model, stored)
+    save_weights(out, weights, stored)
+    return f"GPTQModel loaded {len(weights)} GPTQ layers ({type(next(iter(_modules(model, stored)))).__name__})"
+
+
+def _modules(model, stored):
+    return (m for n, m in model.model.named_modules() if n in stored and hasattr(m, "dequantize_weight"))
+
+
+def _dequantized(model, stored) -> dict:
     weights = {}
     for name, module in model.model.named_modules():
         if name in stored and hasattr(module, "dequantize_weight"):
             w = module.dequantize_weight()
             weights[name] = w.T if w.shape == (module.in_features, module.out_features) else w
-    save_weights(out, weights, stored)
-    return f"GPTQModel quantized {len(weights)} layers"
+    return weights

@@ -114,7 +114,7 @@ class LlamaCpp(Runtime):
 
         check_buildable()
 
-    def verify(self, ws, picked, text, work, presets, stages):
+    def verify(self, ws, picked, text, work, presets, stages, recipe=False):
         from .measure import verify
 
         return verify(ws, picked, text, work, presets, stages)

@@ -30,6 +30,18 @@ class LLMCompressor(PythonRuntime):
     library = "llmcompressor"
     experts = True
     export_file = "llm-compressor recipe"
+    artifact = "folder"  # a compressed-tensors checkpoint written from the levels (`build`)
+
+    def check_buildable(self, doc) -> None:
+        from ..folder import check_storable
+        from .build import storable
+
+        check_storable(self, doc, storable)
+
+    def write_artifact(self, ws, picked, card, out) -> dict:
+        from .build import build
+
+        return build(self, ws, picked, card.markdown(self.name), out)
 
     def place_one(self, layer: Layer) -> Placement:
         f = layer.fmt

@@ -76,6 +76,20 @@ def build(model_dir: str, exported: str, out: Path, calibration: str | None) -> 
     return f"llm-compressor quantized {len(stored)} layers; compressed-tensors checkpoint loaded back by transformers"
 
 
+def load(artifact: str, out: Path) -> str:
+    """A compressed-tensors folder as transformers loads it (compressed-tensors decompresses each layer); bytes are
+    its files' tensors per layer."""
+    import torch
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    stored = stored_bytes(Path(artifact), lambda part: part.startswith("weight_"))
+    model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(run_compressed=False))
+    modules = dict(model.named_modules())
+    save_weights(out, {name: modules[name].weight.detach() for name in stored}, stored)
+    return f"transformers loaded {len(stored)} compressed-tensors layers"
+
+
 _EXPERT = re.compile(r"^(?P<unit>.*\.experts)\.(?P<index>\d+)\.(?P<projection>[^.]+)$")
 
 

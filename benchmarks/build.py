@@ -1,0 +1,127 @@
+"""`bitalloc build` per runtime, measured as a user meets it: the time to write the artifact from the job's levels,
+its size on disk against the bytes the front counted, the time the runtime's own loader takes to load it, the KL the
+runtime's weights give against the front's, and how many layers hold bitalloc's levels; beside it, the time the
+runtime's own quantization of the same point takes (llama-quantize of the exported types; llm-compressor's and
+GPTQModel's own quantize from the exported recipe, `verify --recipe`). Prints one table per model.
+
+    .venv/bin/python benchmarks/build.py [--models default,offgrid] [--work DIR]
+                                         [--runtimes llamacpp,llmcompressor,gptqmodel,bitalloc]
+
+One job per model and runtime (`jobs/examples/smollm2.yaml`'s data and estimator, `formats.target` the runtime, one
+budget of 4.5 average bits); its first mixed point is built, loaded and verified. Needs `.venv-runtimes` for the
+Python runtimes (`./dev test` builds it) and llama.cpp's tools (built on first use). Finished jobs are read from
+--work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from bitalloc.offgrid import offgrid_gguf
+from bitalloc.results import read_front
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIMES_PYTHON = os.environ.get("BITALLOC_RUNTIMES_PYTHON") or str(ROOT / ".venv-runtimes" / "bin" / "python")
+
+
+def timed(args: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode:
+        said = done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["?"]
+        raise SystemExit(f"{' '.join(args[:4])} ...: {said[-1]}")
+    return time.perf_counter() - start
+
+
+def cli(*args: str) -> float:
+    return timed([sys.executable, "-m", "bitalloc.cli", *args])
+
+
+def job(source: str, runtime: str, out: Path) -> None:
+    if (out / "front.json").is_file():
+        return
+    spec = yaml.safe_load((ROOT / "jobs" / "examples" / "smollm2.yaml").read_text())
+    spec.update(name=out.name, output=str(out), tracking={"enabled": False})
+    spec["model"]["source"] = source
+    spec["formats"] = {"target": runtime}
+    spec["search"].update(budgets=[4.5], points=0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".yaml").write_text(yaml.safe_dump(spec))
+    cli("run", str(out.with_suffix(".yaml")), "--workers", "0")
+
+
+def load_seconds(runtime: str, artifact: Path) -> float | None:
+    """The runtime's own loader on the artifact (llama.cpp: `llama-cli`'s model load is inside llama-perplexity's
+    run in verify, not timed apart here)."""
+    if runtime in ("llmcompressor", "gptqmodel"):
+        with tempfile.TemporaryDirectory() as tmp:
+            return timed([RUNTIMES_PYTHON, str(ROOT / "runtimes" / "venv.py"), "load", runtime, str(artifact), tmp])
+    if runtime == "bitalloc":
+        return timed([sys.executable, "-c", f"import bitalloc; bitalloc.load_packed({str(artifact)!r})"])
+    return None
+
+
+def own_quantize_seconds(runtime: str, out: Path) -> float | None:
+    """The runtime quantizing the same point itself from bitalloc's recipe (build and measure, as `verify --recipe`
+    runs it; llama.cpp: verify's llama-quantize of the exported types runs inside its verify)."""
+    if runtime in ("llmcompressor", "gptqmodel"):
+        try:
+            return cli("verify", str(out), "--point", "1", "--runtime", runtime, "--recipe")
+        except SystemExit as exc:
+            print(f"{runtime} --recipe: {exc}")
+    return None
+
+
+def bench(model: str, source: str, runtimes: list[str], work: Path, console: Console) -> None:
+    table = Table("runtime", "build s", "artifact MiB", "counted MiB", "size / counted", "load s", "runtime KL",
+                  "front KL", "KL diff", "layers matching", "runtime's own quantize s",
+                  title=f"bitalloc build on {model} (4.5 average bits, 2 cores)")
+    for runtime in runtimes:
+        out = work / model / runtime
+        job(source, runtime, out)
+        suffix = ".gguf" if runtime == "llamacpp" else ""
+        artifact = work / model / f"{runtime}-artifact{suffix}"
+        build_s = cli("build", str(out), "--point", "1", "--runtime", runtime, "-o", str(artifact), "--force")
+        size = artifact.stat().st_size if artifact.is_file() else sum(f.stat().st_size for f in artifact.rglob("*")
+                                                                         if f.is_file())
+        load_s = load_seconds(runtime, artifact)
+        front = read_front(out / "front.json")
+        point = front.mixed[0]
+        own = own_quantize_seconds(runtime, out)
+        cli("verify", str(out), "--point", "1", "--runtime", runtime)
+        front = read_front(out / "front.json")
+        (measured,) = [r for r in front.runtime_points if r.label == point.label]
+        quantized = sum(1 for f in json.loads((out / point.config).read_text())["layers"].values() if f["bits"] != 16)
+        matching = measured.details.get("layers_matching", measured.details.get("recipe_tensors_matching"))
+        table.add_row(runtime, f"{build_s:.1f}", f"{size / 2**20:.2f}", f"{point.bytes / 2**20:.2f}",
+                      f"{size / point.bytes:.4f}", "-" if load_s is None else f"{load_s:.1f}",
+                      f"{measured.loss:.5f}", f"{point.loss:.5f}", f"{measured.loss / point.loss - 1:+.2%}",
+                      f"{matching:.0f} / {quantized}", "-" if own is None else f"{own:.0f}")
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="default")
+    parser.add_argument("--runtimes", default="llamacpp,llmcompressor,gptqmodel,bitalloc")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-build")
+    args = parser.parse_args()
+    console = Console()
+    for model in args.models.split(","):
+        source = "smollm2-135m" if model == "default" else str(offgrid_gguf(args.work / "models"))
+        bench(model, source, args.runtimes.split(","), args.work, console)
+
+
+if __name__ == "__main__":
+    main()

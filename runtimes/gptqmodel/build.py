@@ -1,0 +1,44 @@
+"""GPTQModel's artifact: a GPTQ checkpoint (GPTQModel's `gptq` format, which vLLM and transformers load too) written
+from the level store, instead of GPTQModel quantizing the model again.
+
+GPTQ packs each output column's codes along the input, densely into int32 words: the transpose of bitalloc's packed
+rows, so `qweight` is the level's words transposed. `scales` are its float16 scales [groups, out]; `qzeros` the
+symmetric zero point 2^(b-1), stored minus one as the `gptq` (v1) format keeps it, packed along the output; `g_idx`
+each input column's group. Its `quantize_config.json` is the exported file, also the config's
+`quantization_config`."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bitalloc.kernels.packed import pack_codes
+
+from ..base import layers_of
+from ..folder import write_checkpoint
+
+BITS = (2, 3, 4, 8)  # what the gptq format and vLLM's GPTQ kernels run (5/6 bits are GPTQModel's gptq_p)
+
+
+def storable(fmt) -> str:
+    reasons = [why for why, bad in (("GPTQ's artifact here is symmetric", not fmt.symmetric),
+                                    (f"the gptq format has no {fmt.bits}-bit", fmt.bits not in BITS),
+                                    (f"GPTQ stores float16 scales, not {fmt.scale_dtype}",
+                                     fmt.scale_dtype != "float16")) if bad]
+    return "; ".join(reasons)
+
+
+def layer_tensors(level) -> dict[str, torch.Tensor]:
+    bits, gs = level.fmt.bits, level.fmt.group_size
+    groups = level.scales.shape[1]
+    zeros = torch.full((groups, level.out_features), 2 ** (bits - 1) - 1, dtype=torch.int64)
+    return {"qweight": level.qweight.T.contiguous(), "qzeros": pack_codes(zeros, bits),
+            "scales": level.scales.T.contiguous(),
+            "g_idx": torch.arange(level.in_features, dtype=torch.int32) // gs}
+
+
+def build(runtime, ws, picked, readme: str, out) -> dict:
+    doc = picked.config
+    text, _ = runtime.export(layers_of(doc), doc.model.type, nearest=False, quantizers=doc.quantizers)
+    return write_checkpoint(ws, doc, out, layer_tensors, json.loads(text), readme, {"quantize_config.json": text})
