@@ -75,7 +75,7 @@ class PythonRuntime(Runtime):
                 self.check_buildable(picked.config)
             except BitallocError:  # levels its artifact cannot hold as measured: what its own quantizer makes
                 recipe = True
-        if recipe:
+        if recipe or not self.artifact:
             return [self.verify_recipe(ws, picked, text, work, stages)]
         return [self.verify_artifact(ws, picked, work, stages)]
 
