@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.formats import Format
 from bitalloc.kernels.packed import PackedWeight
 from bitalloc.kernels.rtn import TORCH_DTYPES
 
@@ -22,10 +21,10 @@ WEIGHTS_FILE = "model.safetensors"
 LayerTensors = Callable[[PackedWeight], dict[str, torch.Tensor]]  # a level -> the runtime's tensors (LAYER.<key>)
 
 
-def check_storable(runtime, doc, storable: Callable[[Format], str]) -> None:
-    """Every quantized layer's level is one the runtime stores as measured: made by one of its quantizers (so in its
-    grid and layout), in a format it places exactly, and `storable` (a reason, or "") says yes; else one line naming
-    the layer and the runtime's nearest."""
+def check_storable(runtime, doc) -> None:
+    """Every quantized layer's level is one the runtime's artifact stores as measured: made by one of its quantizers
+    (so in its grid and layout), in a format it places exactly, that `runtime.unstorable` has no reason against;
+    else one line naming the layer and the runtime's nearest."""
     from .base import _show, layers_of
 
     layers = layers_of(doc)
@@ -36,17 +35,26 @@ def check_storable(runtime, doc, storable: Callable[[Format], str]) -> None:
                                          f"--format {runtime.name}) for {runtime.name} to quantize the model")
     placed = runtime.place([l for l in layers if not l.embedding], doc.model.type)
     for l in layers:
-        f = l.fmt
-        if not f.quantized:
-            continue
-        why = ("the token embedding stays unquantized there" if l.embedding else
-               f"its levels were made by {f.method}, not {' or '.join(runtime.methods)}"
-               if f.method not in runtime.methods else placed[l.name].why if not placed[l.name].exact else storable(f))
+        why = _unstored(runtime, l, placed.get(l.name))
         if why:
             near = _show(placed[l.name].value) if l.name in placed else "16-bit"
-            raise BitallocError("--runtime", f"{l.name} is at {f.name}, which {runtime.name} does not store as "
+            raise BitallocError("--runtime", f"{l.name} is at {l.fmt.name}, which {runtime.name} does not store as "
                                              f"bitalloc measured it ({why}; its nearest: {near}); build a point of a "
                                              f"job searched with formats.target: {runtime.name}")
+
+
+def _unstored(runtime, layer, placement) -> str:
+    """Why the runtime's artifact cannot hold this layer's level as measured ("": it can)."""
+    f = layer.fmt
+    if not f.quantized:
+        return ""
+    if layer.embedding:
+        return "the token embedding stays unquantized there"
+    if f.method not in runtime.methods:
+        return f"its levels were made by {f.method}, not {' or '.join(runtime.methods)}"
+    if not placement.exact:
+        return placement.why
+    return runtime.unstorable(f)
 
 
 def write_checkpoint(ws, doc, out: Path, layer_tensors: LayerTensors, quantization_config: dict,

@@ -58,6 +58,16 @@ class PythonRuntime(Runtime):
     def prepare(self) -> None:
         runtimes_python(self)
 
+    def unstorable(self, fmt) -> str:
+        """Why the artifact cannot hold a level at `fmt` that the runtime places exactly ("": it can)."""
+        return ""
+
+    def check_buildable(self, doc) -> None:
+        from .folder import check_storable
+
+        if self.artifact:
+            check_storable(self, doc)
+
     def write_artifact(self, ws, picked, card, out: Path) -> dict:
         """Write the artifact of the picked point from the open job `ws`; returns its figures."""
         raise NotImplementedError
@@ -70,14 +80,18 @@ class PythonRuntime(Runtime):
             return self.write_artifact(ws, picked, card, out)
 
     def verify(self, ws, picked, text, work, presets, stages, recipe=False):
-        if self.artifact and not recipe:
-            try:
-                self.check_buildable(picked.config)
-            except BitallocError:  # levels its artifact cannot hold as measured: what its own quantizer makes
-                recipe = True
-        if recipe or not self.artifact:
-            return [self.verify_recipe(ws, picked, text, work, stages)]
-        return [self.verify_artifact(ws, picked, work, stages)]
+        if self.artifact and not recipe and self._stores(picked.config):
+            return [self.verify_artifact(ws, picked, work, stages)]
+        return [self.verify_recipe(ws, picked, text, work, stages)]
+
+    def _stores(self, doc) -> bool:
+        """Whether the artifact holds the point's levels as measured (else verify measures what its own quantizer
+        makes of the recipe)."""
+        try:
+            self.check_buildable(doc)
+        except BitallocError:
+            return False
+        return True
 
     def verify_artifact(self, ws, picked, work: Path, stages):
         """The artifact `bitalloc build` writes, loaded by the runtime's own loader in its environment, measured."""

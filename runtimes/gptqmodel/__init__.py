@@ -28,11 +28,12 @@ class GPTQModel(PythonRuntime):
     export_file = "quantize_config.json"
     artifact = "folder"  # a GPTQ checkpoint written from the levels (`build`)
 
-    def check_buildable(self, doc) -> None:
-        from ..folder import check_storable
-        from .build import storable
-
-        check_storable(self, doc, storable)
+    def unstorable(self, fmt) -> str:
+        # bits: what the gptq format and vLLM's GPTQ kernels run (5/6 bits are GPTQModel's gptq_p)
+        return "; ".join(why for why, bad in (("GPTQ's artifact here is symmetric", not fmt.symmetric),
+                                              (f"the gptq format has no {fmt.bits}-bit", fmt.bits not in self.bits),
+                                              (f"GPTQ stores float16 scales, not {fmt.scale_dtype}",
+                                               fmt.scale_dtype != "float16")) if bad)
 
     def write_artifact(self, ws, picked, card, out) -> dict:
         from .build import build

@@ -18,17 +18,6 @@ from bitalloc.kernels.packed import pack_codes
 from ..base import layers_of
 from ..folder import write_checkpoint
 
-BITS = (2, 3, 4, 8)  # what the gptq format and vLLM's GPTQ kernels run (5/6 bits are GPTQModel's gptq_p)
-
-
-def storable(fmt) -> str:
-    reasons = [why for why, bad in (("GPTQ's artifact here is symmetric", not fmt.symmetric),
-                                    (f"the gptq format has no {fmt.bits}-bit", fmt.bits not in BITS),
-                                    (f"GPTQ stores float16 scales, not {fmt.scale_dtype}",
-                                     fmt.scale_dtype != "float16")) if bad]
-    return "; ".join(reasons)
-
-
 def layer_tensors(level) -> dict[str, torch.Tensor]:
     bits, gs = level.fmt.bits, level.fmt.group_size
     groups = level.scales.shape[1]

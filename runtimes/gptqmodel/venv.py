@@ -9,6 +9,7 @@ from pathlib import Path
 from bitalloc_venv import gptq_of, quantized_layers, same, save_weights, stored_bytes
 
 LIBRARY = "gptqmodel"
+PARTS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ layer's tensors in its checkpoint
 
 
 def check(path: str, config: dict | None) -> str:
@@ -55,7 +56,7 @@ def build(model_dir: str, exported: str, out: Path, calibration: str | None) -> 
                            f"CPU: {type(exc).__name__}: {exc}") from None
     checkpoint = out / "checkpoint"
     model.save(str(checkpoint))
-    stored = stored_bytes(checkpoint, lambda part: part in ("qweight", "qzeros", "scales", "g_idx"))
+    stored = stored_bytes(checkpoint, lambda part: part in PARTS)
     weights = _dequantized(model, stored)
     save_weights(out, weights, stored)
     return f"GPTQModel quantized {len(weights)} layers"
@@ -72,15 +73,11 @@ def load(artifact: str, out: Path) -> str:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
     from gptqmodel import BACKEND, GPTQModel
 
-    stored = stored_bytes(Path(artifact), lambda part: part in ("qweight", "qzeros", "scales", "g_idx"))
+    stored = stored_bytes(Path(artifact), lambda part: part in PARTS)
     model = GPTQModel.load(artifact, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
     weights = _dequantized(model, stored)
     save_weights(out, weights, stored)
-    return f"GPTQModel loaded {len(weights)} GPTQ layers ({type(next(iter(_modules(model, stored)))).__name__})"
-
-
-def _modules(model, stored):
-    return (m for n, m in model.model.named_modules() if n in stored and hasattr(m, "dequantize_weight"))
+    return f"GPTQModel loaded {len(weights)} GPTQ layers (its torch kernel)"
 
 
 def _dequantized(model, stored) -> dict:

@@ -32,11 +32,8 @@ class LLMCompressor(PythonRuntime):
     export_file = "llm-compressor recipe"
     artifact = "folder"  # a compressed-tensors checkpoint written from the levels (`build`)
 
-    def check_buildable(self, doc) -> None:
-        from ..folder import check_storable
-        from .build import storable
-
-        check_storable(self, doc, storable)
+    def unstorable(self, fmt) -> str:
+        return "" if fmt.symmetric else "compressed-tensors stores integer zero points, the levels float zero terms"
 
     def write_artifact(self, ws, picked, card, out) -> dict:
         from .build import build

@@ -16,10 +16,6 @@ from ..base import by_value, layers_of
 from ..folder import write_checkpoint
 
 
-def storable(fmt) -> str:
-    return "" if fmt.symmetric else "compressed-tensors stores integer zero points, the levels float zero terms"
-
-
 def layer_tensors(level) -> dict[str, torch.Tensor]:
     return {"weight_packed": level.qweight, "weight_scale": level.scales,
             "weight_shape": torch.tensor([level.out_features, level.in_features], dtype=torch.int64)}
