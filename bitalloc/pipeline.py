@@ -112,10 +112,11 @@ class Workspace:
         levels = Levels(model, layers, formats, stores, working_set=dense_bytes(model, layers))
         return cls(source, model, layers, formats, model_hash, data, levels, batch_size, reference)
 
+    def token_sets(self) -> dict[str, torch.Tensor]:
+        return {"calibration": self.data.calibration, "evaluation": self.data.evaluation}
+
     def local_runner(self) -> LocalRunner:
-        return LocalRunner(self.model, self.levels, {"calibration": self.data.calibration,
-                                                    "evaluation": self.data.evaluation}, self.batch_size,
-                           self.reference)
+        return LocalRunner(self.model, self.levels, self.token_sets(), self.batch_size, self.reference)
 
 
 def check_coverage(model: LoadedModel, layers: list[QuantizableLayer], allow_partial: bool) -> None:

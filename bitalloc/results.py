@@ -150,9 +150,14 @@ class MemoryInfo(_Doc):
 
 
 class EvaluationInfo(_Doc):
+    """How the points were measured: counts, where, and whose arithmetic (`torch`: bitalloc's evaluator over every
+    position of the held-out windows; `llamacpp`: llama.cpp's forward, positions n/2 … n−2 of each window, as
+    llama-perplexity scores them)."""
+
     computed: int = 0
     from_checkpoint: int = 0
     where: str = ""
+    evaluator: Literal["torch", "llamacpp"] = "torch"
 
 
 class TrackingInfo(_Doc):

@@ -66,7 +66,25 @@ class Backend(Protocol):
         is called as each arrives."""
 
 
-class LocalRunner:
+class TaskRunner:
+    """A backend that runs tasks one by one in this process (`run`, one task's measurement)."""
+
+    def run(self, task: EvalTask) -> Measurement:
+        raise NotImplementedError
+
+    def map(self, tasks: Iterable[EvalTask], progress: Callable[[int], None] | None = None,
+            on_result: OnResult | None = None) -> list[Measurement]:
+        out = []
+        for index, task in enumerate(tasks):
+            out.append(self.run(task))
+            if on_result:
+                on_result(index, out[-1])
+            if progress:
+                progress(1)
+        return out
+
+
+class LocalRunner(TaskRunner):
     """Runs tasks in this process: one Evaluator (and FP reference) per token set, built on first use."""
 
     def __init__(self, model: LoadedModel, levels: Levels, token_sets: Mapping[str, torch.Tensor],
@@ -94,17 +112,6 @@ class LocalRunner:
             noisy = noisy_weight(self.model.weight(spec), rel_mse, seed)
             return evaluator.evaluate_tensors({layer: self.model.stored(spec, noisy)})
         return evaluator.evaluate({name: self.levels.format_named(fmt) for name, fmt in task.assignment})
-
-    def map(self, tasks: Iterable[EvalTask], progress: Callable[[int], None] | None = None,
-            on_result: OnResult | None = None) -> list[Measurement]:
-        out = []
-        for index, task in enumerate(tasks):
-            out.append(self.run(task))
-            if on_result:
-                on_result(index, out[-1])
-            if progress:
-                progress(1)
-        return out
 
 
 class CandidateEvaluator:

@@ -80,19 +80,25 @@ def evaluation_place(spec: JobSpec, log: Path | None):
 
 @contextmanager
 def open_backend(ws: Workspace, spec: JobSpec, where: str | None, workers: int):
-    """The job's evaluation backend: in this process, or Ray workers in the session `evaluation_place` opened."""
+    """The job's evaluation backend (`spec.evaluator()`: torch or llama.cpp): in this process, or Ray workers in the
+    session `evaluation_place` opened."""
+    evaluator = spec.evaluator()
     if where is None:
-        yield ws.local_runner(), "this process"
+        if evaluator == "torch":
+            yield ws.local_runner(), "this process"
+            return
+        from bitalloc.runtimes.llamacpp.evaluator import LlamaCppRunner
+
+        yield LlamaCppRunner(ws.model, ws.levels, ws.token_sets(), ws.batch_size, os.cpu_count() or 1), \
+            "this process (llama.cpp)"
         return
     from .workers import RayRunner
 
     run = spec.run
-    runner = RayRunner(ws.model.module, ws.levels,
-                       {"calibration": ws.data.calibration, "evaluation": ws.data.evaluation},
-                       ws.batch_size, workers, run.threads_per_worker, run.gpus_per_worker, ws.model.metric,
-                       ws.reference)
+    runner = RayRunner(ws.model.module, ws.levels, ws.token_sets(), ws.batch_size, workers, run.threads_per_worker,
+                       run.gpus_per_worker, ws.model.metric, ws.reference, evaluator)
     try:
-        yield runner, f"{workers} Ray workers on {where}"
+        yield runner, f"{workers} Ray workers on {where}" + ("" if evaluator == "torch" else f" ({evaluator})")
     finally:
         runner.close()
 
@@ -106,6 +112,9 @@ def preflight(spec: JobSpec, estimator: Estimator) -> None:
         raise BitallocError("data.calibration", f"the {estimator.name} estimator needs calibration sequences; "
                                                 f"set it to 1 or more, or use sensitivity.estimator: sqnr")
     spec.search.constraints().check(spec.expand_formats())
+    if spec.evaluator() == "llamacpp" and not all(f.ggml for f in spec.expand_formats()):
+        raise BitallocError("search.evaluator", "llamacpp measures llama.cpp types only (formats.target: llamacpp, or "
+                                                "method: gguf); use evaluator: torch, or auto")
     for key in ("include", "exclude"):
         for i, pattern in enumerate(getattr(spec.model, key)):
             compile_pattern(pattern, f"model.{key}[{i}]")
@@ -235,7 +244,8 @@ def _run(spec: JobSpec, out: Path, staging: Path, estimator: Estimator, solver, 
                 res = _search_and_measure(spec, ws, estimator, solver, planned, backend, stages)
             res.front = res.front.model_copy(update={
                 "timings_s": stages.timings,
-                "evaluations": EvaluationInfo(computed=backend.computed, from_checkpoint=backend.reused, where=where),
+                "evaluations": EvaluationInfo(computed=backend.computed, from_checkpoint=backend.reused, where=where,
+                                              evaluator=spec.evaluator()),
                 "tracking": TrackingInfo(**tracker.info()) if tracker and tracker.info() else None,
             })
             pipeline.write_results(res, staging)

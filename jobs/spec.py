@@ -235,6 +235,9 @@ class SearchSpec(_Strict):
     latency_table: Optional[str] = None
     evaluations: int = Field(0, ge=0, le=10**6, description="screening evaluations a measuring solver may spend")
     screen_tokens: int = Field(512, ge=2, le=1 << 24, description="calibration tokens per screening evaluation")
+    evaluator: Literal["auto", "torch", "llamacpp"] = Field(
+        "auto", description="what measures candidates: torch (bitalloc's evaluator), llamacpp (llama.cpp's own "
+                            "forward on llama.cpp levels), auto: the target runtime's (llamacpp for its target)")
 
     @model_validator(mode="after")
     def _latency(self):
@@ -369,6 +372,13 @@ class JobSpec(_Strict):
                                                         f"remove embeddings: true, or target llamacpp")
             return False, f"target {keeping[0]} stores the token embedding unquantized"
         return True, ""
+
+    def evaluator(self) -> str:
+        """The backend that measures candidates: `search.evaluator`, or for auto the target runtime's."""
+        if self.search.evaluator != "auto":
+            return self.search.evaluator
+        target = self.target()
+        return get_runtime(target).evaluator if target else "torch"
 
     def target(self) -> Optional[str]:
         """The runtime target, when every entry names the same one."""

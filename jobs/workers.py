@@ -35,7 +35,8 @@ from bitalloc.types import Measurement
 class EvalWorker:
     def __init__(self, skeleton, state: dict[str, torch.Tensor], layers: list[QuantizableLayer],
                  formats: tuple[Format, ...], stores: dict[str, LevelStore], working_set: int | None,
-                 token_sets: dict[str, torch.Tensor], batch_size: int, threads: int, metric: str, reference: str):
+                 token_sets: dict[str, torch.Tensor], batch_size: int, threads: int, metric: str, reference: str,
+                 evaluator: str = "torch"):
         torch.set_num_threads(threads)
         module = _restore(skeleton, state)
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
@@ -47,7 +48,12 @@ class EvalWorker:
             store.fill(model, layers, formats)
         # on a GPU, every level is held packed on the device and candidates run on the Triton kernels
         levels = Levels(model, layers, formats, stores, working_set, device="cuda" if gpu else None)
-        self.runner = LocalRunner(model, levels, token_sets, batch_size, reference)
+        if evaluator == "llamacpp":  # llama.cpp's forward on this worker's CPUs
+            from bitalloc.runtimes.llamacpp.evaluator import LlamaCppRunner
+
+            self.runner = LlamaCppRunner(model, levels, token_sets, batch_size, threads)
+        else:
+            self.runner = LocalRunner(model, levels, token_sets, batch_size, reference)
 
     def run(self, item: tuple[int, EvalTask]) -> tuple[int, Measurement]:
         index, task = item
@@ -101,7 +107,7 @@ class RayRunner:
 
     def __init__(self, module, levels: Levels, token_sets, batch_size: int, workers: int,
                  threads_per_worker: int = 1, gpus_per_worker: float = 0.0, metric: str = NEXT_TOKEN,
-                 reference: str = "float32"):
+                 reference: str = "float32", evaluator: str = "torch"):
         with _without_weights(module):
             skeleton = ray.put(module)
         # held for the runner's life: a restarted actor fetches its constructor arguments again
@@ -110,7 +116,7 @@ class RayRunner:
         self.actors = [EvalWorker.options(**options).remote(*self._shared, list(levels.layers.values()),
                                                             levels.formats, levels.stores, levels.working_set,
                                                             token_sets, batch_size, threads_per_worker, metric,
-                                                            reference)
+                                                            reference, evaluator)
                        for _ in range(workers)]
         self.pool = ActorPool(self.actors)
 

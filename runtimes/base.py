@@ -65,6 +65,7 @@ class Runtime:
     file_sized: ClassVar[bool] = False  # `file_bytes` gives its file's bytes (the front's bytes are then the file's)
     artifact: ClassVar[str | None] = None  # what `bitalloc build` writes: "file" or "folder" (None: not written yet)
     artifact_suffix: ClassVar[str] = ""  # an artifact file's suffix
+    evaluator: ClassVar[str] = "torch"  # what measures its target's candidates (`search.evaluator: auto`)
 
     # -- target ------------------------------------------------------------------------------------------------
     def formats(self, method: str, params: dict) -> tuple[Format, ...]:

@@ -1,9 +1,11 @@
-"""llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity), built once per version into the bitalloc
-cache from the llama.cpp sources vendored in the `llama-cpp-python` sdist.
+"""llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity) and its library (libllama, with the
+sdist's own ctypes bindings, `llama_cpp.llama_cpp`), built once per version into the bitalloc cache from the llama.cpp
+sources vendored in the `llama-cpp-python` sdist: the tools and the in-process evaluator run the same compiled code.
 
 The build is portable rather than native: `-DGGML_NATIVE=OFF` with AVX2/FMA/F16C, because a native build on a CPU
-with AMX faults ("Illegal instruction") on quantized models. Static binaries, so the cache folder can be copied
-between machines of one architecture. Builds take 3-5 minutes on 2 cores; concurrent jobs wait on one lock.
+with AMX faults ("Illegal instruction") on quantized models. Shared libraries beside the tools, found through an
+`$ORIGIN` run path, so the cache folder can be copied between machines of one architecture. Builds take 3-5 minutes
+on 2 cores; concurrent jobs wait on one lock.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from bitalloc.paths import cache_dir
 
 LLAMA_CPP_PYTHON = "0.3.36"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+LIBRARY = "libllama.so"
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-               "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+               "-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_RPATH=$ORIGIN", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF")
 
 
@@ -34,7 +38,8 @@ def build_dir() -> Path:
 
 
 def _built(folder: Path) -> bool:
-    return all((folder / "bin" / t).is_file() for t in TOOLS) and (folder / "gguf-py").is_dir()
+    return (all((folder / "bin" / t).is_file() for t in TOOLS + (LIBRARY,))
+            and (folder / "gguf-py").is_dir() and (folder / "python" / "llama_cpp").is_dir())
 
 
 def check_buildable() -> None:
@@ -45,7 +50,7 @@ def check_buildable() -> None:
 
 
 def tool(name: str, announce=lambda line: print(line, file=sys.stderr)) -> Path:
-    """The path of one of `TOOLS`, building them first if this version is not in the cache."""
+    """The path of one of `TOOLS` (or `LIBRARY`), building them first if this version is not in the cache."""
     folder = build_dir()
     if not _built(folder):
         folder.mkdir(parents=True, exist_ok=True)
@@ -79,11 +84,13 @@ def _build(folder: Path) -> None:
         source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
         build = Path(tmp) / "build"
         _run([cmake, "-S", str(source), "-B", str(build), *CMAKE_FLAGS], "configuring llama.cpp")
-        _run([cmake, "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
+        _run([cmake, "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS, "llama"],
              "building llama.cpp")
         (folder / "bin").mkdir(exist_ok=True)
-        for name in TOOLS:
-            shutil.copy2(build / "bin" / name, folder / "bin" / name)
+        for path in [build / "bin" / name for name in TOOLS] + sorted((build / "bin").glob("lib*.so*")):
+            shutil.copy2(path, folder / "bin" / path.name, follow_symlinks=False)  # the .so links stay links
+        bindings = next(Path(tmp).glob("llama_cpp_python-*/llama_cpp"))
+        shutil.copytree(bindings, folder / "python" / "llama_cpp", dirs_exist_ok=True)
         shutil.copytree(source / "gguf-py", folder / "gguf-py", dirs_exist_ok=True)
         shutil.copy2(source / "convert_hf_to_gguf.py", folder / "convert_hf_to_gguf.py")
         if (source / "conversion").is_dir():

@@ -76,6 +76,7 @@ class LlamaCpp(Runtime):
     embeddings = True  # token_embd at any type whose blocks fit its rows (get_rows dequantizes a row)
     file_sized = True  # the GGUF's size, metadata and tokenizer included (`measure.file_bytes`)
     artifact, artifact_suffix = "file", ".gguf"  # written from the levels (`build`)
+    evaluator = "llamacpp"  # candidates measured by llama.cpp's own forward (`evaluator.py`)
 
     def formats(self, method, params):
         types = TYPES + (IMATRIX_TYPES if params.get("imatrix") else ())

@@ -2,8 +2,8 @@
 
 Every searched tensor is its level's blocks (made by llama-quantize itself, so byte for byte what
 `llama-quantize --tensor-type-file` of the exported types writes, importance matrix included), in the float file's
-row order; every other tensor is the float file's, in the order llama-quantize writes them; the metadata is the one llama-quantize wrote from the store's
-float file (with `general.file_type` as the export's command line sets it, Q8_0), and the model card's `bitalloc.*`
+row order; every other tensor is the float file's, in the order llama-quantize writes them; the metadata is the one
+llama-quantize wrote from the store's float file (with `general.file_type` as the export's command line sets it, Q8_0), and the model card's `bitalloc.*`
 keys after it. Without the card the file is the one the front counted, byte for byte.
 """
 
@@ -34,43 +34,60 @@ def check_storable(doc) -> None:
                                              f"--format llamacpp --nearest for llama-quantize to make")
 
 
-def tensors(ws, doc) -> tuple[list[TensorData], int]:
-    """The file's tensors in llama-quantize's order, and how many are levels."""
-    from gguf.quants import dequantize
+class FileLayout:
+    """The tensors of a GGUF written from a level store, for any assignment of its layers to llama.cpp types: the
+    float file's tensors in llama-quantize's order, each assigned layer's level blocks in the float file's row order
+    (worked out once per layer), every other tensor the float file's. The build writes one point with it; the
+    llama.cpp evaluator one candidate after another."""
 
-    store = ws.levels.stores["gguf"]
-    floats = read_tensors(float_gguf(ws.model, store.folder))
-    formats = doc.formats()
-    names = tensor_names(doc.model.type, list(formats), "--runtime")
-    by_tensor = {t: n for n, t in names.items()}
-    layers = {l.name: l for l in ws.layers}
-    out, levels = [], 0
-    for t in sorted(floats.values(), key=lambda t: quantize_order(t.name)):
-        raw = np.asarray(t.data).view(np.uint8)
-        name = by_tensor.get(t.name)
-        if name is not None:
-            fmt = formats[name]
-            blocks = ws.levels.read(name, fmt).blocks.cpu().numpy()  # the loaded model's row order
-            rows = dequantize(np.asarray(t.data), t.tensor_type).reshape(blocks.shape[0], -1)
-            order = row_order(rows, ws.model.weight(layers[name]).reshape(blocks.shape[0], -1), name)
-            if order is not None:
-                blocks = blocks[np.argsort(order)]
-            raw, ttype, levels = blocks, GGML_TYPES[fmt.ggml].qtype, levels + 1
-        else:
-            ttype = t.tensor_type
-        out.append(TensorData(t.name, tuple(int(d) for d in t.shape), int(ttype), raw.reshape(-1)))
-    return out, levels
+    def __init__(self, model, levels, field: str = "--runtime"):
+        self.model, self.levels = model, levels
+        self.store = levels.stores["gguf"]
+        self.floats = sorted(read_tensors(float_gguf(model, self.store.folder)).values(),
+                             key=lambda t: quantize_order(t.name))
+        self.names = tensor_names(model.model_type, list(levels.layers), field)
+        self.layer_of = {t: n for n, t in self.names.items()}
+        self._orders: dict[str, np.ndarray | None] = {}
+
+    def metadata(self) -> tuple[bytes, int]:
+        """(metadata, alignment) as llama-quantize writes them for the export's command line."""
+        matrix = imatrix_file(self.store.folder) if self.store.quantizer.imatrix else None
+        meta, alignment = quantized_metadata(self.model, self.store.folder, matrix)
+        return with_u32(meta, "general.file_type", RECIPE_FILE_TYPE), alignment
+
+    def _order(self, name: str, tensor, rows: int) -> np.ndarray | None:
+        if name not in self._orders:
+            from gguf.quants import dequantize
+
+            floats = dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(rows, -1)
+            weight = self.model.weight(self.levels.layers[name]).reshape(rows, -1)
+            self._orders[name] = row_order(floats, weight, name)
+        return self._orders[name]
+
+    def tensors(self, formats: dict) -> tuple[list[TensorData], int]:
+        """The file's tensors with each layer of `formats` (name -> Format) at its level, and how many are levels."""
+        out, levels = [], 0
+        for t in self.floats:
+            raw, ttype = np.asarray(t.data).view(np.uint8), t.tensor_type
+            name = self.layer_of.get(t.name)
+            if name in formats:
+                fmt = formats[name]
+                blocks = self.levels.read(name, fmt).blocks.cpu().numpy()  # the loaded model's row order
+                order = self._order(name, t, blocks.shape[0])
+                if order is not None:
+                    blocks = blocks[np.argsort(order)]
+                raw, ttype, levels = blocks, GGML_TYPES[fmt.ggml].qtype, levels + 1
+            out.append(TensorData(t.name, tuple(int(d) for d in t.shape), int(ttype), raw.reshape(-1)))
+        return out, levels
 
 
 def build(ws, picked, card: dict, path) -> dict:
     """Write the point's GGUF to `path`; returns its figures (bytes, the card's bytes, levels written)."""
     doc = picked.config
     check_storable(doc)
-    store = ws.levels.stores["gguf"]
-    matrix = imatrix_file(store.folder) if store.quantizer.imatrix else None
-    meta, alignment = quantized_metadata(ws.model, store.folder, matrix)
-    plain = with_u32(meta, "general.file_type", RECIPE_FILE_TYPE)
-    data, levels = tensors(ws, doc)
+    layout = FileLayout(ws.model, ws.levels)
+    plain, alignment = layout.metadata()
+    data, levels = layout.tensors(doc.formats())
     carded = with_entries(plain, card)
     size = write_file(path, carded, data, alignment)
     index = [(t.name, len(t.dims)) for t in data]

@@ -9,8 +9,10 @@ held-out windows. llama.cpp then runs its model on exactly those tokens, scoring
 
 - the float GGUF against that base: the two implementations' float arithmetic (`fp_gap_kl`, about 1e-4);
 - the quantized GGUF against it: the runtime's KL and perplexity, what the user gets;
-- the quantized GGUF against bitalloc's own quantized log-probabilities (`vs_bitalloc_kl`): what llama.cpp's
-  arithmetic adds to the same weights, mostly its 8-bit quantization of activations in quantized dot products.
+- for a front the torch evaluator measured, the quantized GGUF against bitalloc's own quantized log-probabilities
+  (`vs_bitalloc_kl`): what llama.cpp's arithmetic adds to the same weights, mostly its 8-bit quantization of
+  activations in quantized dot products. A front llama.cpp measured (`evaluations.evaluator: llamacpp`) is already
+  that arithmetic on the same positions: its KL is the one set beside the runtime's.
 """
 
 from __future__ import annotations
@@ -38,15 +40,20 @@ MAGIC = b"_logits_"
 
 
 def windows(ws: Workspace, float_gguf: Path) -> torch.Tensor:
-    """The held-out windows as llama.cpp will run them (its BOS in front where its tokenizer adds one), after
-    checking that the GGUF's vocabulary spells every token of them as the loaded tokenizer does."""
+    """The held-out windows as llama.cpp will run them (`llama_windows`)."""
+    return llama_windows(ws.model, ws.data.evaluation, float_gguf)
+
+
+def llama_windows(model, tokens: torch.Tensor, float_gguf: Path) -> torch.Tensor:
+    """Windows of `tokens` as llama.cpp runs them (its BOS in front where its tokenizer adds one), after checking that
+    the GGUF's vocabulary spells every token of them as the loaded tokenizer does."""
     import gguf
 
     reader = gguf.GGUFReader(float_gguf)
     fields = reader.fields
     vocab = fields["tokenizer.ggml.tokens"].contents()
-    tokens = ws.data.evaluation.clone()
-    ours = ws.model.tokenizer.convert_ids_to_tokens(sorted(set(tokens.flatten().tolist())))
+    tokens = tokens.clone()
+    ours = model.tokenizer.convert_ids_to_tokens(sorted(set(tokens.flatten().tolist())))
     for tid, text in zip(sorted(set(tokens.flatten().tolist())), ours):
         if tid >= len(vocab) or vocab[tid] != text:
             theirs = vocab[tid] if tid < len(vocab) else "nothing"
@@ -225,13 +232,18 @@ def _measure(ws: Workspace, picked, text: str, work: Path, presets: bool, stages
     doc = picked.config
     tokens = windows(ws, float_file)
     n_ctx = tokens.shape[1]
-    with stages.stage("bitalloc's log-probabilities", 2):
+    # a front llama.cpp measured is already the runtime's arithmetic: nothing of torch's to set beside it
+    by_llamacpp = picked.front.evaluations.evaluator == "llamacpp"
+    with stages.stage("bitalloc's log-probabilities", 1 if by_llamacpp else 2):
         measured = LogProbs(ws, tokens)
-        quantized = measured.config(doc)
+        quantized = None if by_llamacpp else measured.config(doc)
     base, ours = work / "base-fp.kld", work / "base-bitalloc.kld"
     write_base(base, tokens, measured.reference)
-    write_base(ours, tokens, quantized)
-    bitalloc_kl, _ = same_positions(measured.reference, quantized, tokens)
+    if quantized is None:
+        bitalloc_kl = picked.point.loss
+    else:
+        write_base(ours, tokens, quantized)
+        bitalloc_kl, _ = same_positions(measured.reference, quantized, tokens)
     names = tensor_names(doc.model.type, list(doc.layers), "--runtime")
     other = picked.front.model.other_bytes
     types_file = work / "types.txt"
@@ -264,15 +276,15 @@ def _measure(ws: Workspace, picked, text: str, work: Path, presets: bool, stages
                 raise BitallocError("--runtime", f"llama-quantize stored {layer.name} as {stored}, not {wanted}")
         matching = sum(same_blocks(tensors[names[n]], ws.levels.read(n, f)) for n, f in doc.formats().items() if f.ggml)
         kl, ppl = perplexity(gguf_file, base, n_ctx)
-        vs_ours, _ = perplexity(gguf_file, ours, n_ctx)
+        if quantized is not None:
+            details["vs_bitalloc_kl"], _ = perplexity(gguf_file, ours, n_ctx)
         advance(1)
         # whole-model bytes are the written file's without its model card (so the front's, when its bytes are
         # llama.cpp's, must equal them)
         stored = gguf_file.stat().st_size - int(details.get("card_bytes", 0)) - other
         points = [runtime_point("llamacpp", picked.point.label, other, stored, [gguf_file], kl, ppl, scored, picked,
                                 bitalloc_loss=bitalloc_kl,
-                                details={"fp_gap_kl": fp_gap, "vs_bitalloc_kl": vs_ours,
-                                         "layers_matching": float(matching),
+                                details={"fp_gap_kl": fp_gap, "layers_matching": float(matching),
                                          "embedding_bytes": float(embedding_bytes(tensors)), **details})]
         gguf_file.unlink()
         recipe.unlink(missing_ok=True)

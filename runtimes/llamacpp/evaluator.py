@@ -1,0 +1,126 @@
+"""The llama.cpp evaluation backend: candidates measured by llama.cpp's own forward, the arithmetic its users get.
+
+A candidate's GGUF is assembled from the level store (`FileLayout`: the levels are llama.cpp's own blocks, copied, never
+quantized again) into a scratch file, memory-mapped by libllama in this process (`library.py`), and run on the task's
+windows exactly as `llama-perplexity --kl-divergence` runs them: each window decoded from an empty cache as one batch
+(its first token llama.cpp's BOS where its tokenizer adds one), positions n/2 … n−2 scored against the job's float32
+reference (the torch model's log-probabilities on the same windows and positions). A candidate costs one write into the
+page cache, a mapped load and the forward passes; the file is unlinked once mapped, so a worker killed mid-candidate
+leaves nothing behind.
+
+Noise tasks (the `linearity` estimator's) perturb float weights, which a GGUF of levels cannot hold: they run on the
+torch evaluator, as sensitivity does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from contextlib import closing
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from bitalloc.errors import BitallocError
+from bitalloc.evaluate import model_output
+from bitalloc.model import HIDDEN_STATE, LoadedModel
+from bitalloc.quantizers.gguf.files import float_gguf
+from bitalloc.quantizers.gguf.writer import write_file
+from bitalloc.quantizers.store import Levels
+from bitalloc.tasks import EvalTask, LocalRunner, TaskRunner, token_subset
+from bitalloc.types import Measurement
+
+from .build import FileLayout
+from .library import GGUFModel
+from .measure import llama_windows
+
+NAME = "llamacpp"
+
+
+class Reference:
+    """One token set as llama.cpp runs it: its windows, the float32 log-probabilities of their scored positions, and
+    the FP model's measurement there (loss 0)."""
+
+    def __init__(self, model: LoadedModel, windows: torch.Tensor, batch_size: int):
+        self.windows = windows
+        self.first = windows.shape[1] // 2
+        self.logprobs: list[torch.Tensor] = []
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                for lp in model_output(model, batch):
+                    self.logprobs.append(lp[self.first:-1].cpu().clone())
+        self.tokens = len(self.logprobs) * (windows.shape[1] - 1 - self.first)
+        self.fp = self.measure(self.logprobs)
+
+    def measure(self, quantized: Iterable[torch.Tensor]) -> Measurement:
+        """KL(FP ‖ quantized) per scored token and perplexity, from each window's scored log-probabilities (summed per
+        token first, then in float64, as the torch evaluator sums)."""
+        kl, nll = 0.0, 0.0
+        for lp, lq, window in zip(self.logprobs, quantized, self.windows):
+            kl += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
+            nll += float(-lq.gather(-1, window[self.first + 1:].unsqueeze(-1)).double().sum())
+        return Measurement(loss=max(kl / self.tokens, 0.0), quality=math.exp(nll / self.tokens), tokens=self.tokens)
+
+
+class LlamaCppRunner(TaskRunner):
+    """A backend (`bitalloc.tasks.Backend`) whose config tasks llama.cpp measures, in this process with `threads`
+    threads (a Ray worker's CPUs). Every layer of a config must be at a llama.cpp type (the `llamacpp` target's)."""
+
+    def __init__(self, model: LoadedModel, levels: Levels, token_sets: Mapping[str, torch.Tensor],
+                 batch_size: int = 2, threads: int | None = None):
+        if model.metric == HIDDEN_STATE:
+            raise BitallocError("search.evaluator", f"{NAME} measures next-token models; {model.source!r} is measured "
+                                                    f"on hidden states: use evaluator: torch")
+        if "gguf" not in levels.stores:
+            raise BitallocError("search.evaluator", f"{NAME} runs llama.cpp's own levels: formats.target: llamacpp "
+                                                    f"(or method: gguf formats), or evaluator: torch")
+        self.model, self.levels, self.batch_size = model, levels, batch_size
+        self.token_sets = dict(token_sets)
+        self.threads = threads or torch.get_num_threads()
+        self.layout = FileLayout(model, levels, "formats")
+        self.meta, self.alignment = self.layout.metadata()
+        self.float_file = float_gguf(model, levels.stores["gguf"].folder)
+        self._references: dict[str, Reference] = {}
+        self._torch: LocalRunner | None = None
+
+    def reference(self, name: str) -> Reference:
+        if name not in self._references:
+            base, _, limit = name.partition(":")
+            tokens = self.token_sets[base]
+            tokens = token_subset(tokens, int(limit)) if limit else tokens
+            windows = llama_windows(self.model, tokens, self.float_file)
+            self._references[name] = Reference(self.model, windows, self.batch_size)
+        return self._references[name]
+
+    def candidate_file(self, assignment: Mapping[str, str]) -> Path:
+        """The candidate's GGUF in a new temporary file (the caller removes it): each named layer at its level, every
+        other tensor the float file's."""
+        formats = {name: self.levels.format_named(fmt) for name, fmt in assignment.items()}
+        for name, fmt in formats.items():
+            if not fmt.ggml or not fmt.fits(self.levels.layers[name].in_features):
+                raise BitallocError("search.evaluator", f"{name} is at {fmt.name}, which llama.cpp does not run on "
+                                                        f"its rows; {NAME} measures llama.cpp types that fit")
+        tensors, _ = self.layout.tensors(formats)
+        fd, name = tempfile.mkstemp(prefix="bitalloc-candidate-", suffix=".gguf")
+        os.close(fd)
+        write_file(Path(name), self.meta, tensors, self.alignment)
+        return Path(name)
+
+    def run(self, task: EvalTask) -> Measurement:
+        if task.noise is not None:
+            if self._torch is None:
+                self._torch = LocalRunner(self.model, self.levels, self.token_sets, self.batch_size)
+            return self._torch.run(task)
+        ref = self.reference(task.tokens)
+        if not task.assignment:
+            return ref.fp
+        path = self.candidate_file(dict(task.assignment))
+        try:
+            gguf = GGUFModel(path, ref.windows.shape[1], self.threads)
+        finally:
+            path.unlink()  # mapped by now: the pages stay until the model is freed
+        with closing(gguf):
+            logits = (torch.from_numpy(gguf.logits(w.cpu().numpy(), ref.first)) for w in ref.windows)
+            return ref.measure(torch.log_softmax(l, -1) for l in logits)
