@@ -6,7 +6,9 @@ Each part is counted from the model's shapes and the job's settings, the way the
 - the level store is on disk (its size is checked against the free disk space); a process reads a level's pages
   only while it dequantizes it;
 - a working set of dequantized weights in every process that evaluates or estimates: one dense copy of the
-  quantized layers in their dtype (one candidate's worth);
+  quantized layers in their dtype (one candidate's worth); with the llama.cpp evaluator it bounds the candidate's
+  GGUF instead (its mapped pages, and the copies llama.cpp repacks some types into, never more than the float
+  file's tensors);
 - FP references: evaluation tokens x vocabulary float32 log-probabilities (or x hidden size for a hidden-state
   model) in every process that evaluates, plus the calibration reference where calibration tokens are measured;
 - one forward pass's outputs (logits, log-softmax and their product for a batch);

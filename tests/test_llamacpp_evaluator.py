@@ -155,3 +155,17 @@ def test_a_config_doc_of_the_job_is_measured_as_its_point(llamacpp_job, opened):
     doc = read_config(llamacpp_job / front.mixed[0].config)
     again = runner.run(EvalTask.config(doc.formats(), "evaluation"))
     assert again.loss == front.mixed[0].loss and again.quality == front.mixed[0].quality
+
+
+def test_ray_workers_measure_with_llama_cpp_as_the_job_process_does(llamacpp_job, tmp_path):
+    """The same job on two Ray workers (one thread each): llama.cpp's measurements, the same to the last bit."""
+    from test_hardening import CLI
+
+    out = tmp_path / "ray"
+    done = subprocess.run(CLI + ["run", str(llamacpp_job.parent / "job.yaml"), "--workers", "2", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ray, local = json.loads((out / "front.json").read_text()), json.loads((llamacpp_job / "front.json").read_text())
+    assert ray["evaluations"]["evaluator"] == "llamacpp" and "2 Ray workers" in ray["evaluations"]["where"]
+    assert [(p["label"], p["loss"], p["quality"]) for p in ray["points"]] == \
+        [(p["label"], p["loss"], p["quality"]) for p in local["points"]]

@@ -83,9 +83,10 @@ def encode(lp: torch.Tensor, n_vocab: int) -> np.ndarray:
     return out
 
 
-def write_base(path: Path, tokens: torch.Tensor, logprobs: Iterable[torch.Tensor]) -> None:
+def write_base(path: Path, tokens: torch.Tensor, logprobs: Iterable[torch.Tensor], scored: bool = False) -> None:
     """A `--kl-divergence` base file: the windows' tokens and, per window, its scored positions' log-probabilities
-    (positions n/2 … n−2, each predicting the next token)."""
+    (positions n/2 … n−2, each predicting the next token), from each window's log-probabilities at every position
+    or, with `scored`, at those positions only."""
     n_chunk, n_ctx = tokens.shape
     first = n_ctx // 2
     with open(path, "wb") as fh:
@@ -97,7 +98,7 @@ def write_base(path: Path, tokens: torch.Tensor, logprobs: Iterable[torch.Tensor
                 n_vocab = lp.shape[-1]
                 fh.write(np.array([n_vocab, n_chunk], dtype=np.int32).tobytes())
                 fh.write(tokens.to(torch.int32).numpy().tobytes())
-            fh.write(encode(lp[first:n_ctx - 1], n_vocab).tobytes())
+            fh.write(encode(lp if scored else lp[first:n_ctx - 1], n_vocab).tobytes())
 
 
 def same_positions(ref: list[torch.Tensor], quant: list[torch.Tensor], tokens: torch.Tensor) -> tuple[float, float]:
