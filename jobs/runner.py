@@ -94,6 +94,10 @@ def open_backend(ws: Workspace, spec: JobSpec, where: str | None, workers: int):
         return
     from .workers import RayRunner
 
+    if evaluator == "llamacpp":
+        from bitalloc.runtimes.llamacpp.evaluator import check_windows
+
+        check_windows(ws.model, ws.levels, ws.token_sets())
     run = spec.run
     runner = RayRunner(ws.model.module, ws.levels, ws.token_sets(), ws.batch_size, workers, run.threads_per_worker,
                        run.gpus_per_worker, ws.model.metric, ws.reference, evaluator)

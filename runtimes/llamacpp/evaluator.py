@@ -64,6 +64,13 @@ class Reference:
         return Measurement(loss=max(kl / self.tokens, 0.0), quality=math.exp(nll / self.tokens), tokens=self.tokens)
 
 
+def check_windows(model: LoadedModel, levels: Levels, token_sets: Mapping[str, torch.Tensor]) -> None:
+    """Refuse, in the job's process, token sets the GGUF's vocabulary spells otherwise than the model's tokenizer
+    (Ray workers, which hold no tokenizer, run them unchecked)."""
+    for tokens in token_sets.values():
+        llama_windows(model, tokens, float_gguf(model, levels.stores["gguf"].folder))
+
+
 class LlamaCppRunner(TaskRunner):
     """A backend (`bitalloc.tasks.Backend`) whose config tasks llama.cpp measures, in this process with `threads`
     threads (a Ray worker's CPUs). Every layer of a config must be at a llama.cpp type (the `llamacpp` target's)."""

@@ -17,6 +17,7 @@ held-out windows. llama.cpp then runs its model on exactly those tokens, scoring
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -46,23 +47,31 @@ def windows(ws: Workspace, float_gguf: Path) -> torch.Tensor:
 
 def llama_windows(model, tokens: torch.Tensor, float_gguf: Path) -> torch.Tensor:
     """Windows of `tokens` as llama.cpp runs them (its BOS in front where its tokenizer adds one), after checking that
-    the GGUF's vocabulary spells every token of them as the loaded tokenizer does."""
-    import gguf
-
-    reader = gguf.GGUFReader(float_gguf)
-    fields = reader.fields
-    vocab = fields["tokenizer.ggml.tokens"].contents()
+    the GGUF's vocabulary spells every token of them as the loaded tokenizer does (a model without its tokenizer, as
+    a Ray worker holds it, is not checked: its driver checked the same tokens)."""
+    vocab, bos = _vocabulary(float_gguf)
     tokens = tokens.clone()
-    ours = model.tokenizer.convert_ids_to_tokens(sorted(set(tokens.flatten().tolist())))
-    for tid, text in zip(sorted(set(tokens.flatten().tolist())), ours):
+    ids = sorted(set(tokens.flatten().tolist())) if model.tokenizer is not None else []
+    for tid, text in zip(ids, model.tokenizer.convert_ids_to_tokens(ids) if ids else []):
         if tid >= len(vocab) or vocab[tid] != text:
             theirs = vocab[tid] if tid < len(vocab) else "nothing"
             raise BitallocError("--runtime", f"tokenizer mismatch: token {tid} is {text!r} for bitalloc's tokenizer "
                                              f"and {theirs!r} in the GGUF; llama.cpp would run other text")
-    add_bos = "tokenizer.ggml.add_bos_token" in fields and bool(fields["tokenizer.ggml.add_bos_token"].contents())
-    if add_bos:
-        tokens[:, 0] = int(fields["tokenizer.ggml.bos_token_id"].contents())
+    if bos is not None:
+        tokens[:, 0] = bos
     return tokens
+
+
+@functools.lru_cache(maxsize=4)
+def _vocabulary(float_gguf: Path) -> tuple[list[str], int | None]:
+    """A GGUF's token strings and the BOS its tokenizer puts first (None: it adds none), read once per file (gguf-py
+    parses every metadata entry: seconds for a large vocabulary)."""
+    import gguf
+
+    fields = gguf.GGUFReader(float_gguf).fields
+    add_bos = "tokenizer.ggml.add_bos_token" in fields and bool(fields["tokenizer.ggml.add_bos_token"].contents())
+    return fields["tokenizer.ggml.tokens"].contents(), int(fields["tokenizer.ggml.bos_token_id"].contents()) \
+        if add_bos else None
 
 
 def encode(lp: torch.Tensor, n_vocab: int) -> np.ndarray:
