@@ -139,12 +139,12 @@ class TableResult(NamedTuple):
 
 
 def sensitivity(ws: Workspace, estimator: Estimator, seed: int, stages: Stages | None = None,
-                backend: Backend | None = None) -> TableResult:
-    """The estimator's table from the file cache (keyed by its version and declared parameters), or computed and
-    stored."""
+                backend: Backend | None = None, evaluator: str = "torch") -> TableResult:
+    """The estimator's table from the file cache (keyed by its version and declared parameters, and by the
+    `evaluator` whose arithmetic `backend` measures), or computed and stored."""
     stages = stages or Stages()
     key = table_cache.table_key(estimator, ws.model_hash, ws.formats, ws.layers, ws.data.data_hash, seed,
-                                {m: store.key for m, store in ws.levels.stores.items()})
+                                {m: store.key for m, store in ws.levels.stores.items()}, evaluator)
     path = table_cache.path_for(key, estimator.name)
     cached = table_cache.load(path)
     if cached is not None:

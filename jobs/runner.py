@@ -296,7 +296,7 @@ def _search_and_measure(spec: JobSpec, ws: Workspace, estimator: Estimator, solv
         planned.budgets = pipeline.resolve_budgets(planned.problem, spec.search.budgets)
         stages.print(f"bytes are the size of {file.runtime}'s file: {mib(file.fixed):.2f} MiB of metadata, tokenizer "
                      f"and unsearched tensors, each tensor padded to {file.alignment} bytes")
-    table = pipeline.sensitivity(ws, estimator, spec.seed, stages, backend)
+    table = pipeline.sensitivity(ws, estimator, spec.seed, stages, backend, spec.evaluator())
     problem, budgets = planned.problem.with_error(table.table), planned.budgets
     evaluator = CandidateEvaluator(backend, spec.search.screen_tokens) if spec.search.evaluations else None
     solved = pipeline.solve_front(solver, problem, budgets, spec.seed, evaluator, spec.search.evaluations, stages)

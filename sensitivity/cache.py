@@ -1,7 +1,8 @@
 """Sensitivity tables stored as files and reused by later jobs.
 
 Key: model content hash, the estimator, its version and its declared parameters, the formats and
-layers, and — only where the estimator uses them — the calibration data hash and the seed. Location:
+layers, and — only where the estimator uses them — the calibration data hash, the seed and (for the estimators that
+measure configs through a backend other than torch's) the evaluator. Location:
 $BITALLOC_CACHE/sensitivity/ (default ~/.cache/bitalloc/sensitivity/). Files are JSON; floats
 round-trip exactly, so a cached table is identical to the one computed.
 """
@@ -22,9 +23,10 @@ SCHEMA = "bitalloc.sensitivity/1"
 
 
 def table_key(estimator, model_hash: str, formats, layers, data_hash: str, seed: int,
-              quantizers: dict | None = None) -> str:
+              quantizers: dict | None = None, evaluator: str = "torch") -> str:
     """`quantizers`: each method's level-store key (name, version, parameters, calibration data): the levels a
-    table measures."""
+    table measures; `evaluator`: whose arithmetic measured it, keyed where an estimator measures configs and it is
+    not torch's."""
     body = {
         "quantizers": quantizers or {},
         "model": model_hash,
@@ -36,6 +38,8 @@ def table_key(estimator, model_hash: str, formats, layers, data_hash: str, seed:
         "data": data_hash if estimator.uses_data else None,
         "seed": seed if estimator.random else None,
     }
+    if estimator.measures_calibration and evaluator != "torch":
+        body["evaluator"] = evaluator
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -169,3 +169,32 @@ def test_ray_workers_measure_with_llama_cpp_as_the_job_process_does(llamacpp_job
     assert ray["evaluations"]["evaluator"] == "llamacpp" and "2 Ray workers" in ray["evaluations"]["where"]
     assert [(p["label"], p["loss"], p["quality"]) for p in ray["points"]] == \
         [(p["label"], p["loss"], p["quality"]) for p in local["points"]]
+
+
+def test_a_table_measured_by_llama_cpp_is_never_served_to_a_torch_job(opened):
+    """The `measured` estimator's table holds its backend's arithmetic: cached apart per evaluator; a gradient
+    estimator's does not depend on it."""
+    from bitalloc.sensitivity import get_estimator
+    from bitalloc.sensitivity.cache import table_key
+
+    ws, _ = opened
+    args = (ws.model_hash, ws.formats, ws.layers, ws.data.data_hash, 0)
+    measured, fisher = get_estimator("measured"), get_estimator("fisher")
+    assert table_key(measured, *args, evaluator="llamacpp") != table_key(measured, *args)
+    assert table_key(fisher, *args, evaluator="llamacpp") == table_key(fisher, *args)
+
+
+def test_the_build_takes_the_avx512_this_cpu_has_and_is_cached_under_its_name(monkeypatch):
+    """llama.cpp is built for AVX2, plus the AVX-512 extensions the CPU reports (never AMX), in a cache folder named
+    by them: a folder built for one instruction set is never run on a CPU without it."""
+    from bitalloc.quantizers.gguf import tools
+
+    monkeypatch.delenv("BITALLOC_LLAMA_CPP", raising=False)
+    base = {"avx2", "fma", "f16c", "amx_tile", "amx_int8"}
+    monkeypatch.setattr(tools, "cpu_flags", lambda: base)
+    assert tools.isa_options() == () and tools.build_dir().name == tools.LLAMA_CPP_PYTHON
+    monkeypatch.setattr(tools, "cpu_flags", lambda: base | set(tools.AVX512["GGML_AVX512"]) | {"avx512_vnni"})
+    assert tools.isa_options() == ("GGML_AVX512", "GGML_AVX512_VNNI")
+    assert tools.build_dir().name == f"{tools.LLAMA_CPP_PYTHON}-avx512+vnni"
+    monkeypatch.setattr(tools, "cpu_flags", lambda: base | {"avx512f", "avx512_vnni"})  # no BW/VL: AVX2 only
+    assert tools.isa_options() == ()
