@@ -3,8 +3,9 @@
 Every searched tensor is its level's blocks (made by llama-quantize itself, so byte for byte what
 `llama-quantize --tensor-type-file` of the exported types writes, importance matrix included), in the float file's
 row order; every other tensor is the float file's, in the order llama-quantize writes them; the metadata is the one
-llama-quantize wrote from the store's float file (with `general.file_type` as the export's command line sets it, Q8_0), and the model card's `bitalloc.*`
-keys after it. Without the card the file is the one the front counted, byte for byte.
+llama-quantize wrote from the store's float file (with `general.file_type` as the export's command line sets it,
+Q8_0), and the model card's `bitalloc.*` keys after it. Without the card the file is the one the front counted, byte
+for byte.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from .library import GGUFModel
 from .measure import llama_windows
 
 NAME = "llamacpp"
+SHM = "/dev/shm"
 
 
 class Reference:
@@ -62,6 +63,18 @@ class Reference:
             kl += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
             nll += float(-lq.gather(-1, window[self.first + 1:].unsqueeze(-1)).double().sum())
         return Measurement(loss=max(kl / self.tokens, 0.0), quality=math.exp(nll / self.tokens), tokens=self.tokens)
+
+
+def scratch_dir(size: int) -> str | None:
+    """Where a candidate's file goes: shared memory where it has room for two (no disk writeback: the file lives
+    only until libllama has mapped it), else the system's temporary folder."""
+    try:
+        free = os.statvfs(SHM)
+        if free.f_bavail * free.f_frsize > 2 * size and os.access(SHM, os.W_OK):
+            return SHM
+    except OSError:
+        pass
+    return None
 
 
 def check_windows(model: LoadedModel, levels: Levels, token_sets: Mapping[str, torch.Tensor]) -> None:
@@ -110,7 +123,8 @@ class LlamaCppRunner(TaskRunner):
                 raise BitallocError("search.evaluator", f"{name} is at {fmt.name}, which llama.cpp does not run on "
                                                         f"its rows; {NAME} measures llama.cpp types that fit")
         tensors, _ = self.layout.tensors(formats)
-        fd, name = tempfile.mkstemp(prefix="bitalloc-candidate-", suffix=".gguf")
+        size = sum(t.data.nbytes for t in tensors)
+        fd, name = tempfile.mkstemp(prefix="bitalloc-candidate-", suffix=".gguf", dir=scratch_dir(size))
         os.close(fd)
         write_file(Path(name), self.meta, tensors, self.alignment)
         return Path(name)

@@ -70,8 +70,8 @@ class GGUFModel:
         self.batch = lib.llama_batch_init(n_ctx, 0, 1)
 
     def logits(self, tokens: np.ndarray, first: int) -> np.ndarray:
-        """float32 [len(tokens) − 1 − first, n_vocab]: the logits at positions first … len − 2 of one window, decoded
-        from an empty cache as one batch (what llama-perplexity's KL-divergence mode reads)."""
+        """float32 [len(tokens) − 1 − first, n_vocab]: the logits at positions first … len − 2 of one window,
+        decoded from an empty cache as one batch (what llama-perplexity's KL-divergence mode reads)."""
         lib, batch, n = self.lib, self.batch, len(tokens)
         if n > self.n_ctx:
             raise ValueError(f"a window of {n} tokens in a {self.n_ctx}-token context")
