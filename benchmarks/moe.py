@@ -134,7 +134,7 @@ def presets_table(experts: int, verified: list[dict]) -> Table:
     table = Table(title=f"upcycled {experts}x: llama.cpp's presets vs the llama.cpp target's front, both quantized "
                         "by llama-quantize and measured by llama-perplexity (KL on the job's held-out tokens)")
     for col in ("preset", "MiB", "llama.cpp KL", "best bitalloc point at <= its bytes", "MiB", "llama.cpp KL",
-                "front KL (torch)", "layers matching", "dominates"):
+                "front KL (its evaluator)", "layers matching", "dominates"):
         table.add_column(col, justify="left" if col.startswith(("preset", "best")) else "right")
     for preset in sorted((r for r in verified if r["kind"] == "preset"), key=lambda r: r["bytes"]):
         best = min((p for p in points if p["bytes"] <= preset["bytes"]), key=lambda p: p["loss"], default=None)

@@ -80,7 +80,7 @@ def compare(model: str, imatrix: bool, work: Path, console: Console) -> None:
                         f"presets vs the front, file bytes and llama.cpp's KL on {measured.reference.tokens} "
                         f"held-out tokens ({os.cpu_count()} CPUs)")
     for col in ("preset", "file MiB", "KL", "embedding share", "best point at <= its bytes", "file MiB", "KL",
-                "front KL (torch)", "embedding share", "front - file bytes", "layers matching", "dominated"):
+                "front KL (its evaluator)", "embedding share", "front - file bytes", "layers matching", "dominated"):
         table.add_column(col, justify="left" if col in ("preset", "best point at <= its bytes") else "right")
     for r in presets:
         best = min((b for b in built if b.bytes <= r.bytes), key=lambda b: b.loss, default=None)
