@@ -110,25 +110,25 @@ def test_torch_and_llama_cpp_rank_configs_alike_beyond_the_arithmetic_term(opene
 
 
 def test_a_resumed_job_gives_the_same_front(tiny_smollm, text_dir, tmp_path):
-    """Stopped once its first llama.cpp measurements are checkpointed, then resumed: the same points and KLs as a job
-    run through."""
+    """Stopped once its first llama.cpp measurements (the `measured` estimator's) are checkpointed, then resumed: the
+    same points and KLs as the job run through again (which finds the resumed job's table in the cache)."""
     from test_hardening import CLI, _stopped_once_checkpointed, _write
 
     def spec(out):
-        s = tiny_job(tiny_smollm, text_dir, out, data={"seq_len": 64, "calibration": 2, "evaluation": 4},
+        s = tiny_job(tiny_smollm, text_dir, out, data={"seq_len": 64, "calibration": 4, "evaluation": 8},
                      sensitivity={"estimator": "measured"},
-                     search={"budgets": [5.0], "points": 4, "evaluator": "llamacpp"})
-        s.update(formats={"method": "gguf", "types": ["q4_0", "q8_0"]}, tracking={"enabled": False})
+                     search={"budgets": [5.0], "points": 8, "evaluator": "llamacpp"})
+        s.update(formats={"method": "gguf", "types": ["q4_0", "q4_1", "q5_0", "q8_0"]}, tracking={"enabled": False})
         return s
 
-    (tmp_path / "a").mkdir()
-    whole = tmp_path / "a" / "out"
-    done = subprocess.run(CLI + ["run", _write(tmp_path / "a", spec(whole))], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
     proc, err, _ = _stopped_once_checkpointed(_write(tmp_path, spec(out)), tmp_path, signal.SIGINT)
     assert proc.returncode == 130, err
     done = subprocess.run(CLI + ["run", "--resume", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "a").mkdir()
+    whole = tmp_path / "a" / "out"
+    done = subprocess.run(CLI + ["run", _write(tmp_path / "a", spec(whole))], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     resumed, through = (json.loads((o / "front.json").read_text()) for o in (out, whole))
     assert resumed["evaluations"]["from_checkpoint"] > 0 and resumed["evaluations"]["evaluator"] == "llamacpp"

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from bitalloc.errors import BitallocError
+from bitalloc.errors import BitallocError, Interrupted, deferred_signals
 from bitalloc.evaluate import model_output
 from bitalloc.model import HIDDEN_STATE, LoadedModel
 from bitalloc.quantizers.gguf.files import float_gguf
@@ -45,7 +45,7 @@ class Reference:
     the FP model's measurement there (loss 0)."""
 
     def __init__(self, model: LoadedModel, windows: torch.Tensor, batch_size: int):
-        self.windows = windows
+        self.windows = windows.cpu()  # llama.cpp runs on the CPU, whatever device the model's forward uses
         self.first = windows.shape[1] // 2
         self.logprobs: list[torch.Tensor] = []
         with torch.no_grad():
@@ -126,7 +126,11 @@ class LlamaCppRunner(TaskRunner):
         size = sum(t.data.nbytes for t in tensors)
         fd, name = tempfile.mkstemp(prefix="bitalloc-candidate-", suffix=".gguf", dir=scratch_dir(size))
         os.close(fd)
-        write_file(Path(name), self.meta, tensors, self.alignment)
+        try:
+            write_file(Path(name), self.meta, tensors, self.alignment)
+        except BaseException:  # a full disk, an interrupt: no half-written file left behind
+            Path(name).unlink()
+            raise
         return Path(name)
 
     def run(self, task: EvalTask) -> Measurement:
@@ -138,10 +142,21 @@ class LlamaCppRunner(TaskRunner):
         if not task.assignment:
             return ref.fp
         path = self.candidate_file(dict(task.assignment))
-        try:
-            gguf = GGUFModel(path, ref.windows.shape[1], self.threads)
-        finally:
-            path.unlink()  # mapped by now: the pages stay until the model is freed
-        with closing(gguf):
-            logits = (torch.from_numpy(gguf.logits(w.cpu().numpy(), ref.first)) for w in ref.windows)
-            return ref.measure(torch.log_softmax(l, -1) for l in logits)
+        # a stop arriving inside libllama (in its log callback, where ctypes swallows exceptions) would be lost:
+        # recorded instead, and raised between its calls
+        with deferred_signals() as stopped:
+            try:
+                gguf = GGUFModel(path, ref.windows.shape[1], self.threads)
+            finally:
+                path.unlink()  # mapped by now: the pages stay until the model is freed
+            def logprobs():  # one window's at a time
+                for window in ref.windows:
+                    if stopped:
+                        raise Interrupted(stopped[0])
+                    yield torch.log_softmax(torch.from_numpy(gguf.logits(window.numpy(), ref.first)), -1)
+
+            with closing(gguf):
+                measured = ref.measure(logprobs())
+            if stopped:
+                raise Interrupted(stopped[0])
+        return measured
