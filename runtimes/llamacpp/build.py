@@ -44,8 +44,8 @@ class FileLayout:
     def __init__(self, model, levels, field: str = "--runtime"):
         self.model, self.levels = model, levels
         self.store = levels.stores["gguf"]
-        self.floats = sorted(read_tensors(float_gguf(model, self.store.folder)).values(),
-                             key=lambda t: quantize_order(t.name))
+        self.float_file = float_gguf(model, self.store.folder)
+        self.floats = sorted(read_tensors(self.float_file).values(), key=lambda t: quantize_order(t.name))
         self.names = tensor_names(model.model_type, list(levels.layers), field)
         self.layer_of = {t: n for n, t in self.names.items()}
         self._orders: dict[str, np.ndarray | None] = {}

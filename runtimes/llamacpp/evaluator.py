@@ -14,7 +14,6 @@ torch evaluator, as sensitivity does.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from contextlib import closing
@@ -34,7 +33,7 @@ from bitalloc.types import Measurement
 
 from .build import FileLayout
 from .library import GGUFModel
-from .measure import llama_windows
+from .measure import llama_windows, same_positions
 
 NAME = "llamacpp"
 SHM = "/dev/shm"
@@ -56,13 +55,9 @@ class Reference:
         self.fp = self.measure(self.logprobs)
 
     def measure(self, quantized: Iterable[torch.Tensor]) -> Measurement:
-        """KL(FP ‖ quantized) per scored token and perplexity, from each window's scored log-probabilities (summed per
-        token first, then in float64, as the torch evaluator sums)."""
-        kl, nll = 0.0, 0.0
-        for lp, lq, window in zip(self.logprobs, quantized, self.windows):
-            kl += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
-            nll += float(-lq.gather(-1, window[self.first + 1:].unsqueeze(-1)).double().sum())
-        return Measurement(loss=max(kl / self.tokens, 0.0), quality=math.exp(nll / self.tokens), tokens=self.tokens)
+        """KL(FP ‖ quantized) per scored token and perplexity, from each window's scored log-probabilities."""
+        kl, ppl = same_positions(self.logprobs, quantized, self.windows, scored=True)
+        return Measurement(loss=max(kl, 0.0), quality=ppl, tokens=self.tokens)
 
 
 def scratch_dir(size: int) -> str | None:
@@ -80,8 +75,9 @@ def scratch_dir(size: int) -> str | None:
 def check_windows(model: LoadedModel, levels: Levels, token_sets: Mapping[str, torch.Tensor]) -> None:
     """Refuse, in the job's process, token sets the GGUF's vocabulary spells otherwise than the model's tokenizer
     (Ray workers, which hold no tokenizer, run them unchecked)."""
+    float_file = float_gguf(model, levels.stores["gguf"].folder)
     for tokens in token_sets.values():
-        llama_windows(model, tokens, float_gguf(model, levels.stores["gguf"].folder))
+        llama_windows(model, tokens, float_file)
 
 
 class LlamaCppRunner(TaskRunner):
@@ -101,7 +97,6 @@ class LlamaCppRunner(TaskRunner):
         self.threads = threads or torch.get_num_threads()
         self.layout = FileLayout(model, levels, "formats")
         self.meta, self.alignment = self.layout.metadata()
-        self.float_file = float_gguf(model, levels.stores["gguf"].folder)
         self._references: dict[str, Reference] = {}
         self._torch: LocalRunner | None = None
 
@@ -110,7 +105,7 @@ class LlamaCppRunner(TaskRunner):
             base, _, limit = name.partition(":")
             tokens = self.token_sets[base]
             tokens = token_subset(tokens, int(limit)) if limit else tokens
-            windows = llama_windows(self.model, tokens, self.float_file)
+            windows = llama_windows(self.model, tokens, self.layout.float_file)
             self._references[name] = Reference(self.model, windows, self.batch_size)
         return self._references[name]
 

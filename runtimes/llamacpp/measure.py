@@ -110,13 +110,15 @@ def write_base(path: Path, tokens: torch.Tensor, logprobs: Iterable[torch.Tensor
             fh.write(encode(lp if scored else lp[first:n_ctx - 1], n_vocab).tobytes())
 
 
-def same_positions(ref: list[torch.Tensor], quant: list[torch.Tensor], tokens: torch.Tensor) -> tuple[float, float]:
-    """KL(ref ‖ quant) and perplexity over the positions llama-perplexity scores, from full log-probabilities."""
+def same_positions(ref: Iterable[torch.Tensor], quant: Iterable[torch.Tensor], tokens: torch.Tensor,
+                   scored: bool = False) -> tuple[float, float]:
+    """KL(ref ‖ quant) and perplexity over the positions llama-perplexity scores, from each window's log-probabilities
+    at every position or, with `scored`, at those positions only (per token first, then summed in float64)."""
     n_ctx = tokens.shape[1]
     first = n_ctx // 2
     kl, nll, n = 0.0, 0.0, 0
     for lp, lq, seq in zip(ref, quant, tokens):
-        p, q = lp[first:n_ctx - 1].float(), lq[first:n_ctx - 1].float()
+        p, q = (lp.float(), lq.float()) if scored else (lp[first:n_ctx - 1].float(), lq[first:n_ctx - 1].float())
         kl += float((p.exp() * (p - q)).sum(-1).double().sum())
         nll += float(-q.gather(-1, seq[first + 1:].unsqueeze(-1)).double().sum())
         n += p.shape[0]
