@@ -1,5 +1,5 @@
 """`bitalloc build` per runtime, measured as a user meets it: the time to write the artifact from the job's levels,
-its size on disk against the bytes the front counted, the time the runtime's own loader takes to load it, the KL the
+its size on disk against the front's bytes (a folder's model card aside), the time the runtime's own loader takes to load it, the KL the
 runtime's weights give against the front's, and how many layers hold bitalloc's levels; beside it, the time the
 runtime's own quantization of the same point takes (llama-quantize of the exported types; llm-compressor's and
 GPTQModel's own quantize from the exported recipe, `verify --recipe`). Prints one table per model.
@@ -84,7 +84,7 @@ def own_quantize_seconds(runtime: str, out: Path) -> float | None:
 
 
 def bench(model: str, source: str, runtimes: list[str], work: Path, console: Console) -> None:
-    table = Table("runtime", "build s", "artifact MiB", "counted MiB", "size / counted", "load s", "runtime KL",
+    table = Table("runtime", "build s", "artifact MiB", "front MiB", "front - artifact bytes", "load s", "runtime KL",
                   "front KL", "KL diff", "layers matching", "runtime's own quantize s",
                   title=f"bitalloc build on {model} (4.5 average bits, 2 cores)")
     for runtime in runtimes:
@@ -93,8 +93,9 @@ def bench(model: str, source: str, runtimes: list[str], work: Path, console: Con
         suffix = ".gguf" if runtime == "llamacpp" else ""
         artifact = work / model / f"{runtime}-artifact{suffix}"
         build_s = cli("build", str(out), "--point", "1", "--runtime", runtime, "-o", str(artifact), "--force")
+        # a folder's model card (README.md) aside, as the front counts it; a GGUF's card keys are inside the file
         size = artifact.stat().st_size if artifact.is_file() else sum(f.stat().st_size for f in artifact.rglob("*")
-                                                                         if f.is_file())
+                                                                         if f.is_file() and f.name != "README.md")
         load_s = load_seconds(runtime, artifact)
         front = read_front(out / "front.json")
         point = front.mixed[0]
@@ -105,7 +106,7 @@ def bench(model: str, source: str, runtimes: list[str], work: Path, console: Con
         quantized = sum(1 for f in json.loads((out / point.config).read_text())["layers"].values() if f["bits"] != 16)
         matching = measured.details.get("layers_matching", measured.details.get("recipe_tensors_matching"))
         table.add_row(runtime, f"{build_s:.1f}", f"{size / 2**20:.2f}", f"{point.bytes / 2**20:.2f}",
-                      f"{size / point.bytes:.4f}", "-" if load_s is None else f"{load_s:.1f}",
+                      f"{point.bytes - size:+,}", "-" if load_s is None else f"{load_s:.1f}",
                       f"{measured.loss:.5f}", f"{point.loss:.5f}", f"{measured.loss / point.loss - 1:+.2%}",
                       f"{matching:.0f} / {quantized}", "-" if own is None else f"{own:.0f}")
     console.print(table)

@@ -240,7 +240,7 @@ class Front(_Doc):
         if self.model.bytes_of == "llamacpp":
             return "llama.cpp GGUF file size"
         if self.model.bytes_of:
-            return f"{self.model.bytes_of}'s file size"
+            return f"{self.model.bytes_of}'s checkpoint folder size (model card aside)"
         return "weights + scales + zero points + unquantized tensors"
 
     def bytes_at_avg_bits(self, avg_bits: float) -> int:

@@ -17,11 +17,12 @@ from .units import bytes_at_avg_bits
 class FileBytes:
     """How a runtime's file stores a point, so that a front's bytes are the file's: `fixed` bytes whatever the
     formats (metadata, tokenizer, tensor index, the tensors no unit is), and each unit's tensor padded to
-    `alignment`. `runtime` names whose file."""
+    `alignment`. `runtime` names whose file (or folder)."""
 
     runtime: str
     fixed: int
     alignment: int = 1
+    kind: str = "file"  # or "folder": a checkpoint folder's files together
 
     def stored(self, n_bytes: int) -> int:
         return -(-n_bytes // self.alignment) * self.alignment

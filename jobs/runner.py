@@ -294,8 +294,9 @@ def _search_and_measure(spec: JobSpec, ws: Workspace, estimator: Estimator, solv
     if file is not None:  # the levels are made: the front's bytes become the target's file's
         planned.problem = spec.problem(ws.model, ws.layers, file=file)
         planned.budgets = pipeline.resolve_budgets(planned.problem, spec.search.budgets)
-        stages.print(f"bytes are the size of {file.runtime}'s file: {mib(file.fixed):.2f} MiB of metadata, tokenizer "
-                     f"and unsearched tensors, each tensor padded to {file.alignment} bytes")
+        padded = f", each tensor padded to {file.alignment} bytes" if file.alignment > 1 else ""
+        stages.print(f"bytes are the size of {file.runtime}'s {file.kind}: {mib(file.fixed):.2f} MiB of metadata, "
+                     f"tokenizer and unsearched tensors{padded}")
     table = pipeline.sensitivity(ws, estimator, spec.seed, stages, backend, spec.evaluator())
     problem, budgets = planned.problem.with_error(table.table), planned.budgets
     evaluator = CandidateEvaluator(backend, spec.search.screen_tokens) if spec.search.evaluations else None

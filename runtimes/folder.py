@@ -7,6 +7,8 @@ head once), the model's config with the runtime's `quantization_config`, its tok
 from __future__ import annotations
 
 import copy
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +17,7 @@ import torch
 from bitalloc.errors import BitallocError
 from bitalloc.kernels.packed import PackedWeight
 from bitalloc.kernels.rtn import TORCH_DTYPES
+from bitalloc.types import FileBytes
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -57,17 +60,23 @@ def _unstored(runtime, layer, placement) -> str:
     return runtime.unstorable(f)
 
 
-def write_checkpoint(ws, doc, out: Path, layer_tensors: LayerTensors, quantization_config: dict,
-                     readme: str, extra: dict[str, str] | None = None) -> dict:
-    """Write the folder into `out`; returns its figures (levels written, stored bytes of the quantized layers)."""
-    from safetensors.torch import save_file
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a runtime's folder holds beside the model's own tensors and tokenizer: each quantized layer's tensors,
+    the config's `quantization_config`, and further files (name -> text)."""
 
-    formats = doc.formats()
-    module = ws.model.module
+    layer_tensors: LayerTensors
+    quantization_config: dict
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _tensors(ws, formats: dict, layer_tensors: LayerTensors, level) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The weights file's tensors (each searched layer's from `level(name, fmt)`), the levels written, and the
+    quantized layers' stored bytes."""
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     levels, stored = 0, 0
-    for key, t in module.state_dict(keep_vars=False).items():
+    for key, t in ws.model.module.state_dict(keep_vars=False).items():
         if t.data_ptr() in seen and t.numel():  # a tied head: stored once, as transformers saves it
             continue
         seen.add(t.data_ptr())
@@ -78,21 +87,99 @@ def write_checkpoint(ws, doc, out: Path, layer_tensors: LayerTensors, quantizati
         elif not fmt.quantized:
             tensors[key] = t.to(TORCH_DTYPES[fmt.scale_dtype])
         else:
-            own = layer_tensors(ws.levels.read(layer, fmt))
+            own = layer_tensors(level(layer, fmt))
             tensors.update({f"{layer}.{k}": v for k, v in own.items()})
             levels += 1
             stored += sum(v.numel() * v.element_size() for v in own.values())
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
-              metadata={"format": "pt"})
-    config = copy.deepcopy(module.config)
+    return tensors, levels, stored
+
+
+def _config(ws, quantization_config: dict):
+    config = copy.deepcopy(ws.model.module.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # a GGUF source's note: this folder is not that file
     config.quantization_config = quantization_config
-    config.save_pretrained(out)
+    return config
+
+
+def write_checkpoint(ws, formats: dict, out: Path, parts: Checkpoint, readme: str) -> dict:
+    """Write the folder into `out`; returns its figures (levels written, stored bytes of the quantized layers)."""
+    from safetensors.torch import save_file
+
+    tensors, levels, stored = _tensors(ws, formats, parts.layer_tensors, ws.levels.read)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
+              metadata=METADATA)
+    _config(ws, parts.quantization_config).save_pretrained(out)
     if ws.model.tokenizer is not None:
         ws.model.tokenizer.save_pretrained(out)
-    for name, text in (extra or {}).items():
+    for name, text in parts.extra.items():
         (out / name).write_text(text)
     (out / "README.md").write_text(readme)
     return {"levels": levels, "stored_layer_bytes": stored}
+
+
+def folder_bytes(runtime, ws) -> FileBytes | None:
+    """How the runtime's folder stores a point of the job `ws` opened, model card aside (`point_bytes` of the point
+    with every layer at the job's first format it takes, less those layers' tensors), each layer then adding its
+    tensors' bytes. The headers and JSON that name a point's formats (tensor shapes and offsets, the quantization
+    config's groups) differ from point to point by a few hundred bytes: `verify` reports the written folder's
+    difference. None for expert units, whose folders are not written yet (`check_storable`): bitalloc's count."""
+    if any(l.experts for l in ws.layers):
+        return None
+    formats = {l.name: next(f for f in ws.formats if f.quantized and f.fits(l.in_features)) for l in ws.layers}
+    total, stored = point_bytes(runtime, ws, formats)
+    return FileBytes(runtime.name, total - stored, kind="folder")
+
+
+def point_bytes(runtime, ws, formats: dict) -> tuple[int, int]:
+    """(the folder's bytes, model card aside; its quantized layers' tensor bytes) for the layers at `formats`,
+    computed without writing it or reading a level."""
+    from .base import Layer
+
+    layers = [Layer(l.name, formats[l.name], l.out_features, l.in_features, l.experts, l.embedding)
+              for l in ws.layers]
+    quantizers = {m: s.quantizer.params() for m, s in ws.levels.stores.items()}
+    parts = runtime.checkpoint(layers, ws.model.model_type, quantizers)
+    shapes = {l.name: l for l in layers}
+    tensors, _, stored = _tensors(ws, formats, parts.layer_tensors,
+                                  lambda name, fmt: PackedWeight.empty(fmt, shapes[name].out_features,
+                                                                       shapes[name].in_features))
+    text = _config(ws, parts.quantization_config).to_json_string(use_diff=True)
+    total = (safetensors_bytes(tensors, METADATA) + len(text.encode()) + tokenizer_bytes(ws)
+             + sum(len(t.encode()) for t in parts.extra.values()))
+    return total, stored
+
+
+def tokenizer_bytes(ws) -> int:
+    """The bytes of the files the model's tokenizer saves."""
+    import tempfile
+
+    if ws.model.tokenizer is None:
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        ws.model.tokenizer.save_pretrained(tmp)
+        return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+
+
+METADATA = {"format": "pt"}
+# safetensors writes tensors by dtype, widest first (its dtype enum in reverse), then by name
+_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+           torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
+           torch.int64: "I64"}
+_ORDER = list(_DTYPES.values())
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict) -> int:
+    """The size of the safetensors file `save_file(tensors, metadata=metadata)` writes: its 8-byte length, its JSON
+    header (tensors in the library's order, padded with spaces to 8 bytes) and the tensors' bytes."""
+    order = sorted(tensors, key=lambda k: (-_ORDER.index(_DTYPES[tensors[k].dtype]), k))
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    length = len(json.dumps(header, separators=(",", ":")).encode())
+    return 8 + length + (-length) % 8 + offset

@@ -68,9 +68,23 @@ class PythonRuntime(Runtime):
         if self.artifact:
             check_storable(self, doc)
 
+    def checkpoint(self, layers, model_type, quantizers):
+        """What its checkpoint folder holds for these layers beside the model's own tensors (`folder.Checkpoint`)."""
+        raise NotImplementedError
+
     def write_artifact(self, ws, picked, card, out: Path) -> dict:
         """Write the artifact of the picked point from the open job `ws`; returns its figures."""
-        raise NotImplementedError
+        from .base import layers_of
+        from .folder import write_checkpoint
+
+        doc = picked.config
+        return write_checkpoint(ws, doc.formats(), out, self.checkpoint(layers_of(doc), doc.model.type,
+                                                                        doc.quantizers), card.markdown(self.name))
+
+    def file_bytes(self, ws):
+        from .folder import folder_bytes
+
+        return folder_bytes(self, ws) if self.file_sized else None
 
     def build(self, picked, card, out, stages):
         from bitalloc.jobs.runner import open_workspace
@@ -110,7 +124,9 @@ class PythonRuntime(Runtime):
         files = sorted(p for p in artifact.rglob("*") if p.is_file())
         with stages.stage(f"{self.name}: measure"):
             point = weights_point(self.name, ws, picked, weights, stored, files)
-        point.details["artifact"] = 1.0
+        card = (artifact / "README.md").stat().st_size
+        point.details.update(artifact=1.0, card_bytes=float(card),
+                             front_minus_folder_bytes=float(picked.point.bytes - (point.file_bytes - card)))
         return point
 
     def _run_venv(self, command: str, *args: str) -> str:

@@ -6,7 +6,10 @@ nothing behind."""
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
@@ -139,6 +142,8 @@ def test_a_checkpoint_runtime_loads_its_artifact_as_the_levels(runtime, budget, 
     from bitalloc.jobs.spec import load_spec
     from bitalloc.progress import Stages
     from bitalloc.results import read_config
+    from bitalloc.runtimes import get_runtime
+    from bitalloc.runtimes.folder import point_bytes
     from helpers import python_runtime_job
 
     out = python_runtime_job(tiny_smollm, text_dir, tmp_path, runtime, budget=budget)
@@ -160,3 +165,27 @@ def test_a_checkpoint_runtime_loads_its_artifact_as_the_levels(runtime, budget, 
     assert built.details["layers_matching"] == len(quantized) and built.details["weight_max_rel_diff"] <= 2 ** -10
     assert built.stored_layer_bytes == built.counted_layer_bytes
     assert abs(built.loss - built.bitalloc_loss) <= 1e-2 * built.bitalloc_loss + 1e-9
+    # the front's bytes are the folder's, model card aside, up to the JSON that names the point's formats
+    folder = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file() and p.name != "README.md")
+    assert front_of(out).model.bytes_of == runtime
+    assert abs(point.bytes - folder) <= 1e-4 * folder and built.details["front_minus_folder_bytes"] == point.bytes - folder
+    assert point_bytes(get_runtime(runtime), ws, doc.formats())[0] == folder  # computed exactly, nothing written
+
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.int8, torch.uint8]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.dictionaries(st.text("abcdefgh._0123456789", min_size=1, max_size=12),
+                       st.tuples(st.sampled_from(_DTYPES), st.lists(st.integers(0, 40), max_size=3)), max_size=8))
+def test_the_counted_size_of_a_weights_file_is_the_written_one(tmp_path_factory, specs):
+    """The folder runtimes' front bytes rest on this: a safetensors file's size computed from its tensors' names,
+    dtypes and shapes is the size `save_file` writes, header and padding included."""
+    from safetensors.torch import save_file
+
+    from bitalloc.runtimes.folder import METADATA, safetensors_bytes
+
+    tensors = {k: torch.zeros(shape, dtype=dtype) for k, (dtype, shape) in specs.items()}
+    path = tmp_path_factory.mktemp("st") / "w.safetensors"
+    save_file(tensors, str(path), metadata=METADATA)
+    assert safetensors_bytes(tensors, METADATA) == path.stat().st_size

@@ -45,6 +45,18 @@ class PackedWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
 
+    @classmethod
+    def empty(cls, fmt: Format, out_features: int, in_features: int, device="meta") -> "PackedWeight":
+        """A level's tensors without values (on the meta device by default): its shapes and bytes."""
+        from .rtn import TORCH_DTYPES
+
+        groups = -(-in_features // fmt.group_size)
+        dtype = TORCH_DTYPES[fmt.scale_dtype]
+        return cls(torch.empty(out_features, words_per_row(in_features, fmt.bits), dtype=torch.int32, device=device),
+                   torch.empty(out_features, groups, dtype=dtype, device=device),
+                   None if fmt.symmetric else torch.empty(out_features, groups, dtype=dtype, device=device),
+                   fmt, in_features)
+
     def to(self, device) -> "PackedWeight":
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return PackedWeight(move(self.qweight), move(self.scales), move(self.zeros), self.fmt, self.in_features)

@@ -27,6 +27,7 @@ class GPTQModel(PythonRuntime):
     library = "gptqmodel"
     export_file = "quantize_config.json"
     artifact = "folder"  # a GPTQ checkpoint written from the levels (`build`)
+    file_sized = True  # the front's bytes are that folder's (`folder.folder_bytes`)
 
     def unstorable(self, fmt) -> str:
         # bits: what the gptq format and vLLM's GPTQ kernels run (5/6 bits are GPTQModel's gptq_p)
@@ -35,10 +36,10 @@ class GPTQModel(PythonRuntime):
                                               (f"GPTQ stores float16 scales, not {fmt.scale_dtype}",
                                                fmt.scale_dtype != "float16")) if bad)
 
-    def write_artifact(self, ws, picked, card, out) -> dict:
-        from .build import build
+    def checkpoint(self, layers, model_type, quantizers):
+        from .build import checkpoint
 
-        return build(self, ws, picked, card.markdown(self.name), out)
+        return checkpoint(self, layers, model_type, quantizers)
 
     def place_one(self, layer: Layer) -> Placement:
         f = layer.fmt

@@ -15,8 +15,8 @@ import torch
 
 from bitalloc.kernels.packed import pack_codes
 
-from ..base import layers_of
-from ..folder import write_checkpoint
+from ..folder import Checkpoint
+
 
 def layer_tensors(level) -> dict[str, torch.Tensor]:
     bits, gs = level.fmt.bits, level.fmt.group_size
@@ -27,7 +27,6 @@ def layer_tensors(level) -> dict[str, torch.Tensor]:
             "g_idx": torch.arange(level.in_features, dtype=torch.int32) // gs}
 
 
-def build(runtime, ws, picked, readme: str, out) -> dict:
-    doc = picked.config
-    text, _ = runtime.export(layers_of(doc), doc.model.type, nearest=False, quantizers=doc.quantizers)
-    return write_checkpoint(ws, doc, out, layer_tensors, json.loads(text), readme, {"quantize_config.json": text})
+def checkpoint(runtime, layers, model_type, quantizers) -> Checkpoint:
+    text, _ = runtime.export(layers, model_type, nearest=False, quantizers=quantizers)
+    return Checkpoint(layer_tensors, json.loads(text), {"quantize_config.json": text})

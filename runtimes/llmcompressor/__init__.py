@@ -31,14 +31,15 @@ class LLMCompressor(PythonRuntime):
     experts = True
     export_file = "llm-compressor recipe"
     artifact = "folder"  # a compressed-tensors checkpoint written from the levels (`build`)
+    file_sized = True  # the front's bytes are that folder's (`folder.folder_bytes`)
 
     def unstorable(self, fmt) -> str:
         return "" if fmt.symmetric else "compressed-tensors stores integer zero points, the levels float zero terms"
 
-    def write_artifact(self, ws, picked, card, out) -> dict:
-        from .build import build
+    def checkpoint(self, layers, model_type, quantizers):
+        from .build import checkpoint
 
-        return build(self, ws, picked, card.markdown(self.name), out)
+        return checkpoint(self, layers, model_type)
 
     def place_one(self, layer: Layer) -> Placement:
         f = layer.fmt

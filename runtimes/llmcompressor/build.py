@@ -12,8 +12,8 @@ import json
 
 import torch
 
-from ..base import by_value, layers_of
-from ..folder import write_checkpoint
+from ..base import by_value
+from ..folder import Checkpoint
 
 
 def layer_tensors(level) -> dict[str, torch.Tensor]:
@@ -21,13 +21,13 @@ def layer_tensors(level) -> dict[str, torch.Tensor]:
             "weight_shape": torch.tensor([level.out_features, level.in_features], dtype=torch.int64)}
 
 
-def quantization_config(runtime, doc) -> dict:
+def quantization_config(runtime, layers, model_type) -> dict:
     """compressed-tensors' `quantization_config`: one group per format (scales in the file's dtype, float16)."""
     from . import _matching
 
-    layers = [l for l in layers_of(doc) if not l.embedding]
+    layers = [l for l in layers if not l.embedding]
     units = {l.name: l for l in layers}
-    placed = runtime.place(layers, doc.model.type)
+    placed = runtime.place(layers, model_type)
     groups = {}
     for i, (key, names) in enumerate(by_value(layers, placed, lambda v: v is not None).items()):
         weights = {k: v for k, v in json.loads(key).items() if k != "scale_dtype"}
@@ -37,6 +37,5 @@ def quantization_config(runtime, doc) -> dict:
             "config_groups": groups, "ignore": ["lm_head"], "kv_cache_scheme": None}
 
 
-def build(runtime, ws, picked, readme: str, out) -> dict:
-    doc = picked.config
-    return write_checkpoint(ws, doc, out, layer_tensors, quantization_config(runtime, doc), readme)
+def checkpoint(runtime, layers, model_type) -> Checkpoint:
+    return Checkpoint(layer_tensors, quantization_config(runtime, layers, model_type))
