@@ -1,5 +1,7 @@
 """bitalloc's own runtime: its packed Triton kernels (`bitalloc.kernels`) run a packed checkpoint (`bitalloc pack`,
-`bitalloc.load_packed`): grouped 2-8 bit codes, asymmetric, group 64, from the `clip` or `rtn` quantizers."""
+`bitalloc.load_packed`): grouped 2-8 bit codes, asymmetric, groups of 64 or 128 (the kernels take any group size, a
+compile-time constant; 128 beside 64 gives the search cheaper steps: on the off-grid model the mixed point at uniform
+3-bit's bytes measured 0.68 KL against 0.76 with group 64 alone, uniform 1.27), from the `clip` or `rtn` quantizers."""
 
 from __future__ import annotations
 
@@ -8,10 +10,9 @@ from ..base import Runtime, register
 
 @register("bitalloc")
 class Packed(Runtime):
-    summary = "bitalloc's packed kernels: 2-8 bits, group 64, asymmetric"
+    summary = "bitalloc's packed kernels: 2-8 bits, groups 64/128, asymmetric"
     methods = ("clip", "rtn")
     bits = (2, 3, 4, 5, 6, 8)
-    group_sizes = (64,)
     symmetric = False
     export_file = None  # its artifact is the packed checkpoint (`bitalloc build`, or `pack`)
     artifact = "folder"
