@@ -370,7 +370,8 @@ def build(
     budget: Budget = None,
     point: Point = None,
     runtime: str = typer.Option(..., "--runtime", "-r", help="llamacpp (a .gguf), llmcompressor (compressed-tensors), "
-                                                             "gptqmodel (GPTQ) or bitalloc (a packed checkpoint)"),
+                                                             "gptqmodel (GPTQ), hqq (HQQ's saved model) or bitalloc "
+                                                             "(a packed checkpoint)"),
     output: Path = typer.Option(..., "-o", "--output", help="the artifact to write"),
     force: bool = typer.Option(False, "--force", help="replace OUTPUT if it exists"),
     tracking_uri: RunStore = None,

@@ -124,9 +124,11 @@ class PythonRuntime(Runtime):
         files = sorted(p for p in artifact.rglob("*") if p.is_file())
         with stages.stage(f"{self.name}: measure"):
             point = weights_point(self.name, ws, picked, weights, stored, files)
-        card = (artifact / "README.md").stat().st_size
-        point.details.update(artifact=1.0, card_bytes=float(card),
-                             front_minus_folder_bytes=float(picked.point.bytes - (point.file_bytes - card)))
+        point.details["artifact"] = 1.0
+        if picked.front.model.bytes_of == self.name:  # the front counts this folder's bytes: how close it came
+            card = (artifact / "README.md").stat().st_size
+            point.details.update(card_bytes=float(card),
+                                 front_minus_folder_bytes=float(picked.point.bytes - (point.file_bytes - card)))
         return point
 
     def _run_venv(self, command: str, *args: str) -> str:

@@ -9,13 +9,15 @@ bitalloc (the test suite keeps one: `.venv-runtimes`):
     python runtimes/venv.py check RUNTIME FILE [BITALLOC_CONFIG.json]
     python runtimes/venv.py build RUNTIME MODEL_DIR EXPORTED_FILE OUT_DIR [CALIBRATION.safetensors]
     python runtimes/venv.py load RUNTIME ARTIFACT OUT_DIR
+    python runtimes/venv.py write RUNTIME MODEL_DIR EXPORTED_FILE LEVELS.safetensors OUT_DIR
 
 `check` with a bitalloc config also checks, layer by layer, that the runtime resolves each quantized layer to the
 config's bits and group size, and that the runtime's GPTQ runs with the parameters of the GPTQ that made the
 config's levels. `build` writes OUT_DIR/weights.safetensors (module name -> float32 [out, in], as the runtime
 dequantizes it), OUT_DIR/stored.json (module name -> bytes the runtime stores) and, for checkpoint runtimes, the
 checkpoint the runtime saved. `load` reads an artifact `bitalloc build` wrote with the runtime's own loader and
-writes the same two files of it. Each prints one line; exits 1 on a mismatch or the runtime's error.
+writes the same two files of it. `write` saves, with the runtime's own code, an artifact holding the levels
+bitalloc hands it (HQQ's saved model, whose format only HQQ's serializer defines). Each prints one line; exits 1 on a mismatch or the runtime's error.
 """
 
 from __future__ import annotations
@@ -105,6 +107,9 @@ def main(argv: list[str]) -> int:
             print(check(runtime, args[0], config))
         elif command == "load":
             print(load(runtime).load(args[0], Path(args[1])))
+        elif command == "write":
+            model_dir, exported, levels, out = args
+            print(load(runtime).write(model_dir, exported, levels, Path(out)))
         else:
             model_dir, exported, out = args[:3]
             print(load(runtime).build(model_dir, exported, Path(out), args[3] if len(args) > 3 else None))

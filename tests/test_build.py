@@ -76,7 +76,8 @@ def test_an_existing_output_or_a_point_the_runtime_cannot_store_is_refused(llama
     assert "--output" in err and ".gguf" in err
     err = one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "hqq", "-o",
                                    str(tmp_path / "hqq")])
-    assert "--runtime" in err and "llamacpp" in err and "export" in err
+    assert "--runtime" in err and "nearest" in err and "formats.target: hqq" in err
+    assert not (tmp_path / "hqq").exists()
     err = one_line_error(capsys, ["build", str(llamacpp_job), "--point", "1", "--runtime", "gptqmodel", "-o",
                                    str(tmp_path / "gptq")])
     assert "--runtime" in err and "nearest" in err and "formats.target: gptqmodel" in err
@@ -189,3 +190,39 @@ def test_the_counted_size_of_a_weights_file_is_the_written_one(tmp_path_factory,
     path = tmp_path_factory.mktemp("st") / "w.safetensors"
     save_file(tensors, str(path), metadata=METADATA)
     assert safetensors_bytes(tensors, METADATA) == path.stat().st_size
+
+
+def test_hqqs_artifact_is_its_saved_model_of_the_levels(tiny_smollm, text_dir, tmp_path):
+    """`build --runtime hqq` writes HQQ's saved model (its serializer's `qmodel.pt` and `config.json`, plus the
+    tokenizer and card) whose packed codes are the level store's; HQQ's own loader reads every layer back as
+    bitalloc's level, at the bytes counted, measuring the front's KL."""
+    from hqq.core.quantize import Quantizer
+
+    from bitalloc.jobs.runner import open_workspace
+    from bitalloc.jobs.spec import load_spec
+    from bitalloc.kernels.packed import unpack
+    from bitalloc.progress import Stages
+    from bitalloc.results import read_config
+    from helpers import python_runtime_job
+
+    out = python_runtime_job(tiny_smollm, text_dir, tmp_path, "hqq", budget=3.5)
+    artifact = tmp_path / "artifact"
+    main(["build", str(out), "--point", "1", "--runtime", "hqq", "-o", str(artifact)])
+    assert {"qmodel.pt", "config.json", "README.md", "tokenizer.json"} <= {p.name for p in artifact.iterdir()}
+    point = front_of(out).mixed[0]
+    quantized = {n: f for n, f in read_config(out / point.config).formats().items() if f.quantized}
+    assert len({f.bits for f in quantized.values()}) > 1  # a mixed point
+    saved = torch.load(artifact / "qmodel.pt", weights_only=True)
+    ws = open_workspace(load_spec(out / "spec.yaml"), Stages())
+    for name, fmt in quantized.items():
+        layer = saved[name]
+        packing = layer["packing"]  # HQQ's serializer keeps its meta as plain values (no tensor encoding)
+        codes = unpack(ws.levels.read(name, fmt)).codes
+        groups = codes.numel() // fmt.group_size
+        theirs = Quantizer.unpack[packing](layer["W_q"])[:groups].reshape(codes.shape)
+        assert theirs.to(torch.uint8).equal(codes), name
+    main(["verify", str(out), "--point", "1", "--runtime", "hqq"])
+    (built,) = front_of(out).runtime_points
+    assert built.details["artifact"] == 1 and built.details["layers_matching"] == len(quantized)
+    assert built.stored_layer_bytes == built.counted_layer_bytes
+    assert abs(built.loss - built.bitalloc_loss) <= 0.02 * built.bitalloc_loss

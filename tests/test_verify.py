@@ -106,12 +106,12 @@ def test_a_gguf_that_spells_a_held_out_token_otherwise_is_refused(tiny_smollm, t
 
 
 def test_hqq_builds_the_point_with_the_bytes_counted(tiny_smollm, text_dir, tmp_path):
-    """HQQ's own code applies the exported per-tag config to the model in float16: every layer's weights are
+    """With --recipe, HQQ's own code applies the exported per-tag config to the model in float16: every layer's weights are
     bitalloc's levels (made by the same package, from the weights in HQQ's compute dtype, as its runtime config
     starts them) up to float16 arithmetic; its packed weights, scales and zeros are the bytes counted, and the model
     measures as the front's point did."""
     out = python_runtime_job(tiny_smollm, text_dir, tmp_path, "hqq")
-    main(["verify", str(out), "--point", "1", "--runtime", "hqq"])
+    main(["verify", str(out), "--point", "1", "--runtime", "hqq", "--recipe"])
     (built,) = front_of(out).runtime_points
     quantized = [f for f in read_config(out / built.config).formats().values() if f.quantized]
     assert quantized and built.details["layers_matching"] == len(quantized)

@@ -5,6 +5,7 @@ each tag to its most precise format."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from bitalloc.quantizers.layouts import HQQ_BITS
 
@@ -25,6 +26,43 @@ class HQQ(PythonRuntime):
     symmetric = False
     library = "hqq"
     export_file = "HqqConfig arguments (JSON)"
+    artifact = "folder"  # HQQ's saved model holding the levels (`build`): qmodel.pt, config.json, tokenizer
+
+    def unstorable(self, fmt) -> str:
+        return "" if fmt.scale_dtype == "float16" else f"HQQ's saved model keeps float16 scales, not {fmt.scale_dtype}"
+
+    def write_artifact(self, ws, picked, card, out) -> dict:
+        """HQQ's saved model of the point, written by HQQ's own serializer around the job's levels (`venv.write`):
+        the model handed over as a float folder, each quantized layer's codes, scales and zero points beside it."""
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        from bitalloc.kernels.packed import unpack
+
+        from ..base import layers_of
+        from ..python import as_folder
+
+        doc = picked.config
+        text, _ = self.export(layers_of(doc), doc.model.type, nearest=False, quantizers=doc.quantizers)
+        levels = {}
+        for name, fmt in doc.formats().items():
+            if fmt.quantized:
+                q = unpack(ws.levels.read(name, fmt))
+                scale = q.scales.float()
+                levels.update({f"{name}.codes": q.codes.contiguous(), f"{name}.scale": q.scales.contiguous(),
+                               f"{name}.zero": (-q.zeros.float() / scale).to(q.scales.dtype).contiguous()})
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            model_dir = as_folder(ws, work / "model")
+            (work / "export.json").write_text(text)
+            save_file(levels, str(work / "levels.safetensors"))
+            self._run_venv("write", str(model_dir), str(work / "export.json"), str(work / "levels.safetensors"),
+                           str(out))
+        if ws.model.tokenizer is not None:
+            ws.model.tokenizer.save_pretrained(out)
+        (out / "README.md").write_text(card.markdown(self.name))
+        return {"levels": len(levels) // 3}
 
     def tie_key(self, name: str) -> str:
         return hqq_tag(name)  # one format per layer tag across blocks
