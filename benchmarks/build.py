@@ -4,13 +4,15 @@ runtime's weights give against the front's, and how many layers hold bitalloc's 
 runtime's own quantization of the same point takes (llama-quantize of the exported types; llm-compressor's and
 GPTQModel's own quantize from the exported recipe, `verify --recipe`). Prints one table per model.
 
-    .venv/bin/python benchmarks/build.py [--models default,offgrid] [--work DIR]
+    .venv/bin/python benchmarks/build.py [--models default,offgrid,1b] [--work DIR]
                                          [--runtimes llamacpp,llmcompressor,gptqmodel,bitalloc]
 
 One job per model and runtime (`jobs/examples/smollm2.yaml`'s data and estimator, `formats.target` the runtime, one
 budget of 4.5 average bits); its first mixed point is built, loaded and verified. Needs `.venv-runtimes` for the
 Python runtimes (`./dev test` builds it) and llama.cpp's tools (built on first use). Finished jobs are read from
---work.
+--work. `1b` is a random-init Llama-3.2-1B shape (float32, SmolLM2's tokenizer) with small jobs of two or three
+formats of each runtime's kind (llama.cpp, llm-compressor's rtn-int, bitalloc's rtn): only its build time and size are
+measured.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rich.table import Table
 
 from bitalloc.offgrid import offgrid_gguf
 from bitalloc.results import read_front
+from llamacpp_evaluator import one_b  # the random-init Llama-3.2-1B shape, saved once
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES_PYTHON = os.environ.get("BITALLOC_RUNTIMES_PYTHON") or str(ROOT / ".venv-runtimes" / "bin" / "python")
@@ -48,7 +51,14 @@ def cli(*args: str) -> float:
     return timed([sys.executable, "-m", "bitalloc.cli", *args])
 
 
-def job(source: str, runtime: str, out: Path) -> None:
+# the 1B shape's jobs: two or three formats each, the runtime's own kind, a data-free estimator and little data (the
+# build is what is timed; its KL means nothing on random weights)
+ONE_B_FORMATS = {"llamacpp": {"types": ["q4_K", "q6_K", "q8_0"]},
+                 "llmcompressor": {"bits": [4, 8], "group_size": 128, "symmetric": True, "method": "rtn-int"},
+                 "bitalloc": {"bits": [4, 8], "group_size": 128, "method": "rtn"}}
+
+
+def job(source: str, runtime: str, out: Path, one_b: bool = False) -> None:
     if (out / "front.json").is_file():
         return
     spec = yaml.safe_load((ROOT / "jobs" / "examples" / "smollm2.yaml").read_text())
@@ -56,6 +66,11 @@ def job(source: str, runtime: str, out: Path) -> None:
     spec["model"]["source"] = source
     spec["formats"] = {"target": runtime}
     spec["search"].update(budgets=[4.5], points=0)
+    if one_b:
+        spec["formats"] = ONE_B_FORMATS[runtime]
+        spec["data"].update(seq_len=256, calibration=2, evaluation=2)
+        spec["sensitivity"] = {"estimator": "sqnr"}
+        spec["search"].update(budgets=[5.0])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".yaml").write_text(yaml.safe_dump(spec))
     cli("run", str(out.with_suffix(".yaml")), "--workers", "0")
@@ -86,19 +101,23 @@ def own_quantize_seconds(runtime: str, out: Path) -> float | None:
 def bench(model: str, source: str, runtimes: list[str], work: Path, console: Console) -> None:
     table = Table("runtime", "build s", "artifact MiB", "front MiB", "front - artifact bytes", "load s", "runtime KL",
                   "front KL", "KL diff", "layers matching", "runtime's own quantize s",
-                  title=f"bitalloc build on {model} (4.5 average bits, 2 cores)")
+                  title=f"bitalloc build on {model} ({5.0 if model == '1b' else 4.5} average bits, 2 cores)")
     for runtime in runtimes:
         out = work / model / runtime
-        job(source, runtime, out)
+        job(source, runtime, out, one_b=model == "1b")
         suffix = ".gguf" if runtime == "llamacpp" else ""
         artifact = work / model / f"{runtime}-artifact{suffix}"
         build_s = cli("build", str(out), "--point", "1", "--runtime", runtime, "-o", str(artifact), "--force")
         # a folder's model card (README.md) aside, as the front counts it; a GGUF's card keys are inside the file
         size = artifact.stat().st_size if artifact.is_file() else sum(f.stat().st_size for f in artifact.rglob("*")
                                                                          if f.is_file() and f.name != "README.md")
-        load_s = load_seconds(runtime, artifact)
         front = read_front(out / "front.json")
         point = front.mixed[0]
+        if model == "1b":  # the build's time and size only: loading and measuring random weights says nothing here
+            table.add_row(runtime, f"{build_s:.1f}", f"{size / 2**20:.2f}", f"{point.bytes / 2**20:.2f}",
+                          f"{point.bytes - size:+,}", *["-"] * 6)
+            continue
+        load_s = load_seconds(runtime, artifact)
         own = own_quantize_seconds(runtime, out)
         cli("verify", str(out), "--point", "1", "--runtime", runtime)
         front = read_front(out / "front.json")
@@ -120,8 +139,10 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     for model in args.models.split(","):
-        source = "smollm2-135m" if model == "default" else str(offgrid_gguf(args.work / "models"))
-        bench(model, source, args.runtimes.split(","), args.work, console)
+        source = {"default": lambda: "smollm2-135m", "offgrid": lambda: str(offgrid_gguf(args.work / "models")),
+                  "1b": lambda: str(one_b(args.work / "models" / "llama-1b"))}[model]()
+        runtimes = [r for r in args.runtimes.split(",") if model != "1b" or r in ONE_B_FORMATS]
+        bench(model, source, runtimes, args.work, console)
 
 
 if __name__ == "__main__":

@@ -374,13 +374,17 @@ def build(
                                                              "(a packed checkpoint)"),
     output: Path = typer.Option(..., "-o", "--output", help="the artifact to write"),
     force: bool = typer.Option(False, "--force", help="replace OUTPUT if it exists"),
+    nearest: bool = typer.Option(False, "--nearest", help="write layers the runtime cannot store as measured at its "
+                                                          "nearest format, made by its own quantizer (a model the "
+                                                          "front did not measure; the card says which layers)"),
     tracking_uri: RunStore = None,
 ):
     """Write the model a runtime serves for one measured point, from the job's levels (never quantized again), with a
     model card: what the front measured, byte for byte."""
     from bitalloc.jobs.build import build as run_build
 
-    built = run_build(target, avg_bits, budget, point, runtime, output, force, tracking_uri, Console(stderr=True))
+    built = run_build(target, avg_bits, budget, point, runtime, output, force, tracking_uri, Console(stderr=True),
+                      nearest)
     p, doc = built.picked.point, built.picked.config
     m = built.picked.front.metric.metric()
     whose = built.picked.front.model.bytes_of or "bitalloc's count"
@@ -388,6 +392,10 @@ def build(
         size = f"{built.bytes:,} bytes: the front's {built.counted:,} + {built.card_bytes:,} of model card"
     else:
         size = f"{built.bytes:,} bytes on disk; the front counts {built.counted:,} ({whose})"
+    changed = built.details.get("nearest_layers")
+    if changed:
+        size += (f"; {changed} layers at {runtime}'s nearest format (--nearest), made by its own quantizer: not the "
+                 f"model whose {m.loss_label} this is (verify --nearest measures it)")
     _out().print(f"wrote {output} ({runtime}) from {built.picked.folder}: {p.label}, {doc.totals.avg_bits:.3f} avg "
                  f"bits, {m.loss_label} {p.loss:.4f}, {m.quality_label} {p.quality:.4g}; {size}; "
                  f"{built.seconds:.1f} s", markup=False)

@@ -72,8 +72,48 @@ def check_disk(output: Path, needed: int) -> None:
                                         f"{free / 2**20:.0f} MiB free")
 
 
+def nearest_point(runtime, picked: Picked) -> tuple[Picked, list[str]]:
+    """The point as the runtime stores its nearest (`build --nearest`): each layer whose level its artifact cannot
+    hold as measured at the format the runtime writes for it (its export's placement), made by the runtime's own
+    quantizer on the job's calibration data when the artifact is written (the job's spec, its formats those of this
+    point); every other layer as measured. One line per changed layer."""
+    from dataclasses import asdict
+
+    from bitalloc.results import FormatDoc
+    from bitalloc.runtimes import layers_of
+
+    from .spec import FormatsSpec
+
+    doc = picked.config
+    layers = layers_of(doc)
+    stored, _ = runtime.without_embeddings(layers)
+    placed = runtime.place(stored, doc.model.type)
+    formats, changed = {}, []
+    for l in layers:
+        fmt = l.fmt
+        if fmt.quantized and (l.name not in placed or runtime.unstored(l, placed[l.name])):
+            fmt = runtime.format_of(placed[l.name].value if l.name in placed else None)
+            changed.append(f"{l.name}: {l.fmt.name} -> {fmt.name}")
+        formats[l.name] = fmt
+    params = {part.resolved_method(): part.params for part in picked.spec.formats}
+    parts, kinds = [], sorted(set(formats.values()))
+    for f in kinds:
+        if f.ggml:
+            parts.append(FormatsSpec(method="gguf", types=[f.ggml], params=params.get("gguf", {})))
+        else:
+            parts.append(FormatsSpec(method=f.method, bits=[f.bits], group_size=f.group_size or 64,
+                                     symmetric=f.symmetric, scale_dtype=f.scale_dtype,
+                                     params=params.get(f.method, {}) if f.quantized else {}))
+    embedded = runtime.embeddings and bool(doc.embeddings)  # searched where the runtime stores it, as the job did
+    spec = picked.spec.model_copy(update={"formats": parts,
+                                          "model": picked.spec.model.model_copy(update={"embeddings": embedded})})
+    config = doc.model_copy(update={"layers": {n: FormatDoc(**asdict(f)) for n, f in formats.items()},
+                                    "quantizers": {m: q.params() for m, q in spec.quantizers().items()}})
+    return Picked(picked.folder, picked.front, picked.point, config, spec), changed
+
+
 def build(target: str, avg_bits, budget, point, runtime_name: str, output: Path, force: bool,
-          tracking_uri: Optional[str], console: Console) -> Built:
+          tracking_uri: Optional[str], console: Console, nearest: bool = False) -> Built:
     runtime = get_runtime(runtime_name)
     if not runtime.artifact:
         raise BitallocError("--runtime", f"build writes {', '.join(builders())} artifacts; {runtime_name}'s is not "
@@ -84,14 +124,23 @@ def build(target: str, avg_bits, budget, point, runtime_name: str, output: Path,
     start = time.perf_counter()
     with job_folder(target, tracking_uri) as folder:
         picked = pick(folder, avg_bits, budget, point)
-        runtime.check_buildable(picked.config)
+        changed: list[str] = []
+        try:
+            runtime.check_buildable(picked.config)
+        except BitallocError:
+            if not nearest:
+                raise
+            picked, changed = nearest_point(runtime, picked)
+            runtime.check_buildable(picked.config)
         check_disk(output, picked.point.bytes + SLACK)
-        card = model_card(picked)
+        card = model_card(picked, changed)
         staging = (output.parent / f".{output.name}.partial" if runtime.artifact == "file" else staging_dir(output))
         _remove(staging)
         try:
             with Stages(console) as stages:
                 details = runtime.build(picked, card, staging, stages)
+            if changed:
+                details["nearest_layers"] = len(changed)
             if runtime.artifact == "file":
                 output.parent.mkdir(parents=True, exist_ok=True)
                 staging.replace(output)

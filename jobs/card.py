@@ -28,6 +28,8 @@ class Card:
     quality: float
     data: str
     runtime_measured: dict[str, float]  # runtime -> its loss, quality (as `verify` recorded them)
+    nearest: tuple[str, ...] = ()  # built with --nearest: the layers at the runtime's nearest format instead
+
 
     def entries(self) -> dict[str, str | int | float]:
         """GGUF metadata keys."""
@@ -38,6 +40,8 @@ class Card:
                f"bitalloc.{self.loss_key}": self.loss, f"bitalloc.{self.quality_key}": self.quality,
                "bitalloc.data": self.data}
         out.update({f"bitalloc.verify.{k}": v for k, v in self.runtime_measured.items()})
+        if self.nearest:
+            out["bitalloc.nearest"] = "; ".join(self.nearest)
         return out
 
     def formats_line(self) -> str:
@@ -48,9 +52,12 @@ class Card:
         rows = "\n".join(f"| {kind} | " + ", ".join(f"{f} × {n}" for f, n in sorted(fmts.items())) + " |"
                          for kind, fmts in sorted(self.formats.items()))
         measured = "\n".join(f"| {k} | {v:.6g} |" for k, v in self.runtime_measured.items()) or "| not run | |"
+        how = ("every searched layer is the level bitalloc measured, as the runtime stores it." if not self.nearest
+               else f"built with `--nearest`: {len(self.nearest)} layers are at the runtime's nearest format, made by "
+                    f"its own quantizer, not the levels bitalloc measured, so this model is not the point whose figures "
+                    f"follow (`bitalloc verify --nearest` measures it): " + "; ".join(self.nearest) + ".")
         return (f"# {self.base_model}, {self.point} ({self.avg_bits:.3f} average bits) for {runtime}\n\n"
-                f"Quantized by bitalloc {__version__}: every searched layer is the level bitalloc measured, as the "
-                f"runtime stores it.\n\n"
+                f"Quantized by bitalloc {__version__}: {how}\n\n"
                 f"- base model: `{self.base_model}` (content sha256 `{self.base_model_sha256}`)\n"
                 f"- bytes: {self.bytes:,} ({self.bytes_of})\n"
                 f"- bitalloc measured: {self.loss_key} {self.loss:.6g}, {self.quality_key} {self.quality:.6g} on "
@@ -65,8 +72,8 @@ def layer_kind(name: str) -> str:
     return re.sub(r"\.\d+\.", ".N.", name)
 
 
-def model_card(picked) -> Card:
-    """The card of a picked point (`jobs.verify.Picked`)."""
+def model_card(picked, nearest: list[str] = ()) -> Card:
+    """The card of a picked point (`jobs.verify.Picked`); `nearest`: the layers `build --nearest` changed."""
     front, point, doc = picked.front, picked.point, picked.config
     metric = front.metric.metric()
     kinds: dict[str, Counter] = {}
@@ -79,7 +86,15 @@ def model_card(picked) -> Card:
         if r.kind == "point" and r.config == point.config:
             measured.update({f"{r.runtime}.{metric.loss}": r.loss, f"{r.runtime}.{metric.quality}": r.quality})
     return Card(front.model.source, front.model.content_hash, doc.job_spec_hash, point.label, point.avg_bits,
-                point.bytes, f"{front.model.bytes_of}'s file" if front.model.bytes_of else "bitalloc's count",
+                point.bytes, _whose(front.model.bytes_of),
                 {k: dict(v) for k, v in kinds.items()}, metric.loss, point.loss, metric.quality, point.quality,
                 f"{front.data.evaluation_tokens:,} held-out tokens of {source} ({front.data.hash})",
-                measured)
+                measured, tuple(nearest))
+
+
+def _whose(runtime: str | None) -> str:
+    if not runtime:
+        return "bitalloc's count"
+    from bitalloc.runtimes import get_runtime
+
+    return f"{runtime}'s {'file' if get_runtime(runtime).artifact == 'file' else 'folder, model card aside'}"

@@ -149,6 +149,16 @@ class Runtime:
     def check_buildable(self, doc) -> None:
         """Refuse, before any work, a point whose formats this runtime's artifact cannot store as they were measured."""
 
+    def unstored(self, layer: Layer, placement: Placement | None) -> str:
+        """Why its artifact cannot hold this layer's level as measured ("": it can)."""
+        return ""
+
+    def format_of(self, value: Any) -> Format:
+        """The format (made by its own quantizer) of what it writes for a layer (a `Placement`'s value): what
+        `build --nearest` makes levels of."""
+        raise BitallocError("--nearest", f"{self.name}'s artifact has no nearest formats; build a point of a job "
+                                         f"searched with formats.target: {self.name}")
+
     def build(self, picked, card, out: Path, stages) -> dict:
         """Write the artifact of the picked point (`jobs.verify.Picked`) to `out`, with the model
         card (`jobs.card.Card`); returns its figures (`card_bytes`: what the card adds to a file)."""

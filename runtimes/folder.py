@@ -43,7 +43,7 @@ def check_storable(runtime, doc) -> None:
             near = _show(placed[l.name].value) if l.name in placed else "16-bit"
             raise BitallocError("--runtime", f"{l.name} is at {l.fmt.name}, which {runtime.name} does not store as "
                                              f"bitalloc measured it ({why}; its nearest: {near}); build a point of a "
-                                             f"job searched with formats.target: {runtime.name}")
+                                             f"job searched with formats.target: {runtime.name}, or pass --nearest")
 
 
 def _unstored(runtime, layer, placement) -> str:

@@ -62,6 +62,11 @@ class PythonRuntime(Runtime):
         """Why the artifact cannot hold a level at `fmt` that the runtime places exactly ("": it can)."""
         return ""
 
+    def unstored(self, layer, placement) -> str:
+        from .folder import _unstored
+
+        return _unstored(self, layer, placement)
+
     def check_buildable(self, doc) -> None:
         from .folder import check_storable
 

@@ -64,7 +64,7 @@ def test_the_gguf_is_llama_quantizes_file_of_the_levels_with_the_card(llamacpp_j
     assert card["bitalloc.job_spec.sha256"] == doc.job_spec_hash
 
 
-def test_an_existing_output_or_a_point_the_runtime_cannot_store_is_refused(llamacpp_job, tiny_llama, text_dir,
+def test_an_existing_output_or_a_point_the_runtime_cannot_store_is_refused(llamacpp_job, tiny_smollm, text_dir,
                                                                           tmp_path, capsys):
     out = tmp_path / "model.gguf"
     out.write_text("mine")
@@ -83,7 +83,7 @@ def test_an_existing_output_or_a_point_the_runtime_cannot_store_is_refused(llama
     assert "--runtime" in err and "nearest" in err and "formats.target: gptqmodel" in err
     assert not (tmp_path / "gptq").exists()
     rtn = tmp_path / "rtn"
-    spec = tiny_job(tiny_llama, text_dir, rtn, search={"budgets": [4.0], "points": 1}, tracking={"enabled": False})
+    spec = tiny_job(tiny_smollm, text_dir, rtn, search={"budgets": [4.0], "points": 1}, tracking={"enabled": False})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     main(["run", str(tmp_path / "job.yaml")])
     capsys.readouterr()
@@ -91,6 +91,32 @@ def test_an_existing_output_or_a_point_the_runtime_cannot_store_is_refused(llama
                                    str(tmp_path / "rtn.gguf")])
     assert "--runtime" in err and "nearest" in err and "formats.target: llamacpp" in err
     assert not (tmp_path / "rtn.gguf").exists() and not list(tmp_path.glob(".*partial*"))
+    # --nearest: every layer at llama.cpp's nearest type, made by llama-quantize; the card names the layers changed
+    from gguf import GGUFReader
+
+    from bitalloc.results import read_config
+    from bitalloc.runtimes import get_runtime, layers_of
+
+    main(["build", str(rtn), "--point", "1", "--runtime", "llamacpp", "-o", str(tmp_path / "rtn.gguf"), "--nearest"])
+    assert "nearest format (--nearest)" in capsys.readouterr().out
+    doc = read_config(rtn / front_of(rtn).mixed[0].config)
+    wanted = {l.name: p.value for l, p in zip(layers_of(doc), get_runtime("llamacpp").place(layers_of(doc),
+                                                                                         doc.model.type).values())}
+    reader = GGUFReader(tmp_path / "rtn.gguf")
+    card = reader.fields["bitalloc.nearest"]
+    assert bytes(card.parts[card.data[0]]).decode().count(" -> ") == len(wanted)
+    types = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+    from bitalloc.quantizers.gguf.files import tensor_names
+
+    names = tensor_names(doc.model.type, list(wanted))
+    assert len(set(wanted.values())) > 1 and all(types[names[n]] == v.lower() for n, v in wanted.items())
+    # a Python runtime's nearest: HQQ's levels made by its own quantizer, written by its serializer
+    from bitalloc.runtimes.python import ROOT
+
+    if (ROOT / ".venv-runtimes" / "bin" / "python").exists():
+        main(["build", str(rtn), "--point", "1", "--runtime", "hqq", "-o", str(tmp_path / "hqq"), "--nearest"])
+        card = (tmp_path / "hqq" / "README.md").read_text()
+        assert (tmp_path / "hqq" / "qmodel.pt").is_file() and "built with `--nearest`" in card and "-hqq" in card
 
 
 def test_an_interrupted_build_leaves_nothing(llamacpp_job, tmp_path, monkeypatch, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from bitalloc.formats import KEEP_BITS, Format
 from bitalloc.quantizers import get_quantizer
 
 from ..base import FUSED, Layer, Placement, anchored, by_value, from_ggml, gptq_params, register
@@ -40,6 +41,10 @@ class GPTQModel(PythonRuntime):
         from .build import checkpoint
 
         return checkpoint(self, layers, model_type, quantizers)
+
+    def format_of(self, value) -> Format:
+        return Format(KEEP_BITS) if value is None else Format(value["bits"], value["group_size"], value["sym"],
+                                                              "float16", "gptq")
 
     def place_one(self, layer: Layer) -> Placement:
         f = layer.fmt

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bitalloc.formats import KEEP_BITS, Format
 from bitalloc.quantizers.layouts import HQQ_BITS
 
 from ..base import Layer, Placement, from_ggml, register
@@ -89,6 +90,10 @@ class HQQ(PythonRuntime):
                                     else f"HQQ cannot keep one {tag} in 16 bits while quantizing the others")
                     placed[l.name] = Placement(shared, False, why)
         return placed
+
+    def format_of(self, value) -> Format:
+        return Format(KEEP_BITS) if value is None else Format(value["nbits"], value["group_size"], False, "float16",
+                                                              "hqq")
 
     def _one(self, layer: Layer) -> Placement:
         f = layer.fmt

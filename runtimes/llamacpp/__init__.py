@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from bitalloc.formats import Format
+from bitalloc.formats import KEEP_BITS, Format
 from bitalloc.quantizers.gguf.ggml import GGML_TYPES, stored_type
 
 from ..base import Layer, Placement, Runtime, register
@@ -84,6 +84,14 @@ class LlamaCpp(Runtime):
 
     def place_one(self, layer: Layer) -> Placement:
         return ggml_type(layer.fmt, layer.in_features)
+
+    def unstored(self, layer, placement) -> str:
+        return "" if layer.fmt.ggml or not layer.fmt.quantized else "not a level llama-quantize made"
+
+    def format_of(self, value) -> Format:
+        if value in ("f16", "bf16"):
+            return Format(KEEP_BITS, scale_dtype="float16" if value == "f16" else "bfloat16")
+        return Format.of_ggml(value)
 
     def render(self, layers, placed, model_type, quantizers) -> str:
         from bitalloc.quantizers.gguf.files import tensor_names

@@ -11,6 +11,7 @@ for byte.
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from bitalloc.errors import BitallocError
 from bitalloc.quantizers.gguf.files import float_gguf, imatrix_file, quantized_metadata, row_order, tensor_names
@@ -23,16 +24,16 @@ RECIPE_FILE_TYPE = 7  # LLAMA_FTYPE_MOSTLY_Q8_0: the base type the export's llam
 
 
 def check_storable(doc) -> None:
-    """Every layer of the point at a llama.cpp type: others have no level llama.cpp stores as measured."""
+    """Every quantized layer of the point at a llama.cpp type: others have no level llama.cpp stores as measured
+    (a 16-bit layer is written as llama.cpp's f16 or bf16 of the float tensor)."""
     for name, fmt in doc.formats().items():
-        if not fmt.ggml:
+        if fmt.quantized and not fmt.ggml:
             from . import ggml_type
 
             nearest = ggml_type(fmt, doc.shapes[name][-1] if doc.shapes.get(name) else 0).value
             raise BitallocError("--runtime", f"{name} is at {fmt.name}, which a GGUF does not store as bitalloc "
                                              f"measured it (llama.cpp's nearest: {nearest}); build a point of a job "
-                                             f"searched with formats.target: llamacpp, or export the config with "
-                                             f"--format llamacpp --nearest for llama-quantize to make")
+                                             f"searched with formats.target: llamacpp, or pass --nearest")
 
 
 class FileLayout:
@@ -71,7 +72,13 @@ class FileLayout:
         for t in self.floats:
             raw, ttype = np.asarray(t.data).view(np.uint8), t.tensor_type
             name = self.layer_of.get(t.name)
-            if name in formats:
+            if name in formats and not formats[name].quantized:  # kept in 16 bits: llama.cpp's f16 or bf16 of it
+                from gguf.quants import dequantize, quantize
+
+                qtype = GGMLQuantizationType.F16 if formats[name].scale_dtype == "float16" else GGMLQuantizationType.BF16
+                raw = quantize(dequantize(np.asarray(t.data), ttype), qtype).view(np.uint8)
+                ttype = qtype
+            elif name in formats:
                 fmt = formats[name]
                 blocks = self.levels.read(name, fmt).blocks.cpu().numpy()  # the loaded model's row order
                 order = self._order(name, t, blocks.shape[0])

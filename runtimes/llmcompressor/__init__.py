@@ -16,6 +16,8 @@ import re
 
 import yaml
 
+from bitalloc.formats import KEEP_BITS, Format
+
 from ..base import FUSED, Layer, Placement, by_value, from_ggml, gptq_params, register
 from ..python import PythonRuntime
 
@@ -40,6 +42,10 @@ class LLMCompressor(PythonRuntime):
         from .build import checkpoint
 
         return checkpoint(self, layers, model_type)
+
+    def format_of(self, value) -> Format:
+        return Format(KEEP_BITS) if value is None else Format(value["num_bits"], value["group_size"],
+                                                              value["symmetric"], "float16", self.methods[0])
 
     def place_one(self, layer: Layer) -> Placement:
         f = layer.fmt
