@@ -54,7 +54,7 @@ def cli(*args: str) -> float:
 # the 1B shape's jobs: two or three formats each, the runtime's own kind, a data-free estimator and little data (the
 # build is what is timed; its KL means nothing on random weights)
 ONE_B_FORMATS = {"llamacpp": {"types": ["q4_K", "q6_K", "q8_0"]},
-                 "llmcompressor": {"bits": [4, 8], "group_size": 128, "symmetric": True, "method": "rtn-int"},
+                 "llmcompressor": {"target": "llmcompressor", "method": "rtn-int"},  # its folder's bytes
                  "bitalloc": {"bits": [4, 8], "group_size": 128, "method": "rtn"}}
 
 
@@ -71,6 +71,7 @@ def job(source: str, runtime: str, out: Path, one_b: bool = False) -> None:
         spec["data"].update(seq_len=256, calibration=2, evaluation=2)
         spec["sensitivity"] = {"estimator": "sqnr"}
         spec["search"].update(budgets=[5.0])
+        spec["model"]["embeddings"] = runtime == "llamacpp"  # where the runtime stores it quantized, as its target
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".yaml").write_text(yaml.safe_dump(spec))
     cli("run", str(out.with_suffix(".yaml")), "--workers", "0")
@@ -137,7 +138,7 @@ def main() -> None:
     parser.add_argument("--runtimes", default="llamacpp,llmcompressor,gptqmodel,bitalloc")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-build")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=200)
     for model in args.models.split(","):
         source = {"default": lambda: "smollm2-135m", "offgrid": lambda: str(offgrid_gguf(args.work / "models")),
                   "1b": lambda: str(one_b(args.work / "models" / "llama-1b"))}[model]()
