@@ -2,10 +2,10 @@
 its size on disk against the front's bytes (a folder's model card aside), the time the runtime's own loader takes to load it, the KL the
 runtime's weights give against the front's, and how many layers hold bitalloc's levels; beside it, the time the
 runtime's own quantization of the same point takes (llama-quantize of the exported types; llm-compressor's and
-GPTQModel's own quantize from the exported recipe, `verify --recipe`). Prints one table per model.
+GPTQModel's and HQQ's own quantize from the exported recipe, `verify --recipe`). Prints one table per model.
 
     .venv/bin/python benchmarks/build.py [--models default,offgrid,1b] [--work DIR]
-                                         [--runtimes llamacpp,llmcompressor,gptqmodel,bitalloc]
+                                         [--runtimes llamacpp,llmcompressor,gptqmodel,hqq,bitalloc]
 
 One job per model and runtime (`jobs/examples/smollm2.yaml`'s data and estimator, `formats.target` the runtime, one
 budget of 4.5 average bits); its first mixed point is built, loaded and verified. Needs `.venv-runtimes` for the
@@ -80,7 +80,7 @@ def job(source: str, runtime: str, out: Path, one_b: bool = False) -> None:
 def load_seconds(runtime: str, artifact: Path) -> float | None:
     """The runtime's own loader on the artifact (llama.cpp: `llama-cli`'s model load is inside llama-perplexity's
     run in verify, not timed apart here)."""
-    if runtime in ("llmcompressor", "gptqmodel"):
+    if runtime in ("llmcompressor", "gptqmodel", "hqq"):
         with tempfile.TemporaryDirectory() as tmp:
             return timed([RUNTIMES_PYTHON, str(ROOT / "runtimes" / "venv.py"), "load", runtime, str(artifact), tmp])
     if runtime == "bitalloc":
@@ -91,7 +91,7 @@ def load_seconds(runtime: str, artifact: Path) -> float | None:
 def own_quantize_seconds(runtime: str, out: Path) -> float | None:
     """The runtime quantizing the same point itself from bitalloc's recipe (build and measure, as `verify --recipe`
     runs it; llama.cpp: verify's llama-quantize of the exported types runs inside its verify)."""
-    if runtime in ("llmcompressor", "gptqmodel"):
+    if runtime in ("llmcompressor", "gptqmodel", "hqq"):
         try:
             return cli("verify", str(out), "--point", "1", "--runtime", runtime, "--recipe")
         except SystemExit as exc:
@@ -135,7 +135,7 @@ def bench(model: str, source: str, runtimes: list[str], work: Path, console: Con
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="default")
-    parser.add_argument("--runtimes", default="llamacpp,llmcompressor,gptqmodel,bitalloc")
+    parser.add_argument("--runtimes", default="llamacpp,llmcompressor,gptqmodel,hqq,bitalloc")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-build")
     args = parser.parse_args()
     console = Console(width=200)
