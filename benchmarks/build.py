@@ -1,8 +1,9 @@
 """`bitalloc build` per runtime, measured as a user meets it: the time to write the artifact from the job's levels,
-its size on disk against the front's bytes (a folder's model card aside), the time the runtime's own loader takes to load it, the KL the
-runtime's weights give against the front's, and how many layers hold bitalloc's levels; beside it, the time the
-runtime's own quantization of the same point takes (llama-quantize of the exported types; llm-compressor's and
-GPTQModel's and HQQ's own quantize from the exported recipe, `verify --recipe`). Prints one table per model.
+its size on disk against the front's bytes (a folder's model card aside), the time the runtime's own loader takes to
+load it, the KL the runtime's weights give against the front's, and how many layers hold bitalloc's levels; beside
+it, the time the runtime's own quantization of the same point takes (llama-quantize of the exported types;
+llm-compressor's, GPTQModel's and HQQ's own quantize from the exported recipe, `verify --recipe`). Prints one table
+per model.
 
     .venv/bin/python benchmarks/build.py [--models default,offgrid,1b] [--work DIR]
                                          [--runtimes llamacpp,llmcompressor,gptqmodel,hqq,bitalloc]
