@@ -54,8 +54,8 @@ class Card:
         measured = "\n".join(f"| {k} | {v:.6g} |" for k, v in self.runtime_measured.items()) or "| not run | |"
         how = ("every searched layer is the level bitalloc measured, as the runtime stores it." if not self.nearest
                else f"built with `--nearest`: {len(self.nearest)} layers are at the runtime's nearest format, made by "
-                    f"its own quantizer, not the levels bitalloc measured, so this model is not the point whose figures "
-                    f"follow (`bitalloc verify --nearest` measures it): " + "; ".join(self.nearest) + ".")
+                    f"its own quantizer, not the levels bitalloc measured, so this model is not the point whose "
+                    f"figures follow (`bitalloc verify --nearest` measures it): " + "; ".join(self.nearest) + ".")
         return (f"# {self.base_model}, {self.point} ({self.avg_bits:.3f} average bits) for {runtime}\n\n"
                 f"Quantized by bitalloc {__version__}: {how}\n\n"
                 f"- base model: `{self.base_model}` (content sha256 `{self.base_model_sha256}`)\n"

@@ -17,7 +17,8 @@ config's levels. `build` writes OUT_DIR/weights.safetensors (module name -> floa
 dequantizes it), OUT_DIR/stored.json (module name -> bytes the runtime stores) and, for checkpoint runtimes, the
 checkpoint the runtime saved. `load` reads an artifact `bitalloc build` wrote with the runtime's own loader and
 writes the same two files of it. `write` saves, with the runtime's own code, an artifact holding the levels
-bitalloc hands it (HQQ's saved model, whose format only HQQ's serializer defines). Each prints one line; exits 1 on a mismatch or the runtime's error.
+bitalloc hands it (HQQ's saved model, whose format only HQQ's serializer defines). Each prints one line; exits 1 on
+a mismatch or the runtime's error.
 """
 
 from __future__ import annotations

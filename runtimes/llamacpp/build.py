@@ -75,7 +75,8 @@ class FileLayout:
             if name in formats and not formats[name].quantized:  # kept in 16 bits: llama.cpp's f16 or bf16 of it
                 from gguf.quants import dequantize, quantize
 
-                qtype = GGMLQuantizationType.F16 if formats[name].scale_dtype == "float16" else GGMLQuantizationType.BF16
+                half = formats[name].scale_dtype == "float16"
+                qtype = GGMLQuantizationType.F16 if half else GGMLQuantizationType.BF16
                 raw = quantize(dequantize(np.asarray(t.data), ttype), qtype).view(np.uint8)
                 ttype = qtype
             elif name in formats:
