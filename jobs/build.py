@@ -96,8 +96,8 @@ def nearest_point(runtime, picked: Picked) -> tuple[Picked, list[str]]:
             changed.append(f"{l.name}: {l.fmt.name} -> {fmt.name}")
         formats[l.name] = fmt
     params = {part.resolved_method(): part.params for part in picked.spec.formats}
-    parts, kinds = [], sorted(set(formats.values()))
-    for f in kinds:
+    parts = []
+    for f in sorted(set(formats.values())):
         if f.ggml:
             parts.append(FormatsSpec(method="gguf", types=[f.ggml], params=params.get("gguf", {})))
         else:

@@ -30,7 +30,6 @@ class Card:
     runtime_measured: dict[str, float]  # runtime -> its loss, quality (as `verify` recorded them)
     nearest: tuple[str, ...] = ()  # built with --nearest: the layers at the runtime's nearest format instead
 
-
     def entries(self) -> dict[str, str | int | float]:
         """GGUF metadata keys."""
         out = {"bitalloc.version": __version__, "bitalloc.base_model": self.base_model,

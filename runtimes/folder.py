@@ -38,7 +38,7 @@ def check_storable(runtime, doc) -> None:
                                          f"--format {runtime.name}) for {runtime.name} to quantize the model")
     placed = runtime.place([l for l in layers if not l.embedding], doc.model.type)
     for l in layers:
-        why = _unstored(runtime, l, placed.get(l.name))
+        why = runtime.unstored(l, placed.get(l.name))
         if why:
             near = _show(placed[l.name].value) if l.name in placed else "16-bit"
             raise BitallocError("--runtime", f"{l.name} is at {l.fmt.name}, which {runtime.name} does not store as "
@@ -46,7 +46,7 @@ def check_storable(runtime, doc) -> None:
                                              f"job searched with formats.target: {runtime.name}, or pass --nearest")
 
 
-def _unstored(runtime, layer, placement) -> str:
+def unstored(runtime, layer, placement) -> str:
     """Why the runtime's artifact cannot hold this layer's level as measured ("": it can)."""
     f = layer.fmt
     if not f.quantized:

@@ -63,9 +63,9 @@ class PythonRuntime(Runtime):
         return ""
 
     def unstored(self, layer, placement) -> str:
-        from .folder import _unstored
+        from .folder import unstored
 
-        return _unstored(self, layer, placement)
+        return unstored(self, layer, placement)
 
     def check_buildable(self, doc) -> None:
         from .folder import check_storable

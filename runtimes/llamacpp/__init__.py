@@ -86,7 +86,9 @@ class LlamaCpp(Runtime):
         return ggml_type(layer.fmt, layer.in_features)
 
     def unstored(self, layer, placement) -> str:
-        return "" if layer.fmt.ggml or not layer.fmt.quantized else "not a level llama-quantize made"
+        from .build import unstored
+
+        return unstored(layer.fmt)
 
     def format_of(self, value) -> Format:
         if value in ("f16", "bf16"):

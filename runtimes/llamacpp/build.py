@@ -23,11 +23,16 @@ from bitalloc.quantizers.gguf.writer import (TensorData, header_size, quantize_o
 RECIPE_FILE_TYPE = 7  # LLAMA_FTYPE_MOSTLY_Q8_0: the base type the export's llama-quantize line names
 
 
+def unstored(fmt) -> str:
+    """Why a GGUF cannot hold a level at `fmt` as measured ("": it can): only llama.cpp types' levels are
+    llama-quantize's blocks (a 16-bit layer is written as llama.cpp's f16 or bf16 of the float tensor)."""
+    return "" if fmt.ggml or not fmt.quantized else "not a level llama-quantize made"
+
+
 def check_storable(doc) -> None:
-    """Every quantized layer of the point at a llama.cpp type: others have no level llama.cpp stores as measured
-    (a 16-bit layer is written as llama.cpp's f16 or bf16 of the float tensor)."""
+    """Every quantized layer of the point at a llama.cpp type (`unstored`)."""
     for name, fmt in doc.formats().items():
-        if fmt.quantized and not fmt.ggml:
+        if unstored(fmt):
             from . import ggml_type
 
             nearest = ggml_type(fmt, doc.shapes[name][-1] if doc.shapes.get(name) else 0).value
