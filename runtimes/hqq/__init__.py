@@ -28,9 +28,15 @@ class HQQ(PythonRuntime):
     library = "hqq"
     export_file = "HqqConfig arguments (JSON)"
     artifact = "folder"  # HQQ's saved model holding the levels (`build`): qmodel.pt, config.json, tokenizer
+    file_sized = True  # the front's bytes are that folder's (`saved.folder_bytes`)
 
     def unstorable(self, fmt) -> str:
         return "" if fmt.scale_dtype == "float16" else f"HQQ's saved model keeps float16 scales, not {fmt.scale_dtype}"
+
+    def file_bytes(self, ws):
+        from .saved import folder_bytes
+
+        return folder_bytes(ws)
 
     def write_artifact(self, ws, picked, card, out) -> dict:
         """HQQ's saved model of the point, written by HQQ's own serializer around the job's levels (`venv.write`):
