@@ -293,16 +293,20 @@ class Results:
     table: SensitivityTable
 
 
+def config_meta(ws: Workspace, spec_hash: str, other_bytes: int) -> dict:
+    """What every config document of the job holds beside its formats and figures (`ConfigDoc.of`'s keywords)."""
+    return dict(model_source=ws.source, model_hash=ws.model_hash, spec_hash=spec_hash,
+                model_type=ws.model.model_type, shapes={l.name: list(l.shape) for l in ws.layers},
+                embeddings=[l.name for l in ws.layers if l.embedding], metric=METRICS[ws.model.metric],
+                other_bytes=other_bytes, quantizers={m: s.quantizer.params() for m, s in ws.levels.stores.items()})
+
+
 def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, solved: SolveResult,
             measured: MeasuredPoints) -> Results:
     """The typed results of a measured search; mixed points numbered by size (a spread point's label is its
     number)."""
-    model, layers, metric = ws.model, ws.layers, METRICS[ws.model.metric]
-    meta = dict(model_source=ws.source, model_hash=ws.model_hash, spec_hash=job.spec_hash,
-                model_type=model.model_type, shapes={l.name: list(l.shape) for l in layers},
-                embeddings=[l.name for l in layers if l.embedding],
-                metric=metric, other_bytes=problem.fixed_bytes,
-                quantizers={m: s.quantizer.params() for m, s in ws.levels.stores.items()})
+    model, layers = ws.model, ws.layers
+    meta = config_meta(ws, job.spec_hash, problem.fixed_bytes)
     pairs, reference = measured.points, measured.reference
     mixed = sorted(((c, m) for c, m in pairs if c.kind == "mixed"), key=lambda cm: cm[0].config.bytes)
     configs, points = {}, []
@@ -332,7 +336,7 @@ def results(ws: Workspace, job: JobInfo, table: TableResult, problem: Problem, s
         solver=SolverInfo(name=solved.solver, bound=solved.bound, slack_bytes=solved.slack_bytes,
                           front_size=len(solved.configs), evaluations=Evaluations(**solved.evaluations),
                           wall_time_s=solved.wall_time_s),
-        metric=MetricDoc.of(metric),
+        metric=MetricDoc.of(meta["metric"]),
         reference=Reference(bytes=fp_bytes, mib=round(mib(fp_bytes), 6), quality=reference.quality,
                             tokens=reference.tokens, precision=ws.reference),
         points=points,

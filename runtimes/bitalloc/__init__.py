@@ -16,6 +16,12 @@ class Packed(Runtime):
     symmetric = False
     export_file = None  # its artifact is the packed checkpoint (`bitalloc build`, or `pack`)
     artifact = "folder"
+    file_sized = True  # the front's bytes are the packed folder's (`folder.folder_bytes`)
+
+    def file_bytes(self, ws):
+        from .folder import folder_bytes
+
+        return folder_bytes(ws)
 
     def check_buildable(self, doc) -> None:
         from .checkpoint import check_packable

@@ -1,0 +1,70 @@
+"""The size of the packed checkpoint folder `bitalloc build` (or `pack`) writes for a point, computed without writing
+it or reading a level: `model.safetensors` as `save_model` writes it (a tied head dropped under safetensors' own
+rule and named in the file's metadata; each quantized layer's `qweight`, `scales`, `zeros` as a `QuantLinear` holds
+them; every other tensor at the loaded dtype), the model's `config.json`, the tokenizer's files and
+`bitalloc_config.json`, the point's config document."""
+
+from __future__ import annotations
+
+import torch
+
+from bitalloc import configio
+from bitalloc.kernels.quant_linear import QuantLinear
+from bitalloc.types import BitConfig, FileBytes, Measurement
+
+from ..folder import safetensors_bytes, tokenizer_bytes
+
+# stand-ins for what a config document records once measured, as wide as such figures print
+_FIGURE, _SPEC_HASH = 0.12345678901234568, "sha256:" + "0" * 64
+
+
+def _weights(module: torch.nn.Module, formats: dict) -> tuple[dict[str, torch.Tensor], dict | None, int]:
+    """The weights file's tensors, its metadata and the quantized layers' stored bytes."""
+    from safetensors.torch import _remove_duplicate_names
+
+    state = module.state_dict()
+    metadata = {gone: kept for kept, gone_ in _remove_duplicate_names(state).items() for gone in gone_} or None
+    tensors, stored = {}, 0
+    for key, t in state.items():
+        if metadata and key in metadata:
+            continue
+        layer, _, part = key.rpartition(".")
+        fmt = formats.get(layer)
+        if fmt is None or not fmt.quantized or part != "weight":
+            tensors[key] = t
+            continue
+        own = QuantLinear(t.shape[1], t.shape[0], fmt, False, t.dtype, device="meta").state_dict()
+        tensors.update({f"{layer}.{k}": v for k, v in own.items()})
+        stored += sum(v.numel() * v.element_size() for v in own.values())
+    return tensors, metadata, stored
+
+
+def point_bytes(ws, formats: dict) -> tuple[int, int]:
+    """(the packed folder of the point at `formats`, model card aside; its quantized layers' stored bytes). The
+    config document's measured figures are stood in for by figures as wide as such print."""
+    from bitalloc.pipeline import config_meta
+    from bitalloc.results import ConfigDoc
+
+    tensors, metadata, stored = _weights(ws.model.module, formats)
+    weights = safetensors_bytes(tensors, metadata)
+    names = [l.name for l in ws.layers]
+    fmts = tuple(formats[n] for n in names)
+    bits = 8.0 * stored / sum(l.numel for l in ws.layers)
+    doc = ConfigDoc.of(BitConfig(tuple(names), fmts, weights, bits, _FIGURE),
+                       Measurement(_FIGURE, 10 + _FIGURE, ws.data.evaluation.numel()),
+                       **config_meta(ws, _SPEC_HASH, weights - stored))
+    config = ws.model.module.config.to_json_string(use_diff=True)
+    total = (weights + len(config.encode()) + tokenizer_bytes(ws)
+             + len(configio.dumps(doc.document()).encode()))
+    return total, stored
+
+
+def folder_bytes(ws) -> FileBytes | None:
+    """How the packed folder stores the job's points: the folder with every layer at the job's first format it
+    takes, less those layers' tensors, each layer then adding its own (the `packed` layout's count). None for expert
+    units and quantized embeddings, which the packed checkpoint does not hold (`check_packable`)."""
+    if any(l.experts or l.embedding for l in ws.layers):
+        return None
+    formats = {l.name: next(f for f in ws.formats if f.quantized and f.fits(l.in_features)) for l in ws.layers}
+    total, stored = point_bytes(ws, formats)
+    return FileBytes("bitalloc", total - stored, kind="folder")
