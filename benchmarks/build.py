@@ -5,7 +5,7 @@ it, the time the runtime's own quantization of the same point takes (llama-quant
 llm-compressor's, GPTQModel's and HQQ's own quantize from the exported recipe, `verify --recipe`). Prints one table
 per model.
 
-    .venv/bin/python benchmarks/build.py [--models default,offgrid,1b] [--work DIR]
+    .venv/bin/python benchmarks/build.py [--models default,offgrid,1b,moe] [--work DIR]
                                          [--runtimes llamacpp,llmcompressor,gptqmodel,hqq,bitalloc]
 
 One job per model and runtime (`jobs/examples/smollm2.yaml`'s data and estimator, `formats.target` the runtime, one
@@ -13,7 +13,8 @@ budget of 4.5 average bits); its first mixed point is built, loaded and verified
 Python runtimes (`./dev test` builds it) and llama.cpp's tools (built on first use). Finished jobs are read from
 --work. `1b` is a random-init Llama-3.2-1B shape (float32, SmolLM2's tokenizer) with small jobs of two or three
 formats of each runtime's kind (llama.cpp, llm-compressor's rtn-int, bitalloc's rtn): only its build time and size are
-measured.
+measured. `moe` is the default model upcycled into a 4-expert Mixtral (`bitalloc.upcycle`, SmolLM2's function
+exactly), built for the runtimes whose artifacts hold expert units (llama.cpp, llm-compressor).
 """
 
 from __future__ import annotations
@@ -57,6 +58,19 @@ def cli(*args: str) -> float:
 ONE_B_FORMATS = {"llamacpp": {"types": ["q4_K", "q6_K", "q8_0"]},
                  "llmcompressor": {"target": "llmcompressor", "method": "rtn-int"},  # its folder's bytes
                  "bitalloc": {"bits": [4, 8], "group_size": 128, "method": "rtn"}}
+
+
+# the runtimes whose artifacts hold mixture-of-experts units
+MOE_RUNTIMES = ("llamacpp", "llmcompressor")
+
+
+def upcycled(folder: Path) -> Path:
+    """The default model upcycled into a 4-expert Mixtral computing its function (`bitalloc.upcycle`), saved once."""
+    from bitalloc.upcycle import write_upcycled
+
+    if not (folder / "config.json").is_file():
+        write_upcycled("smollm2-135m", folder, experts=4)
+    return folder
 
 
 def job(source: str, runtime: str, out: Path, one_b: bool = False) -> None:
@@ -142,8 +156,10 @@ def main() -> None:
     console = Console(width=200)
     for model in args.models.split(","):
         source = {"default": lambda: "smollm2-135m", "offgrid": lambda: str(offgrid_gguf(args.work / "models")),
-                  "1b": lambda: str(one_b(args.work / "models" / "llama-1b"))}[model]()
-        runtimes = [r for r in args.runtimes.split(",") if model != "1b" or r in ONE_B_FORMATS]
+                  "1b": lambda: str(one_b(args.work / "models" / "llama-1b")),
+                  "moe": lambda: str(upcycled(args.work / "models" / "smollm2-upcycled-4x"))}[model]()
+        keep = {"1b": ONE_B_FORMATS, "moe": MOE_RUNTIMES}.get(model)
+        runtimes = [r for r in args.runtimes.split(",") if keep is None or r in keep]
         bench(model, source, runtimes, args.work, console)
 
 

@@ -32,7 +32,7 @@ def check_storable(runtime, doc) -> None:
 
     layers = layers_of(doc)
     experts = [l.name for l in layers if l.experts]
-    if experts:
+    if experts and not runtime.experts:
         raise BitallocError("--runtime", f"{runtime.name}'s artifact for mixture-of-experts units ({len(experts)}, "
                                          f"e.g. {experts[0]}) is not written yet; export the recipe (bitalloc export "
                                          f"--format {runtime.name}) for {runtime.name} to quantize the model")
@@ -70,28 +70,140 @@ class Checkpoint:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-def _tensors(ws, formats: dict, layer_tensors: LayerTensors, level) -> tuple[dict[str, torch.Tensor], int, int]:
-    """The weights file's tensors (each searched layer's from `level(name, fmt)`), the levels written, and the
-    quantized layers' stored bytes."""
+def _tensors(names: "CheckpointNames", formats: dict, layer_tensors: LayerTensors,
+             level) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The weights file's tensors under the names transformers saves them by (`CheckpointNames`; each searched
+    layer's, and each expert's of an expert unit, from `level(name, fmt)`), the levels written, and the quantized
+    layers' stored bytes."""
     tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
     levels, stored = 0, 0
-    for key, t in ws.model.module.state_dict(keep_vars=False).items():
-        if t.data_ptr() in seen and t.numel():  # a tied head: stored once, as transformers saves it
-            continue
-        seen.add(t.data_ptr())
-        layer, _, part = key.rpartition(".")
+
+    def put(prefix: str, fmt, level_of, weight) -> None:
+        nonlocal levels, stored
+        if not fmt.quantized:
+            tensors[f"{prefix}.weight"] = weight().to(TORCH_DTYPES[fmt.scale_dtype])
+            return
+        own = layer_tensors(level_of())
+        tensors.update({f"{prefix}.{k}": v for k, v in own.items()})
+        levels += 1
+        stored += sum(v.numel() * v.element_size() for v in own.values())
+
+    for key, t in names.plain.items():
+        layer, _, part = names.source[key].rpartition(".")
         fmt = formats.get(layer)
         if fmt is None or part != "weight":
             tensors[key] = t
-        elif not fmt.quantized:
-            tensors[key] = t.to(TORCH_DTYPES[fmt.scale_dtype])
         else:
-            own = layer_tensors(level(layer, fmt))
-            tensors.update({f"{layer}.{k}": v for k, v in own.items()})
-            levels += 1
-            stored += sum(v.numel() * v.element_size() for v in own.values())
+            put(key.rpartition(".")[0], fmt, lambda: level(layer, fmt), lambda: t)
+    for key, (unit, e) in names.experts.items():
+        fmt, l = formats[unit.name], unit
+        put(key.rpartition(".")[0], fmt, lambda: expert_rows(level(l.name, fmt), e, l.out_features),
+            lambda: names.expert_weight(unit, e))
     return tensors, levels, stored
+
+
+def expert_rows(level: PackedWeight, e: int, rows: int) -> PackedWeight:
+    """Expert `e`'s matrix of an expert unit's level (which stacks its experts' rows, expert after expert)."""
+    part = slice(e * rows, (e + 1) * rows)
+    return PackedWeight(level.qweight[part], level.scales[part], None if level.zeros is None else level.zeros[part],
+                        level.fmt, level.in_features)
+
+
+class CheckpointNames:
+    """The model's tensors as transformers' `save_pretrained` names them — its own reverse weight conversion (e.g.
+    Mixtral's `mlp.experts.gate_up_proj` saved as `block_sparse_moe.experts.N.w1` and `.w3`) —, which is what its
+    loader and vLLM's read. `plain`: saved name -> tensor, a tied head once; `source`: saved name -> the model's
+    state-dict name; `experts`: saved name of each expert's weight of an expert unit -> (unit, expert)."""
+
+    def __init__(self, module, layers):
+        from transformers import PreTrainedModel
+
+        self.module = module
+        state = module.state_dict(keep_vars=False)
+        fused: dict[tuple[str, str], list] = {}
+        for l in layers:
+            if l.experts:
+                fused.setdefault((l.module_name, l.param), []).append(l)
+        seen, plain = set(), {}
+        for key, t in state.items():
+            if t.data_ptr() in seen and t.numel():  # a tied head: stored once, as transformers saves it
+                continue
+            seen.add(t.data_ptr())
+            plain[key] = t
+        self.experts: dict[str, tuple] = {}
+        for (owner, param), units in fused.items():
+            del plain[f"{owner}.{param}"]
+            self._split(f"{owner}.{param}", state[f"{owner}.{param}"], units)
+        revert = (lambda d: d) if not isinstance(module, PreTrainedModel) else self._revert
+        ids = {id(t): key for key, t in plain.items()}
+        self.plain = revert(plain)
+        self.source = {}
+        for key, t in self.plain.items():
+            if id(t) not in ids:
+                raise BitallocError("--runtime", f"transformers saves {key} converted from the loaded tensors; "
+                                                 f"bitalloc writes only renamed ones")
+            self.source[key] = ids[id(t)]
+
+    def _revert(self, state: dict) -> dict:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return revert_weight_conversion(self.module, state)
+
+    def _split(self, key: str, fused: torch.Tensor, units: list) -> None:
+        """Each expert's weight of the units held by one fused parameter, found by saving a stand-in whose every
+        row holds its own (expert, row) index."""
+        from transformers import PreTrainedModel
+
+        experts, rows = fused.shape[0], fused.shape[1]
+        if units[0].transposed or not isinstance(self.module, PreTrainedModel):
+            raise BitallocError("--runtime", f"{key}: experts stored transposed or fused on disk have no per-expert "
+                                             f"checkpoint form here; build the llama.cpp GGUF")
+        index = torch.arange(experts * rows, dtype=torch.int64).reshape(experts, rows, 1)  # one column is enough
+        for name, t in self._revert({key: index}).items():
+            if t.dim() != 2:
+                raise BitallocError("--runtime", f"{key}: transformers saves these experts fused ({name}); there is "
+                                                 f"no per-expert checkpoint form; build the llama.cpp GGUF")
+            e, got = int(t[0, 0]) // rows, (t[:, 0] % rows).tolist()
+            unit = next((u for u in units if got == _unit_rows(u, rows)), None)
+            if unit is None:
+                raise BitallocError("--runtime", f"{key}: transformers saves {name} from rows no unit holds")
+            self.experts[name] = (unit, e)
+
+    def saved(self, layer) -> list[str]:
+        """The names a layer's weights are saved under, without `.weight` (an expert unit's: one per expert)."""
+        if layer.experts:
+            return [k.rpartition(".")[0] for k, (u, _) in sorted(self.experts.items(), key=lambda kv: kv[1][1])
+                    if u.name == layer.name]
+        return [k.rpartition(".")[0] for k, source in self.source.items() if source == f"{layer.name}.weight"]
+
+    def as_units(self, weights: dict, stored: dict) -> tuple[dict, dict]:
+        """A runtime's weights and stored bytes read back by saved name, as the job's units: each expert unit's
+        experts stacked into its [experts, out, in], its bytes their sum."""
+        plain = {k.rpartition(".")[0]: v.rpartition(".")[0] for k, v in self.source.items()}
+        experts = {k.rpartition(".")[0]: v for k, v in self.experts.items()}
+        units, nbytes, stacks = {}, {}, {}
+        for name, w in weights.items():
+            if name in experts:
+                unit, e = experts[name]
+                stacks.setdefault(unit.name, {})[e] = w
+                nbytes[unit.name] = nbytes.get(unit.name, 0) + stored[name]
+            else:
+                units[plain.get(name, name)], nbytes[plain.get(name, name)] = w, stored[name]
+        units.update({u: torch.stack([by[e] for e in sorted(by)]) for u, by in stacks.items()})
+        return units, nbytes
+
+    def expert_weight(self, unit, e: int) -> torch.Tensor:
+        """Expert `e`'s float [out, in] matrix of an expert unit (a 16-bit unit's)."""
+        t = self.module.get_parameter(f"{unit.module_name}.{unit.param}")[e]
+        if unit.rows:
+            start, step = unit.rows
+            t = t[start::step][: unit.out_features]
+        return t.detach()
+
+
+def _unit_rows(unit, rows: int) -> list[int]:
+    start, step = unit.rows or (0, 1)
+    return list(range(start, rows, step))[: unit.out_features]
 
 
 def _config(ws, quantization_config: dict):
@@ -102,11 +214,12 @@ def _config(ws, quantization_config: dict):
     return config
 
 
-def write_checkpoint(ws, formats: dict, out: Path, parts: Checkpoint, readme: str) -> dict:
+def write_checkpoint(ws, formats: dict, out: Path, parts: Checkpoint, names: "CheckpointNames",
+                     readme: str) -> dict:
     """Write the folder into `out`; returns its figures (levels written, stored bytes of the quantized layers)."""
     from safetensors.torch import save_file
 
-    tensors, levels, stored = _tensors(ws, formats, parts.layer_tensors, ws.levels.read)
+    tensors, levels, stored = _tensors(names, formats, parts.layer_tensors, ws.levels.read)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
               metadata=METADATA)
@@ -124,8 +237,9 @@ def folder_bytes(runtime, ws) -> FileBytes | None:
     with every layer at the job's first format it takes, less those layers' tensors), each layer then adding its
     tensors' bytes. The headers and JSON that name a point's formats (tensor shapes and offsets, the quantization
     config's groups) differ from point to point by a few hundred bytes: `verify` reports the written folder's
-    difference. None for expert units, whose folders are not written yet (`check_storable`): bitalloc's count."""
-    if any(l.experts for l in ws.layers):
+    difference. None where the runtime's folder holds no such expert units (`check_storable`; experts stored
+    transposed, as gpt-oss's, are saved fused): bitalloc's count."""
+    if any(l.experts and (l.transposed or not runtime.experts) for l in ws.layers):
         return None
     formats = {l.name: next(f for f in ws.formats if f.quantized and f.fits(l.in_features)) for l in ws.layers}
     total, stored = point_bytes(runtime, ws, formats)
@@ -140,10 +254,11 @@ def point_bytes(runtime, ws, formats: dict) -> tuple[int, int]:
     layers = [Layer(l.name, formats[l.name], l.out_features, l.in_features, l.experts, l.embedding)
               for l in ws.layers]
     quantizers = {m: s.quantizer.params() for m, s in ws.levels.stores.items()}
-    parts = runtime.checkpoint(layers, ws.model.model_type, quantizers)
-    shapes = {l.name: l for l in layers}
-    tensors, _, stored = _tensors(ws, formats, parts.layer_tensors,
-                                  lambda name, fmt: PackedWeight.empty(fmt, shapes[name].out_features,
+    names = CheckpointNames(ws.model.module, ws.layers)
+    parts = runtime.checkpoint(layers, ws.model.model_type, quantizers, names)
+    shapes = {l.name: l for l in ws.layers}
+    tensors, _, stored = _tensors(names, formats, parts.layer_tensors,
+                                  lambda name, fmt: PackedWeight.empty(fmt, shapes[name].row_count,
                                                                        shapes[name].in_features))
     text = _config(ws, parts.quantization_config).to_json_string(use_diff=True)
     total = (safetensors_bytes(tensors, METADATA) + len(text.encode()) + tokenizer_bytes(ws)

@@ -73,18 +73,20 @@ class PythonRuntime(Runtime):
         if self.artifact:
             check_storable(self, doc)
 
-    def checkpoint(self, layers, model_type, quantizers):
-        """What its checkpoint folder holds for these layers beside the model's own tensors (`folder.Checkpoint`)."""
+    def checkpoint(self, layers, model_type, quantizers, names):
+        """What its checkpoint folder holds for these layers beside the model's own tensors (`folder.Checkpoint`),
+        the layers' saved names given (`folder.CheckpointNames`)."""
         raise NotImplementedError
 
     def write_artifact(self, ws, picked, card, out: Path) -> dict:
         """Write the artifact of the picked point from the open job `ws`; returns its figures."""
         from .base import layers_of
-        from .folder import write_checkpoint
+        from .folder import CheckpointNames, write_checkpoint
 
         doc = picked.config
-        return write_checkpoint(ws, doc.formats(), out, self.checkpoint(layers_of(doc), doc.model.type,
-                                                                        doc.quantizers), card.markdown(self.name))
+        names = CheckpointNames(ws.model.module, ws.layers)
+        parts = self.checkpoint(layers_of(doc), doc.model.type, doc.quantizers, names)
+        return write_checkpoint(ws, doc.formats(), out, parts, names, card.markdown(self.name))
 
     def file_bytes(self, ws):
         from .folder import folder_bytes
@@ -118,14 +120,17 @@ class PythonRuntime(Runtime):
 
         from bitalloc.jobs.card import model_card
 
+        from .folder import CheckpointNames
+
         artifact, out = work / "artifact", work / "loaded"
         with stages.stage(f"{self.name}: write the artifact from the levels"):
             self.write_artifact(ws, picked, model_card(picked), artifact)
         out.mkdir()
         with stages.stage(f"{self.name}: load it"):
             self._run_venv("load", str(artifact), str(out))
-        weights = load_file(str(out / "weights.safetensors"))
-        stored = json.loads((out / "stored.json").read_text())
+        names = CheckpointNames(ws.model.module, ws.layers)  # what the runtime read back is named as saved
+        weights, stored = names.as_units(load_file(str(out / "weights.safetensors")),
+                                         json.loads((out / "stored.json").read_text()))
         files = sorted(p for p in artifact.rglob("*") if p.is_file())
         with stages.stage(f"{self.name}: measure"):
             point = weights_point(self.name, ws, picked, weights, stored, files)

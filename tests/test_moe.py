@@ -341,7 +341,7 @@ def test_llmcompressor_quantizes_every_expert_as_the_front_measured(tiny_mixtral
     out = _moe_job(tiny_mixtral, text_dir, tmp_path / "out", {"target": "llmcompressor", "method": "rtn-int"}, 1)
     main(["export", str(out), "--point", "1", "--format", "llmcompressor", "-o", str(tmp_path / "recipe.yaml")])
     assert r"mlp\.experts\.\d+\.gate_proj" in (tmp_path / "recipe.yaml").read_text()
-    main(["verify", str(out), "--point", "1", "--runtime", "llmcompressor"])
+    main(["verify", str(out), "--point", "1", "--runtime", "llmcompressor", "--recipe"])
     (built,) = front_of(out).runtime_points
     doc = read_config(out / built.config)
     formats = doc.formats()
@@ -353,6 +353,51 @@ def test_llmcompressor_quantizes_every_expert_as_the_front_measured(tiny_mixtral
     assert built.stored_layer_bytes == built.counted_layer_bytes
     # weights equal up to float16 rounding (above) move a KL of 1e-5 by a few 1e-8 (0.3 % with compressed-tensors 0.19)
     assert abs(built.loss - built.bitalloc_loss) <= 1e-2 * built.bitalloc_loss + 1e-9
+
+
+def test_llmcompressors_artifact_saves_every_expert_as_transformers_names_it(tiny_mixtral, text_dir, tmp_path):
+    """`build --runtime llmcompressor` on a Mixtral writes each expert's levels under the names transformers saves
+    Mixtral by (`block_sparse_moe.experts.N.w1` / `w3` / `w2`, what vLLM reads), its config groups targeting both
+    those and the modules' names; compressed-tensors decompresses every expert back to the job's level, at the
+    bytes counted, and the front's bytes are the folder's."""
+    from safetensors import safe_open
+
+    from bitalloc.cli import main
+    from bitalloc.jobs.runner import open_workspace
+    from bitalloc.jobs.spec import load_spec
+    from bitalloc.progress import Stages
+    from bitalloc.results import read_config
+    from bitalloc.runtimes import get_runtime
+    from bitalloc.runtimes.folder import point_bytes
+    from bitalloc.runtimes.python import ROOT
+    from conftest import front_of
+
+    if not (os.environ.get("BITALLOC_RUNTIMES_PYTHON") or (ROOT / ".venv-runtimes" / "bin" / "python").exists()):
+        pytest.skip("no .venv-runtimes (`./dev test` builds it): the Python runtimes are not installed")
+    out = _moe_job(tiny_mixtral, text_dir, tmp_path / "out", {"target": "llmcompressor", "method": "rtn-int"}, 1)
+    artifact = tmp_path / "artifact"
+    main(["build", str(out), "--point", "1", "--runtime", "llmcompressor", "-o", str(artifact)])
+    point = front_of(out).mixed[0]
+    doc = read_config(out / point.config)
+    ws = open_workspace(load_spec(out / "spec.yaml"), Stages())
+    with safe_open(str(artifact / "model.safetensors"), "pt") as fh:
+        saved = {k: fh.get_tensor(k) for k in fh.keys()}
+    unit, fmt = "model.layers.1.mlp.experts.up_proj", doc.formats()["model.layers.1.mlp.experts.up_proj"]
+    level, rows = ws.levels.read(unit, fmt), doc.shapes[unit][1]
+    for e in range(4):  # Mixtral's up projection is w3, saved per expert
+        assert saved[f"model.layers.1.block_sparse_moe.experts.{e}.w3.weight_packed"].equal(
+            level.qweight[e * rows:(e + 1) * rows])
+    assert not any(k.startswith("model.layers.1.mlp.") for k in saved)  # the router too: block_sparse_moe.gate
+    main(["verify", str(out), "--point", "1", "--runtime", "llmcompressor"])
+    (built,) = front_of(out).runtime_points
+    assert built.details["artifact"] == 1
+    assert built.details["layers_matching"] == sum(f.quantized for f in doc.formats().values())
+    assert built.details["weight_max_rel_diff"] <= 2 ** -10
+    assert built.stored_layer_bytes == built.counted_layer_bytes
+    assert abs(built.loss - built.bitalloc_loss) <= 1e-2 * built.bitalloc_loss + 1e-9
+    folder = sum(p.stat().st_size for p in artifact.iterdir() if p.name != "README.md")
+    assert front_of(out).model.bytes_of == "llmcompressor" and abs(point.bytes - folder) <= 1e-4 * folder
+    assert point_bytes(get_runtime("llmcompressor"), ws, doc.formats())[0] == folder
 
 
 def test_a_job_on_a_model_mostly_outside_the_search_refuses_in_one_line():

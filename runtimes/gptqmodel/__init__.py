@@ -37,7 +37,7 @@ class GPTQModel(PythonRuntime):
                                               (f"GPTQ stores float16 scales, not {fmt.scale_dtype}",
                                                fmt.scale_dtype != "float16")) if bad)
 
-    def checkpoint(self, layers, model_type, quantizers):
+    def checkpoint(self, layers, model_type, quantizers, names):
         from .build import checkpoint
 
         return checkpoint(self, layers, model_type, quantizers)

@@ -38,10 +38,10 @@ class LLMCompressor(PythonRuntime):
     def unstorable(self, fmt) -> str:
         return "" if fmt.symmetric else "compressed-tensors stores integer zero points, the levels float zero terms"
 
-    def checkpoint(self, layers, model_type, quantizers):
+    def checkpoint(self, layers, model_type, quantizers, names):
         from .build import checkpoint
 
-        return checkpoint(self, layers, model_type)
+        return checkpoint(self, layers, model_type, names)
 
     def format_of(self, value) -> Format:
         return Format(KEEP_BITS) if value is None else Format(value["num_bits"], value["group_size"],

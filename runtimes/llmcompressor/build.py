@@ -9,6 +9,7 @@ targets the anchored names of its layers; every other Linear matches none and st
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -21,8 +22,10 @@ def layer_tensors(level) -> dict[str, torch.Tensor]:
             "weight_shape": torch.tensor([level.out_features, level.in_features], dtype=torch.int64)}
 
 
-def quantization_config(runtime, layers, model_type) -> dict:
-    """compressed-tensors' `quantization_config`: one group per format (scales in the file's dtype, float16)."""
+def quantization_config(runtime, layers, model_type, saved) -> dict:
+    """compressed-tensors' `quantization_config`: one group per format (scales in the file's dtype, float16), its
+    targets the modules' names and, where the file names them otherwise (each expert of an expert unit), the
+    names they are saved under (`saved`: `folder.CheckpointNames`)."""
     from . import _matching
 
     layers = [l for l in layers if not l.embedding]
@@ -31,11 +34,29 @@ def quantization_config(runtime, layers, model_type) -> dict:
     groups = {}
     for i, (key, names) in enumerate(by_value(layers, placed, lambda v: v is not None).items()):
         weights = {k: v for k, v in json.loads(key).items() if k != "scale_dtype"}
-        groups[f"group_{i}"] = {"targets": [f"re:{_matching([units[n] for n in names])}"], "weights": weights,
-                                "input_activations": None, "output_activations": None, "format": None}
+        members = [units[n] for n in names]
+        on_disk = _saved_matching(saved, members)
+        groups[f"group_{i}"] = {"targets": [f"re:{_matching(members)}"] + ([f"re:{on_disk}"] if on_disk else []),
+                                "weights": weights, "input_activations": None, "output_activations": None,
+                                "format": None}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": groups, "ignore": ["lm_head"], "kv_cache_scheme": None}
 
 
-def checkpoint(runtime, layers, model_type) -> Checkpoint:
-    return Checkpoint(layer_tensors, quantization_config(runtime, layers, model_type))
+def _saved_matching(saved, layers) -> str:
+    """A regex matching exactly the saved names of these layers that are not their modules' (an expert unit's, with
+    the expert index as `\\d+`); "" where there are none."""
+    patterns = []
+    for l in layers:
+        names = saved.saved(l)
+        if len(names) > 1:  # an expert unit's
+            parts = [n.split(".") for n in names]
+            at = next(i for i, p in enumerate(parts[0]) if [q[i] for q in parts] == [str(e) for e in range(len(parts))])
+            patterns.append(rf"{re.escape('.'.join(parts[0][:at]))}\.\d+\.{re.escape('.'.join(parts[0][at + 1:]))}")
+        else:
+            patterns += [re.escape(n) for n in names if n != l.name]
+    return "^(?:" + "|".join(patterns) + ")$" if patterns else ""
+
+
+def checkpoint(runtime, layers, model_type, saved) -> Checkpoint:
+    return Checkpoint(layer_tensors, quantization_config(runtime, layers, model_type, saved))

@@ -78,10 +78,16 @@ def build(model_dir: str, exported: str, out: Path, calibration: str | None) -> 
 
 def load(artifact: str, out: Path) -> str:
     """A compressed-tensors folder as transformers loads it (compressed-tensors decompresses each layer); bytes are
-    its files' tensors per layer."""
+    its files' tensors per layer. Experts saved one by one (`experts.N.w1`, as vLLM reads them) transformers does
+    not load into its fused experts: each saved layer is then decompressed by compressed-tensors' own compressor
+    with the scheme of the config group that targets its saved name."""
     import torch
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+    if any(_EXPERT.match(name) for name in _saved_layers(Path(artifact))):
+        weights, stored = _saved_read_back(Path(artifact))
+        save_weights(out, weights, stored)
+        return f"compressed-tensors decompressed {len(stored)} saved layers (experts one by one)"
     stored = stored_bytes(Path(artifact), lambda part: part.startswith("weight_"))
     model = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32,
                                                  quantization_config=CompressedTensorsConfig(run_compressed=False))
@@ -141,4 +147,40 @@ def _experts_read_back(model, checkpoint: Path) -> tuple[dict, dict]:
             weights[name], stored[name] = weight, size
     for unit, by_index in experts.items():
         weights[unit] = torch.stack([by_index[e] for e in sorted(by_index)])
+    return weights, stored
+
+
+def _saved_layers(folder: Path) -> dict[str, dict]:
+    """The safetensors files' quantized tensors by saved layer name (`weight_packed`, `weight_scale`, ...)."""
+    from safetensors import safe_open
+
+    parts: dict[str, dict] = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as fh:
+            for key in fh.keys():
+                layer, _, part = key.rpartition(".")
+                if part.startswith("weight_"):
+                    parts.setdefault(layer, {})[part] = fh.get_tensor(key)
+    return parts
+
+
+def _saved_read_back(folder: Path) -> tuple[dict, dict]:
+    """Each saved layer's weight as compressed-tensors decompresses it, by saved name, with the scheme of the one
+    config group whose targets match that name; bytes are its tensors'."""
+    import json
+
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.utils import match_name
+
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    compressor = BaseCompressor.get_value_from_registry(config["format"])
+    weights, stored = {}, {}
+    for name, state in _saved_layers(folder).items():
+        groups = [g for g in config["config_groups"].values() if any(match_name(name, t) for t in g["targets"])]
+        if len(groups) != 1:
+            raise ValueError(f"{name} is targeted by {len(groups)} config groups, not one")
+        scheme = QuantizationScheme(targets=groups[0]["targets"], weights=groups[0]["weights"])
+        weights[name] = compressor.decompress(state, scheme)["weight"].float()
+        stored[name] = sum(t.numel() * t.element_size() for t in state.values())
     return weights, stored
