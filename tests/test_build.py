@@ -147,6 +147,9 @@ def test_a_packed_build_loads_with_its_card(tiny_llama, text_dir, tmp_path, caps
     assert point.label in card and f"{point.bytes:,}" in card and f"{point.loss:.6g}" in card
     model = load_packed(tmp_path / "packed")
     assert model.module is not None
+    # the front's bytes are the packed folder's, model card aside, up to the widths of the measured figures
+    folder = sum(p.stat().st_size for p in (tmp_path / "packed").iterdir() if p.name != "README.md")
+    assert front_of(out).model.bytes_of == "bitalloc" and abs(point.bytes - folder) <= 1e-4 * folder
     with pytest.raises(BitallocError):
         from bitalloc.jobs.build import check_output
         from bitalloc.runtimes import get_runtime
@@ -229,6 +232,7 @@ def test_hqqs_artifact_is_its_saved_model_of_the_levels(tiny_smollm, text_dir, t
     from bitalloc.kernels.packed import unpack
     from bitalloc.progress import Stages
     from bitalloc.results import read_config
+    from bitalloc.runtimes.hqq.saved import point_bytes
     from helpers import python_runtime_job
 
     out = python_runtime_job(tiny_smollm, text_dir, tmp_path, "hqq", budget=3.5)
@@ -252,3 +256,8 @@ def test_hqqs_artifact_is_its_saved_model_of_the_levels(tiny_smollm, text_dir, t
     assert built.details["artifact"] == 1 and built.details["layers_matching"] == len(quantized)
     assert built.stored_layer_bytes == built.counted_layer_bytes
     assert abs(built.loss - built.bitalloc_loss) <= 0.02 * built.bitalloc_loss
+    # the front's bytes are the folder's (float16 beside the levels), model card aside, up to the zip's alignment
+    folder = sum(p.stat().st_size for p in artifact.iterdir() if p.name != "README.md")
+    assert front_of(out).model.bytes_of == "hqq"
+    assert abs(point.bytes - folder) <= 1e-4 * folder and built.details["front_minus_folder_bytes"] == point.bytes - folder
+    assert point_bytes(ws, read_config(out / point.config).formats())[0] == folder  # computed exactly, nothing written
