@@ -116,9 +116,9 @@ def preflight(spec: JobSpec, estimator: Estimator) -> None:
         raise BitallocError("data.calibration", f"the {estimator.name} estimator needs calibration sequences; "
                                                 f"set it to 1 or more, or use sensitivity.estimator: sqnr")
     spec.search.constraints().check(spec.expand_formats())
-    if spec.evaluator() == "llamacpp" and not all(f.ggml for f in spec.expand_formats()):
-        raise BitallocError("search.evaluator", "llamacpp measures llama.cpp types only (formats.target: llamacpp, or "
-                                                "method: gguf); use evaluator: torch, or auto")
+    if spec.evaluator() == "llamacpp" and not all(f.ggml or not f.quantized for f in spec.expand_formats()):
+        raise BitallocError("search.evaluator", "llamacpp measures llama.cpp types and 16 bits only (formats.target: "
+                                                "llamacpp, or method: gguf); use evaluator: torch, or auto")
     for key in ("include", "exclude"):
         for i, pattern in enumerate(getattr(spec.model, key)):
             compile_pattern(pattern, f"model.{key}[{i}]")

@@ -112,20 +112,20 @@ def test_a_llamacpp_target_job_exports_to_llama_cpp_as_it_is(tiny_smollm, text_d
     from bitalloc.results import read_config
 
     doc = read_config(out / mixed[0].config)
-    for name, fmt in doc.formats().items():
+    for name, fmt in doc.formats().items():  # a llama.cpp type whose blocks fit, or f16
         out_f, in_f = doc.shapes[name]
-        assert fmt.ggml in GGML_TYPES and in_f % GGML_TYPES[fmt.ggml].block == 0, (name, fmt.ggml)
+        assert (fmt.ggml in GGML_TYPES and in_f % GGML_TYPES[fmt.ggml].block == 0) or fmt.name == "fp16", name
     assert doc.embeddings == ["model.embed_tokens"] and doc.formats()["model.embed_tokens"].quantized
     assert front.model.bytes_of == "llamacpp"  # the GGUF file's bytes: its blocks, each tensor padded to 32 bytes
     assert doc.totals.bytes == front.model.other_bytes + sum(
-        -(-o * GGML_TYPES[f.ggml].row_bytes(i) // 32) * 32
+        -(-o * (GGML_TYPES[f.ggml].row_bytes(i) if f.quantized else 2 * i) // 32) * 32
         for f, (o, i) in ((doc.formats()[n], doc.shapes[n]) for n in doc.shapes))
     capsys.readouterr()
     main(["export", str(out), "--point", "1", "--format", "llamacpp", "-o", str(tmp_path / "types.txt")])
     said = capsys.readouterr().out
     assert "nearest" not in said and "note:" not in said
     lines = (tmp_path / "types.txt").read_text().splitlines()
-    assert len(lines) == len(doc.layers) and all(line.split("=")[1] in GGML_TYPES for line in lines)
+    assert len(lines) == len(doc.layers) and all(line.split("=")[1] in (*GGML_TYPES, "f16") for line in lines)
 
 
 def test_a_model_folder_is_converted_by_llama_cpps_own_script(smollm2_tokenizer, tmp_path):

@@ -7,9 +7,11 @@ import json
 import signal
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from gguf import GGMLQuantizationType
 
 from bitalloc.evaluate import model_output
 from bitalloc.jobs.runner import open_workspace
@@ -68,6 +70,12 @@ def test_a_candidate_file_holds_the_levels_byte_for_byte(opened):
         names = tensor_names(ws.model.model_type, list(assignment))
         for name, fmt in assignment.items():
             fmt = ws.levels.format_named(fmt)
+            if not fmt.quantized:  # f16 of the float weight (rows in the file's order)
+                t = tensors[names[name]]
+                ours = ws.model.weight(ws.levels.layers[name]).half().flatten().sort().values
+                assert t.tensor_type == GGMLQuantizationType.F16, name
+                assert torch.from_numpy(np.array(t.data)).view(torch.float16).flatten().sort().values.equal(ours)
+                continue
             assert tensors[names[name]].tensor_type == GGML_TYPES[fmt.ggml].qtype, name
             assert same_blocks(tensors[names[name]], ws.levels.read(name, fmt)), name
     finally:

@@ -67,7 +67,8 @@ def ggml_type(fmt: Format, in_features: int) -> Placement:
 
 @register("llamacpp")
 class LlamaCpp(Runtime):
-    summary = "llama.cpp's k-, legacy and i-quants by llama-quantize itself; a type only where the row width takes its blocks"
+    summary = ("llama.cpp's k-, legacy and i-quants by llama-quantize itself, and f16; a type only where the row width "
+               "takes its blocks")
     methods = ("gguf",)
     library = "gguf"
     export_file = "llama-quantize --tensor-type-file"
@@ -80,7 +81,8 @@ class LlamaCpp(Runtime):
 
     def formats(self, method, params):
         types = TYPES + (IMATRIX_TYPES if params.get("imatrix") else ())
-        return tuple(Format.of_ggml(t) for t in types)
+        # and f16, above q8_0: a sensitive layer can go there while others drop below
+        return tuple(Format.of_ggml(t) for t in types) + (Format(KEEP_BITS, scale_dtype="float16"),)
 
     def place_one(self, layer: Layer) -> Placement:
         return ggml_type(layer.fmt, layer.in_features)

@@ -113,8 +113,8 @@ class LlamaCppRunner(TaskRunner):
         """The candidate's GGUF in a new temporary file (the caller removes it): each named layer at its level, every
         other tensor the float file's."""
         formats = {name: self.levels.format_named(fmt) for name, fmt in assignment.items()}
-        for name, fmt in formats.items():
-            if not fmt.ggml or not fmt.fits(self.levels.layers[name].in_features):
+        for name, fmt in formats.items():  # a 16-bit layer is llama.cpp's f16 or bf16 of the float tensor
+            if fmt.quantized and (not fmt.ggml or not fmt.fits(self.levels.layers[name].in_features)):
                 raise BitallocError("search.evaluator", f"{name} is at {fmt.name}, which llama.cpp does not run on "
                                                         f"its rows; {NAME} measures llama.cpp types that fit")
         tensors, _ = self.layout.tensors(formats)

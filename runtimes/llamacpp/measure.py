@@ -207,8 +207,9 @@ def quantize(float_file: Path, out: Path, types_file: Path, ws: Workspace, searc
 
 
 def artifact_of(ws: Workspace, doc) -> bool:
-    """Whether `build` writes the point from the job's levels: every layer at a llama.cpp type the gguf store made."""
-    return "gguf" in ws.levels.stores and all(f.ggml for f in doc.formats().values())
+    """Whether `build` writes the point from the job's levels: every layer at a llama.cpp type the gguf store made,
+    or at 16 bits (f16 or bf16 of the float tensor)."""
+    return "gguf" in ws.levels.stores and all(f.ggml or not f.quantized for f in doc.formats().values())
 
 
 def embedding_bytes(tensors: dict) -> int:
