@@ -14,7 +14,8 @@ Python runtimes (`./dev test` builds it) and llama.cpp's tools (built on first u
 --work. `1b` is a random-init Llama-3.2-1B shape (float32, SmolLM2's tokenizer) with small jobs of two or three
 formats of each runtime's kind (llama.cpp, llm-compressor's rtn-int, bitalloc's rtn): only its build time and size are
 measured. `moe` is the default model upcycled into a 4-expert Mixtral (`bitalloc.upcycle`, SmolLM2's function
-exactly), built for the runtimes whose artifacts hold expert units (llama.cpp, llm-compressor).
+exactly), built for the runtimes whose artifacts hold expert units (llama.cpp; llm-compressor with rtn-int levels),
+without the runtime's own quantize beside it.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ ONE_B_FORMATS = {"llamacpp": {"types": ["q4_K", "q6_K", "q8_0"]},
                  "bitalloc": {"bits": [4, 8], "group_size": 128, "method": "rtn"}}
 
 
-# the runtimes whose artifacts hold mixture-of-experts units
-MOE_RUNTIMES = ("llamacpp", "llmcompressor")
+# the runtimes whose artifacts hold mixture-of-experts units, and their formats on the MoE (llm-compressor's rtn-int:
+# GPTQ's routed Hessians, here and in llm-compressor's own oneshot, would take most of the run)
+MOE_FORMATS = {"llamacpp": {"target": "llamacpp"}, "llmcompressor": {"target": "llmcompressor", "method": "rtn-int"}}
 
 
 def upcycled(folder: Path) -> Path:
@@ -73,13 +75,13 @@ def upcycled(folder: Path) -> Path:
     return folder
 
 
-def job(source: str, runtime: str, out: Path, one_b: bool = False) -> None:
+def job(source: str, runtime: str, out: Path, one_b: bool = False, moe: bool = False) -> None:
     if (out / "front.json").is_file():
         return
     spec = yaml.safe_load((ROOT / "jobs" / "examples" / "smollm2.yaml").read_text())
     spec.update(name=out.name, output=str(out), tracking={"enabled": False})
     spec["model"]["source"] = source
-    spec["formats"] = {"target": runtime}
+    spec["formats"] = MOE_FORMATS[runtime] if moe else {"target": runtime}
     spec["search"].update(budgets=[4.5], points=0)
     if one_b:
         spec["formats"] = ONE_B_FORMATS[runtime]
@@ -120,7 +122,7 @@ def bench(model: str, source: str, runtimes: list[str], work: Path, console: Con
                   title=f"bitalloc build on {model} ({5.0 if model == '1b' else 4.5} average bits, 2 cores)")
     for runtime in runtimes:
         out = work / model / runtime
-        job(source, runtime, out, one_b=model == "1b")
+        job(source, runtime, out, one_b=model == "1b", moe=model == "moe")
         suffix = ".gguf" if runtime == "llamacpp" else ""
         artifact = work / model / f"{runtime}-artifact{suffix}"
         build_s = cli("build", str(out), "--point", "1", "--runtime", runtime, "-o", str(artifact), "--force")
@@ -134,7 +136,7 @@ def bench(model: str, source: str, runtimes: list[str], work: Path, console: Con
                           f"{point.bytes - size:+,}", *["-"] * 6)
             continue
         load_s = load_seconds(runtime, artifact)
-        own = own_quantize_seconds(runtime, out)
+        own = None if model == "moe" else own_quantize_seconds(runtime, out)
         cli("verify", str(out), "--point", "1", "--runtime", runtime)
         front = read_front(out / "front.json")
         (measured,) = [r for r in front.runtime_points if r.label == point.label]
@@ -158,7 +160,7 @@ def main() -> None:
         source = {"default": lambda: "smollm2-135m", "offgrid": lambda: str(offgrid_gguf(args.work / "models")),
                   "1b": lambda: str(one_b(args.work / "models" / "llama-1b")),
                   "moe": lambda: str(upcycled(args.work / "models" / "smollm2-upcycled-4x"))}[model]()
-        keep = {"1b": ONE_B_FORMATS, "moe": MOE_RUNTIMES}.get(model)
+        keep = {"1b": ONE_B_FORMATS, "moe": MOE_FORMATS}.get(model)
         runtimes = [r for r in args.runtimes.split(",") if keep is None or r in keep]
         bench(model, source, runtimes, args.work, console)
 

@@ -84,8 +84,9 @@ def load(artifact: str, out: Path) -> str:
     import torch
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    if any(_EXPERT.match(name) for name in _saved_layers(Path(artifact))):
-        weights, stored = _saved_read_back(Path(artifact))
+    saved = _saved_layers(Path(artifact))
+    if any(_EXPERT.match(name) for name in saved):
+        weights, stored = _saved_read_back(Path(artifact), saved)
         save_weights(out, weights, stored)
         return f"compressed-tensors decompressed {len(stored)} saved layers (experts one by one)"
     stored = stored_bytes(Path(artifact), lambda part: part.startswith("weight_"))
@@ -164,7 +165,7 @@ def _saved_layers(folder: Path) -> dict[str, dict]:
     return parts
 
 
-def _saved_read_back(folder: Path) -> tuple[dict, dict]:
+def _saved_read_back(folder: Path, saved: dict[str, dict]) -> tuple[dict, dict]:
     """Each saved layer's weight as compressed-tensors decompresses it, by saved name, with the scheme of the one
     config group whose targets match that name; bytes are its tensors'."""
     import json
@@ -176,7 +177,7 @@ def _saved_read_back(folder: Path) -> tuple[dict, dict]:
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     compressor = BaseCompressor.get_value_from_registry(config["format"])
     weights, stored = {}, {}
-    for name, state in _saved_layers(folder).items():
+    for name, state in saved.items():
         groups = [g for g in config["config_groups"].values() if any(match_name(name, t) for t in g["targets"])]
         if len(groups) != 1:
             raise ValueError(f"{name} is targeted by {len(groups)} config groups, not one")
