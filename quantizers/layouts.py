@@ -68,7 +68,7 @@ class GPTQCheckpoint(Layout):
 
 
 HQQ_BITS = (2, 3, 4, 8)  # what HQQ packs that bitalloc's codes also hold (it has 1-bit too)
-_HQQ_CODES_PER_UNIT = {8: (1, 1), 4: (2, 1), 2: (4, 1), 1: (8, 1), 3: (10, 4)}  # codes per unit, bytes per unit
+HQQ_CODES_PER_UNIT = {8: (1, 1), 4: (2, 1), 2: (4, 1), 1: (8, 1), 3: (10, 4)}  # codes per unit, bytes per unit
 
 
 class HQQPacked(Layout):
@@ -78,7 +78,7 @@ class HQQPacked(Layout):
 
     def weight_bytes(self, out_features, in_features, fmt) -> int:
         n = out_features * in_features // fmt.group_size
-        per, unit = _HQQ_CODES_PER_UNIT[fmt.bits]
+        per, unit = HQQ_CODES_PER_UNIT[fmt.bits]
         return math.ceil(n / per) * fmt.group_size * unit + n * 2 * 2
 
 

@@ -241,9 +241,15 @@ def folder_bytes(runtime, ws) -> FileBytes | None:
     transposed, as gpt-oss's, are saved fused): bitalloc's count."""
     if any(l.experts and (l.transposed or not runtime.experts) for l in ws.layers):
         return None
+    return reference_bytes(runtime.name, ws, lambda formats: point_bytes(runtime, ws, formats))
+
+
+def reference_bytes(runtime: str, ws, point_bytes: Callable[[dict], tuple[int, int]]) -> FileBytes:
+    """A folder's bytes whatever the point: `point_bytes` (folder bytes, its quantized layers' bytes) of the point
+    with every layer at the job's first format it takes, less those layers' tensors."""
     formats = {l.name: next(f for f in ws.formats if f.quantized and f.fits(l.in_features)) for l in ws.layers}
-    total, stored = point_bytes(runtime, ws, formats)
-    return FileBytes(runtime.name, total - stored, kind="folder")
+    total, stored = point_bytes(formats)
+    return FileBytes(runtime, total - stored, kind="folder")
 
 
 def point_bytes(runtime, ws, formats: dict) -> tuple[int, int]:

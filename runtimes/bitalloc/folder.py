@@ -12,7 +12,7 @@ from bitalloc import configio
 from bitalloc.kernels.quant_linear import QuantLinear
 from bitalloc.types import BitConfig, FileBytes, Measurement
 
-from ..folder import safetensors_bytes, tokenizer_bytes
+from ..folder import reference_bytes, safetensors_bytes, tokenizer_bytes
 
 # stand-ins for what a config document records once measured, as wide as such figures print
 _FIGURE, _SPEC_HASH = 0.12345678901234568, "sha256:" + "0" * 64
@@ -65,6 +65,4 @@ def folder_bytes(ws) -> FileBytes | None:
     units and quantized embeddings, which the packed checkpoint does not hold (`check_packable`)."""
     if any(l.experts or l.embedding for l in ws.layers):
         return None
-    formats = {l.name: next(f for f in ws.formats if f.quantized and f.fits(l.in_features)) for l in ws.layers}
-    total, stored = point_bytes(ws, formats)
-    return FileBytes("bitalloc", total - stored, kind="folder")
+    return reference_bytes("bitalloc", ws, lambda formats: point_bytes(ws, formats))

@@ -17,13 +17,13 @@ import threading
 
 import torch
 
+from bitalloc.quantizers.layouts import HQQ_CODES_PER_UNIT
 from bitalloc.types import FileBytes
 
-from ..folder import tokenizer_bytes
+from ..folder import reference_bytes, tokenizer_bytes
 
 _PACKING = {8: "8bit_u8", 4: "4bit_u8", 3: "3bit_32", 2: "2bit_u8"}  # HQQ's Quantizer.bit_to_packing
-_CODES_PER_ROW = {8: 1, 4: 2, 3: 10, 2: 4}  # group rows packed into one row of W_q
-_VIEW_DTYPE = {8: torch.uint8, 4: torch.uint8, 3: torch.int32, 2: torch.uint8}
+_UNIT_DTYPE = {1: torch.uint8, 4: torch.int32}  # W_q's dtype by the bytes of its packing unit
 
 
 def saved_size(obj, name: str) -> int:
@@ -57,11 +57,12 @@ def saved_size(obj, name: str) -> int:
 def _hqq_linear(fmt, out_features: int, in_features: int, bias) -> dict:
     """An HQQLinear's `state_dict()` as HQQ builds it (W_q, its meta, bias, the quant config's weight parameters)."""
     groups = out_features * in_features // fmt.group_size
-    codes = torch.empty(math.ceil(groups / _CODES_PER_ROW[fmt.bits]), fmt.group_size, dtype=_VIEW_DTYPE[fmt.bits])
+    per, unit = HQQ_CODES_PER_UNIT[fmt.bits]  # group rows per row of W_q, and its bytes per code slot
+    codes = torch.empty(math.ceil(groups / per), fmt.group_size, dtype=_UNIT_DTYPE[unit])
     state = {"W_q": torch.nn.Parameter(codes, requires_grad=False),  # HQQLinear's one parameter
              "nbits": fmt.bits, "group_size": fmt.group_size, "shape": torch.Size([out_features, in_features]),
              "scale": torch.empty(groups, 1, dtype=torch.float16), "zero": torch.empty(groups, 1, dtype=torch.float16),
-             "axis": 1, "packing": _PACKING[fmt.bits], "unpack_view_dtype": _VIEW_DTYPE[fmt.bits],
+             "axis": 1, "packing": _PACKING[fmt.bits], "unpack_view_dtype": codes.dtype,
              "view_as_float": False, "quant_scale": False, "quant_zero": False, "compute_dtype": torch.float16,
              "optimize": True}
     if bias is not None:
@@ -121,6 +122,4 @@ def folder_bytes(ws) -> FileBytes | None:
     difference. None for expert units, which HQQ's folder does not hold (`check_storable`)."""
     if any(l.experts for l in ws.layers):
         return None
-    formats = {l.name: next(f for f in ws.formats if f.quantized and f.fits(l.in_features)) for l in ws.layers}
-    total, stored = point_bytes(ws, formats)
-    return FileBytes("hqq", total - stored, kind="folder")
+    return reference_bytes("hqq", ws, lambda formats: point_bytes(ws, formats))
