@@ -14,8 +14,8 @@ Python runtimes (`./dev test` builds it) and llama.cpp's tools (built on first u
 --work. `1b` is a random-init Llama-3.2-1B shape (float32, SmolLM2's tokenizer) with small jobs of two or three
 formats of each runtime's kind (llama.cpp, llm-compressor's rtn-int, bitalloc's rtn): only its build time and size are
 measured. `moe` is the default model upcycled into a 4-expert Mixtral (`bitalloc.upcycle`, SmolLM2's function
-exactly), built for the runtimes whose artifacts hold expert units (llama.cpp; llm-compressor with rtn-int levels),
-without the runtime's own quantize beside it.
+exactly), built for the runtimes whose artifacts hold expert units (llama.cpp; llm-compressor with rtn-int levels;
+GPTQModel with GPTQ's, each expert against its routed tokens), without the runtime's own quantize beside it.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ ONE_B_FORMATS = {"llamacpp": {"types": ["q4_K", "q6_K", "q8_0"]},
                  "bitalloc": {"bits": [4, 8], "group_size": 128, "method": "rtn"}}
 
 
-# the runtimes whose artifacts hold mixture-of-experts units, and their formats on the MoE (llm-compressor's rtn-int:
-# GPTQ's routed Hessians, here and in llm-compressor's own oneshot, would take most of the run)
-MOE_FORMATS = {"llamacpp": {"target": "llamacpp"}, "llmcompressor": {"target": "llmcompressor", "method": "rtn-int"}}
+# the runtimes whose artifacts hold mixture-of-experts units, and their formats on the MoE (llm-compressor's rtn-int,
+# GPTQModel's GPTQ, its only method)
+MOE_FORMATS = {"llamacpp": {"target": "llamacpp"}, "llmcompressor": {"target": "llmcompressor", "method": "rtn-int"},
+               "gptqmodel": {"target": "gptqmodel"}}
 
 
 def upcycled(folder: Path) -> Path:

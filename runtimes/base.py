@@ -199,6 +199,19 @@ def anchored(names: list[str]) -> str:
     return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
 
+def modules_matching(layers: list[Layer]) -> str:
+    """A regex matching exactly the modules a runtime quantizes for these layers: an expert unit
+    (`...experts.gate_proj`) is each expert's projection (`...experts.N.gate_proj`), as llm-compressor linearizes
+    and GPTQModel defuses fused experts."""
+    def one(l: Layer) -> str:
+        if not l.experts:
+            return re.escape(l.name)
+        block, _, projection = l.name.rpartition(".")
+        return rf"{re.escape(block)}\.\d+\.{re.escape(projection)}"
+
+    return "^(?:" + "|".join(one(l) for l in layers) + ")$"
+
+
 def by_value(layers: list[Layer], placed: dict[str, Placement], keep: Callable[[Any], bool]) -> dict[str, list[str]]:
     """Layer names grouped by their placed value (as canonical JSON), in first-seen order."""
     groups: dict[str, list[str]] = {}

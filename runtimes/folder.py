@@ -112,10 +112,12 @@ def expert_rows(level: PackedWeight, e: int, rows: int) -> PackedWeight:
 class CheckpointNames:
     """The model's tensors as transformers' `save_pretrained` names them — its own reverse weight conversion (e.g.
     Mixtral's `mlp.experts.gate_up_proj` saved as `block_sparse_moe.experts.N.w1` and `.w3`) —, which is what its
-    loader and vLLM's read. `plain`: saved name -> tensor, a tied head once; `source`: saved name -> the model's
-    state-dict name; `experts`: saved name of each expert's weight of an expert unit -> (unit, expert)."""
+    loader and vLLM's read; `defused`: as the loaded model names them, each fused expert module's experts split into
+    `experts.N.gate_proj` / `up_proj` / `down_proj` Linear modules (what GPTQModel's loader builds with `defuser`
+    and saves). `plain`: saved name -> tensor, a tied head once; `source`: saved name -> the model's state-dict name;
+    `experts`: saved name of each expert's weight of an expert unit -> (unit, expert)."""
 
-    def __init__(self, module, layers):
+    def __init__(self, module, layers, defused: bool = False):
         from transformers import PreTrainedModel
 
         self.module = module
@@ -133,8 +135,11 @@ class CheckpointNames:
         self.experts: dict[str, tuple] = {}
         for (owner, param), units in fused.items():
             del plain[f"{owner}.{param}"]
-            self._split(f"{owner}.{param}", state[f"{owner}.{param}"], units)
-        revert = (lambda d: d) if not isinstance(module, PreTrainedModel) else self._revert
+            if defused:
+                self._defuse(f"{owner}.{param}", units)
+            else:
+                self._split(f"{owner}.{param}", state[f"{owner}.{param}"], units)
+        revert = (lambda d: d) if defused or not isinstance(module, PreTrainedModel) else self._revert
         ids = {id(t): key for key, t in plain.items()}
         self.plain = revert(plain)
         self.source = {}
@@ -168,6 +173,16 @@ class CheckpointNames:
             if unit is None:
                 raise BitallocError("--runtime", f"{key}: transformers saves {name} from rows no unit holds")
             self.experts[name] = (unit, e)
+
+    def _defuse(self, key: str, units: list) -> None:
+        """Each expert's weight of the units held by one fused parameter, as the defused module names it."""
+        if units[0].transposed:
+            raise BitallocError("--runtime", f"{key}: experts stored transposed (with biases) have no defused "
+                                             f"checkpoint form here; build the llama.cpp GGUF")
+        for unit in units:
+            projection = unit.name.rpartition(".")[2]
+            self.experts.update({f"{unit.module_name}.{e}.{projection}.weight": (unit, e)
+                                 for e in range(unit.experts)})
 
     def saved(self, layer) -> list[str]:
         """The names a layer's weights are saved under, without `.weight` (an expert unit's: one per expert)."""
@@ -260,7 +275,7 @@ def point_bytes(runtime, ws, formats: dict) -> tuple[int, int]:
     layers = [Layer(l.name, formats[l.name], l.out_features, l.in_features, l.experts, l.embedding)
               for l in ws.layers]
     quantizers = {m: s.quantizer.params() for m, s in ws.levels.stores.items()}
-    names = CheckpointNames(ws.model.module, ws.layers)
+    names = runtime.names(ws.model.module, ws.layers)
     parts = runtime.checkpoint(layers, ws.model.model_type, quantizers, names)
     shapes = {l.name: l for l in ws.layers}
     tensors, _, stored = _tensors(names, formats, parts.layer_tensors,

@@ -78,13 +78,19 @@ class PythonRuntime(Runtime):
         the layers' saved names given (`folder.CheckpointNames`)."""
         raise NotImplementedError
 
+    def names(self, module, layers):
+        """The names its folder saves the model's tensors under (`folder.CheckpointNames`: transformers')."""
+        from .folder import CheckpointNames
+
+        return CheckpointNames(module, layers)
+
     def write_artifact(self, ws, picked, card, out: Path) -> dict:
         """Write the artifact of the picked point from the open job `ws`; returns its figures."""
         from .base import layers_of
-        from .folder import CheckpointNames, write_checkpoint
+        from .folder import write_checkpoint
 
         doc = picked.config
-        names = CheckpointNames(ws.model.module, ws.layers)
+        names = self.names(ws.model.module, ws.layers)
         parts = self.checkpoint(layers_of(doc), doc.model.type, doc.quantizers, names)
         return write_checkpoint(ws, doc.formats(), out, parts, names, card.markdown(self.name))
 
@@ -120,15 +126,13 @@ class PythonRuntime(Runtime):
 
         from bitalloc.jobs.card import model_card
 
-        from .folder import CheckpointNames
-
         artifact, out = work / "artifact", work / "loaded"
         with stages.stage(f"{self.name}: write the artifact from the levels"):
             self.write_artifact(ws, picked, model_card(picked), artifact)
         out.mkdir()
         with stages.stage(f"{self.name}: load it"):
             self._run_venv("load", str(artifact), str(out))
-        names = CheckpointNames(ws.model.module, ws.layers)  # what the runtime read back is named as saved
+        names = self.names(ws.model.module, ws.layers)  # what the runtime read back is named as saved
         weights, stored = names.as_units(load_file(str(out / "weights.safetensors")),
                                          json.loads((out / "stored.json").read_text()))
         files = sorted(p for p in artifact.rglob("*") if p.is_file())

@@ -64,6 +64,16 @@ def quantized_layers(config: dict | None) -> dict[str, dict]:
     return {n: f for n, f in (config or {}).get("layers", {}).items() if f["bits"] != 16}
 
 
+def modules_of(unit: str, shape) -> list[str]:
+    """The modules a runtime quantizes for a config's layer: an expert unit ([experts, out, in], named
+    `...experts.gate_proj`) is each expert's projection (`...experts.N.gate_proj`), checked at its first and last
+    expert."""
+    if len(shape) != 3:
+        return [unit]
+    block, _, projection = unit.rpartition(".")
+    return [f"{block}.{e}.{projection}" for e in sorted({0, shape[0] - 1})]
+
+
 def gptq_of(config: dict | None) -> dict | None:
     """The parameters of the config's GPTQ, as it records them."""
     for method, params in (config or {}).get("quantizers", {}).items():

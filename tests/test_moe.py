@@ -400,6 +400,50 @@ def test_llmcompressors_artifact_saves_every_expert_as_transformers_names_it(tin
     assert point_bytes(get_runtime("llmcompressor"), ws, doc.formats())[0] == folder
 
 
+def test_gptqmodels_artifact_saves_every_expert_as_its_defused_modules(tiny_mixtral, text_dir, tmp_path):
+    """`build --runtime gptqmodel` on a Mixtral writes each expert's GPTQ tensors under the names of the Linear
+    modules GPTQModel defuses the experts into (`mlp.experts.N.up_proj`), its `dynamic` rules selecting every
+    expert; GPTQModel's own loader dequantizes every expert back to the job's level, at the bytes counted, and the
+    front's bytes are the folder's."""
+    from safetensors import safe_open
+
+    from bitalloc.cli import main
+    from bitalloc.jobs.runner import open_workspace
+    from bitalloc.jobs.spec import load_spec
+    from bitalloc.progress import Stages
+    from bitalloc.results import read_config
+    from bitalloc.runtimes import get_runtime
+    from bitalloc.runtimes.folder import point_bytes
+    from bitalloc.runtimes.python import ROOT
+    from conftest import front_of
+
+    if not (os.environ.get("BITALLOC_RUNTIMES_PYTHON") or (ROOT / ".venv-runtimes" / "bin" / "python").exists()):
+        pytest.skip("no .venv-runtimes (`./dev test` builds it): the Python runtimes are not installed")
+    out = _moe_job(tiny_mixtral, text_dir, tmp_path / "out", {"target": "gptqmodel"}, 1)
+    artifact = tmp_path / "artifact"
+    main(["build", str(out), "--point", "1", "--runtime", "gptqmodel", "-o", str(artifact)])
+    point = front_of(out).mixed[0]
+    doc = read_config(out / point.config)
+    ws = open_workspace(load_spec(out / "spec.yaml"), Stages())
+    with safe_open(str(artifact / "model.safetensors"), "pt") as fh:
+        saved = {k: fh.get_tensor(k) for k in fh.keys()}
+    unit, fmt = "model.layers.1.mlp.experts.up_proj", doc.formats()["model.layers.1.mlp.experts.up_proj"]
+    level, rows = ws.levels.read(unit, fmt), doc.shapes[unit][1]
+    for e in range(4):  # GPTQ packs each expert's columns: its qweight is the expert's rows of the level, transposed
+        assert saved[f"model.layers.1.mlp.experts.{e}.up_proj.qweight"].equal(
+            level.qweight[e * rows:(e + 1) * rows].T)
+    assert not any(".block_sparse_moe." in k or k.endswith("experts.gate_up_proj") for k in saved)
+    main(["verify", str(out), "--point", "1", "--runtime", "gptqmodel"])
+    (built,) = front_of(out).runtime_points
+    assert built.details["artifact"] == 1
+    assert built.details["layers_matching"] == sum(f.quantized for f in doc.formats().values())
+    assert built.stored_layer_bytes == built.counted_layer_bytes
+    assert abs(built.loss - built.bitalloc_loss) <= 1e-2 * built.bitalloc_loss + 1e-9
+    folder = sum(p.stat().st_size for p in artifact.iterdir() if p.name != "README.md")
+    assert front_of(out).model.bytes_of == "gptqmodel" and abs(point.bytes - folder) <= 1e-4 * folder
+    assert point_bytes(get_runtime("gptqmodel"), ws, doc.formats())[0] == folder
+
+
 def test_a_job_on_a_model_mostly_outside_the_search_refuses_in_one_line():
     from bitalloc.pipeline import check_coverage
     from bitalloc.errors import BitallocError

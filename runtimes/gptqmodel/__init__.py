@@ -4,28 +4,35 @@ block (GPTQModel may reorder rules, so it names all but the quantized layers) so
 never selected, stay unquantized. 5/6-bit layers make it GPTQModel's planar `gptq_p` format. GPTQ stores fp16
 scales: bf16/fp32 scales map to fp16. The GPTQ is the job's: its damping (`damp_percent`), `act_order` as static
 groups, and GPTQModel's own group-aware reordering off.
+
+Mixture-of-experts units: GPTQModel defuses transformers' fused experts (its `defuser`) into one Linear per expert
+and projection (`mlp.experts.N.gate_proj`), which it quantizes and saves under those names, so a unit's rule is every
+expert's projection; vLLM's fused MoE runs one scheme per MoE layer, so the target ties a block's gate, up and down
+units.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 from bitalloc.formats import KEEP_BITS, Format
 from bitalloc.quantizers import get_quantizer
 
-from ..base import FUSED, Layer, Placement, anchored, by_value, from_ggml, gptq_params, register
+from ..base import FUSED, Layer, Placement, by_value, from_ggml, gptq_params, modules_matching, register
 from ..python import PythonRuntime
 
 
 @register("gptqmodel")
 class GPTQModel(PythonRuntime):
-    summary = ("GPTQ 2/3/4/8-bit, groups 64/128, symmetric (GPTQModel's gptq format; vLLM fuses q/k/v and gate/up, "
-               "so they share one)")
+    summary = ("GPTQ 2/3/4/8-bit, groups 64/128, symmetric (GPTQModel's gptq format; vLLM fuses q/k/v, gate/up and "
+               "each MoE block's experts, so they share one)")
     methods = ("gptq",)
     bits = (2, 3, 4, 8)
-    fused = FUSED
+    fused = FUSED + (r"experts\.(gate|up|down)_proj$",)  # vLLM's FusedMoE: one scheme per MoE layer
     library = "gptqmodel"
+    experts = True
     export_file = "quantize_config.json"
     artifact = "folder"  # a GPTQ checkpoint written from the levels (`build`)
     file_sized = True  # the front's bytes are that folder's (`folder.folder_bytes`)
@@ -41,6 +48,11 @@ class GPTQModel(PythonRuntime):
         from .build import checkpoint
 
         return checkpoint(self, layers, model_type, quantizers)
+
+    def names(self, module, layers):
+        from ..folder import CheckpointNames
+
+        return CheckpointNames(module, layers, defused=True)  # its loader's module names, experts defused
 
     def format_of(self, value) -> Format:
         return Format(KEEP_BITS) if value is None else Format(value["bits"], value["group_size"], value["sym"],
@@ -66,11 +78,13 @@ class GPTQModel(PythonRuntime):
         groups = by_value(layers, placed, lambda v: v is not None)
         counts = Counter({k: len(v) for k, v in groups.items()})
         base = json.loads(counts.most_common(1)[0][0]) if counts else {"bits": 4, "group_size": 128, "sym": True}
-        dynamic = {f"+:{anchored(names)}": json.loads(key) for key, names in groups.items()}
-        quantized = [n for names in groups.values() for n in names]
-        # GPTQModel also asks its rules of a block's bare module names (`self_attn.q_proj`) to pick the modules it
-        # builds: the negative rule only takes names inside a numbered block, so those stay
-        dynamic[f"-:^(?=.*\\.\\d+\\.)(?!{anchored(quantized).removeprefix('^')})"] = {}
+        units = {l.name: l for l in layers}
+        dynamic = {f"+:{modules_matching([units[n] for n in names])}": json.loads(key) for key, names in groups.items()}
+        quantized = modules_matching([units[n] for names in groups.values() for n in names])
+        # GPTQModel also asks its rules of a block's bare module names (`self_attn.q_proj`, `mlp.experts.0.up_proj`)
+        # to pick the modules it builds: the negative rule only takes names inside the model's numbered blocks
+        blocks = "|".join(sorted({re.escape(m[1]) for l in layers if (m := _BLOCK.match(l.name))}))
+        dynamic[f"-:^(?=(?:{blocks})\\d+\\.)(?!{quantized.removeprefix('^')})"] = {}
         planar = any(json.loads(k)["bits"] in (5, 6) for k in groups)
         gptq = gptq_params(layers, quantizers) or get_quantizer("gptq").params()
         # bitalloc's GPTQ: its damping, its order (act_order: static groups), no group-aware reordering
@@ -78,3 +92,6 @@ class GPTQModel(PythonRuntime):
                "damp_percent": gptq["damp"], "lm_head": False, "quant_method": "gptq",
                "format": "gptq_p" if planar else "gptq", "dynamic": dynamic}
         return json.dumps(doc, indent=2) + "\n"
+
+
+_BLOCK = re.compile(r"^(.*?\.)\d+\.")  # a layer's blocks' prefix (`model.layers.`)

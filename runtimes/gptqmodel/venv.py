@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bitalloc_venv import gptq_of, quantized_layers, same, save_weights, stored_bytes
+from bitalloc_venv import gptq_of, modules_of, quantized_layers, same, save_weights, stored_bytes
 
 LIBRARY = "gptqmodel"
 PARTS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ layer's tensors in its checkpoint
@@ -18,14 +18,17 @@ def check(path: str, config: dict | None) -> str:
 
     with open(path) as fh:
         cfg = QuantizeConfig.from_quant_config(json.load(fh))
-    for name, f in quantized_layers(config).items():
-        got = (dynamic_get(cfg.dynamic, name, "bits", cfg.bits), dynamic_get(cfg.dynamic, name, "group_size",
-                                                                              cfg.group_size))
-        if got != (f["bits"], f["group_size"]):
-            raise ValueError(f"{name}: GPTQModel resolves {got}, the config says {(f['bits'], f['group_size'])}")
-    for name, f in (config or {}).get("layers", {}).items():
-        if f["bits"] == 16 and dynamic_get(cfg.dynamic, name) is not False:
-            raise ValueError(f"{name}: kept in 16 bits by the config but not skipped by GPTQModel")
+    shapes = (config or {}).get("shapes", {})
+    for unit, f in quantized_layers(config).items():
+        for name in modules_of(unit, shapes.get(unit, ())):
+            got = (dynamic_get(cfg.dynamic, name, "bits", cfg.bits), dynamic_get(cfg.dynamic, name, "group_size",
+                                                                                  cfg.group_size))
+            if got != (f["bits"], f["group_size"]):
+                raise ValueError(f"{name}: GPTQModel resolves {got}, the config says {(f['bits'], f['group_size'])}")
+    for unit, f in (config or {}).get("layers", {}).items():
+        for name in modules_of(unit, shapes.get(unit, ())):
+            if f["bits"] == 16 and dynamic_get(cfg.dynamic, name) is not False:
+                raise ValueError(f"{name}: kept in 16 bits by the config but not skipped by GPTQModel")
     gptq = gptq_of(config)
     if gptq:
         same("GPTQModel", {"damp_percent": cfg.damp_percent, "desc_act": cfg.desc_act,

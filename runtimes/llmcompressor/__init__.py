@@ -12,13 +12,12 @@ target ties a block's gate, up and down units.
 from __future__ import annotations
 
 import json
-import re
 
 import yaml
 
 from bitalloc.formats import KEEP_BITS, Format
 
-from ..base import FUSED, Layer, Placement, by_value, from_ggml, gptq_params, register
+from ..base import FUSED, Layer, Placement, by_value, from_ggml, gptq_params, modules_matching, register
 from ..python import PythonRuntime
 
 
@@ -79,10 +78,10 @@ class LLMCompressor(PythonRuntime):
     def render(self, layers, placed, model_type, quantizers) -> str:
         groups = by_value(layers, placed, lambda v: v is not None)
         units = {l.name: l for l in layers}
-        config_groups = {f"group_{i}": {"targets": [f"re:{_matching([units[n] for n in names])}"],
+        config_groups = {f"group_{i}": {"targets": [f"re:{modules_matching([units[n] for n in names])}"],
                                         "weights": json.loads(key)}
                          for i, (key, names) in enumerate(groups.items())}
-        ignore = ["lm_head"] + [f"re:{_matching([l])}" for l in layers if placed[l.name].value is None]
+        ignore = ["lm_head"] + [f"re:{modules_matching([l])}" for l in layers if placed[l.name].value is None]
         modifier = {"targets": ["Linear"], "ignore": ignore, "config_groups": config_groups}
         gptq = gptq_params(layers, quantizers)  # GPTQ levels: llm-compressor's GPTQ too, with their parameters
         if gptq:
@@ -92,14 +91,3 @@ class LLMCompressor(PythonRuntime):
         recipe = {"quant_stage": {"quant_modifiers": {name: modifier}}}
         return yaml.safe_dump(recipe, sort_keys=False)
 
-
-def _matching(layers: list[Layer]) -> str:
-    """A regex matching exactly the modules llm-compressor quantizes for these layers: an expert unit
-    (`...experts.gate_proj`) is each expert's projection (`...experts.N.gate_proj`)."""
-    def one(l: Layer) -> str:
-        if not l.experts:
-            return re.escape(l.name)
-        block, _, projection = l.name.rpartition(".")
-        return rf"{re.escape(block)}\.\d+\.{re.escape(projection)}"
-
-    return "^(?:" + "|".join(one(l) for l in layers) + ")$"

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from ..base import by_value
+from ..base import by_value, modules_matching
 from ..folder import Checkpoint
 
 
@@ -26,8 +26,6 @@ def quantization_config(runtime, layers, model_type, saved) -> dict:
     """compressed-tensors' `quantization_config`: one group per format (scales in the file's dtype, float16), its
     targets the modules' names and, where the file names them otherwise (each expert of an expert unit), the
     names they are saved under (`saved`: `folder.CheckpointNames`)."""
-    from . import _matching
-
     layers = [l for l in layers if not l.embedding]
     units = {l.name: l for l in layers}
     placed = runtime.place(layers, model_type)
@@ -36,7 +34,7 @@ def quantization_config(runtime, layers, model_type, saved) -> dict:
         weights = {k: v for k, v in json.loads(key).items() if k != "scale_dtype"}
         members = [units[n] for n in names]
         on_disk = _saved_matching(saved, members)
-        groups[f"group_{i}"] = {"targets": [f"re:{_matching(members)}"] + ([f"re:{on_disk}"] if on_disk else []),
+        groups[f"group_{i}"] = {"targets": [f"re:{modules_matching(members)}"] + ([f"re:{on_disk}"] if on_disk else []),
                                 "weights": weights, "input_activations": None, "output_activations": None,
                                 "format": None}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",

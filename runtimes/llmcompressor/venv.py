@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from bitalloc_venv import gptq_of, quantized_layers, same, save_weights, stored_bytes
+from bitalloc_venv import gptq_of, modules_of, quantized_layers, same, save_weights, stored_bytes
 
 LIBRARY = "llmcompressor"
 
@@ -22,7 +22,7 @@ def check(path: str, config: dict | None) -> str:
     modifier = recipe.modifiers[0]
     shapes = (config or {}).get("shapes", {})
     for unit, f in quantized_layers(config).items():
-        for name in _modules(unit, shapes.get(unit, ())):
+        for name in modules_of(unit, shapes.get(unit, ())):
             hits = [g for g in modifier.config_groups.values() if any(match_name(name, t) for t in g.targets)]
             if len(hits) != 1 or (hits[0].weights.num_bits, hits[0].weights.group_size) != (f["bits"],
                                                                                              f["group_size"]):
@@ -98,15 +98,6 @@ def load(artifact: str, out: Path) -> str:
 
 
 _EXPERT = re.compile(r"^(?P<unit>.*\.experts)\.(?P<index>\d+)\.(?P<projection>[^.]+)$")
-
-
-def _modules(unit: str, shape) -> list[str]:
-    """The modules llm-compressor quantizes for a config's layer: an expert unit ([experts, out, in], named
-    `...experts.gate_proj`) is each expert's projection, checked at its first and last expert."""
-    if len(shape) != 3:
-        return [unit]
-    block, _, projection = unit.rpartition(".")
-    return [f"{block}.{e}.{projection}" for e in sorted({0, shape[0] - 1})]
 
 
 def _file_key(name: str) -> tuple[str, str]:
