@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from bitalloc.cli import main
+from bitalloc.results import read_config
 from conftest import front_of
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "smollm2.yaml"
@@ -16,12 +17,13 @@ def test_default_job_on_the_real_model(tmp_path, capsys):
         "--set", "search.budgets=[3.5,4.5]", "--set", "search.points=2",
     ])
     front = front_of(out)
-    assert front.model.quantized_layers == 210  # its Linear layers; the embedding (lm_head's tensor) stays float32
+    # its Linear layers and the token embedding, which lm_head is tied to: one unit, packed row by row
+    assert front.model.quantized_layers == 211
     per_block = 2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536  # q, o; k, v; gate, up, down
-    assert front.model.quantized_params == 30 * per_block
-    # the bytes are the packed folder's: everything else stays float32 — the 49152 x 576 embeddings (shared with
-    # lm_head, stored once) and 61 norms —, beside the file's header, the configs and the 3.5 MB tokenizer
-    floats = 4 * (49152 * 576 + 61 * 576)
+    assert front.model.quantized_params == 30 * per_block + 49152 * 576
+    # the bytes are the packed folder's: the 61 norms stay float32, beside the file's header, the configs and the
+    # 3.5 MB tokenizer
+    floats = 4 * 61 * 576
     assert front.model.bytes_of == "bitalloc" and floats + 3_500_000 < front.model.other_bytes < floats + 4_000_000
     # the bitalloc target's formats, made by its best quantizer for them
     uniform = {u.format: u for u in front.uniform}
@@ -39,6 +41,7 @@ def test_default_job_on_the_real_model(tmp_path, capsys):
     said = capsys.readouterr()
     table = said.out
     assert "Pareto front" in table and "uniform w3g64a-clip" in table and "mixed @ 3.5 bits" in table
-    # the job says why the embedding is not searched, and what its bytes are
-    assert "model.embed_tokens stays float32: target bitalloc stores the token embedding unquantized" in said.err
+    # the embedding is searched, and the job says what the other bytes are
+    assert "stays float32" not in said.err
+    assert all("model.embed_tokens" in read_config(out / p.config).formats() for p in front.mixed)
     assert "MiB: bitalloc's checkpoint folder size (model card aside)" in " ".join(table.split())

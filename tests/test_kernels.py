@@ -20,11 +20,12 @@ from helpers import filled_levels
 from bitalloc.quantizers.store import Levels
 from bitalloc.formats import QUANT_BITS, Format, weight_bytes
 from bitalloc.kernels.packed import dequantize_packed, pack, pack_codes, unpack, unpack_codes
+from bitalloc.kernels.quant_embedding import QuantEmbedding
 from bitalloc.kernels.quant_linear import QuantLinear
 from bitalloc.kernels.rtn import dequantize, quantize
 from bitalloc.model import list_layers, load_model
 
-from conftest import tiny_job
+from conftest import front_of, tiny_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +140,6 @@ def tiny_front(tiny_llama, text_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("kern") / "out"
     spec = tiny_job(tiny_llama, text_dir, out, tracking={"enabled": False})
-    spec["model"]["embeddings"] = False  # bitalloc's packed checkpoint keeps embeddings unquantized
     run_job(parse_spec(spec))
     return out
 
@@ -158,11 +158,55 @@ def test_packed_checkpoint_equals_the_evaluators_model(tiny_front, tiny_llama, t
     with evaluator.streamed(formats), torch.no_grad():
         expected = model.module(tokens).logits
     packed = load_packed(tmp_path / "ckpt")
-    quant = [m for m in packed.module.modules() if isinstance(m, QuantLinear)]
-    assert len(quant) == sum(f.quantized for f in formats.values())
-    assert sum(m.packed.nbytes for m in quant) == sum(
+    quant = {m.qweight.data_ptr(): m for m in packed.module.modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    assert len(quant) == sum(f.quantized for f in formats.values())  # a tied head shares its table's buffers
+    assert sum(m.packed.nbytes for m in quant.values()) == sum(
         weight_bytes(l.out_features, l.in_features, formats[l.name]) for l in chosen if formats[l.name].quantized)
     with torch.no_grad():
+        torch.testing.assert_close(packed.module(tokens).logits, expected, atol=1e-3, rtol=1e-3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(QUANT_BITS), st.sampled_from([16, 32, 64]), st.integers(1, 40), st.integers(1, 70),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_a_quant_embedding_looks_up_the_dequantized_rows_of_its_table(bits, group, vocab, dim, symmetric, seed):
+    gen = torch.Generator().manual_seed(seed)
+    packed = pack(quantize(torch.randn(vocab, dim, generator=gen), Format(bits, group, symmetric)))
+    root = torch.nn.ModuleDict({"embed": torch.nn.Embedding(vocab, dim)})
+    QuantEmbedding.swap_in(root, "embed", packed)
+    ids = torch.randint(0, vocab, (3, 5), generator=gen)
+    assert root["embed"](ids).equal(dequantize_packed(packed, torch.float32)[ids])
+
+
+def test_a_packed_tied_embedding_is_stored_once_and_looks_up_its_rows(tiny_front, tiny_llama, tmp_path):
+    """A uniform point quantizes the token embedding too: the checkpoint packs it row by row (a QuantEmbedding) and
+    its tied head is a QuantLinear over the same buffers, saved once and loaded back sharing them; lookups and
+    logits are what the evaluator measured with the dequantized table at both uses."""
+    from safetensors import safe_open
+
+    from bitalloc.runtimes.bitalloc.checkpoint import pack
+
+    config = read_config(sorted((tiny_front / "configs").glob("uniform-w3*.json"))[0])
+    (embedding,) = config.embeddings
+    fmt = config.formats()[embedding]
+    assert fmt.quantized
+    pack(config, tmp_path / "ckpt", front_of(tiny_front).data.hash)
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    assert sum(k.endswith(".qweight") for k in keys) == sum(f.quantized for f in config.formats().values())
+    assert not any(k.endswith("embed_tokens.weight") or k == "lm_head.weight" for k in keys)
+    packed = load_packed(tmp_path / "ckpt")
+    table, head = packed.module.get_input_embeddings(), packed.module.get_output_embeddings()
+    assert isinstance(table, QuantEmbedding) and isinstance(head, QuantLinear) and head.qweight is table.qweight
+    model = load_model(str(tiny_llama))
+    layers = [l for l in list_layers(model) if l.name in config.formats()]
+    tokens = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(0))
+    levels = filled_levels(model, layers, sorted({f for f in config.formats().values() if f.quantized}))
+    level = dequantize_packed(levels.read(embedding, fmt), torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(table(tokens), level[tokens])
+        with Evaluator(model, levels, tokens, 2).streamed(config.formats()):
+            expected = model.module(tokens).logits
         torch.testing.assert_close(packed.module(tokens).logits, expected, atol=1e-3, rtol=1e-3)
 
 

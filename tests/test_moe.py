@@ -355,11 +355,22 @@ def test_llmcompressor_quantizes_every_expert_as_the_front_measured(tiny_mixtral
     assert abs(built.loss - built.bitalloc_loss) <= 1e-2 * built.bitalloc_loss + 1e-9
 
 
-def test_llmcompressors_artifact_saves_every_expert_as_transformers_names_it(tiny_mixtral, text_dir, tmp_path):
-    """`build --runtime llmcompressor` on a Mixtral writes each expert's levels under the names transformers saves
-    Mixtral by (`block_sparse_moe.experts.N.w1` / `w3` / `w2`, what vLLM reads), its config groups targeting both
-    those and the modules' names; compressed-tensors decompresses every expert back to the job's level, at the
-    bytes counted, and the front's bytes are the folder's."""
+@pytest.mark.parametrize("runtime, formats, saved, tensors, absent", [
+    # transformers saves Mixtral's up projection per expert as block_sparse_moe.experts.N.w3 (what vLLM reads);
+    # compressed-tensors packs rows as bitalloc does
+    ("llmcompressor", {"target": "llmcompressor", "method": "rtn-int"},
+     "model.layers.1.block_sparse_moe.experts.{e}.w3.weight_packed", lambda rows: rows, "model.layers.1.mlp."),
+    # GPTQModel's defuser splits the fused experts into mlp.experts.N.up_proj Linear modules; GPTQ packs columns
+    ("gptqmodel", {"target": "gptqmodel"}, "model.layers.1.mlp.experts.{e}.up_proj.qweight", lambda rows: rows.T,
+     "model.layers.1.block_sparse_moe."),
+])
+def test_a_checkpoint_runtimes_artifact_saves_every_expert_as_its_loader_names_it(runtime, formats, saved, tensors,
+                                                                                   absent, tiny_mixtral, text_dir,
+                                                                                   tmp_path):
+    """`build` on a Mixtral writes each expert's levels under the names the runtime's loader reads (llm-compressor:
+    transformers' saved names, its config groups targeting both those and the modules' names; GPTQModel: its
+    defused modules', its `dynamic` rules selecting every expert); the runtime's own code reads every expert back
+    as the job's level, at the bytes counted, and the front's bytes are the folder's."""
     from safetensors import safe_open
 
     from bitalloc.cli import main
@@ -374,21 +385,20 @@ def test_llmcompressors_artifact_saves_every_expert_as_transformers_names_it(tin
 
     if not (os.environ.get("BITALLOC_RUNTIMES_PYTHON") or (ROOT / ".venv-runtimes" / "bin" / "python").exists()):
         pytest.skip("no .venv-runtimes (`./dev test` builds it): the Python runtimes are not installed")
-    out = _moe_job(tiny_mixtral, text_dir, tmp_path / "out", {"target": "llmcompressor", "method": "rtn-int"}, 1)
+    out = _moe_job(tiny_mixtral, text_dir, tmp_path / "out", formats, 1)
     artifact = tmp_path / "artifact"
-    main(["build", str(out), "--point", "1", "--runtime", "llmcompressor", "-o", str(artifact)])
+    main(["build", str(out), "--point", "1", "--runtime", runtime, "-o", str(artifact)])
     point = front_of(out).mixed[0]
     doc = read_config(out / point.config)
     ws = open_workspace(load_spec(out / "spec.yaml"), Stages())
     with safe_open(str(artifact / "model.safetensors"), "pt") as fh:
-        saved = {k: fh.get_tensor(k) for k in fh.keys()}
+        written = {k: fh.get_tensor(k) for k in fh.keys()}
     unit, fmt = "model.layers.1.mlp.experts.up_proj", doc.formats()["model.layers.1.mlp.experts.up_proj"]
     level, rows = ws.levels.read(unit, fmt), doc.shapes[unit][1]
-    for e in range(4):  # Mixtral's up projection is w3, saved per expert
-        assert saved[f"model.layers.1.block_sparse_moe.experts.{e}.w3.weight_packed"].equal(
-            level.qweight[e * rows:(e + 1) * rows])
-    assert not any(k.startswith("model.layers.1.mlp.") for k in saved)  # the router too: block_sparse_moe.gate
-    main(["verify", str(out), "--point", "1", "--runtime", "llmcompressor"])
+    for e in range(4):
+        assert written[saved.format(e=e)].equal(tensors(level.qweight[e * rows:(e + 1) * rows]))
+    assert not any(k.startswith(absent) or k.endswith("experts.gate_up_proj") for k in written)
+    main(["verify", str(out), "--point", "1", "--runtime", runtime])
     (built,) = front_of(out).runtime_points
     assert built.details["artifact"] == 1
     assert built.details["layers_matching"] == sum(f.quantized for f in doc.formats().values())
@@ -396,52 +406,8 @@ def test_llmcompressors_artifact_saves_every_expert_as_transformers_names_it(tin
     assert built.stored_layer_bytes == built.counted_layer_bytes
     assert abs(built.loss - built.bitalloc_loss) <= 1e-2 * built.bitalloc_loss + 1e-9
     folder = sum(p.stat().st_size for p in artifact.iterdir() if p.name != "README.md")
-    assert front_of(out).model.bytes_of == "llmcompressor" and abs(point.bytes - folder) <= 1e-4 * folder
-    assert point_bytes(get_runtime("llmcompressor"), ws, doc.formats())[0] == folder
-
-
-def test_gptqmodels_artifact_saves_every_expert_as_its_defused_modules(tiny_mixtral, text_dir, tmp_path):
-    """`build --runtime gptqmodel` on a Mixtral writes each expert's GPTQ tensors under the names of the Linear
-    modules GPTQModel defuses the experts into (`mlp.experts.N.up_proj`), its `dynamic` rules selecting every
-    expert; GPTQModel's own loader dequantizes every expert back to the job's level, at the bytes counted, and the
-    front's bytes are the folder's."""
-    from safetensors import safe_open
-
-    from bitalloc.cli import main
-    from bitalloc.jobs.runner import open_workspace
-    from bitalloc.jobs.spec import load_spec
-    from bitalloc.progress import Stages
-    from bitalloc.results import read_config
-    from bitalloc.runtimes import get_runtime
-    from bitalloc.runtimes.folder import point_bytes
-    from bitalloc.runtimes.python import ROOT
-    from conftest import front_of
-
-    if not (os.environ.get("BITALLOC_RUNTIMES_PYTHON") or (ROOT / ".venv-runtimes" / "bin" / "python").exists()):
-        pytest.skip("no .venv-runtimes (`./dev test` builds it): the Python runtimes are not installed")
-    out = _moe_job(tiny_mixtral, text_dir, tmp_path / "out", {"target": "gptqmodel"}, 1)
-    artifact = tmp_path / "artifact"
-    main(["build", str(out), "--point", "1", "--runtime", "gptqmodel", "-o", str(artifact)])
-    point = front_of(out).mixed[0]
-    doc = read_config(out / point.config)
-    ws = open_workspace(load_spec(out / "spec.yaml"), Stages())
-    with safe_open(str(artifact / "model.safetensors"), "pt") as fh:
-        saved = {k: fh.get_tensor(k) for k in fh.keys()}
-    unit, fmt = "model.layers.1.mlp.experts.up_proj", doc.formats()["model.layers.1.mlp.experts.up_proj"]
-    level, rows = ws.levels.read(unit, fmt), doc.shapes[unit][1]
-    for e in range(4):  # GPTQ packs each expert's columns: its qweight is the expert's rows of the level, transposed
-        assert saved[f"model.layers.1.mlp.experts.{e}.up_proj.qweight"].equal(
-            level.qweight[e * rows:(e + 1) * rows].T)
-    assert not any(".block_sparse_moe." in k or k.endswith("experts.gate_up_proj") for k in saved)
-    main(["verify", str(out), "--point", "1", "--runtime", "gptqmodel"])
-    (built,) = front_of(out).runtime_points
-    assert built.details["artifact"] == 1
-    assert built.details["layers_matching"] == sum(f.quantized for f in doc.formats().values())
-    assert built.stored_layer_bytes == built.counted_layer_bytes
-    assert abs(built.loss - built.bitalloc_loss) <= 1e-2 * built.bitalloc_loss + 1e-9
-    folder = sum(p.stat().st_size for p in artifact.iterdir() if p.name != "README.md")
-    assert front_of(out).model.bytes_of == "gptqmodel" and abs(point.bytes - folder) <= 1e-4 * folder
-    assert point_bytes(get_runtime("gptqmodel"), ws, doc.formats())[0] == folder
+    assert front_of(out).model.bytes_of == runtime and abs(point.bytes - folder) <= 1e-4 * folder
+    assert point_bytes(get_runtime(runtime), ws, doc.formats())[0] == folder
 
 
 def test_a_job_on_a_model_mostly_outside_the_search_refuses_in_one_line():

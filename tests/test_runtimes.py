@@ -74,4 +74,4 @@ def test_bitalloc_runtime_verifies_what_pack_writes(tiny_llama, text_dir, tmp_pa
     assert built.details["layers_matching"] == front.model.quantized_layers
     assert abs(built.loss - front.mixed[0].loss) <= 1e-6 * max(front.mixed[0].loss, 1e-6)
     assert front.model.bytes_of == "bitalloc"  # the packed folder's bytes, within its figures' widths
-    assert abs(built.details["front_minus_folder_bytes"]) <= 1e-4 * built.file_bytes
+    assert abs(built.details["front_minus_folder_bytes"]) <= 1e-3 * built.file_bytes  # a few bytes of 40 kB

@@ -130,17 +130,17 @@ def test_an_export_says_when_vllm_cannot_load_what_it_writes():
 
 
 def test_a_target_that_cannot_store_a_quantized_embedding_never_offers_or_writes_one(capsys):
-    """llama.cpp stores `token_embd` at any type; vLLM's methods, HQQ and bitalloc's checkpoint keep embeddings at
-    their dtype: their targets leave the embedding out of the search and say why; asking for it is one error; an
-    export of a config that quantizes it keeps it only with --nearest, saying so."""
+    """llama.cpp stores `token_embd` at any type and bitalloc's checkpoint packs it row by row; vLLM's methods and
+    HQQ keep embeddings at their dtype: their targets leave the embedding out of the search and say why; asking for
+    it is one error; an export of a config that quantizes it keeps it only with --nearest, saying so."""
     from bitalloc.formats import Format
 
     def spec(target, **model):
         return parse_spec({"model": {"source": "x", **model}, "formats": {"target": target}})
 
-    assert spec("llamacpp").embeddings() == (True, "")
+    assert spec("llamacpp").embeddings() == spec("bitalloc").embeddings() == (True, "")
     assert parse_spec({"model": {"source": "x"}}).embeddings() == (True, "")
-    for target in ("gptqmodel", "llmcompressor", "hqq", "bitalloc"):
+    for target in ("gptqmodel", "llmcompressor", "hqq"):
         searched, why = spec(target).embeddings()
         assert not searched and target in why and "unquantized" in why
         with pytest.raises(BitallocError) as exc:

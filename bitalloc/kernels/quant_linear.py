@@ -29,6 +29,16 @@ def _triton_matmul():
     return packed_matmul, INTERPRET
 
 
+def register_packed(module: nn.Module, rows: int, in_features: int, fmt: Format, device=None) -> None:
+    """Zeroed `qweight`, `scales` and `zeros` buffers of a [rows, in_features] weight packed at `fmt`."""
+    groups = -(-in_features // fmt.group_size)
+    sdt = TORCH_DTYPES[fmt.scale_dtype]
+    module.register_buffer("qweight", torch.zeros(rows, words_per_row(in_features, fmt.bits), dtype=torch.int32,
+                                                  device=device))
+    module.register_buffer("scales", torch.zeros(rows, groups, dtype=sdt, device=device))
+    module.register_buffer("zeros", None if fmt.symmetric else torch.zeros(rows, groups, dtype=sdt, device=device))
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with W [out, in] packed at `fmt`; the bytes held are the packed bytes."""
 
@@ -36,13 +46,7 @@ class QuantLinear(nn.Module):
                  device=None):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        n_groups = -(-in_features // fmt.group_size)
-        sdt = TORCH_DTYPES[fmt.scale_dtype]
-        self.register_buffer("qweight", torch.zeros(out_features, words_per_row(in_features, fmt.bits),
-                                                    dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=sdt, device=device))
-        self.register_buffer("zeros", None if fmt.symmetric else
-                             torch.zeros(out_features, n_groups, dtype=sdt, device=device))
+        register_packed(self, out_features, in_features, fmt, device)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._warned = False
 

@@ -10,10 +10,11 @@ from ..base import Runtime, register
 
 @register("bitalloc")
 class Packed(Runtime):
-    summary = "bitalloc's packed kernels: 2-8 bits, groups 64/128, asymmetric"
+    summary = "bitalloc's packed kernels: 2-8 bits, groups 64/128, asymmetric (the token embedding packed too)"
     methods = ("clip", "rtn")
     bits = (2, 3, 4, 5, 6, 8)
     symmetric = False
+    embeddings = True  # a `QuantEmbedding`: the token embedding packed row by row, a tied head sharing it
     export_file = None  # its artifact is the packed checkpoint (`bitalloc build`, or `pack`)
     artifact = "folder"
     file_sized = True  # the front's bytes are the packed folder's (`folder.folder_bytes`)

@@ -1,4 +1,5 @@
-"""Packed checkpoints: a model with its chosen layers as `QuantLinear`s, saved as safetensors.
+"""Packed checkpoints: a model with its chosen layers as `QuantLinear`s (a quantized token embedding as a
+`QuantEmbedding`, a head tied to it sharing its buffers), saved as safetensors.
 
 A checkpoint folder holds `model.safetensors` (packed words, scales, zero points, and every other
 tensor as it was), the transformers config and tokenizer, and `bitalloc_config.json` (the canonical
@@ -20,6 +21,7 @@ from bitalloc.model import LoadedModel, list_layers, load_model
 from bitalloc.results import ConfigDoc, read_config
 
 from bitalloc.kernels.packed import PackedWeight
+from bitalloc.kernels.quant_embedding import QuantEmbedding
 from bitalloc.kernels.quant_linear import QuantLinear
 from bitalloc.kernels.rtn import fake_quantize
 from bitalloc.paths import publish, staging_dir
@@ -57,8 +59,10 @@ def job_levels(config: ConfigDoc, model: LoadedModel, data_hash: str | None) -> 
 
 def quantize_model(model: LoadedModel, assignment: dict[str, Format],
                    level: Callable[[str, Format], PackedWeight]) -> int:
-    """Swap each quantized layer for a QuantLinear over its level (16-bit layers are rounded to their 16-bit dtype,
-    as the evaluator does); returns the packed bytes of the quantized layers."""
+    """Swap each quantized layer for a QuantLinear over its level, a quantized token embedding for a QuantEmbedding
+    (a head tied to it a QuantLinear over the same buffers); 16-bit layers are rounded to their 16-bit dtype, as the
+    evaluator does. Returns the packed bytes of the quantized layers."""
+    layers = {l.name: l for l in list_layers(model)}
     total = 0
     for name, fmt in assignment.items():
         module = model.layer_module(name)
@@ -67,15 +71,26 @@ def quantize_model(model: LoadedModel, assignment: dict[str, Format],
             continue
         packed = level(name, fmt)
         total += packed.nbytes
-        QuantLinear.swap_in(model.module, name, packed)
+        if layers[name].embedding:
+            QuantEmbedding.swap_in(model.module, name, packed)
+            if layers[name].head:
+                model.module.get_submodule(name).tie_head(model.module, layers[name].head)
+        else:
+            QuantLinear.swap_in(model.module, name, packed)
     return total
 
 
 def _empty_quant_layers(model: LoadedModel, assignment: dict[str, Format]) -> None:
     layers = {l.name: l for l in list_layers(model)}
     for name, fmt in assignment.items():
-        if fmt.quantized:
-            spec, module = layers[name], model.layer_module(name)
+        if not fmt.quantized:
+            continue
+        spec, module = layers[name], model.layer_module(name)
+        if spec.embedding:
+            model.module.set_submodule(name, QuantEmbedding.replacing(module, fmt))
+            if spec.head:
+                model.module.get_submodule(name).tie_head(model.module, spec.head)
+        else:
             model.module.set_submodule(name, QuantLinear(spec.in_features, spec.out_features, fmt,
                                                          module.bias is not None, module.weight.dtype))
 
@@ -89,16 +104,11 @@ def check_output(out: Path, field: str) -> None:
 
 
 def check_packable(config: ConfigDoc) -> None:
-    """Refuse a config the packed checkpoint has no form for: MoE units, a quantized embedding, llama.cpp's types."""
+    """Refuse a config the packed checkpoint has no form for: MoE units, llama.cpp's types."""
     units = [name for name, shape in config.shapes.items() if len(shape) == 3]
     if units:
         raise BitallocError("TARGET", f"bitalloc's packed checkpoint has no form for mixture-of-experts units yet "
                                       f"({len(units)}, e.g. {units[0]}); export the config to llamacpp")
-    embedded = [n for n in config.embeddings if config.formats()[n].quantized]
-    if embedded:
-        raise BitallocError("TARGET", f"bitalloc's packed checkpoint keeps the token embedding unquantized, but this "
-                                      f"config quantizes {embedded[0]}; search with formats.target: bitalloc, or "
-                                      f"export the config to llamacpp")
     ggml = [(n, f) for n, f in config.formats().items() if f.ggml]
     if ggml:
         raise BitallocError("TARGET", f"{ggml[0][0]} is at llama.cpp's {ggml[0][1].ggml}, which bitalloc's kernels do "
@@ -158,6 +168,7 @@ def load_packed(path: str | Path) -> LoadedModel:
     if set(missing) - tied or unexpected:
         raise BitallocError("DIR", f"{WEIGHTS_FILE} does not match its config: missing {sorted(missing)[:3]}, "
                                    f"unexpected {sorted(unexpected)[:3]}")
-    module.tie_weights()
+    if not any(isinstance(m, QuantEmbedding) for m in module.modules()):
+        module.tie_weights()  # a quantized embedding's head holds its buffers already (`QuantEmbedding.tie_head`)
     module.eval()
     return model

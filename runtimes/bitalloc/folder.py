@@ -1,7 +1,7 @@
 """The size of the packed checkpoint folder `bitalloc build` (or `pack`) writes for a point, computed without writing
 it or reading a level: `model.safetensors` as `save_model` writes it (a tied head dropped under safetensors' own
 rule and named in the file's metadata; each quantized layer's `qweight`, `scales`, `zeros` as a `QuantLinear` holds
-them; every other tensor at the loaded dtype), the model's `config.json`, the tokenizer's files and
+them, a quantized token embedding's as its `QuantEmbedding` does; every other tensor at the loaded dtype), the model's `config.json`, the tokenizer's files and
 `bitalloc_config.json`, the point's config document."""
 
 from __future__ import annotations
@@ -23,20 +23,29 @@ def _weights(module: torch.nn.Module, formats: dict) -> tuple[dict[str, torch.Te
     from safetensors.torch import _remove_duplicate_names
 
     state = module.state_dict()
-    metadata = {gone: kept for kept, gone_ in _remove_duplicate_names(state).items() for gone in gone_} or None
-    tensors, stored = {}, 0
-    for key, t in state.items():
-        if metadata and key in metadata:
-            continue
+    shared = {gone: kept for kept, gone_ in _remove_duplicate_names(state).items() for gone in gone_}
+    tensors, metadata, stored = {}, {}, 0
+
+    def quantized(key: str):
         layer, _, part = key.rpartition(".")
         fmt = formats.get(layer)
-        if fmt is None or not fmt.quantized or part != "weight":
+        return layer, (fmt if fmt is not None and fmt.quantized and part == "weight" else None)
+
+    for key, t in state.items():
+        layer, fmt = quantized(key)
+        if key in shared:  # a tied head: its table is saved once, the others named in the metadata
+            (kept, _) = quantized(shared[key])
+            parts = QuantLinear(t.shape[1], t.shape[0], fmt, False, t.dtype, device="meta").state_dict() if fmt \
+                else {"weight": t}
+            metadata.update({f"{layer}.{k}": f"{kept}.{k}" for k in parts})
+            continue
+        if fmt is None:
             tensors[key] = t
             continue
         own = QuantLinear(t.shape[1], t.shape[0], fmt, False, t.dtype, device="meta").state_dict()
         tensors.update({f"{layer}.{k}": v for k, v in own.items()})
         stored += sum(v.numel() * v.element_size() for v in own.values())
-    return tensors, metadata, stored
+    return tensors, metadata or None, stored
 
 
 def point_bytes(ws, formats: dict) -> tuple[int, int]:
@@ -45,7 +54,8 @@ def point_bytes(ws, formats: dict) -> tuple[int, int]:
     from bitalloc.pipeline import config_meta
     from bitalloc.results import ConfigDoc
 
-    tensors, metadata, stored = _weights(ws.model.module, formats)
+    heads = {l.head: formats[l.name] for l in ws.layers if l.embedding and l.head}  # a tied head: its table's
+    tensors, metadata, stored = _weights(ws.model.module, {**formats, **heads})
     weights = safetensors_bytes(tensors, metadata)
     names = [l.name for l in ws.layers]
     fmts = tuple(formats[n] for n in names)
@@ -62,7 +72,7 @@ def point_bytes(ws, formats: dict) -> tuple[int, int]:
 def folder_bytes(ws) -> FileBytes | None:
     """How the packed folder stores the job's points: the folder with every layer at the job's first format it
     takes, less those layers' tensors, each layer then adding its own (the `packed` layout's count). None for expert
-    units and quantized embeddings, which the packed checkpoint does not hold (`check_packable`)."""
-    if any(l.experts or l.embedding for l in ws.layers):
+    units, which the packed checkpoint does not hold (`check_packable`)."""
+    if any(l.experts for l in ws.layers):
         return None
     return reference_bytes("bitalloc", ws, lambda formats: point_bytes(ws, formats))

@@ -1,11 +1,12 @@
 """verify for bitalloc's runtime: the point written as `bitalloc pack` writes it, loaded back by `load_packed`, each
-QuantLinear's packed weight dequantized, measured and compared with the job's levels (`points.weights_point`)."""
+QuantLinear's and QuantEmbedding's packed weight dequantized, measured and compared with the job's levels (`points.weights_point`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from bitalloc.kernels.packed import dequantize_packed
+from bitalloc.kernels.quant_embedding import QuantEmbedding
 from bitalloc.kernels.quant_linear import QuantLinear
 
 from ..points import weights_point
@@ -18,7 +19,11 @@ def verify(ws, picked, work: Path, stages) -> list:
         pack(picked.config, folder, picked.front.data.hash)
         loaded = load_packed(folder)
     dtype = next(ws.model.module.parameters()).dtype
-    packed = {name: m.packed for name, m in loaded.module.named_modules() if isinstance(m, QuantLinear)}
+    packed = {name: m.packed for name, m in loaded.module.named_modules()
+              if isinstance(m, (QuantLinear, QuantEmbedding))}
+    tables = {p.qweight.data_ptr(): name for name, p in packed.items() if isinstance(loaded.module.get_submodule(name),
+                                                                                     QuantEmbedding)}
+    packed = {n: p for n, p in packed.items() if tables.get(p.qweight.data_ptr(), n) == n}  # a tied head: its table
     weights = {name: dequantize_packed(p, dtype) for name, p in packed.items()}
     with stages.stage("bitalloc: measure"):
         point = weights_point("bitalloc", ws, picked, weights, {n: p.nbytes for n, p in packed.items()},
