@@ -58,6 +58,17 @@ class PythonRuntime(Runtime):
     def prepare(self) -> None:
         runtimes_python(self)
 
+    def moe_notes(self, layers) -> list[str]:
+        """vLLM's fused MoE runs one scheme per MoE layer: a block whose experts' projections differ says so."""
+        blocks: dict[str, set] = {}
+        for l in layers:
+            if l.experts:
+                blocks.setdefault(l.name.rpartition(".")[0], set()).add(l.fmt)
+        mixed = sorted(b for b, fmts in blocks.items() if len(fmts) > 1)
+        return [f"{len(mixed)} MoE blocks (e.g. {mixed[0]}) have experts' projections in different formats: "
+                f"{self.library} loads them, vLLM's fused MoE runs one scheme per MoE layer (search with "
+                f"formats.target: {self.name}, which ties them)"] if mixed else []
+
     def unstorable(self, fmt) -> str:
         """Why the artifact cannot hold a level at `fmt` that the runtime places exactly ("": it can)."""
         return ""

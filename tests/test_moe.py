@@ -397,6 +397,8 @@ def test_a_checkpoint_runtimes_artifact_saves_every_expert_as_its_loader_names_i
     level, rows = ws.levels.read(unit, fmt), doc.shapes[unit][1]
     for e in range(4):
         assert written[saved.format(e=e)].equal(tensors(level.qweight[e * rows:(e + 1) * rows]))
+    for block in ("model.layers.0.mlp.experts", "model.layers.1.mlp.experts"):  # vLLM's fused MoE: one scheme
+        assert len({doc.formats()[f"{block}.{p}"] for p in ("gate_proj", "up_proj", "down_proj")}) == 1
     assert not any(k.startswith(absent) or k.endswith("experts.gate_up_proj") for k in written)
     main(["verify", str(out), "--point", "1", "--runtime", runtime])
     (built,) = front_of(out).runtime_points

@@ -1,7 +1,8 @@
 """bitalloc's own runtime: its packed Triton kernels (`bitalloc.kernels`) run a packed checkpoint (`bitalloc pack`,
 `bitalloc.load_packed`): grouped 2-8 bit codes, asymmetric, groups of 64 or 128 (the kernels take any group size, a
 compile-time constant; 128 beside 64 gives the search cheaper steps: on the off-grid model the mixed point at uniform
-3-bit's bytes measured 0.68 KL against 0.76 with group 64 alone, uniform 1.27), from the `clip` or `rtn` quantizers."""
+3-bit's bytes measured 0.68 KL against 0.76 with group 64 alone, uniform 1.27, the embedding unsearched),
+from the `clip` or `rtn` quantizers; the token embedding is packed row by row (`QuantEmbedding`)."""
 
 from __future__ import annotations
 

@@ -72,7 +72,8 @@ class GPTQModel(PythonRuntime):
     def notes(self, layers):
         planar = [l for l in layers if l.fmt.quantized and not l.fmt.ggml and l.fmt.bits in (5, 6)]
         return super().notes(layers) + ([f"{len(planar)} layers at 5/6 bits make a gptq_p checkpoint: GPTQModel "
-                                         f"loads it, vLLM does not (it runs GPTQ at 2/3/4/8 bits)"] if planar else [])
+                                         f"loads it, vLLM does not (it runs GPTQ at 2/3/4/8 bits)"] if planar
+                                        else []) + self.moe_notes(layers)
 
     def render(self, layers, placed, model_type, quantizers) -> str:
         groups = by_value(layers, placed, lambda v: v is not None)

@@ -63,17 +63,7 @@ class LLMCompressor(PythonRuntime):
         off = [l for l in layers if l.fmt.quantized and not l.fmt.ggml and l.fmt.bits not in self.bits]
         return super().notes(layers) + ([f"{len(off)} layers at bits other than 4 or 8: llm-compressor and "
                                          f"transformers load them, vLLM does not (search with formats.target: "
-                                         f"llmcompressor for a vLLM model)"] if off else []) + self._moe_notes(layers)
-
-    def _moe_notes(self, layers):
-        blocks: dict[str, set] = {}
-        for l in layers:
-            if l.experts:
-                blocks.setdefault(l.name.rpartition(".")[0], set()).add(l.fmt)
-        mixed = sorted(b for b, fmts in blocks.items() if len(fmts) > 1)
-        return [f"{len(mixed)} MoE blocks (e.g. {mixed[0]}) have experts' projections in different formats: "
-                f"llm-compressor and transformers load them, vLLM's fused MoE runs one scheme per MoE layer (search "
-                f"with formats.target: llmcompressor, which ties them)"] if mixed else []
+                                         f"llmcompressor for a vLLM model)"] if off else []) + self.moe_notes(layers)
 
     def render(self, layers, placed, model_type, quantizers) -> str:
         groups = by_value(layers, placed, lambda v: v is not None)
