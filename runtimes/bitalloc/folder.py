@@ -1,8 +1,8 @@
 """The size of the packed checkpoint folder `bitalloc build` (or `pack`) writes for a point, computed without writing
 it or reading a level: `model.safetensors` as `save_model` writes it (a tied head dropped under safetensors' own
 rule and named in the file's metadata; each quantized layer's `qweight`, `scales`, `zeros` as a `QuantLinear` holds
-them, a quantized token embedding's as its `QuantEmbedding` does; every other tensor at the loaded dtype), the model's `config.json`, the tokenizer's files and
-`bitalloc_config.json`, the point's config document."""
+them, a quantized token embedding's as its `QuantEmbedding` does; every other tensor at the loaded dtype), the
+model's `config.json`, the tokenizer's files and `bitalloc_config.json`, the point's config document."""
 
 from __future__ import annotations
 
@@ -24,27 +24,25 @@ def _weights(module: torch.nn.Module, formats: dict) -> tuple[dict[str, torch.Te
 
     state = module.state_dict()
     shared = {gone: kept for kept, gone_ in _remove_duplicate_names(state).items() for gone in gone_}
-    tensors, metadata, stored = {}, {}, 0
 
-    def quantized(key: str):
+    def saved(key: str) -> dict[str, torch.Tensor]:
+        """What a state-dict entry is saved as: a quantized layer's weight its packed buffers, by name."""
         layer, _, part = key.rpartition(".")
-        fmt = formats.get(layer)
-        return layer, (fmt if fmt is not None and fmt.quantized and part == "weight" else None)
-
-    for key, t in state.items():
-        layer, fmt = quantized(key)
-        if key in shared:  # a tied head: its table is saved once, the others named in the metadata
-            (kept, _) = quantized(shared[key])
-            parts = QuantLinear(t.shape[1], t.shape[0], fmt, False, t.dtype, device="meta").state_dict() if fmt \
-                else {"weight": t}
-            metadata.update({f"{layer}.{k}": f"{kept}.{k}" for k in parts})
-            continue
-        if fmt is None:
-            tensors[key] = t
-            continue
+        fmt, t = formats.get(layer), state[key]
+        if fmt is None or not fmt.quantized or part != "weight":
+            return {key: t}
         own = QuantLinear(t.shape[1], t.shape[0], fmt, False, t.dtype, device="meta").state_dict()
-        tensors.update({f"{layer}.{k}": v for k, v in own.items()})
-        stored += sum(v.numel() * v.element_size() for v in own.values())
+        return {f"{layer}.{k}": v for k, v in own.items()}
+
+    tensors, metadata, stored = {}, {}, 0
+    for key in state:
+        if key in shared:  # a tied head: one tensor saved, its other names in the metadata
+            metadata.update(zip(saved(key), saved(shared[key])))
+            continue
+        own = saved(key)
+        tensors.update(own)
+        if key not in own:
+            stored += sum(v.numel() * v.element_size() for v in own.values())
     return tensors, metadata or None, stored
 
 
