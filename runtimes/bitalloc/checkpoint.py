@@ -59,40 +59,39 @@ def job_levels(config: ConfigDoc, model: LoadedModel, data_hash: str | None) -> 
 
 def quantize_model(model: LoadedModel, assignment: dict[str, Format],
                    level: Callable[[str, Format], PackedWeight]) -> int:
-    """Swap each quantized layer for a QuantLinear over its level, a quantized token embedding for a QuantEmbedding
-    (a head tied to it a QuantLinear over the same buffers); 16-bit layers are rounded to their 16-bit dtype, as the
-    evaluator does. Returns the packed bytes of the quantized layers."""
+    """Swap each quantized layer for its packed module over its level (`_swap_in`); 16-bit layers are rounded to
+    their 16-bit dtype, as the evaluator does. Returns the packed bytes of the quantized layers."""
     layers = {l.name: l for l in list_layers(model)}
     total = 0
     for name, fmt in assignment.items():
-        module = model.layer_module(name)
         if not fmt.quantized:
+            module = model.layer_module(name)
             module.weight.data = fake_quantize(module.weight.data, fmt)
             continue
         packed = level(name, fmt)
         total += packed.nbytes
-        if layers[name].embedding:
-            QuantEmbedding.swap_in(model.module, name, packed)
-            if layers[name].head:
-                model.module.get_submodule(name).tie_head(model.module, layers[name].head)
-        else:
-            QuantLinear.swap_in(model.module, name, packed)
+        _swap_in(model, layers[name], packed)
     return total
 
 
 def _empty_quant_layers(model: LoadedModel, assignment: dict[str, Format]) -> None:
+    """The packed modules of the quantized layers, their buffers to be loaded from the checkpoint."""
     layers = {l.name: l for l in list_layers(model)}
     for name, fmt in assignment.items():
-        if not fmt.quantized:
-            continue
-        spec, module = layers[name], model.layer_module(name)
-        if spec.embedding:
-            model.module.set_submodule(name, QuantEmbedding.replacing(module, fmt))
-            if spec.head:
-                model.module.get_submodule(name).tie_head(model.module, spec.head)
-        else:
-            model.module.set_submodule(name, QuantLinear(spec.in_features, spec.out_features, fmt,
-                                                         module.bias is not None, module.weight.dtype))
+        if fmt.quantized:
+            spec = layers[name]
+            _swap_in(model, spec, PackedWeight.empty(fmt, spec.row_count, spec.in_features, device="cpu"))
+
+
+def _swap_in(model: LoadedModel, spec, packed: PackedWeight) -> None:
+    """Replace a layer by a QuantLinear over `packed`, a token embedding by a QuantEmbedding (a head tied to it a
+    QuantLinear over the same buffers)."""
+    if not spec.embedding:
+        QuantLinear.swap_in(model.module, spec.name, packed)
+        return
+    QuantEmbedding.swap_in(model.module, spec.name, packed)
+    if spec.head:
+        model.module.get_submodule(spec.name).tie_head(model.module, spec.head)
 
 
 def check_output(out: Path, field: str) -> None:

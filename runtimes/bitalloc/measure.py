@@ -1,5 +1,6 @@
 """verify for bitalloc's runtime: the point written as `bitalloc pack` writes it, loaded back by `load_packed`, each
-QuantLinear's and QuantEmbedding's packed weight dequantized, measured and compared with the job's levels (`points.weights_point`)."""
+QuantLinear's and QuantEmbedding's packed weight dequantized, measured and compared with the job's levels
+(`points.weights_point`)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,10 @@ def verify(ws, picked, work: Path, stages) -> list:
         pack(picked.config, folder, picked.front.data.hash)
         loaded = load_packed(folder)
     dtype = next(ws.model.module.parameters()).dtype
-    packed = {name: m.packed for name, m in loaded.module.named_modules()
-              if isinstance(m, (QuantLinear, QuantEmbedding))}
-    tables = {p.qweight.data_ptr(): name for name, p in packed.items() if isinstance(loaded.module.get_submodule(name),
-                                                                                     QuantEmbedding)}
-    packed = {n: p for n, p in packed.items() if tables.get(p.qweight.data_ptr(), n) == n}  # a tied head: its table
+    modules = dict(loaded.module.named_modules())
+    tables = {m.qweight.data_ptr() for m in modules.values() if isinstance(m, QuantEmbedding)}
+    packed = {name: m.packed for name, m in modules.items() if isinstance(m, QuantEmbedding)
+              or (isinstance(m, QuantLinear) and m.qweight.data_ptr() not in tables)}  # a tied head: its table's
     weights = {name: dequantize_packed(p, dtype) for name, p in packed.items()}
     with stages.stage("bitalloc: measure"):
         point = weights_point("bitalloc", ws, picked, weights, {n: p.nbytes for n, p in packed.items()},
