@@ -15,7 +15,8 @@ Python runtimes (`./dev test` builds it) and llama.cpp's tools (built on first u
 formats of each runtime's kind (llama.cpp, llm-compressor's rtn-int, bitalloc's rtn): only its build time and size are
 measured. `moe` is the default model upcycled into a 4-expert Mixtral (`bitalloc.upcycle`, SmolLM2's function
 exactly), built for the runtimes whose artifacts hold expert units (llama.cpp; llm-compressor with rtn-int levels;
-GPTQModel with GPTQ's, each expert against its routed tokens), without the runtime's own quantize beside it.
+GPTQModel with GPTQ's, each expert against its routed tokens; bitalloc's packed checkpoint with clip's), without the
+runtime's own quantize beside it.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ ONE_B_FORMATS = {"llamacpp": {"types": ["q4_K", "q6_K", "q8_0"]},
 
 
 # the runtimes whose artifacts hold mixture-of-experts units, and their formats on the MoE (llm-compressor's rtn-int,
-# GPTQModel's GPTQ, its only method)
+# GPTQModel's GPTQ, its only method; bitalloc's clip)
 MOE_FORMATS = {"llamacpp": {"target": "llamacpp"}, "llmcompressor": {"target": "llmcompressor", "method": "rtn-int"},
-               "gptqmodel": {"target": "gptqmodel"}}
+               "gptqmodel": {"target": "gptqmodel"}, "bitalloc": {"target": "bitalloc"}}
 
 
 def upcycled(folder: Path) -> Path:

@@ -61,6 +61,7 @@ class Runtime:
     export_file: ClassVar[str] = "file"  # what `export --format NAME` writes
     presets: ClassVar[tuple[str, ...]] = ()  # the runtime's own mixtures `verify --presets` measures
     experts: ClassVar[bool] = False  # writes MoE expert units (names and formats its loader reads for them)
+    experts_why: ClassVar[str] = ""  # why it does not, where it does not
     embeddings: ClassVar[bool] = False  # stores a quantized token embedding (its loader dequantizes a looked-up row)
     file_sized: ClassVar[bool] = False  # `file_bytes` gives its file's bytes (the front's bytes are then the file's)
     artifact: ClassVar[str | None] = None  # what `bitalloc build` writes: "file" or "folder" (None: not written yet)
@@ -130,11 +131,12 @@ class Runtime:
         return self.render(layers, placed, model_type, quantizers or {}), changed
 
     def check_experts(self, layers) -> None:
-        """Refuse a config with MoE expert units where this runtime's files for them are not written yet."""
+        """Refuse a config with MoE expert units where this runtime cannot store them."""
         units = [l.name for l in layers if l.experts]
         if units and not self.experts:
-            raise BitallocError("--format", f"{self.name}: files for mixture-of-experts units ({len(units)}, e.g. "
-                                            f"{units[0]}) are not written yet; export this config to llamacpp")
+            raise BitallocError("--format", f"{self.name} cannot store mixture-of-experts units ({len(units)}, e.g. "
+                                            f"{units[0]}: {self.experts_why}); export this config to "
+                                            f"{expert_runtimes()}")
 
     def without_embeddings(self, layers: list[Layer]) -> tuple[list[Layer], list[str]]:
         """The layers this runtime's file names (a token embedding only where it stores one quantized: elsewhere its
@@ -247,6 +249,11 @@ def from_ggml(layer: Layer, runtime: str, bits: tuple[int, ...], group: int) -> 
 REGISTRY: Registry[Runtime] = Registry("a runtime", "--runtime", "--runtime")
 RUNTIMES = REGISTRY.classes
 register = REGISTRY.register
+
+
+def expert_runtimes() -> str:
+    """The runtimes that store mixture-of-experts units, for a refusal to name."""
+    return ", ".join(sorted(name for name, cls in RUNTIMES.items() if cls.experts))
 
 
 def get_runtime(name: str, field: str = "--runtime") -> Runtime:

@@ -114,6 +114,29 @@ torch.testing.assert_close(y, x @ dequantize_packed(layer.packed).t() + layer.bi
 """)
 
 
+def test_packed_experts_run_each_experts_rows_on_the_kernel_under_the_interpreter():
+    """A packed expert projection hands the kernel one expert's rows of the stacked level (a view into it) and gets
+    that expert's product, for every expert."""
+    _interpreted("""
+import torch
+from bitalloc.formats import Format
+from bitalloc.kernels.packed import dequantize_packed, pack_weight
+from bitalloc.kernels.quant_experts import PackedProjection
+import bitalloc.kernels.triton_matmul as tm
+calls = []
+real = tm.packed_matmul
+tm.packed_matmul = lambda *a, **k: calls.append(1) or real(*a, **k)
+g = torch.Generator().manual_seed(2)
+experts, out, k = 3, 10, 48
+proj = PackedProjection.of(pack_weight(torch.randn(experts * out, k, generator=g), Format(3, 16, False)), experts)
+w = dequantize_packed(proj.packed).reshape(experts, out, k)
+for e in range(experts):
+    x = torch.randn(4, k, generator=g)
+    torch.testing.assert_close(proj(x, e), x @ w[e].t(), atol=1e-4, rtol=1e-4)
+assert len(calls) == experts, "the Triton kernel did not run"
+""")
+
+
 def test_quant_linear_falls_back_with_a_warning_for_inputs_the_kernels_cannot_take():
     from bitalloc.kernels.packed import pack_weight
 

@@ -82,19 +82,23 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        matmul, interpret = _triton_matmul()
-        use_kernel = x.is_cuda or interpret
-        if use_kernel and matmul is None:
-            self._fallback("Triton is not installed")
-            use_kernel = False
-        if use_kernel and x.dtype not in _KERNEL_DTYPES:
-            self._fallback(f"the kernels take fp16/bf16/fp32 inputs, not {x.dtype}")
-            use_kernel = False
-        if use_kernel:
-            y = matmul(x2.contiguous(), self.packed)
-        else:
-            y = x2 @ dequantize_packed(self.packed, x.dtype).t()
+        y = packed_linear(x.reshape(-1, self.in_features), self.packed, self._fallback)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def packed_linear(x2: torch.Tensor, packed: PackedWeight, fallback) -> torch.Tensor:
+    """x2 [tokens, in] @ W^T for W packed: the Triton kernels on CUDA (or in the interpreter), else torch's
+    dequantize path; `fallback(why)` is told when an input the kernels should take cannot be."""
+    matmul, interpret = _triton_matmul()
+    use_kernel = x2.is_cuda or interpret
+    if use_kernel and matmul is None:
+        fallback("Triton is not installed")
+        use_kernel = False
+    if use_kernel and x2.dtype not in _KERNEL_DTYPES:
+        fallback(f"the kernels take fp16/bf16/fp32 inputs, not {x2.dtype}")
+        use_kernel = False
+    if use_kernel:
+        return matmul(x2.contiguous(), packed)
+    return x2 @ dequantize_packed(packed, x2.dtype).t()

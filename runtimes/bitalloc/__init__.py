@@ -2,7 +2,8 @@
 `bitalloc.load_packed`): grouped 2-8 bit codes, asymmetric, groups of 64 or 128 (the kernels take any group size, a
 compile-time constant; 128 beside 64 gives the search cheaper steps: on the off-grid model the mixed point at uniform
 3-bit's bytes measured 0.68 KL against 0.76 with group 64 alone, uniform 1.27, the embedding unsearched),
-from the `clip` or `rtn` quantizers; the token embedding is packed row by row (`QuantEmbedding`)."""
+from the `clip` or `rtn` quantizers; the token embedding is packed row by row (`QuantEmbedding`), a mixture-of-experts
+block's projections expert after expert (`QuantExperts`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from ..base import Runtime, register
 
 @register("bitalloc")
 class Packed(Runtime):
-    summary = "bitalloc's packed kernels: 2-8 bits, groups 64/128, asymmetric (the token embedding packed too)"
+    summary = ("bitalloc's packed kernels: 2-8 bits, groups 64/128, asymmetric (the token embedding and MoE experts "
+               "packed too)")
     methods = ("clip", "rtn")
     bits = (2, 3, 4, 5, 6, 8)
     symmetric = False
     embeddings = True  # a `QuantEmbedding`: the token embedding packed row by row, a tied head sharing it
+    experts = True  # a `QuantExperts`: each projection of an experts module packed, its experts' rows stacked
     export_file = None  # its artifact is the packed checkpoint (`bitalloc build`, or `pack`)
     artifact = "folder"
     file_sized = True  # the front's bytes are the packed folder's (`folder.folder_bytes`)

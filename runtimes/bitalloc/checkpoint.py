@@ -1,5 +1,6 @@
 """Packed checkpoints: a model with its chosen layers as `QuantLinear`s (a quantized token embedding as a
-`QuantEmbedding`, a head tied to it sharing its buffers), saved as safetensors.
+`QuantEmbedding`, a head tied to it sharing its buffers; a mixture-of-experts block's projections as a
+`QuantExperts`), saved as safetensors.
 
 A checkpoint folder holds `model.safetensors` (packed words, scales, zero points, and every other
 tensor as it was), the transformers config and tokenizer, and `bitalloc_config.json` (the canonical
@@ -22,6 +23,7 @@ from bitalloc.results import ConfigDoc, read_config
 
 from bitalloc.kernels.packed import PackedWeight
 from bitalloc.kernels.quant_embedding import QuantEmbedding
+from bitalloc.kernels.quant_experts import QuantExperts
 from bitalloc.kernels.quant_linear import QuantLinear
 from bitalloc.kernels.rtn import fake_quantize
 from bitalloc.paths import publish, staging_dir
@@ -62,36 +64,45 @@ def quantize_model(model: LoadedModel, assignment: dict[str, Format],
     """Swap each quantized layer for its packed module over its level (`_swap_in`); 16-bit layers are rounded to
     their 16-bit dtype, as the evaluator does. Returns the packed bytes of the quantized layers."""
     layers = {l.name: l for l in list_layers(model)}
-    total = 0
+    packed = {}
     for name, fmt in assignment.items():
-        if not fmt.quantized:
-            module = model.layer_module(name)
-            module.weight.data = fake_quantize(module.weight.data, fmt)
-            continue
-        packed = level(name, fmt)
-        total += packed.nbytes
-        _swap_in(model, layers[name], packed)
-    return total
+        if fmt.quantized:
+            packed[name] = level(name, fmt)
+        else:
+            layer = layers[name]
+            model.put(layer, model.stored(layer, fake_quantize(model.weight(layer), fmt)))
+    _swap_in(model, layers, packed)
+    return sum(p.nbytes for p in packed.values())
 
 
 def _empty_quant_layers(model: LoadedModel, assignment: dict[str, Format]) -> None:
     """The packed modules of the quantized layers, their buffers to be loaded from the checkpoint."""
     layers = {l.name: l for l in list_layers(model)}
-    for name, fmt in assignment.items():
-        if fmt.quantized:
-            spec = layers[name]
-            _swap_in(model, spec, PackedWeight.empty(fmt, spec.row_count, spec.in_features, device="cpu"))
+    _swap_in(model, layers, {name: PackedWeight.empty(fmt, layers[name].row_count, layers[name].in_features,
+                                                      device="cpu")
+                             for name, fmt in assignment.items() if fmt.quantized})
 
 
-def _swap_in(model: LoadedModel, spec, packed: PackedWeight) -> None:
-    """Replace a layer by a QuantLinear over `packed`, a token embedding by a QuantEmbedding (a head tied to it a
-    QuantLinear over the same buffers)."""
-    if not spec.embedding:
-        QuantLinear.swap_in(model.module, spec.name, packed)
-        return
-    QuantEmbedding.swap_in(model.module, spec.name, packed)
-    if spec.head:
-        model.module.get_submodule(spec.name).tie_head(model.module, spec.head)
+def _swap_in(model: LoadedModel, layers: dict, packed: dict[str, PackedWeight]) -> None:
+    """Replace each layer by a QuantLinear over its level, a token embedding by a QuantEmbedding (a head tied to it
+    a QuantLinear over the same buffers), an experts module with a quantized unit by a `QuantExperts` (its other
+    projections float, as they are)."""
+    blocks: dict[str, dict] = {}
+    for name, level in packed.items():
+        spec = layers[name]
+        if spec.experts:
+            blocks.setdefault(spec.module, {})[name.rsplit(".", 1)[1]] = level
+        elif spec.embedding:
+            QuantEmbedding.swap_in(model.module, name, level)
+            if spec.head:
+                model.module.get_submodule(name).tie_head(model.module, spec.head)
+        else:
+            QuantLinear.swap_in(model.module, name, level)
+    for module, levels in blocks.items():
+        units = [l for l in layers.values() if l.experts and l.module == module]
+        floats = {u.name.rsplit(".", 1)[1]: model.weight(u).detach().clone() for u in units
+                  if u.name.rsplit(".", 1)[1] not in levels}
+        QuantExperts.swap_in(model.module, module, {**floats, **levels})
 
 
 def check_output(out: Path, field: str) -> None:
@@ -103,11 +114,7 @@ def check_output(out: Path, field: str) -> None:
 
 
 def check_packable(config: ConfigDoc) -> None:
-    """Refuse a config the packed checkpoint has no form for: MoE units, llama.cpp's types."""
-    units = [name for name, shape in config.shapes.items() if len(shape) == 3]
-    if units:
-        raise BitallocError("TARGET", f"bitalloc's packed checkpoint has no form for mixture-of-experts units yet "
-                                      f"({len(units)}, e.g. {units[0]}); export the config to llamacpp")
+    """Refuse a config the packed checkpoint has no form for: llama.cpp's types."""
     ggml = [(n, f) for n, f in config.formats().items() if f.ggml]
     if ggml:
         raise BitallocError("TARGET", f"{ggml[0][0]} is at llama.cpp's {ggml[0][1].ggml}, which bitalloc's kernels do "

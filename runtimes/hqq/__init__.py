@@ -29,6 +29,7 @@ class HQQ(PythonRuntime):
     export_file = "HqqConfig arguments (JSON)"
     artifact = "folder"  # HQQ's saved model holding the levels (`build`): qmodel.pt, config.json, tokenizer
     file_sized = True  # the front's bytes are that folder's (`saved.folder_bytes`)
+    experts_why = "HQQ quantizes nn.Linear modules, and transformers keeps experts as fused 3-D parameters"
 
     def unstorable(self, fmt) -> str:
         return "" if fmt.scale_dtype == "float16" else f"HQQ's saved model keeps float16 scales, not {fmt.scale_dtype}"
