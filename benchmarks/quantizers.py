@@ -7,8 +7,9 @@ Models: `default` is SmolLM2-135M, whose weights sit on a Q4_1 grid; `offgrid` i
 noise (0.1 x each row's standard deviation, about a third of a Q4_1 step: the weights' offsets from the grid are
 spread over the whole step) added to every block weight and the token embedding (`bitalloc.offgrid`), written as an F32 GGUF, so no 4-bit grid holds it. Each method is one `bitalloc run` in a child process with a fresh level store (every level is made):
 formats w2-w8 at group 64 (hqq: w2/3/4/8) plus w3/w4 at group 128 (asymmetric; gguf: the llamacpp target's types), the default
-job's data (4 x 512 calibration and 4 x 512 held-out tokens), the token embedding kept float32 (as the default job's
-`bitalloc` target keeps it), Fisher, DP, budgets 3.5 / 4.0 / 4.5 average bits
+job's data (4 x 512 calibration and 4 x 512 held-out tokens), the token embedding kept float32 (the
+quantizers compared on the blocks' layers, as HQQ's and GPTQ's runtimes store them; the default job's `bitalloc`
+target packs the embedding too: README), Fisher, DP, budgets 3.5 / 4.0 / 4.5 average bits
 (3.5 and 4.5 are the bytes of uniform w3g64a and w4g64a RTN); llama.cpp's types cannot go below 4.03 bits on
 SmolLM2 (its 576-wide rows take only 32-blocks, q4_0 at 4.5 bits the smallest), so gguf gets 4.5 and 5.0. Jobs
 keep their results in --work (a finished job there is read, not run again). A uniform format that does not fit a layer

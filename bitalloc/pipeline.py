@@ -90,9 +90,12 @@ class Workspace:
                 before_quantize(model, layers)
             searched, total = coverage(model, layers)
             experts = sum(1 for l in layers if l.experts)
+            table = next((l for l in layers if l.embedding), None)
+            also = f", and the token embedding ({table.numel:,}{', tied to the head' if table.head else ''})" \
+                if table else ""
             stages.print(f"searching {len(layers)} layers{f' ({experts} of them expert units)' if experts else ''}: "
                          f"{searched:,} parameters, {100 * searched / max(total, 1):.1f} % of the model's "
-                         f"non-embedding parameters")
+                         f"non-embedding parameters{also}")
             model_hash = model.content_hash()
         with stages.stage("tokenize text", len(files)):
             data = make_token_sets(tokenize_files(files, model.tokenizer), seq_len, calibration, evaluation, seed)
