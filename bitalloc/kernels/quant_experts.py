@@ -10,25 +10,22 @@ reads, so any architecture the experts decorator describes (Mixtral, Qwen MoE, g
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from bitalloc.formats import Format
 
 from .packed import PackedWeight
-from .quant_linear import packed_linear, register_packed
+from .quant_linear import FallsBack, packed_linear, register_packed
 
 
-class PackedProjection(nn.Module):
+class PackedProjection(FallsBack, nn.Module):
     """One projection of a block's experts, [experts, out, in] packed at `fmt` as [experts·out, in]."""
 
     def __init__(self, experts: int, out_features: int, in_features: int, fmt: Format, device=None):
         super().__init__()
         self.experts, self.out_features, self.in_features, self.fmt = experts, out_features, in_features, fmt
         register_packed(self, experts * out_features, in_features, fmt, device)
-        self._warned = False
 
     @classmethod
     def of(cls, packed: PackedWeight, experts: int) -> "PackedProjection":
@@ -48,12 +45,6 @@ class PackedProjection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.experts}, out={self.out_features}, in={self.in_features}, format={self.fmt.name}"
-
-    def _fallback(self, why: str) -> None:
-        if not self._warned:
-            warnings.warn(f"PackedProjection {self.experts}x{self.out_features}x{self.in_features} {self.fmt.name}: "
-                          f"{why}; using the torch dequantize path", stacklevel=3)
-            self._warned = True
 
     def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
         return packed_linear(x, self.expert(e), self._fallback)
@@ -87,6 +78,7 @@ class QuantExperts:
                 setattr(module, proj, PackedProjection.of(w, experts))
             else:
                 module.register_parameter(proj, nn.Parameter(w.contiguous(), requires_grad=False))
+        module.is_transposed = False  # its float projections are [experts, out, in] now, whatever the model stored
         module.__class__ = _quant_class(type(module))
         return module
 

@@ -39,7 +39,19 @@ def register_packed(module: nn.Module, rows: int, in_features: int, fmt: Format,
     module.register_buffer("zeros", None if fmt.symmetric else torch.zeros(rows, groups, dtype=sdt, device=device))
 
 
-class QuantLinear(nn.Module):
+class FallsBack:
+    """A packed module that says once, with what it is, when an input sends it down the torch path."""
+
+    _warned = False
+
+    def _fallback(self, why: str) -> None:
+        if not self._warned:
+            warnings.warn(f"{type(self).__name__}({self.extra_repr()}): {why}; using the torch dequantize path",
+                          stacklevel=4)
+            self._warned = True
+
+
+class QuantLinear(FallsBack, nn.Module):
     """y = x W^T + b with W [out, in] packed at `fmt`; the bytes held are the packed bytes."""
 
     def __init__(self, in_features: int, out_features: int, fmt: Format, bias: bool, dtype: torch.dtype,
@@ -48,7 +60,6 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         register_packed(self, out_features, in_features, fmt, device)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self._warned = False
 
     @classmethod
     def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuantLinear":
@@ -73,12 +84,6 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}"
-
-    def _fallback(self, why: str) -> None:
-        if not self._warned:
-            warnings.warn(f"QuantLinear {self.out_features}x{self.in_features} {self.fmt.name}: {why}; "
-                          f"using the torch dequantize path", stacklevel=3)
-            self._warned = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
