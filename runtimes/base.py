@@ -130,13 +130,12 @@ class Runtime:
                                             f"those; pass --nearest to write it")
         return self.render(layers, placed, model_type, quantizers or {}), changed
 
-    def check_experts(self, layers) -> None:
+    def check_experts(self, layers, field: str = "--format") -> None:
         """Refuse a config with MoE expert units where this runtime cannot store them."""
         units = [l.name for l in layers if l.experts]
         if units and not self.experts:
-            raise BitallocError("--format", f"{self.name} cannot store mixture-of-experts units ({len(units)}, e.g. "
-                                            f"{units[0]}: {self.experts_why}); export this config to "
-                                            f"{expert_runtimes()}")
+            raise BitallocError(field, f"{self.name} cannot store mixture-of-experts units ({len(units)}, e.g. "
+                                       f"{units[0]}: {self.experts_why}); use one of {expert_runtimes()}")
 
     def without_embeddings(self, layers: list[Layer]) -> tuple[list[Layer], list[str]]:
         """The layers this runtime's file names (a token embedding only where it stores one quantized: elsewhere its

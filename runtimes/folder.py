@@ -31,11 +31,7 @@ def check_storable(runtime, doc) -> None:
     from .base import _show, layers_of
 
     layers = layers_of(doc)
-    experts = [l.name for l in layers if l.experts]
-    if experts and not runtime.experts:
-        raise BitallocError("--runtime", f"{runtime.name}'s artifact for mixture-of-experts units ({len(experts)}, "
-                                         f"e.g. {experts[0]}) is not written yet; export the recipe (bitalloc export "
-                                         f"--format {runtime.name}) for {runtime.name} to quantize the model")
+    runtime.check_experts(layers, "--runtime")
     placed = runtime.place([l for l in layers if not l.embedding], doc.model.type)
     for l in layers:
         why = runtime.unstored(l, placed.get(l.name))

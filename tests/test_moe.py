@@ -360,9 +360,14 @@ def test_an_moe_job_searches_its_experts_and_llamacpp_builds_them_byte_for_byte(
     (built,) = [r for r in front_of(moe_job).runtime_points if r.runtime == "llamacpp"]
     assert built.stored_layer_bytes == built.counted_layer_bytes
     assert built.details["layers_matching"] == len([f for f in config.formats().values() if f.quantized])
-    with pytest.raises(SystemExit) as stop:
-        main(["export", str(moe_job), "--point", "1", "--format", "hqq", "-o", str(moe_job.parent / "hqq.py")])
-    assert stop.value.code == 2 and "mixture-of-experts" in capsys.readouterr().err
+    for argv in (["export", str(moe_job), "--point", "1", "--format", "hqq", "-o", str(moe_job.parent / "hqq.py")],
+                 ["build", str(moe_job), "--point", "1", "--runtime", "hqq", "-o", str(moe_job.parent / "hqq")]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:  # HQQ quantizes nn.Linear only: it names the runtimes that store them
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and "\n" not in err and "nn.Linear" in err and "bitalloc, gptqmodel" in err
+    assert not (moe_job.parent / "hqq").exists()
 
 
 def test_llmcompressor_quantizes_every_expert_as_the_front_measured(tiny_mixtral, text_dir, tmp_path):
