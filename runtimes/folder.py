@@ -302,11 +302,11 @@ _DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16:
 _ORDER = list(_DTYPES.values())
 
 
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict) -> int:
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None) -> int:
     """The size of the safetensors file `save_file(tensors, metadata=metadata)` writes: its 8-byte length, its JSON
     header (tensors in the library's order, padded with spaces to 8 bytes) and the tensors' bytes."""
     order = sorted(tensors, key=lambda k: (-_ORDER.index(_DTYPES[tensors[k].dtype]), k))
-    header: dict = {"__metadata__": metadata}
+    header: dict = {"__metadata__": metadata} if metadata is not None else {}
     offset = 0
     for k in order:
         t = tensors[k]

@@ -162,21 +162,25 @@ def test_streamed_evaluation_equals_the_weights_quantized_in_memory(arch):
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_packed_experts_compute_the_levels_and_load_back_from_their_own_tensors(arch, tmp_path):
-    """bitalloc's packed checkpoint on every experts layout (gpt-oss: transposed, interleaved, biased): a block whose
-    projections are packed at different formats, one left in float16, computes the evaluator's logits, and its
-    saved tensors load into a fresh model's empty packed modules to the same logits."""
+    """bitalloc's packed checkpoint on every experts layout (gpt-oss: transposed, interleaved, biased): blocks whose
+    projections are packed at different formats, one at float16, one unsearched, compute the evaluator's logits;
+    the weights file is the size the front counts, and loads into a fresh model's empty packed modules to the same
+    logits."""
     from safetensors.torch import load_model, save_model
 
     from bitalloc.kernels.quant_experts import PackedProjection, QuantExperts
     from bitalloc.runtimes.bitalloc.checkpoint import _empty_quant_layers, quantize_model
+    from bitalloc.runtimes.bitalloc.folder import _weights
+    from bitalloc.runtimes.folder import safetensors_bytes
 
     model = _model(arch)
     units = [l for l in list_layers(model) if l.experts]
     f16 = Format(16)
-    assignment = {l.name: (W4, W2, f16)[i % 3] for i, l in enumerate(units)}
+    assignment = {l.name: (W4, W2, f16)[i % 3] for i, l in enumerate(units[:-1])}  # the last one unsearched
     levels = filled_levels(model, units, (W2, W4))
     reference = _model(arch)
-    for l in units:
+    counted = _weights(reference.module, assignment, list_layers(reference))
+    for l in units[:-1]:
         fmt = assignment[l.name]
         w = (dequantize_packed(levels.read(l.name, fmt), torch.float32).reshape(l.shape) if fmt.quantized
              else model.weight(l).half().float())
@@ -191,6 +195,7 @@ def test_packed_experts_compute_the_levels_and_load_back_from_their_own_tensors(
                                                                                            PackedProjection)
                                     for b in blocks)
     save_model(model.module, str(tmp_path / "model.safetensors"))
+    assert safetensors_bytes(*counted[:2]) == (tmp_path / "model.safetensors").stat().st_size  # the front's count
     fresh = _model(arch)
     _empty_quant_layers(fresh, assignment)
     missing, unexpected = load_model(fresh.module, str(tmp_path / "model.safetensors"), strict=False)

@@ -56,20 +56,22 @@ def _weights(module: torch.nn.Module, formats: dict, layers: list) -> tuple[dict
 
 def _expert_blocks(layers: list, formats: dict, state: dict) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """Per experts module with a quantized unit, per fused parameter, the `QuantExperts` entries saved for it: a
-    quantized projection's packed buffers, another its float [experts, out, in]."""
+    quantized projection's packed buffers, another (unsearched, or at 16 bits) its float [experts, out, in].
+    `layers`: every unit of the model, searched or not."""
     units: dict[str, list] = {}
     for l in layers:
         if l.experts:
             units.setdefault(l.module, []).append(l)
     blocks: dict[str, dict] = {}
     for module, ours in units.items():
-        if not any(formats[u.name].quantized for u in ours):
+        quantized = {u.name for u in ours if u.name in formats and formats[u.name].quantized}
+        if not quantized:
             continue
         entries = blocks.setdefault(module, {})
         for u in ours:
-            fmt, part = formats[u.name], entries.setdefault(u.param, {})
-            if fmt.quantized:
-                level = PackedWeight.empty(fmt, u.row_count, u.in_features)
+            part = entries.setdefault(u.param, {})
+            if u.name in quantized:
+                level = PackedWeight.empty(formats[u.name], u.row_count, u.in_features)
                 part.update({f"{u.name}.{k}": t for k, t in (("qweight", level.qweight), ("scales", level.scales),
                                                               ("zeros", level.zeros)) if t is not None})
             else:
@@ -80,11 +82,12 @@ def _expert_blocks(layers: list, formats: dict, state: dict) -> dict[str, dict[s
 def point_bytes(ws, formats: dict) -> tuple[int, int]:
     """(the packed folder of the point at `formats`, model card aside; its quantized layers' stored bytes). The
     config document's measured figures are stood in for by figures as wide as such print."""
+    from bitalloc.model import list_layers
     from bitalloc.pipeline import config_meta
     from bitalloc.results import ConfigDoc
 
     heads = {l.head: formats[l.name] for l in ws.layers if l.embedding and l.head}  # a tied head: its table's
-    tensors, metadata, stored = _weights(ws.model.module, {**formats, **heads}, ws.layers)
+    tensors, metadata, stored = _weights(ws.model.module, {**formats, **heads}, list_layers(ws.model))
     weights = safetensors_bytes(tensors, metadata)
     names = [l.name for l in ws.layers]
     fmts = tuple(formats[n] for n in names)
