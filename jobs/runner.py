@@ -28,7 +28,6 @@ from bitalloc.pipeline import Budget, Workspace
 from bitalloc.progress import Stages
 from bitalloc.results import EvaluationInfo, Front, JobInfo, TrackingInfo
 from bitalloc.runtimes import get_runtime
-from bitalloc.runtimes.base import expert_runtimes
 from bitalloc.search import get_solver
 from bitalloc.search.constraints import compile_pattern
 from bitalloc.sensitivity import get_estimator
@@ -144,12 +143,9 @@ def _before_quantize(spec: JobSpec, estimator: Estimator, console: Console, plan
     def check(model: LoadedModel, layers: list[QuantizableLayer]) -> None:
         formats = spec.expand_formats()
         for part in spec.formats:
-            runtime = get_runtime(part.target) if part.target else None
-            if runtime and any(l.experts for l in layers) and not runtime.experts:
-                raise BitallocError("formats.target", f"{part.target} cannot store {model.source!r}'s mixture-of-"
-                                                      f"experts units ({runtime.experts_why}); target one of "
-                                                      f"{expert_runtimes()}, or model.exclude the experts "
-                                                      f"(e.g. 'experts')")
+            if part.target:
+                get_runtime(part.target).check_experts(layers, "formats.target",
+                                                       ", or model.exclude the experts (e.g. 'experts')")
         planned.problem = spec.problem(model, layers)
         # a target whose bytes are its file's: sizes are checked once the file's are known (after the levels)
         planned.budgets = pipeline.resolve_budgets(planned.problem, spec.search.budgets, sizes=not spec.file_sized())

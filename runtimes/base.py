@@ -130,12 +130,13 @@ class Runtime:
                                             f"those; pass --nearest to write it")
         return self.render(layers, placed, model_type, quantizers or {}), changed
 
-    def check_experts(self, layers, field: str = "--format") -> None:
-        """Refuse a config with MoE expert units where this runtime cannot store them."""
+    def check_experts(self, layers, field: str = "--format", instead: str = "") -> None:
+        """Refuse layers with MoE expert units (a config's, or a job's) where this runtime cannot store them; `instead`:
+        a further way out the refusal offers."""
         units = [l.name for l in layers if l.experts]
         if units and not self.experts:
             raise BitallocError(field, f"{self.name} cannot store mixture-of-experts units ({len(units)}, e.g. "
-                                       f"{units[0]}: {self.experts_why}); use one of {expert_runtimes()}")
+                                       f"{units[0]}: {self.experts_why}); use one of {expert_runtimes()}{instead}")
 
     def without_embeddings(self, layers: list[Layer]) -> tuple[list[Layer], list[str]]:
         """The layers this runtime's file names (a token embedding only where it stores one quantized: elsewhere its

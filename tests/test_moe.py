@@ -468,6 +468,27 @@ def test_a_checkpoint_runtimes_artifact_saves_every_expert_as_its_loader_names_i
         assert point_bytes(get_runtime(runtime), ws, doc.formats())[0] == folder
 
 
+def test_a_job_whose_target_cannot_store_experts_refuses_before_quantizing(tiny_mixtral, text_dir, tmp_path, capsys):
+    """HQQ's loader quantizes nn.Linear only: a job targeting it on an MoE is refused in one line, naming the targets
+    that store experts and model.exclude, before any level is made."""
+    import yaml
+
+    from bitalloc.cli import main
+    from conftest import tiny_job
+
+    spec = tiny_job(tiny_mixtral, text_dir, tmp_path / "out", tracking={"enabled": False})
+    spec["formats"] = {"target": "hqq"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(tmp_path / "job.yaml")])
+    out = capsys.readouterr().err
+    err = out.strip().splitlines()[-1]  # after the note that HQQ keeps the token embedding in float
+    assert stop.value.code == 2 and "Traceback" not in out and err.startswith("error: formats.target: ")
+    assert "nn.Linear" in err and "bitalloc, gptqmodel" in err and "model.exclude" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_job_on_a_model_mostly_outside_the_search_refuses_in_one_line():
     from bitalloc.pipeline import check_coverage
     from bitalloc.errors import BitallocError

@@ -46,13 +46,7 @@ class QuantEmbedding(nn.Module):
 
     def tie_head(self, root: nn.Module, head: str) -> None:
         """Make the Linear `head` under `root` a QuantLinear over this table's buffers (one tensor, two uses)."""
-        module = root.get_submodule(head)
-        linear = QuantLinear(self.embedding_dim, self.num_embeddings, self.fmt, module.bias is not None, self.dtype,
-                             device=self.qweight.device)
-        linear.qweight, linear.scales, linear.zeros = self.qweight, self.scales, self.zeros
-        if module.bias is not None:
-            linear.bias = module.bias
-        root.set_submodule(head, linear)
+        root.set_submodule(head, QuantLinear.from_packed(self.packed, root.get_submodule(head).bias, self.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}"

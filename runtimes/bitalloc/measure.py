@@ -23,15 +23,18 @@ def verify(ws, picked, work: Path, stages) -> list:
     dtype = next(ws.model.module.parameters()).dtype
     modules = dict(loaded.module.named_modules())
     tables = {m.qweight.data_ptr() for m in modules.values() if isinstance(m, QuantEmbedding)}
-    packed = {name: m.packed for name, m in modules.items() if isinstance(m, QuantEmbedding)
-              or isinstance(m, PackedProjection)
+    packed = {name: m for name, m in modules.items() if isinstance(m, (QuantEmbedding, PackedProjection))
               or (isinstance(m, QuantLinear) and m.qweight.data_ptr() not in tables)}  # a tied head: its table's
-    experts = {name: m.experts for name, m in modules.items() if isinstance(m, PackedProjection)}
-    weights = {name: dequantize_packed(p, dtype) for name, p in packed.items()}
-    weights = {name: w.reshape(experts[name], -1, w.shape[-1]) if name in experts else w for name, w in weights.items()}
+    weights = {name: _weight(m, dtype) for name, m in packed.items()}
     with stages.stage("bitalloc: measure"):
-        point = weights_point("bitalloc", ws, picked, weights, {n: p.nbytes for n, p in packed.items()},
+        point = weights_point("bitalloc", ws, picked, weights, {n: m.packed.nbytes for n, m in packed.items()},
                               sorted(p for p in folder.rglob("*") if p.is_file()))
     if picked.front.model.bytes_of == "bitalloc":  # the front counts this folder's bytes: how close it came
         point.details["front_minus_folder_bytes"] = float(picked.point.bytes - point.file_bytes)
     return [point]
+
+
+def _weight(module, dtype):
+    """A packed module's weight as the job's levels give it ([experts, out, in] for an experts projection)."""
+    w = dequantize_packed(module.packed, dtype)
+    return w.reshape(module.experts, -1, w.shape[-1]) if isinstance(module, PackedProjection) else w
