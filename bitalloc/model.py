@@ -72,6 +72,11 @@ class QuantizableLayer:
         return self.module or self.name
 
     @property
+    def projection(self) -> str:
+        """An expert unit's projection in its block (gate_proj, up_proj, down_proj): its name's last part."""
+        return self.name.rpartition(".")[2]
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return ((self.experts,) if self.experts else ()) + (self.out_features, self.in_features)
 

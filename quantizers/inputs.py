@@ -66,7 +66,7 @@ def collect(model: LoadedModel, layers: list[QuantizableLayer], tokens: torch.Te
     def expert_hook(module_name: str, module, args, kwargs) -> None:
         inputs = routed_inputs(module, args, kwargs)
         for l in units[module_name]:
-            for e, x in enumerate(inputs[l.name.rsplit(".", 1)[1]]):
+            for e, x in enumerate(inputs[l.projection]):
                 if x is None:
                     continue
                 part = _moment(x, kind)

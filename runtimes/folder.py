@@ -176,8 +176,7 @@ class CheckpointNames:
             raise BitallocError("--runtime", f"{key}: experts stored transposed (with biases) have no defused "
                                              f"checkpoint form here; build the llama.cpp GGUF")
         for unit in units:
-            projection = unit.name.rpartition(".")[2]
-            self.experts.update({f"{unit.module_name}.{e}.{projection}.weight": (unit, e)
+            self.experts.update({f"{unit.module_name}.{e}.{unit.projection}.weight": (unit, e)
                                  for e in range(unit.experts)})
 
     def saved(self, layer) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bitalloc.experts import fused_units
 from bitalloc.formats import Format
 
 from .packed import PackedWeight
@@ -50,11 +51,6 @@ class PackedProjection(FallsBack, nn.Module):
         return packed_linear(x, self.expert(e), self._fallback)
 
 
-def projections(module: nn.Module) -> tuple[str, ...]:
-    fused_gate = getattr(module, "has_gate", True) and "gate_up_proj" in module._parameters
-    return ("gate_proj", "up_proj", "down_proj") if fused_gate else ("up_proj", "down_proj")
-
-
 class QuantExperts:
     """Mixed into an experts module's own class (`swap_in`): its projections as `PackedProjection`s (or float
     [experts, out, in] parameters), its forward the eager loop over routed experts."""
@@ -66,10 +62,11 @@ class QuantExperts:
         module = root.get_submodule(name)
         if isinstance(module, QuantExperts):
             raise ValueError(f"{name} is packed already")
-        names = projections(module)
+        units = list(fused_units(name, module))  # the search's units of this block
+        names = tuple(u["name"].rpartition(".")[2] for u in units)
         if set(weights) != set(names):
             raise ValueError(f"{name}: the projections are {names}, not {sorted(weights)}")
-        experts = int(module.down_proj.shape[0])
+        experts = units[0]["experts"]
         for param in ("gate_up_proj", "up_proj", "down_proj"):
             module._parameters.pop(param, None)
         for proj in names:
@@ -94,12 +91,13 @@ class QuantExperts:
         out = torch.zeros_like(hidden_states)
         experts = self.down_proj.experts if isinstance(self.down_proj, PackedProjection) else self.down_proj.shape[0]
         bias = getattr(self, "has_bias", False)
+        gated = "gate_proj" in self._modules or "gate_proj" in self._parameters
         for e in top_k_index.unique().tolist():
             if e >= experts:  # expert-parallel sentinels
                 continue
             tokens, slot = torch.where(top_k_index == e)
             x = hidden_states[tokens]
-            if "gate_proj" in self._modules or "gate_proj" in self._parameters:
+            if gated:
                 gate, up = self._project("gate_proj", e, x), self._project("up_proj", e, x)
                 h = torch.cat([gate, up], -1) if getattr(self, "is_concatenated", True) else \
                     torch.stack([gate, up], -1).flatten(-2)

@@ -91,7 +91,7 @@ def _swap_in(model: LoadedModel, layers: dict, packed: dict[str, PackedWeight]) 
     for name, level in packed.items():
         spec = layers[name]
         if spec.experts:
-            blocks.setdefault(spec.module, {})[name.rsplit(".", 1)[1]] = level
+            blocks.setdefault(spec.module, {})[spec.projection] = level
         elif spec.embedding:
             QuantEmbedding.swap_in(model.module, name, level)
             if spec.head:
@@ -100,8 +100,7 @@ def _swap_in(model: LoadedModel, layers: dict, packed: dict[str, PackedWeight]) 
             QuantLinear.swap_in(model.module, name, level)
     for module, levels in blocks.items():
         units = [l for l in layers.values() if l.experts and l.module == module]
-        floats = {u.name.rsplit(".", 1)[1]: model.weight(u).detach().clone() for u in units
-                  if u.name.rsplit(".", 1)[1] not in levels}
+        floats = {u.projection: model.weight(u).detach().clone() for u in units if u.projection not in levels}
         QuantExperts.swap_in(model.module, module, {**floats, **levels})
 
 
