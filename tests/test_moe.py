@@ -457,7 +457,7 @@ def test_a_checkpoint_runtimes_artifact_saves_every_expert_as_its_loader_names_i
     assert not any(k.startswith(absent) or k.endswith("experts.gate_up_proj") for k in written)
     main(["verify", str(out), "--point", "1", "--runtime", runtime])
     (built,) = front_of(out).runtime_points
-    assert built.details.get("artifact", 1) == 1
+    assert not python or built.details["artifact"] == 1  # measured on the artifact, not the recipe's re-quantization
     assert built.details["layers_matching"] == sum(f.quantized for f in doc.formats().values())
     assert built.details["weight_max_rel_diff"] <= 2 ** -10
     assert built.stored_layer_bytes == built.counted_layer_bytes
